@@ -1,0 +1,323 @@
+"""Batched image augmentations for self-supervised pretraining on MedMNIST.
+
+Every op works on a whole batch x of shape (B, C, H, W), C in {1, 3}, float32 or
+bf16 with values in [0, 1], on x's own device (CPU or CUDA), and returns a tensor
+of the same shape, dtype and device, clamped to [0, 1].
+
+EVERY IMAGE DRAWS ITS OWN RANDOM PARAMETERS. The authors' code of the papers we
+reproduce applied one crop to a whole batch; that is the bug this module must not
+repeat. Ops are vectorised torch code (affine_grid/grid_sample, grouped conv,
+broadcast masks); there are no per-image Python loops and no PIL.
+
+All randomness comes from the explicit torch.Generator `g` (on x's device), never
+from the global RNG, so runs are reproducible and resumable.
+
+Contract: fn(x, g, **params) -> tensor. An op with a probability `p` applies to each
+image independently with probability p (a per-image Bernoulli mask). An op may
+return x itself when it changes nothing (e.g. p=0), so never modify outputs in place.
+
+Gray images (C=1): saturation, hue and grayscale are no-ops ("adapted to gray images").
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+# ITU-R BT.601 luma weights, as torchvision's rgb_to_grayscale.
+_LUMA = (0.299, 0.587, 0.114)
+
+# RGB -> YIQ (NTSC) matrix; its inverse maps back. Used for the hue rotation.
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114],
+                            [0.596, -0.274, -0.322],
+                            [0.211, -0.523, 0.312]], dtype=torch.float64)
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+
+
+# ----------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------
+
+def _rand(x, g, *shape):
+    """Uniform [0, 1) float32 numbers on x's device, drawn from g."""
+    return torch.rand(shape, generator=g, device=x.device)
+
+
+def _lerp(u, lo, hi):
+    """Map uniform [0, 1) numbers u onto [lo, hi)."""
+    return lo + (hi - lo) * u
+
+
+def _factor(u, strength):
+    """Factor uniform in [max(0, 1 - s), 1 + s], centred on 1 (torchvision's ColorJitter range)."""
+    return _lerp(u, max(0.0, 1.0 - strength), 1.0 + strength)
+
+
+def _per_image(v, x):
+    """Reshape a (B,) vector to (B, 1, 1, 1) in x's dtype, to broadcast over an image batch."""
+    return v.to(x.dtype).view(-1, 1, 1, 1)
+
+
+def _where_p(x, g, p, y):
+    """Take y for each image with probability p (independently), x otherwise."""
+    if p >= 1:
+        return y
+    keep_y = _rand(x, g, x.shape[0]) < p
+    return torch.where(keep_y.view(-1, 1, 1, 1), y, x)
+
+
+def _luma(x):
+    """(B, 1, H, W) ITU-R 601 luma of an RGB batch."""
+    r, gr, b = _LUMA
+    return r * x[:, 0:1] + gr * x[:, 1:2] + b * x[:, 2:3]
+
+
+def _gray_mean(x):
+    """(B,) mean of each image's grayscale version (the image itself when C=1)."""
+    m = x.mean(dim=(2, 3))                        # (B, C), cheap: no luma image is built
+    if x.shape[1] == 3:
+        return m @ torch.tensor(_LUMA, dtype=m.dtype, device=m.device)
+    return m[:, 0]
+
+
+def _scale_brightness(x, f):
+    """x * f, f a (B,) factor vector."""
+    return (x * _per_image(f, x)).clamp_(0, 1)
+
+
+def _scale_contrast(x, f):
+    """Blend each image with the mean of its grayscale version: m + (x - m) * f."""
+    m = _per_image(_gray_mean(x), x)
+    return (m + (x - m) * _per_image(f, x)).clamp_(0, 1)
+
+
+def _scale_saturation(x, f):
+    """Blend each RGB image with its own per-pixel grayscale: gray + (x - gray) * f."""
+    gray = _luma(x)
+    return (gray + (x - gray) * _per_image(f, x)).clamp_(0, 1)
+
+
+def _rotate_hue(x, turns):
+    """Shift the hue of each RGB image by `turns` (B,) of a full turn, by rotating chroma in YIQ.
+
+    This approximates torchvision's HSV hue shift (exact for luma, close for hue)
+    with one 3x3 matrix per image instead of an RGB->HSV->RGB round trip. YIQ's
+    chroma angle runs red -> blue -> green, the opposite way round from HSV's
+    red -> green -> blue, hence the minus sign.
+    """
+    angle = -2 * math.pi * turns.double()
+    cos, sin = angle.cos(), angle.sin()
+    rot = torch.zeros(x.shape[0], 3, 3, dtype=torch.float64, device=x.device)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2] = cos, -sin
+    rot[:, 2, 1], rot[:, 2, 2] = sin, cos
+    m = _YIQ_TO_RGB.to(x.device) @ rot @ _RGB_TO_YIQ.to(x.device)      # (B, 3, 3)
+    return torch.einsum("bij,bjhw->bihw", m.to(x.dtype), x).clamp_(0, 1)
+
+
+# ----------------------------------------------------------------------------
+# ops: fn(x, g, **params) -> tensor
+# ----------------------------------------------------------------------------
+
+# Defaults: torchvision's RandomResizedCrop, as used by BYOL (Grill et al. 2020, Table 6).
+def random_resized_crop(x, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Crop a random box per image (area fraction ~ U(scale), log-uniform aspect w/h) and resize it to H x W."""
+    B, C, H, W = x.shape
+    u = _rand(x, g, B, 4)                          # area, log-ratio, left, top
+    area = _lerp(u[:, 0], *scale) * (H * W)
+    r = _lerp(u[:, 1], math.log(ratio[0]), math.log(ratio[1])).exp()
+    # Box sides in pixels, clipped to the image (torchvision would re-draw up to 10
+    # times and then fall back to a centre crop; clipping keeps one batched pass).
+    w = (area * r).sqrt().clamp(1, W)
+    h = (area / r).sqrt().clamp(1, H)
+    left = u[:, 2] * (W - w)                       # box placed uniformly inside the image
+    top = u[:, 3] * (H - h)
+    # affine_grid maps output coords in [-1, 1] to input coords; with
+    # align_corners=False, -1 and 1 are the outer pixel edges, so the box
+    # [left, left + w] becomes centre (2 * left + w) / W - 1 and half-width w / W.
+    theta = torch.zeros(B, 2, 3, device=x.device)
+    theta[:, 0, 0] = w / W
+    theta[:, 0, 2] = (2 * left + w) / W - 1
+    theta[:, 1, 1] = h / H
+    theta[:, 1, 2] = (2 * top + h) / H - 1
+    grid = F.affine_grid(theta.to(x.dtype), (B, C, H, W), align_corners=False)
+    # "border" so that samples within half a pixel of the image edge do not fade to 0.
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.clamp_(0, 1)
+
+
+# Default p=0.5: BYOL (Grill et al. 2020, Table 6) and torchvision.
+def horizontal_flip(x, g, p=0.5):
+    """Mirror each image left-right with probability p."""
+    if p <= 0:
+        return x
+    return _where_p(x, g, p, x.flip(-1))
+
+
+# Defaults: BYOL (Grill et al. 2020, Table 6): brightness 0.4, contrast 0.4,
+# saturation 0.2, hue 0.1, applied with p=0.8.
+def color_jitter(x, g, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8):
+    """Per-image random brightness, contrast, saturation and hue, as a whole with probability p."""
+    if p <= 0:
+        return x
+    u = _rand(x, g, x.shape[0], 4)
+    # Fixed order brightness -> contrast -> saturation -> hue (torchvision
+    # randomises the order per call); each factor is uniform around 1.
+    y = x
+    if brightness:
+        y = _scale_brightness(y, _factor(u[:, 0], brightness))
+    if contrast:
+        y = _scale_contrast(y, _factor(u[:, 1], contrast))
+    # Saturation and hue are adapted to gray images: no-ops when C == 1.
+    if x.shape[1] == 3:
+        if saturation:
+            y = _scale_saturation(y, _factor(u[:, 2], saturation))
+        if hue:
+            y = _rotate_hue(y, _lerp(u[:, 3], -hue, hue))
+    return _where_p(x, g, p, y)
+
+
+# Default p=0.2: BYOL (Grill et al. 2020, Table 6).
+def grayscale(x, g, p=0.2):
+    """Replace each RGB image by its ITU-R 601 luma (kept at C channels) with probability p."""
+    if p <= 0 or x.shape[1] == 1:                  # adapted to gray images: no-op when C == 1
+        return x
+    return _where_p(x, g, p, _luma(x).repeat(1, x.shape[1], 1, 1))
+
+
+# Defaults: BYOL (Grill et al. 2020, Table 6): sigma ~ U(0.1, 2.0) at 224 px with
+# a 23 px kernel (10% of the side), p=1.0 for view 1 and 0.1 for view 2.
+def gaussian_blur(x, g, p=1.0, sigma=(0.1, 2.0), kernel_frac=0.1, sigma_relative_to=224):
+    """Separable Gaussian blur with a per-image sigma, reflect padding, with probability p."""
+    if p <= 0:
+        return x
+    B, C, H, W = x.shape
+    s = _lerp(_rand(x, g, B), *sigma)
+    # The sigma range is given for images of side `sigma_relative_to` (224 px in
+    # BYOL); we scale it by H / sigma_relative_to, so the blur covers the same
+    # fraction of the image, and keep it >= 0.1 px. sigma_relative_to=None: sigma
+    # is in pixels. Note: at 28 px this gives sigma in [0.1, 0.25] px, i.e. almost
+    # no blur, as BYOL's blur would be if the image were downscaled to 28 px.
+    if sigma_relative_to:
+        s = (s * (H / sigma_relative_to)).clamp(min=0.1)
+    k = max(3, round(kernel_frac * H))
+    k += 1 - k % 2                                 # odd: 22.4 -> 23 at 224 px, 3 at 28 px
+    r = k // 2
+    offsets = torch.arange(-r, r + 1, device=x.device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / s[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).to(x.dtype)        # (B, k)
+    kernel = kernel.repeat_interleave(C, dim=0)                         # (B*C, k), one per channel
+    # All B*C channels in one grouped conv per direction.
+    y = x.reshape(1, B * C, H, W)
+    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="reflect"), kernel.view(B * C, 1, 1, k), groups=B * C)
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), kernel.view(B * C, 1, k, 1), groups=B * C)
+    return _where_p(x, g, p, y.view(B, C, H, W).clamp_(0, 1))
+
+
+# Defaults: BYOL (Grill et al. 2020, Table 6): p=0.0 for view 1, 0.2 for view 2;
+# threshold 0.5 on [0, 1] images.
+def solarize(x, g, p=0.2, threshold=0.5):
+    """Invert the pixels >= threshold (x -> 1 - x) of each image with probability p."""
+    if p <= 0:
+        return x
+    return _where_p(x, g, p, torch.where(x >= threshold, 1 - x, x))
+
+
+# Defaults: torchvision's RandomErasing (Random Erasing, Zhong et al. 2020); cutout
+# is one of the extra augmentations Van der Sluijs et al. 2023 found useful for
+# chest X-rays, added in paper 001's "BYOL+".
+def cutout(x, g, p=0.5, scale=(0.02, 0.25), ratio=(0.3, 3.3), value=0.0):
+    """Set one random rectangle per image (area fraction ~ U(scale), log-uniform aspect h/w) to `value`, with probability p."""
+    if p <= 0:
+        return x
+    B, C, H, W = x.shape
+    u = _rand(x, g, B, 5)                          # area, log-ratio, top, left, apply
+    area = _lerp(u[:, 0], *scale) * (H * W)
+    r = _lerp(u[:, 1], math.log(ratio[0]), math.log(ratio[1])).exp()
+    # Whole-pixel sides of at least 1 px, clipped to the image.
+    h = (area * r).sqrt().round().clamp(1, H)
+    w = (area / r).sqrt().round().clamp(1, W)
+    top = (u[:, 2] * (H - h + 1)).floor()
+    left = (u[:, 3] * (W - w + 1)).floor()
+    rows = torch.arange(H, device=x.device, dtype=torch.float32)
+    cols = torch.arange(W, device=x.device, dtype=torch.float32)
+    in_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])     # (B, H)
+    in_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])   # (B, W)
+    hole = in_rows[:, :, None] & in_cols[:, None, :] & (u[:, 4] < p)[:, None, None]
+    return x.masked_fill(hole[:, None], value)     # (B, 1, H, W) mask broadcast over channels
+
+
+# Defaults: strength 0.4, p=0.8 as BYOL's colour jitter (Grill et al. 2020, Table 6);
+# a stand-alone op for paper 001's "BYOL+" (after Van der Sluijs et al. 2023).
+def brightness(x, g, p=0.8, strength=0.4):
+    """Multiply each image by a factor ~ U[1 - s, 1 + s], with probability p."""
+    if p <= 0:
+        return x
+    return _where_p(x, g, p, _scale_brightness(x, _factor(_rand(x, g, x.shape[0]), strength)))
+
+
+# Defaults: strength 0.4, p=0.8 as BYOL's colour jitter (Grill et al. 2020, Table 6);
+# a stand-alone op for paper 001's "BYOL+" (after Van der Sluijs et al. 2023).
+# The factor is drawn AROUND 1: one paper's code only ever lowered contrast.
+def contrast(x, g, p=0.8, strength=0.4):
+    """Scale each image's deviation from its own mean by a factor ~ U[1 - s, 1 + s], with probability p."""
+    if p <= 0:
+        return x
+    return _where_p(x, g, p, _scale_contrast(x, _factor(_rand(x, g, x.shape[0]), strength)))
+
+
+# ----------------------------------------------------------------------------
+# presets: a step is (function, kwargs); a preset is a pair of step lists, one per view
+# ----------------------------------------------------------------------------
+
+def _byol_view(blur_p, solarize_p):
+    """One BYOL view (Grill et al. 2020, Table 6); the two views differ only in blur and solarize."""
+    return [
+        (random_resized_crop, dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))),
+        (horizontal_flip, dict(p=0.5)),
+        (color_jitter, dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8)),
+        (grayscale, dict(p=0.2)),
+        (gaussian_blur, dict(p=blur_p, sigma=(0.1, 2.0), kernel_frac=0.1, sigma_relative_to=224)),
+        (solarize, dict(p=solarize_p, threshold=0.5)),
+    ]
+
+
+# Paper 001 (Murphy, BYOL on MedMNIST) used lucidrains/byol-pytorch's default
+# augmentation, in this order, the same for both views.
+_PAPER001 = [
+    (color_jitter, dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, p=0.3)),
+    (grayscale, dict(p=0.2)),
+    (horizontal_flip, dict(p=0.5)),
+    # fixed 3x3 kernel (kernel_frac=0 -> the 3 px minimum), sigma 1.0-2.0 in pixels
+    (gaussian_blur, dict(p=0.2, sigma=(1.0, 2.0), kernel_frac=0.0, sigma_relative_to=None)),
+    (random_resized_crop, dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))),
+]
+
+# Paper 001 §4.2 / §5.1 "BYOL+": paper 001's augmentation plus cutout, contrast
+# and brightness, after Van der Sluijs et al. 2023.
+_BYOL_PLUS = _PAPER001 + [
+    (cutout, dict(p=0.5, scale=(0.02, 0.25), ratio=(0.3, 3.3), value=0.0)),
+    (contrast, dict(p=0.8, strength=0.4)),
+    (brightness, dict(p=0.8, strength=0.4)),
+]
+
+PRESETS = {
+    "byol": (_byol_view(blur_p=1.0, solarize_p=0.0), _byol_view(blur_p=0.1, solarize_p=0.2)),
+    "paper001": (_PAPER001, _PAPER001),
+    "byol+": (_BYOL_PLUS, _BYOL_PLUS),
+}
+
+
+def apply_steps(x, steps, g):
+    """Run the (function, kwargs) steps on x in order, all drawing from generator g."""
+    for fn, kwargs in steps:
+        x = fn(x, g, **kwargs)
+    return x
+
+
+def two_views(images_uint8, preset, g):
+    """uint8 (B, C, H, W) images -> two float32 views in [0, 1]; preset is a PRESETS key or a (steps, steps) pair."""
+    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
+        raise ValueError(f"expected uint8 (B, C, H, W) images, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+    steps1, steps2 = PRESETS[preset] if isinstance(preset, str) else preset
+    x = images_uint8.to(torch.float32).div_(255)  # converted once, shared by both views
+    return apply_steps(x, steps1, g), apply_steps(x, steps2, g)

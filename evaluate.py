@@ -1,0 +1,248 @@
+"""Evaluate an encoder on a labelled MedMNIST dataset: linear probe, fine-tune, few-shot or kNN.
+
+The encoder comes from a pretraining checkpoint (--ckpt) or a baseline init (--init random|imagenet|
+<.pth>). Training uses the train split (or a seeded subset of it), the epoch (or probe strength, or
+k) is chosen by validation AUC, and the test split is scored once.
+
+    python evaluate.py --ckpt runs/x/checkpoint.pt --data pneumoniamnist --mode linear_probe --seeds 3
+    python evaluate.py --init random --data breastmnist --mode finetune --seeds 3
+"""
+import argparse
+import copy
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.preprocessing import StandardScaler
+
+from common import data, metrics, models, utils
+from common.utils import UserError
+
+# Per-mode defaults of paper 001 (§5.2-5.4): fine-tune 25 epochs at 1e-3, few-shot 25-50 epochs
+# at 1e-2 on 20 samples, linear probe 50 epochs at 1e-2.
+MODE_DEFAULTS = {"finetune": {"epochs": 25, "lr": 1e-3}, "fewshot": {"epochs": 50, "lr": 1e-2},
+                 "linear_probe": {"epochs": 50, "lr": 1e-2}, "knn": {"epochs": 1, "lr": 1.0}}
+PROBE_C = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strengths tried by the fast linear probe
+KNN_K = (5, 10, 20, 50)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    utils.add_common_flags(parser, data_help="labelled MedMNIST 2D flag to evaluate on")
+
+    # * What to evaluate
+    g = parser.add_argument_group("encoder and protocol")
+    g.add_argument("--ckpt", default=None, help="checkpoint.pt of pretrain_byol.py / pretrain_barlow.py")
+    g.add_argument("--init", default=None, help="baseline encoder without --ckpt: random | imagenet | <.pth> "
+                   "(default random; paper 001's base model: imagenet)")
+    g.add_argument("--mode", default="linear_probe", choices=sorted(MODE_DEFAULTS),
+                   help="linear_probe: frozen encoder + linear head; finetune: all layers; fewshot: all "
+                        "layers on --shots images per class; knn: k nearest neighbours of frozen features")
+    g.add_argument("--probe", default="logreg", choices=["logreg", "sgd"],
+                   help="linear probe: logreg = logistic regression on features computed once, L2 strength "
+                        "chosen on validation (fast); sgd = paper 001's 50-epoch SGD head")
+    g.add_argument("--shots", type=int, default=20, help="fewshot: training images per class (paper 001: 20)")
+    g.add_argument("--label-fraction", type=float, default=1.0,
+                   help="stratified fraction of the train split's labels used, in (0, 1]")
+    g.add_argument("--seeds", type=int, default=1, help="seeded repeats (seed, seed+1, ...), reported as mean ± std")
+
+    # * Optimisation (defaults per mode: MODE_DEFAULTS above)
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None, help="default: finetune 25, fewshot 50, sgd probe 50 (paper 001)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="Adam lr for finetune (1e-3) / fewshot (1e-2), SGD lr for the sgd probe (1e-2) (paper 001 §5.4)")
+    g.add_argument("--batch-size", type=int, default=None, help="default 128, or the whole split if smaller")
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="L2 weight decay (paper 001 used one but does not give its value)")
+    return parser
+
+
+def resolve_args(args):
+    if args.ckpt and args.init:
+        raise UserError("give --ckpt or --init, not both")
+    if "," in args.data:
+        raise UserError("evaluate.py takes one --data flag")
+    for key, value in MODE_DEFAULTS[args.mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.seeds <= 0:
+        raise UserError(f"--seeds must be positive, got {args.seeds}")
+    args.out = args.out or utils.default_out(f"evaluate-{args.mode}", args.data)
+    if args.ckpt:
+        meta = utils.load_checkpoint(args.ckpt).get("meta", {}) if args.ckpt.endswith(".pt") else {}
+        models.check_meta(meta, args.ckpt, args.arch, args.stem, args.in_chans)
+        args.arch, args.stem, args.in_chans = meta["arch"], meta["stem"], meta["in_chans"]
+    args.init = args.ckpt or args.init or "random"
+    args.arch, args.stem = args.arch or "resnet18", args.stem or "imagenet"
+    args.in_chans = args.in_chans or 3
+    return args
+
+
+# ---------------------------------------------------------------- heads trained with epoch selection
+def loss_fn(logits, labels, task):
+    if task == metrics.MULTI_LABEL:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+@torch.no_grad()
+def predict(model, inputs, prepare, task, batch_size=512):
+    model.eval()
+    logits = torch.cat([model(prepare(inputs[i:i + batch_size])).float() for i in range(0, len(inputs), batch_size)])
+    probs = torch.sigmoid(logits) if task == metrics.MULTI_LABEL else logits.softmax(dim=1)
+    return probs.cpu().numpy()
+
+
+def train_select(args, model, optimizer, train, val, prepare, task, seed, log):
+    """Train for args.epochs; keep the weights of the epoch with the best validation AUC."""
+    (x_train, y_train), (x_val, y_val) = train, val
+    gen = torch.Generator(x_train.device).manual_seed(seed)
+    y_val_np = y_val.cpu().numpy()
+    steps = max(1, len(x_train) // args.batch_size)  # full batches only: BN needs more than one image
+    if args.max_steps:
+        steps = min(steps, args.max_steps)
+    best_auc, best_state, best_epoch = -1.0, None, -1
+    for epoch in range(args.epochs):
+        model.train()
+        perm = torch.randperm(len(x_train), generator=gen, device=x_train.device)
+        total = 0.0
+        for i in range(steps):
+            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+            loss = loss_fn(model(prepare(x_train[idx])), y_train[idx], task)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        val_auc = metrics.auc(y_val_np, predict(model, x_val, prepare, task), task)
+        log({"seed": seed, "epoch": epoch, "loss": total / steps, "val_auc": round(val_auc, 5)})
+        if val_auc > best_auc:
+            best_auc, best_epoch = val_auc, epoch
+            best_state = copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    return {"val_auc": best_auc, "best_epoch": best_epoch}
+
+
+def logreg_probe(train, val, test, task):
+    """Logistic regression on standardised frozen features, L2 strength chosen by validation AUC."""
+    (f_train, y_train), (f_val, y_val), f_test = train, val, test
+    scaler = StandardScaler().fit(f_train)
+    f_train, f_val, f_test = scaler.transform(f_train), scaler.transform(f_val), scaler.transform(f_test)
+    best = (-1.0, None, None)
+    for c in PROBE_C:
+        clf = LogisticRegression(C=c, max_iter=2000)
+        clf = OneVsRestClassifier(clf) if task == metrics.MULTI_LABEL else clf
+        clf.fit(f_train, y_train)
+        val_auc = metrics.auc(y_val, clf.predict_proba(f_val), task)
+        if val_auc > best[0]:
+            best = (val_auc, c, clf)
+    return best[2].predict_proba(f_test), {"val_auc": best[0], "C": best[1]}
+
+
+def knn_probe(train, val, test, task, n_classes):
+    (f_train, y_train), (f_val, y_val), f_test = train, val, test
+    aucs = {k: metrics.auc(y_val.cpu().numpy(), metrics.knn_scores(f_train, y_train, f_val, k, task, n_classes), task)
+            for k in KNN_K}
+    k = max(aucs, key=aucs.get)
+    return metrics.knn_scores(f_train, y_train, f_test, k, task, n_classes), {"val_auc": aucs[k], "k": k}
+
+
+# ---------------------------------------------------------------- one seeded run
+def run_seed(args, seed, splits, template, device, log):
+    utils.seed_everything(seed)
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    if args.mode == "fewshot":
+        idx = data.few_shot_indices(train.labels, args.shots, seed)
+    else:
+        idx = data.label_fraction_indices(train.labels, args.label_fraction, seed)
+    idx = torch.as_tensor(idx, device=device)
+    x_train, y_train = train.images[idx], train.labels[idx]
+    if args.batch_size > len(idx):
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(idx)} training images; "
+                        f"use --batch-size {len(idx)} or less")
+    # a random init must differ per seed; a loaded one is the same weights every time
+    encoder = models.build_encoder(args.arch, args.stem, args.in_chans) if args.init == "random" \
+        else copy.deepcopy(template)
+    encoder.to(device, memory_format=torch.channels_last)
+    task, n_out = train.task, train.n_classes
+
+    if args.mode in ("finetune", "fewshot"):
+        model = torch.nn.Sequential(encoder, torch.nn.Linear(models.FEATURE_DIM[args.arch], n_out)).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+        def prepare(x):
+            return data.to_input(x, args.in_chans).contiguous(memory_format=torch.channels_last)
+        info = train_select(args, model, optimizer, (x_train, y_train), (val.images, val.labels),
+                            prepare, task, seed, log)
+        return predict(model, test.images, prepare, task), info
+
+    feats = {name: models.features(encoder, x, args.in_chans)
+             for name, x in (("train", x_train), ("val", val.images), ("test", test.images))}
+    if args.mode == "knn":
+        return knn_probe((feats["train"], y_train), (feats["val"], val.labels), feats["test"], task, n_out)
+    if args.probe == "logreg":
+        return logreg_probe((feats["train"].cpu().numpy(), y_train.cpu().numpy()),
+                            (feats["val"].cpu().numpy(), val.labels.cpu().numpy()), feats["test"].cpu().numpy(), task)
+    head = torch.nn.Linear(models.FEATURE_DIM[args.arch], n_out).to(device)
+    optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    info = train_select(args, head, optimizer, (feats["train"], y_train), (feats["val"], val.labels),
+                        lambda f: f, task, seed, log)
+    return predict(head, feats["test"], lambda f: f, task), info
+
+
+def main():
+    args = resolve_args(utils.parse_args(get_args_parser()))
+    device = utils.pick_device(args.device)
+
+    # ---- data: the three splits, whole, on the device
+    splits = {s: data.load_split(args.data, s, args.size, args.data_root, device, args.in_chans)
+              for s in ("train", "val", "test")}
+    if args.batch_size is None:
+        args.batch_size = 128  # capped to the training subset below when it is smaller
+        n_train = args.shots * splits["train"].n_classes if args.mode == "fewshot" else \
+            round(args.label_fraction * len(splits["train"].labels))
+        args.batch_size = max(2, min(128, n_train))
+    utils.prepare_run_dir(args.out, args, done_file="metrics.json")
+    log_path = os.path.join(args.out, "log.jsonl")
+
+    # ---- encoder weights, loaded once
+    template = None if args.init == "random" else models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
+
+    # ---- seeded runs
+    task = splits["test"].task
+    y_true = splits["test"].labels.cpu().numpy()
+    per_seed, scores = [], []
+    for seed in range(args.seed, args.seed + args.seeds):
+        y_score, info = run_seed(args, seed, splits, template, device, lambda r: utils.append_jsonl(log_path, r))
+        test_metrics = metrics.classification_metrics(y_true, y_score, task)
+        per_seed.append({"seed": seed, "test": test_metrics, **info})
+        scores.append(y_score)
+        print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
+
+    # ---- save: metrics.json, predictions.npz, plots, and a printed table
+    names = list(per_seed[0]["test"])
+    summary = {k: metrics.mean_std([r["test"][k] for r in per_seed]) for k in names}
+    ci = metrics.bootstrap_auc_ci(y_true, scores[0], task, seed=args.seed)
+    result = {"data": args.data, "size": args.size, "mode": args.mode, "encoder": args.init, "task": task,
+              "n": len(per_seed), "mean": {k: m for k, (m, s) in summary.items()},
+              "std": {k: s for k, (m, s) in summary.items()}, "auc_ci95_first_seed": list(ci),
+              "per_seed": per_seed, "args": vars(args)}
+    utils.atomic_write_text(os.path.join(args.out, "metrics.json"), json.dumps(result, indent=2))
+    np.savez(os.path.join(args.out, "predictions.npz"), y_true=y_true, y_score=scores[0],
+             y_score_per_seed=np.stack(scores), seeds=np.array([r["seed"] for r in per_seed]))
+    metrics.plot_roc(y_true, scores[0], task, os.path.join(args.out, "roc.png"), title=f"{args.data} {args.mode}")
+    metrics.plot_confusion(metrics.confusion(y_true, scores[0], task), os.path.join(args.out, "confusion.png"),
+                           title=f"{args.data} {args.mode}")
+    print(f"\n{args.data} test, {args.mode}, encoder {args.init}, n={len(per_seed)} seeds")
+    for k in names:
+        print(f"  {k:12s} {summary[k][0]:.4f} ± {summary[k][1]:.4f}")
+    print(f"  AUC 95% CI (bootstrap, seed {args.seed}): [{ci[0]:.4f}, {ci[1]:.4f}]")
+    print(f"wrote {args.out}/metrics.json")
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

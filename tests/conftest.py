@@ -1,0 +1,61 @@
+"""Shared fixtures: the real MedMNIST files (a failure in CI when missing, a skip elsewhere) and
+synthetic npz files in MedMNIST's exact layout."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL_ROOT = os.environ.get("MEDMNIST_ROOT", os.path.join(REPO, "..", "shared", "data", "medmnist"))
+
+
+@pytest.fixture
+def real_root():
+    """Folder of the real files; every test using it needs pneumoniamnist.npz and breastmnist.npz."""
+    for name in ("pneumoniamnist.npz", "breastmnist.npz", "breastmnist_64.npz"):
+        if not os.path.isfile(os.path.join(REAL_ROOT, name)):
+            msg = f"real MedMNIST file {name} missing in {REAL_ROOT}"
+            pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    return REAL_ROOT
+
+
+def write_synthetic(root, flag, n=(40, 10, 12), size=28, channels=1, n_labels=None, n_classes=2, seed=0):
+    """A file with MedMNIST's keys, dtypes and shapes: images uint8 (N, H, W) or (N, H, W, 3),
+    labels uint8 (N, 1) or (N, L). Returns its MD5, which tests patch in as the expected one."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n):
+        shape = (count, size, size) + ((3,) if channels == 3 else ())
+        arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
+        if n_labels:
+            arrays[f"{split}_labels"] = rng.integers(0, 2, (count, n_labels), dtype=np.uint8)
+        else:  # every class present in every split
+            arrays[f"{split}_labels"] = (np.arange(count) % n_classes).astype(np.uint8)[:, None]
+    name = f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+    path = os.path.join(root, name)
+    np.savez_compressed(path, **arrays)
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+@pytest.fixture
+def synthetic(tmp_path, monkeypatch):
+    """Make synthetic files in tmp_path and make common.data accept their MD5."""
+    from common import data
+    sums = {}
+    real_md5 = data.expected_md5
+    monkeypatch.setattr(data, "expected_md5", lambda flag, size: sums.get((flag, size)) or real_md5(flag, size))
+
+    def make(flag, size=28, **kw):
+        sums[(flag, size)] = write_synthetic(str(tmp_path), flag, size=size, **kw)
+        return str(tmp_path)
+    return make
+
+
+def run_cli(*args, env=None, cwd=REPO):
+    """Run a script as a user would; returns the CompletedProcess (text)."""
+    full_env = {**os.environ, "MEDSSL_NO_DOWNLOAD": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True)

@@ -1,0 +1,284 @@
+"""Tests for common/augment.py: contract, per-image randomness, reproducibility, correctness."""
+import pytest
+import torch
+
+from common import augment as A
+
+B = 16                      # batch size for the contract tests (>= 16 as required)
+H = W = 28                  # MedMNIST's native size
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# op name -> (function, kwargs that make identical inputs give different outputs, has p).
+# Continuous-parameter ops run with p=1; ops whose only randomness is the per-image
+# Bernoulli mask (flip, grayscale, solarize) run with p=0.5. The blur uses sigma in
+# pixels: scaled to 28 px (the default) it is almost an identity (sigma <= 0.25 px).
+OPS = {
+    "random_resized_crop": (A.random_resized_crop, {}, False),
+    "horizontal_flip": (A.horizontal_flip, {"p": 0.5}, True),
+    "color_jitter": (A.color_jitter, {"p": 1.0}, True),
+    "grayscale": (A.grayscale, {"p": 0.5}, True),
+    "gaussian_blur": (A.gaussian_blur, {"p": 1.0, "sigma_relative_to": None}, True),
+    "solarize": (A.solarize, {"p": 0.5}, True),
+    "cutout": (A.cutout, {"p": 1.0}, True),
+    "brightness": (A.brightness, {"p": 1.0}, True),
+    "contrast": (A.contrast, {"p": 1.0}, True),
+}
+MASK_ONLY = {"horizontal_flip", "grayscale", "solarize"}   # randomness = the p mask alone
+
+
+def gen(seed=0, device="cpu"):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def make_image(C):
+    """A non-trivial image: a diagonal gradient (coloured when C=3) plus a bright square, no zeros."""
+    i = torch.linspace(0, 1, H)[:, None]
+    j = torch.linspace(0, 1, W)[None, :]
+    base = 0.15 + 0.5 * (0.6 * i + 0.4 * j)                     # in [0.15, 0.65], crosses 0.5
+    img = base.expand(C, H, W).clone()
+    if C == 3:
+        img = img * torch.tensor([1.0, 0.7, 0.4])[:, None, None] + torch.tensor([0.0, 0.1, 0.3])[:, None, None]
+    img[:, 8:15, 10:20] = 0.95
+    return img
+
+
+def copies(C, n=B, device="cpu"):
+    """A batch of n identical copies of make_image."""
+    return make_image(C).expand(n, C, H, W).contiguous().to(device)
+
+
+def n_distinct(batch):
+    return torch.unique(batch.flatten(1), dim=0).shape[0]
+
+
+# ----------------------------------------------------------------------------
+# contract, parametrised over every op
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_op_contract(name, C, dtype, device):
+    fn, kwargs, _ = OPS[name]
+    x = torch.rand(B, C, H, W, generator=gen(1)).to(device=device, dtype=dtype)
+    out = fn(x, gen(0, device), **kwargs)
+    assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
+    assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_op_per_image_randomness(name, C):
+    fn, kwargs, _ = OPS[name]
+    x = copies(C)
+    out = fn(x, gen(0), **kwargs)
+    if name == "grayscale" and C == 1:               # adapted to gray images: a no-op
+        assert torch.equal(out, x)
+    elif name in MASK_ONLY:                          # applied to some images, not to others
+        assert n_distinct(out) == 2
+    else:                                            # each image draws its own parameters
+        assert n_distinct(out) >= B // 2
+
+
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_op_reproducible(name, C):
+    fn, kwargs, _ = OPS[name]
+    x = copies(C)
+    assert torch.equal(fn(x, gen(7), **kwargs), fn(x, gen(7), **kwargs))
+    if not (name == "grayscale" and C == 1):         # the no-op cannot differ
+        assert not torch.equal(fn(x, gen(7), **kwargs), fn(x, gen(8), **kwargs))
+
+
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("name", sorted(n for n in OPS if OPS[n][2]))
+def test_op_p0_is_identity(name, C):
+    fn, kwargs, _ = OPS[name]
+    x = torch.rand(B, C, H, W, generator=gen(1))
+    assert torch.equal(fn(x, gen(0), **{**kwargs, "p": 0.0}), x)
+
+
+def test_ops_leave_global_rng_alone():
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    for C in (1, 3):
+        for fn, kwargs, _ in OPS.values():
+            fn(copies(C), gen(0), **kwargs)
+        A.two_views((copies(C) * 255).to(torch.uint8), "byol", gen(0))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_presets_only_use_tested_ops():
+    used = {fn.__name__ for steps in A.PRESETS.values() for view in steps for fn, _ in view}
+    assert used <= set(OPS)
+
+
+# ----------------------------------------------------------------------------
+# specific correctness checks
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_horizontal_flip_p1_is_torch_flip(C):
+    x = torch.rand(B, C, H, W, generator=gen(1))
+    assert torch.equal(A.horizontal_flip(x, gen(0), p=1.0), torch.flip(x, dims=[-1]))
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_solarize_p1_formula(C):
+    x = torch.rand(B, C, H, W, generator=gen(1))
+    expected = torch.where(x >= 0.3, 1 - x, x)
+    assert torch.equal(A.solarize(x, gen(0), p=1.0, threshold=0.3), expected)
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_random_resized_crop_full_square_is_identity(C):
+    x = torch.rand(B, C, H, W, generator=gen(1))
+    out = A.random_resized_crop(x, gen(0), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+
+
+def test_random_resized_crop_zooms_in():
+    # a crop of at most 10% of the area shows much less of a gradient than the whole image
+    x = torch.linspace(0, 1, W).expand(B, 1, H, W).contiguous()     # left-right ramp
+    span = lambda t: t.amax(dim=(1, 2, 3)) - t.amin(dim=(1, 2, 3))
+    out = A.random_resized_crop(x, gen(0), scale=(0.05, 0.1))
+    assert (span(out) < 0.6 * span(x)).all()
+
+
+@pytest.mark.parametrize("op", [A.brightness, A.contrast])
+def test_brightness_contrast_factor_centred_on_one(op):
+    n = 4000
+    if op is A.brightness:                            # constant 0.5 image: factor = out / 0.5
+        x = torch.full((n, 1, 4, 4), 0.5)
+        factor = op(x, gen(0), p=1.0, strength=0.4).mean(dim=(1, 2, 3)) / 0.5
+    else:                                             # half 0.25, half 0.75: mean 0.5, deviation 0.25
+        x = torch.full((n, 1, 4, 4), 0.25)
+        x[..., 2:] = 0.75
+        factor = (op(x, gen(0), p=1.0, strength=0.4)[..., 0, 2] - 0.5) / 0.25
+    assert abs(factor.mean().item() - 1) < 0.05
+    assert (factor > 1.05).any() and (factor < 0.95).any()
+    assert factor.min() >= 0.6 - 1e-5 and factor.max() <= 1.4 + 1e-5
+
+
+def test_color_jitter_contrast_alone_is_centred_on_one():
+    x = torch.full((4000, 1, 4, 4), 0.25)
+    x[..., 2:] = 0.75
+    out = A.color_jitter(x, gen(0), brightness=0, contrast=0.4, saturation=0, hue=0, p=1.0)
+    factor = (out[..., 0, 2] - 0.5) / 0.25
+    assert abs(factor.mean().item() - 1) < 0.05 and (factor > 1.05).any() and (factor < 0.95).any()
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_gaussian_blur_smooths_noise_and_keeps_constants(C):
+    noise = torch.rand(B, C, H, W, generator=gen(1))
+    out = A.gaussian_blur(noise, gen(0), p=1.0, sigma=(1.0, 2.0), sigma_relative_to=None)
+    assert (out.var(dim=(1, 2, 3)) < 0.7 * noise.var(dim=(1, 2, 3))).all()
+    # default BYOL setting, scaled to 28 px: a very light blur, but still a blur
+    out = A.gaussian_blur(noise, gen(0))
+    assert (out.var(dim=(1, 2, 3)) <= noise.var(dim=(1, 2, 3))).all()
+    const = torch.rand(B, C, 1, 1, generator=gen(2)).expand(B, C, H, W).contiguous()
+    out = A.gaussian_blur(const, gen(0), p=1.0, sigma=(1.0, 2.0), sigma_relative_to=None)
+    torch.testing.assert_close(out, const, atol=1e-6, rtol=0)
+
+
+def test_gaussian_blur_kernel_size_follows_image_size():
+    # an impulse spreads over kernel_size pixels: 3 at 28 px, 23 at 224 px (BYOL's 23 px)
+    for size, k in [(28, 3), (224, 23)]:
+        x = torch.zeros(1, 1, size, size)
+        x[0, 0, size // 2, size // 2] = 1.0
+        out = A.gaussian_blur(x, gen(0), p=1.0, sigma=(50.0, 50.0), sigma_relative_to=None)
+        assert (out[0, 0, size // 2] > 0).sum().item() == k
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_cutout_erases_part_of_every_image(C):
+    x = copies(C)                                     # no pixel is 0
+    out = A.cutout(x, gen(0), p=1.0, value=0.0)
+    changed = out != x
+    assert changed.flatten(1).any(dim=1).all()        # something erased in every image
+    assert (~changed).flatten(1).any(dim=1).all()     # something kept in every image
+    assert (out[changed] == 0).all()                  # erased pixels hold the value
+    assert (changed.all(dim=1) | ~changed.any(dim=1)).all()   # same hole on all channels
+    area = changed[:, 0].flatten(1).float().mean(dim=1)
+    assert area.min() > 0 and area.max() < 0.35
+
+
+def test_grayscale_keeps_gray_rgb_image():
+    x = torch.rand(B, 1, H, W, generator=gen(1)).expand(B, 3, H, W).contiguous()
+    torch.testing.assert_close(A.grayscale(x, gen(0), p=1.0), x, atol=1e-6, rtol=0)
+
+
+def test_grayscale_p1_gives_equal_channels():
+    x = torch.rand(B, 3, H, W, generator=gen(1))
+    out = A.grayscale(x, gen(0), p=1.0)
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])
+    torch.testing.assert_close(out[:, 0], 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])
+
+
+def test_saturation_and_hue_leave_gray_images_alone():
+    # adapted to gray images: no-ops when C=1; on a gray-valued RGB image they change nothing either
+    kw = dict(brightness=0, contrast=0, saturation=0.8, hue=0.5, p=1.0)
+    x1 = torch.rand(B, 1, H, W, generator=gen(1))
+    assert torch.equal(A.color_jitter(x1, gen(0), **kw), x1)
+    x3 = x1.expand(B, 3, H, W).contiguous()
+    torch.testing.assert_close(A.color_jitter(x3, gen(0), **kw), x3, atol=1e-5, rtol=0)
+
+
+def test_hue_keeps_luma_and_changes_colour():
+    x = copies(3)
+    out = A.color_jitter(x, gen(0), brightness=0, contrast=0, saturation=0, hue=0.1, p=1.0)
+    luma = lambda t: 0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2]
+    torch.testing.assert_close(luma(out), luma(x), atol=1e-4, rtol=0)   # no pixel clipped here
+    assert (out - x).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+
+
+# ----------------------------------------------------------------------------
+# presets and two_views
+# ----------------------------------------------------------------------------
+
+def test_preset_names():
+    assert sorted(A.PRESETS) == ["byol", "byol+", "paper001"]
+    byol_plus, paper001 = A.PRESETS["byol+"][0], A.PRESETS["paper001"][0]
+    assert byol_plus[: len(paper001)] == paper001
+    assert [fn for fn, _ in byol_plus[len(paper001):]] == [A.cutout, A.contrast, A.brightness]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("preset", sorted(A.PRESETS))
+def test_two_views_contract(preset, C, device):
+    imgs = torch.randint(0, 256, (B, C, H, W), generator=gen(1), dtype=torch.uint8).to(device)
+    v1, v2 = A.two_views(imgs, preset, gen(0, device))
+    for v in (v1, v2):
+        assert v.shape == imgs.shape and v.dtype == torch.float32 and v.device == imgs.device
+        assert v.min() >= 0 and v.max() <= 1
+    assert not torch.equal(v1, v2)
+    assert imgs.dtype == torch.uint8                  # input untouched
+
+
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("preset", sorted(A.PRESETS))
+def test_two_views_per_image_randomness(preset, C):
+    imgs = (copies(C) * 255).round().to(torch.uint8)
+    for v in A.two_views(imgs, preset, gen(0)):
+        assert n_distinct(v) >= B // 2
+
+
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("preset", sorted(A.PRESETS))
+def test_two_views_reproducible(preset, C):
+    imgs = (copies(C) * 255).round().to(torch.uint8)
+    a, b, c = (A.two_views(imgs, preset, gen(s)) for s in (5, 5, 6))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[1], c[1])
+
+
+def test_two_views_accepts_step_pairs_and_rejects_floats():
+    imgs = torch.randint(0, 256, (B, 1, H, W), generator=gen(1), dtype=torch.uint8)
+    flip = [(A.horizontal_flip, {"p": 1.0})]
+    v1, v2 = A.two_views(imgs, (flip, []), gen(0))
+    torch.testing.assert_close(v1, imgs.flip(-1).float() / 255)
+    torch.testing.assert_close(v2, imgs.float() / 255)
+    with pytest.raises(ValueError):
+        A.two_views(imgs.float(), "byol", gen(0))
