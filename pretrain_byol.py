@@ -31,6 +31,9 @@ def get_args_parser():
     g.add_argument("--aug", default="byol+", choices=sorted(augment.PRESETS),
                    help="view augmentations: byol = Grill et al.'s asymmetric pair, paper001 = what paper 001 "
                         "used, byol+ = paper001 + cutout, contrast, brightness (paper 001 §4.2)")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="random-resized-crop area range (default: the preset's, 0.08 1 as in BYOL; "
+                        "small images may want a larger MIN)")
     g.add_argument("--projector-hidden", type=int, default=4096, help="projector hidden width (paper 001: 4096)")
     g.add_argument("--projector-out", type=int, default=256, help="projection size (paper 001: 256)")
     g.add_argument("--predictor-hidden", type=int, default=4096, help="predictor hidden width (Grill et al.: 4096)")
@@ -78,6 +81,7 @@ def train_one_epoch(args, nets, optimizer, images, aug_gen, epoch, step, steps_p
     encoder, projector, predictor, target_encoder, target_projector, forward_encoder = nets
     total_steps = args.epochs * steps_per_epoch
     perm = torch.randperm(len(images), generator=aug_gen, device=images.device)
+    views = augment.preset(args.aug, args.crop_scale)
     losses = []
     start = time.time()
     bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
@@ -88,8 +92,8 @@ def train_one_epoch(args, nets, optimizer, images, aug_gen, epoch, step, steps_p
         tau = args.ema if args.ema_schedule == "constant" else utils.cosine(step, total_steps, args.ema, 1.0)
 
         batch = images[perm[i * args.batch_size:(i + 1) * args.batch_size]]
-        views = augment.two_views(batch, args.aug, aug_gen)
-        x1, x2 = (data.to_input(v, args.in_chans).contiguous(memory_format=torch.channels_last) for v in views)
+        x1, x2 = (data.to_input(v, args.in_chans).contiguous(memory_format=torch.channels_last)
+                  for v in augment.two_views(batch, views, aug_gen))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             p1 = predictor(projector(forward_encoder(x1)))
             p2 = predictor(projector(forward_encoder(x2)))

@@ -307,6 +307,16 @@ PRESETS = {
 }
 
 
+def preset(name, crop_scale=None):
+    """A preset's pair of step lists, optionally with another random-resized-crop area range: at
+    28 px the usual 0.08 lower bound is an 8x8 px patch blown up to the whole image."""
+    views = PRESETS[name]
+    if crop_scale is None:
+        return views
+    return tuple([(fn, {**kw, "scale": tuple(crop_scale)}) if fn is random_resized_crop else (fn, kw)
+                  for fn, kw in steps] for steps in views)
+
+
 def apply_steps(x, steps, g):
     """Run the (function, kwargs) steps on x in order, all drawing from generator g."""
     for fn, kwargs in steps:

@@ -282,3 +282,13 @@ def test_two_views_accepts_step_pairs_and_rejects_floats():
     torch.testing.assert_close(v2, imgs.float() / 255)
     with pytest.raises(ValueError):
         A.two_views(imgs.float(), "byol", gen(0))
+
+
+def test_preset_crop_scale_override_changes_only_the_crop():
+    from common import augment
+    v1, v2 = augment.preset("byol+", crop_scale=(0.5, 1.0))
+    crops = [kw for fn, kw in v1 + v2 if fn is augment.random_resized_crop]
+    assert crops and all(kw["scale"] == (0.5, 1.0) for kw in crops)
+    others = [(fn, kw) for fn, kw in v1 if fn is not augment.random_resized_crop]
+    assert others == [(fn, kw) for fn, kw in augment.PRESETS["byol+"][0] if fn is not augment.random_resized_crop]
+    assert augment.preset("byol") is augment.PRESETS["byol"]

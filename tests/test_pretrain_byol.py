@@ -106,3 +106,21 @@ def test_cli_pretrain_then_evaluate_on_real_data(real_root, tmp_path):
                        state["encoder"]["conv1.weight"])
     r = run_cli(*again[:-2], "--lr", "0.01", "--out", str(run))
     assert r.returncode == 2 and "different command" in r.stderr and "lr" in r.stderr
+
+
+def test_non_finite_loss_stops_with_the_step_named(monkeypatch):
+    args = pretrain_byol.get_args_parser().parse_args(["--batch-size", "4", "--epochs", "1", "--out", "/tmp/x"])
+    calls = []
+    real = pretrain_byol.byol_loss
+
+    def loss_with_nan(p, z):  # the second step's loss is NaN
+        calls.append(1)
+        return real(p, z) * (float("nan") if len(calls) in (3, 4) else 1.0)
+    monkeypatch.setattr(pretrain_byol, "byol_loss", loss_with_nan)
+    encoder, projector, predictor = models.build_encoder(), models.mlp(512, 32, 16), models.mlp(16, 32, 16)
+    nets = (encoder, projector, predictor, models.build_encoder(), models.mlp(512, 32, 16), encoder)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *projector.parameters(), *predictor.parameters()])
+    images = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8)
+    with pytest.raises(utils.UserError, match=r"loss became nan at step 6 \(epoch 0\).*last good checkpoint"):
+        pretrain_byol.train_one_epoch(args, nets, optimizer, images, torch.Generator().manual_seed(0),
+                                      0, 5, 3, torch.device("cpu"))
