@@ -6,11 +6,15 @@ k) is chosen by validation AUC, and the test split is scored once.
 
     python evaluate.py --ckpt runs/x/checkpoint.pt --data pneumoniamnist --mode linear_probe --seeds 3
     python evaluate.py --init random --data breastmnist --mode finetune --seeds 3
+    python evaluate.py --ckpt runs/x/checkpoint.pt --data breastmnist --mode finetune --freeze layer3
+    python evaluate.py --config configs/paper003_further_finetune.yaml --ckpt runs/x/checkpoint.pt --data dermamnist
+    python evaluate.py compare runs/a/metrics.json runs/b/metrics.json
 """
 import argparse
 import copy
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -19,7 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
-from common import data, metrics, models, utils
+from common import augment, data, metrics, models, utils
 from common.utils import UserError
 
 # Per-mode defaults of paper 001 (§5.2-5.4): fine-tune 25 epochs at 1e-3, few-shot 25-50 epochs
@@ -54,11 +58,37 @@ def get_args_parser():
     # * Optimisation (defaults per mode: MODE_DEFAULTS above)
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="default: finetune 25, fewshot 50, sgd probe 50 (paper 001)")
-    g.add_argument("--lr", type=float, default=None,
-                   help="Adam lr for finetune (1e-3) / fewshot (1e-2), SGD lr for the sgd probe (1e-2) (paper 001 §5.4)")
+    g.add_argument("--lr", type=utils.lr_or_auto, default=None,
+                   help="Adam lr for finetune (1e-3) / fewshot (1e-2), SGD lr for the sgd probe (1e-2) (paper 001 §5.4); "
+                        "auto (finetune, fewshot): an LR range test per seed picks the peak lr (paper 003 §3.4)")
     g.add_argument("--batch-size", type=int, default=None, help="default 128, or the whole split if smaller")
     g.add_argument("--weight-decay", type=float, default=0.0,
                    help="L2 weight decay (paper 001 used one but does not give its value)")
+
+    # * Fine-tuning recipes of papers 002 and 003 (finetune and fewshot modes)
+    g = parser.add_argument_group("fine-tuning recipes (papers 002, 003; finetune and fewshot modes)")
+    g.add_argument("--freeze", default="none", choices=["none", *models.STAGES],
+                   help="freeze the encoder up to and including this stage (paper 002's study): layer3 trains "
+                        "layer4 + the head, layer4 the head alone, stem layer1-4 + the head")
+    g.add_argument("--frozen-bn", default="eval", choices=["eval", "train"],
+                   help="BatchNorm in frozen stages: eval = running statistics, left untouched (default); "
+                        "train = batch statistics, running statistics updated (weights frozen either way)")
+    g.add_argument("--head-epochs", type=int, default=0,
+                   help="first train the head alone for N epochs on the frozen encoder, Adam at --head-lr "
+                        "(paper 003 §3.4: 1), then the main phase")
+    g.add_argument("--head-lr", type=float, default=2e-3,
+                   help="Adam lr of the head-only epochs (fastai's fine_tune default 2e-3; paper 003's value is "
+                        "a fixed Adam lr)")
+    g.add_argument("--lr-schedule", default="constant", choices=list(utils.LR_SCHEDULES),
+                   help="lr schedule of the main phase: constant (paper 001), cosine (paper 002), 1cycle (paper 003)")
+    g.add_argument("--lr-range", type=float, nargs=3, default=[1e-7, 10.0, 100], metavar=("START", "END", "STEPS"),
+                   help="sweep of --lr auto (fastai's lr_find: 1e-7 10 100)")
+    g.add_argument("--train-aug", default="none", choices=sorted(augment.FINETUNE_AUG),
+                   help="augmentation of the training batches: none (paper 001), paper003 (random crop, rotation, "
+                        "flip, App. A.1)")
+    g.add_argument("--tta", type=int, default=0,
+                   help="test-time augmentation: average the class probabilities of K passes augmented with "
+                        "--train-aug (paper 003: 3; 0 = off)")
     return parser
 
 
@@ -72,6 +102,15 @@ def resolve_args(args):
             setattr(args, key, value)
     if args.seeds <= 0:
         raise UserError(f"--seeds must be positive, got {args.seeds}")
+    full_model = args.mode in ("finetune", "fewshot")
+    for flag, used in (("--freeze", args.freeze != "none"), ("--lr auto", args.lr == "auto"),
+                       ("--head-epochs", args.head_epochs), ("--tta", args.tta), ("--train-aug", args.train_aug != "none")):
+        if used and not full_model:
+            raise UserError(f"{flag} applies to --mode finetune / fewshot, not {args.mode}")
+    if args.head_epochs < 0 or args.tta < 0:
+        raise UserError("--head-epochs and --tta must be 0 or more")
+    if args.tta and args.train_aug == "none":
+        raise UserError("--tta averages augmented passes: name the augmentation with --train-aug paper003")
     args.out = args.out or utils.default_out(f"evaluate-{args.mode}", args.data)
     if args.ckpt:
         meta = utils.load_checkpoint(args.ckpt).get("meta", {}) if args.ckpt.endswith(".pt") else {}
@@ -98,22 +137,34 @@ def predict(model, inputs, prepare, task, batch_size=512):
     return probs.cpu().numpy()
 
 
-def train_select(args, model, optimizer, train, val, prepare, task, seed, log):
-    """Train for args.epochs; keep the weights of the epoch with the best validation AUC."""
+def train_mode(args, model):
+    """model.train(), with BatchNorm of frozen stages in eval mode unless --frozen-bn train."""
+    model.train()
+    if getattr(args, "frozen_bn", "eval") == "eval":
+        models.frozen_bn_eval(model)
+
+
+def train_select(args, model, optimizer, train, val, prepare, task, seed, log, prepare_train=None, lr=None):
+    """Train for args.epochs; keep the weights of the epoch with the best validation AUC.
+    prepare_train: the training batches' preparation (default `prepare`), e.g. with augmentation;
+    lr: the peak lr of args.lr_schedule, applied per step (None: the optimizer's lr throughout)."""
     (x_train, y_train), (x_val, y_val) = train, val
     gen = torch.Generator(x_train.device).manual_seed(seed)
     y_val_np = y_val.cpu().numpy()
     steps = max(1, len(x_train) // args.batch_size)  # full batches only: BN needs more than one image
     if args.max_steps:
         steps = min(steps, args.max_steps)
+    prepare_train = prepare_train or prepare
     best_auc, best_state, best_epoch = -1.0, None, -1
     for epoch in range(args.epochs):
-        model.train()
+        train_mode(args, model)
         perm = torch.randperm(len(x_train), generator=gen, device=x_train.device)
         total = 0.0
         for i in range(steps):
+            if lr is not None:
+                utils.schedule_step(optimizer, args.lr_schedule, epoch * steps + i, args.epochs * steps, lr)
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
-            loss = loss_fn(model(prepare(x_train[idx])), y_train[idx], task)
+            loss = loss_fn(model(prepare_train(x_train[idx])), y_train[idx], task)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -151,6 +202,71 @@ def knn_probe(train, val, test, task, n_classes):
     return metrics.knn_scores(f_train, y_train, f_test, k, task, n_classes), {"val_auc": aucs[k], "k": k}
 
 
+# ---------------------------------------------------------------- fine-tuning (finetune, fewshot)
+def finetune(args, encoder, train, val, test, task, n_out, seed, device, log):
+    """Encoder + linear head trained on `train`, the epoch chosen by validation AUC, the test split
+    scored. Paper 002's --freeze keeps the stem .. that stage fixed; paper 003's recipe (§3.4) is
+    --head-epochs 1 (head alone), then --lr auto (range test) with --lr-schedule 1cycle, with
+    --train-aug paper003 and --tta 3. Returns (test scores, info, model)."""
+    x_train, y_train = train
+    model = torch.nn.Sequential(encoder, torch.nn.Linear(models.FEATURE_DIM[args.arch], n_out)).to(device)
+    aug_gen = torch.Generator(device).manual_seed(seed)
+    steps_aug = augment.FINETUNE_AUG[args.train_aug]
+
+    def prepare(x):
+        return data.to_input(x, args.in_chans).contiguous(memory_format=torch.channels_last)
+
+    def prepare_aug(x):  # uint8 -> [0, 1] floats, augmented per image, then normalised
+        return prepare(augment.apply_steps(x.float().div_(255), steps_aug, aug_gen))
+    prepare_train = prepare_aug if steps_aug else prepare
+    info = {}
+
+    # ---- paper 003 §3.4: the head alone first, encoder frozen (its BN too, with --frozen-bn eval)
+    if args.head_epochs:
+        models.freeze_through(encoder, "layer4")
+        head_opt = torch.optim.Adam(model[1].parameters(), lr=args.head_lr, weight_decay=args.weight_decay)
+        head_args = argparse.Namespace(**{**vars(args), "epochs": args.head_epochs})
+        head = train_select(head_args, model, head_opt, (x_train, y_train), (val.images, val.labels), prepare,
+                            task, seed, lambda r: log({"phase": "head", **r}), prepare_train)
+        info["head_val_auc"] = head["val_auc"]
+
+    # ---- main phase: the encoder from --freeze on, and the head
+    info["trainable_params"] = models.freeze_through(encoder, args.freeze) + \
+        sum(p.numel() for p in model[1].parameters())
+    lr = args.lr
+    if lr == "auto":
+        lr = find_lr(args, model, x_train, y_train, prepare_train, task, seed)
+        info["lr_found"] = lr
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    info.update(train_select(args, model, optimizer, (x_train, y_train), (val.images, val.labels), prepare,
+                             task, seed, log, prepare_train, lr=None if args.lr_schedule == "constant" else lr))
+    if args.tta:
+        y_score = np.mean([predict(model, test.images, prepare_aug, task) for _ in range(args.tta)], axis=0)
+    else:
+        y_score = predict(model, test.images, prepare, task)
+    return y_score, info, model
+
+
+def find_lr(args, model, x_train, y_train, prepare_train, task, seed):
+    """--lr auto: an LR range test of the parameters about to be trained (model state restored
+    afterwards), on batches drawn with their own generator; curve and pick saved per seed."""
+    train_mode(args, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=args.lr_range[0], weight_decay=args.weight_decay)
+    gen = torch.Generator(x_train.device).manual_seed(seed + 1)
+    batch = min(args.batch_size, len(x_train))
+
+    def batch_loss():
+        idx = torch.randint(len(x_train), (batch,), generator=gen, device=x_train.device)
+        return loss_fn(model(prepare_train(x_train[idx])), y_train[idx], task)
+    start, end, steps = args.lr_range
+    lrs, losses, lr = utils.lr_range_test(batch_loss, optimizer, [model], start, end, int(steps))
+    name = os.path.join(args.out, f"lr_range_seed{seed}")
+    utils.atomic_write_text(name + ".json", json.dumps({"lrs": lrs, "losses": losses, "chosen": lr}))
+    metrics.plot_lr_range(lrs, losses, lr, name + ".png", title=f"LR range test, seed {seed}")
+    return lr
+
+
 # ---------------------------------------------------------------- one seeded run
 def run_seed(args, seed, splits, template, device, log):
     utils.seed_everything(seed)
@@ -171,14 +287,8 @@ def run_seed(args, seed, splits, template, device, log):
     task, n_out = train.task, train.n_classes
 
     if args.mode in ("finetune", "fewshot"):
-        model = torch.nn.Sequential(encoder, torch.nn.Linear(models.FEATURE_DIM[args.arch], n_out)).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-
-        def prepare(x):
-            return data.to_input(x, args.in_chans).contiguous(memory_format=torch.channels_last)
-        info = train_select(args, model, optimizer, (x_train, y_train), (val.images, val.labels),
-                            prepare, task, seed, log)
-        return predict(model, test.images, prepare, task), info
+        y_score, info, _ = finetune(args, encoder, (x_train, y_train), val, test, task, n_out, seed, device, log)
+        return y_score, info
 
     feats = {name: models.features(encoder, x, args.in_chans)
              for name, x in (("train", x_train), ("val", val.images), ("test", test.images))}
@@ -194,7 +304,56 @@ def run_seed(args, seed, splits, template, device, log):
     return predict(head, feats["test"], lambda f: f, task), info
 
 
+# ---------------------------------------------------------------- compare two result files
+def compare_main(argv):
+    """`evaluate.py compare A/metrics.json B/metrics.json`: per-seed test metrics of two runs side by
+    side, with Welch's t-test and the two-sided Mann-Whitney U test (paper 003 App. A.3)."""
+    parser = argparse.ArgumentParser("evaluate.py compare", description=compare_main.__doc__)
+    parser.add_argument("a", help="metrics.json of run A")
+    parser.add_argument("b", help="metrics.json of run B")
+    parser.add_argument("--metrics", default="auc,acc,weighted_f1",
+                        help="comma-separated test metrics to compare (default auc,acc,weighted_f1)")
+    parser.add_argument("--out", default=None, help="also write the comparison to this JSON file")
+    args = parser.parse_args(argv)
+    runs = []
+    for path in (args.a, args.b):
+        try:
+            with open(path) as f:
+                result = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {path}: {e}".replace("\n", " "))
+        if not isinstance(result, dict) or not result.get("per_seed"):
+            raise UserError(f"{path} is not a metrics.json of evaluate.py (no per_seed results)")
+        runs.append(result)
+    names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    for m in names:
+        if any(m not in s["test"] for r in runs for s in r["per_seed"]):
+            raise UserError(f"metric {m!r} is not in both files; they hold {', '.join(runs[0]['per_seed'][0]['test'])}")
+    rows = {m: metrics.compare_samples([s["test"][m] for s in runs[0]["per_seed"]],
+                                       [s["test"][m] for s in runs[1]["per_seed"]]) for m in names}
+
+    def fmt(p):
+        return "n/a" if p is None else f"{p:.4g}"
+    print(f"A: {args.a} ({runs[0].get('data')}, {runs[0].get('mode')}, {runs[0].get('encoder')})")
+    print(f"B: {args.b} ({runs[1].get('data')}, {runs[1].get('mode')}, {runs[1].get('encoder')})")
+    if runs[0].get("data") != runs[1].get("data"):
+        print("note: the two files are results on different datasets")
+    print("| metric | A mean ± std (n) | B mean ± std (n) | B - A | Welch t | p (Welch) | U | p (Mann-Whitney) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m, r in rows.items():
+        print(f"| {m} | {r['mean_a']:.4f} ± {r['std_a']:.4f} ({r['n_a']}) | {r['mean_b']:.4f} ± {r['std_b']:.4f} "
+              f"({r['n_b']}) | {r['diff']:+.4f} | {fmt(r['welch_t'])} | {fmt(r['welch_p'])} | {fmt(r['mwu_u'])} | "
+              f"{fmt(r['mwu_p'])} |")
+    if min(r["n_a"] for r in rows.values()) < 2 or min(r["n_b"] for r in rows.values()) < 2:
+        print("note: the tests need at least 2 seeds in each file (evaluate.py --seeds N)")
+    if args.out:
+        utils.atomic_write_text(args.out, json.dumps({"a": args.a, "b": args.b, "metrics": rows}, indent=2))
+        print(f"wrote {args.out}")
+
+
 def main():
+    if sys.argv[1:2] == ["compare"]:
+        return compare_main(sys.argv[2:])
     args = resolve_args(utils.parse_args(get_args_parser()))
     device = utils.pick_device(args.device)
 
@@ -202,10 +361,9 @@ def main():
     splits = {s: data.load_split(args.data, s, args.size, args.data_root, device, args.in_chans)
               for s in ("train", "val", "test")}
     if args.batch_size is None:
-        args.batch_size = 128  # capped to the training subset below when it is smaller
         n_train = args.shots * splits["train"].n_classes if args.mode == "fewshot" else \
             round(args.label_fraction * len(splits["train"].labels))
-        args.batch_size = max(2, min(128, n_train))
+        args.batch_size = max(2, min(128, n_train))  # 128, or the whole training subset if smaller
     utils.prepare_run_dir(args.out, args, done_file="metrics.json")
     log_path = os.path.join(args.out, "log.jsonl")
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import augment, data, metrics, models, utils
+from common import augment, data, models, utils
 from common.utils import UserError
 
 
@@ -124,21 +124,13 @@ def train_one_epoch(args, nets, optimizer, images, aug_gen, epoch, step, steps_p
 
 
 def learning_rate(args, step, steps_per_epoch):
-    if args.lr_schedule == "constant":
-        return args.lr
-    warmup = args.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return args.lr * (step + 1) / warmup
-    return utils.cosine(step - warmup, args.epochs * steps_per_epoch - warmup, args.lr, 0.0)
+    return utils.learning_rate(args.lr_schedule, step, args.epochs * steps_per_epoch, args.lr,
+                               args.warmup_epochs * steps_per_epoch)
 
 
 def knn_monitor(args, encoder, device, splits):
     """kNN AUC of the current encoder on the validation split: is the representation improving?"""
-    train, val = splits
-    memory = models.features(encoder, train.images, args.in_chans)
-    queries = models.features(encoder, val.images, args.in_chans)
-    scores = metrics.knn_scores(memory, train.labels, queries, k=20, task=train.task, n_classes=train.n_classes)
-    return metrics.auc(val.labels.cpu().numpy(), scores, train.task)
+    return models.knn_val_auc(encoder, *splits, args.in_chans, k=20)
 
 
 def main():

@@ -331,3 +331,219 @@ def two_views(images_uint8, preset, g):
     steps1, steps2 = PRESETS[preset] if isinstance(preset, str) else preset
     x = images_uint8.to(torch.float32).div_(255)  # converted once, shared by both views
     return apply_steps(x, steps1, g), apply_steps(x, steps2, g)
+
+
+# ----------------------------------------------------------------------------
+# ops added for Barlow Twins (issue 3): paper 002's augmentation menu
+# ----------------------------------------------------------------------------
+# Paper 002's code (PolLM/Self-supervised-learning-for-medical-imaging, transform
+# scans) applies each extra transform with p=0.5 ("transforms_prob"), after the
+# base random-resized-crop + horizontal flip; its values are the defaults below.
+
+# Default p=0.5: paper 002 (RandomVerticalFlip(p=0.5)).
+def vertical_flip(x, g, p=0.5):
+    """Mirror each image top-bottom with probability p."""
+    if p <= 0:
+        return x
+    return _where_p(x, g, p, x.flip(-2))
+
+
+def _equalize_all(x):
+    """Histogram-equalise every channel of every image at once on 256 grey levels, with the rule
+    of PIL's ImageOps.equalize (which torchvision's equalize follows on uint8 images): the step
+    is (pixel count - count of the highest level present) // 255, level v maps to
+    (pixels below v + step // 2) // step, and a channel whose step is 0 is left as it is."""
+    B, C, H, W = x.shape
+    levels = (x.float() * 255).round_().long().view(B * C, H * W)        # (BC, HW) in 0..255
+    hist = torch.zeros(B * C, 256, dtype=torch.long, device=x.device)
+    hist.scatter_add_(1, levels, torch.ones_like(levels))                 # one histogram per row
+    top = hist.gather(1, levels.max(dim=1, keepdim=True).values)          # count of the highest level
+    step = torch.div(H * W - top, 255, rounding_mode="floor")             # (BC, 1)
+    below = hist.cumsum(1) - hist                                         # pixels strictly below v
+    lut = torch.div(below + step // 2, step.clamp(min=1), rounding_mode="floor").clamp_(0, 255)
+    out = lut.gather(1, levels).to(torch.float32) / 255
+    out = torch.where(step > 0, out, x.float().reshape(B * C, H * W))
+    return out.view(B, C, H, W).to(x.dtype)
+
+
+# Default p=0.5: paper 002 (RandomEqualize(p=0.5)).
+def equalize(x, g, p=0.5):
+    """Histogram-equalise each image (per channel, 256 levels, as torchvision/PIL) with probability p."""
+    if p <= 0:
+        return x
+    return _where_p(x, g, p, _equalize_all(x))
+
+
+def _homographies(src, dst):
+    """(B, 3, 3) projective maps taking the four points src[b] to dst[b] ((B, 4, 2) each): the
+    8x8 linear system of the direct linear transform, solved for all images in one call."""
+    B = src.shape[0]
+    x, y = src[..., 0], src[..., 1]
+    u, v = dst[..., 0], dst[..., 1]
+    zeros, ones = torch.zeros_like(x), torch.ones_like(x)
+    rows_u = torch.stack([x, y, ones, zeros, zeros, zeros, -x * u, -y * u], dim=-1)   # (B, 4, 8)
+    rows_v = torch.stack([zeros, zeros, zeros, x, y, ones, -x * v, -y * v], dim=-1)
+    a = torch.cat([rows_u, rows_v], dim=1)                                          # (B, 8, 8)
+    b = torch.cat([u, v], dim=1)                                                    # (B, 8)
+    h = torch.linalg.solve(a, b)
+    return torch.cat([h, torch.ones(B, 1, dtype=h.dtype, device=h.device)], dim=1).view(B, 3, 3)
+
+
+# Defaults: paper 002's code, torchvision's RandomPerspective(distortion_scale=0.15, p=0.5).
+def perspective(x, g, p=0.5, distortion=0.15):
+    """Move each corner of each image inwards by its own random amount (each coordinate by up to
+    `distortion` x half the side, as torchvision's RandomPerspective) and warp the image onto that
+    quadrilateral; what falls outside the image is 0 (torchvision's fill), with probability p."""
+    if p <= 0:
+        return x
+    B, C, H, W = x.shape
+    # Normalised coordinates (grid_sample, align_corners=False): the image spans [-1, 1] and half
+    # the side is 1, so the inward shift of a corner coordinate is U(0, distortion).
+    corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]],
+                           dtype=torch.float64, device=x.device).expand(B, 4, 2)
+    shift = _rand(x, g, B, 4, 2).double() * distortion
+    moved = corners - corners * shift                       # each coordinate towards the centre
+    # The output shows the image squeezed into `moved`; grid_sample needs the opposite map, from
+    # each output pixel back to where it comes from: the homography taking moved -> corners.
+    hom = _homographies(moved, corners)
+    ys = (torch.arange(H, dtype=torch.float64, device=x.device) + 0.5) / H * 2 - 1   # pixel centres
+    xs = (torch.arange(W, dtype=torch.float64, device=x.device) + 0.5) / W * 2 - 1
+    pts = torch.stack([xs.expand(H, W), ys[:, None].expand(H, W), torch.ones(H, W, dtype=torch.float64,
+                                                                             device=x.device)], dim=-1)
+    src = pts.view(1, H * W, 3) @ hom.transpose(1, 2)                                # (B, HW, 3)
+    grid = (src[..., :2] / src[..., 2:]).view(B, H, W, 2).to(x.dtype)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return _where_p(x, g, p, out.clamp_(0, 1))
+
+
+# Defaults: paper 002's code, torchvision's RandomRotation(20): an angle ~ U(-20, 20) degrees
+# for every image (no p there, hence p=1), fill 0.
+def rotation(x, g, p=1.0, degrees=20.0):
+    """Rotate each image about its centre by its own angle ~ U(-degrees, degrees) (or U(lo, hi) for
+    a pair), counter-clockwise for positive angles as torchvision; corners fill with 0; with probability p."""
+    if p <= 0:
+        return x
+    B, C, H, W = x.shape
+    lo, hi = (-degrees, degrees) if isinstance(degrees, (int, float)) else degrees
+    angle = _lerp(_rand(x, g, B), lo, hi) * (math.pi / 180)
+    cos, sin = angle.cos(), angle.sin()
+    # affine_grid works in normalised coordinates, where one unit is W/2 px along x and H/2 px
+    # along y: a rotation in pixels needs the aspect ratio on the off-diagonal terms.
+    theta = torch.zeros(B, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * (H / W)
+    theta[:, 1, 0], theta[:, 1, 1] = sin * (W / H), cos
+    grid = F.affine_grid(theta.to(x.dtype), (B, C, H, W), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return _where_p(x, g, p, out.clamp_(0, 1))
+
+
+# Defaults: paper 002's code: noise std = the image's mean x U(0.06, 0.1), p=0.5 (after
+# Sriram et al. 2021, who write it as mean / SNR with SNR ~ U(4, 8), i.e. a factor U(0.125, 0.25)).
+def gaussian_noise(x, g, p=0.5, relative_sigma=(0.06, 0.1)):
+    """Add zero-mean Gaussian noise whose std is the image's own mean times a factor ~ U(relative_sigma),
+    drawn per image, then clamp to [0, 1]; with probability p."""
+    if p <= 0:
+        return x
+    B = x.shape[0]
+    sigma = _lerp(_rand(x, g, B), *relative_sigma) * x.float().mean(dim=(1, 2, 3))
+    noise = torch.randn(x.shape, generator=g, device=x.device) * sigma.view(-1, 1, 1, 1)
+    return _where_p(x, g, p, (x + noise.to(x.dtype)).clamp_(0, 1))
+
+
+# ----------------------------------------------------------------------------
+# Barlow Twins views: paper 002's menu and paper 003's preset
+# ----------------------------------------------------------------------------
+
+# Paper 002's menu, in the order the steps run whatever order they are named in (the order of
+# paper 002's code: crop, flips, equalize, blur, perspective, rotation, then the tensor ops).
+# Both views draw from the same menu (paper 002's Transform(transform, transform)).
+MENU = {
+    # torchvision's RandomResizedCrop defaults (scale 0.08-1) and a horizontal flip p=0.5
+    "base": [(random_resized_crop, dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))),
+             (horizontal_flip, dict(p=0.5))],
+    "vflip": [(vertical_flip, dict(p=0.5))],
+    "equalize": [(equalize, dict(p=0.5))],
+    # sigma U(0.1, 2.0) px at 224 px (Barlow Twins' PIL blur, kept in paper 002), scaled to the
+    # image side like the BYOL preset's blur; p=0.5
+    "blur": [(gaussian_blur, dict(p=0.5, sigma=(0.1, 2.0), kernel_frac=0.1, sigma_relative_to=224))],
+    "perspective": [(perspective, dict(p=0.5, distortion=0.15))],
+    "rotation": [(rotation, dict(p=1.0, degrees=20.0))],
+    # paper 002 tried brightness and contrast modulation (after Azizi et al. 2021, +-0.2) and
+    # dropped them; here both are factors around 1 (its contrast only ever lowered contrast)
+    "brightness": [(brightness, dict(p=0.5, strength=0.2))],
+    "contrast": [(contrast, dict(p=0.5, strength=0.2))],
+    "noise": [(gaussian_noise, dict(p=0.5, relative_sigma=(0.06, 0.1)))],
+}
+# Paper 002's final set (slide "Final set of transformations").
+PAPER002_MENU = "base+vflip+equalize+perspective+blur+noise"
+
+
+def _paper003_view(blur_p, solarize_p):
+    """One view of paper 003's further pretraining (App. A.2, Table 12): Barlow Twins' asymmetric
+    pair (Zbontar et al. 2021, the same as BYOL's) with a crop of 70-100% of the area and a random
+    rotation. Its rotation range did not survive in our copy of the paper: +-10 degrees with
+    p=0.75 are fastai's defaults (max_rotate, p_affine), the library its code used. Solarize keeps
+    Barlow Twins' threshold 0.5; paper 003's kornia solarize also drew the threshold from
+    0.5 +- 0.1 and added a random offset."""
+    return [
+        (random_resized_crop, dict(scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3))),
+        (horizontal_flip, dict(p=0.5)),
+        (rotation, dict(p=0.75, degrees=10.0)),
+        (color_jitter, dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8)),
+        (grayscale, dict(p=0.2)),
+        (gaussian_blur, dict(p=blur_p, sigma=(0.1, 2.0), kernel_frac=0.1, sigma_relative_to=224)),
+        (solarize, dict(p=solarize_p, threshold=0.5)),
+    ]
+
+
+BARLOW_PRESETS = {
+    "paper002": (PAPER002_MENU,),          # a menu string, expanded by views()
+    "paper003": (_paper003_view(blur_p=1.0, solarize_p=0.0), _paper003_view(blur_p=0.1, solarize_p=0.2)),
+}
+
+# Fine-tuning augmentation and test-time augmentation of paper 003 (App. A.1: each image randomly
+# cropped, rotated and flipped; TTA averages 3 passes with the same augmentations). Its values did
+# not survive in our copy: a 75-100% crop, fastai's +-10 degrees at p=0.75, a horizontal flip.
+FINETUNE_AUG = {
+    "none": [],
+    "paper003": [
+        (random_resized_crop, dict(scale=(0.75, 1.0), ratio=(3 / 4, 4 / 3))),
+        (rotation, dict(p=0.75, degrees=10.0)),
+        (horizontal_flip, dict(p=0.5)),
+    ],
+}
+
+
+def menu(spec):
+    """Steps of a paper 002 menu string such as "base+vflip+equalize+perspective+blur+noise",
+    in MENU's order; unknown or repeated names raise ValueError."""
+    names = [n.strip() for n in str(spec).split("+")]
+    unknown = [n for n in names if n not in MENU]
+    if unknown or not names:
+        raise ValueError(f"unknown augmentation {unknown[0] if unknown else spec!r} in {spec!r}; "
+                         f"join any of {', '.join(MENU)} with '+', or name a preset")
+    if len(set(names)) != len(names):
+        raise ValueError(f"augmentation named twice in {spec!r}")
+    return [step for name in MENU if name in names for step in MENU[name]]
+
+
+def _with_crop_scale(views, crop_scale):
+    if crop_scale is None:
+        return views
+    return tuple([(fn, {**kw, "scale": tuple(crop_scale)}) if fn is random_resized_crop else (fn, kw)
+                  for fn, kw in steps] for steps in views)
+
+
+def views(spec, crop_scale=None):
+    """The (steps, steps) pair of a Barlow Twins --aug value: a BARLOW_PRESETS name (paper002,
+    paper003), a BYOL preset name, or a menu string; optionally with another crop area range."""
+    if spec in PRESETS:
+        return preset(spec, crop_scale)
+    if spec in BARLOW_PRESETS:
+        pair = BARLOW_PRESETS[spec]
+        if len(pair) == 1:                     # a menu string: both views draw from it
+            steps = menu(pair[0])
+            pair = (steps, steps)
+        return _with_crop_scale(pair, crop_scale)
+    steps = menu(spec)
+    return _with_crop_scale((steps, steps), crop_scale)

@@ -270,3 +270,34 @@ def knn_scores(memory, memory_labels, queries, k, task, n_classes):
         nearest = (queries[i:i + 1024] @ memory.T).topk(k, dim=1).indices
         scores.append(labels[nearest].mean(dim=1))
     return torch.cat(scores).cpu().numpy()
+
+
+def plot_lr_range(lrs, losses, chosen, path, title="LR range test"):
+    """Write the LR range test's curve (loss against lr, log scale) with the chosen lr marked."""
+    fig, ax = _new_axes(title)
+    ax.plot(lrs, losses, lw=1)
+    ax.axvline(chosen, color="r", ls="--", lw=0.8, label=f"chosen lr {chosen:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss (smoothed)")
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)
+
+
+def compare_samples(a, b):
+    """Two samples of a metric (e.g. per-seed test AUCs of two methods) side by side: means, sample
+    stds, Welch's t-test (unequal variances) and the two-sided Mann-Whitney U test, via scipy.
+    p-values are None when a test is undefined (fewer than 2 values a side; no variance at all)."""
+    from scipy import stats
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    (mean_a, std_a), (mean_b, std_b) = mean_std(a), mean_std(b)
+    out = {"n_a": int(a.size), "n_b": int(b.size), "mean_a": mean_a, "std_a": std_a, "mean_b": mean_b,
+           "std_b": std_b, "diff": mean_b - mean_a, "welch_t": None, "welch_p": None, "mwu_u": None, "mwu_p": None}
+    if min(a.size, b.size) < 2:
+        return out
+    if np.ptp(a) + np.ptp(b) > 0:  # exactly constant samples have no t statistic
+        t = stats.ttest_ind(a, b, equal_var=False)
+        out["welch_t"], out["welch_p"] = float(t.statistic), float(t.pvalue)
+    u = stats.mannwhitneyu(a, b, alternative="two-sided")
+    out["mwu_u"], out["mwu_p"] = float(u.statistic), float(u.pvalue)
+    return out

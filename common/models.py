@@ -61,6 +61,8 @@ def load_encoder(init="random", arch="resnet18", stem="imagenet", in_chans=3):
         return encoder
     if init == "imagenet":
         state = _imagenet_state_dict(arch)
+    elif init == "barlowtwins":
+        state = barlowtwins_state_dict(arch)
     else:
         state = load_checkpoint(init)
         if isinstance(state, dict) and "encoder" in state and "meta" in state:
@@ -99,3 +101,110 @@ def features(encoder, images, in_chans, batch_size=512):
         memory_format=torch.channels_last)).float() for i in range(0, len(images), batch_size)])
     encoder.train(was_training)
     return out
+
+
+# ---------------------------------------------------------------- Barlow Twins (issue 3)
+# facebookresearch/barlowtwins' ImageNet ResNet-50 (Zbontar et al. 2021, 1000 epochs; paper 003's
+# "SSL" base model). torch.hub fetches its hubconf, which downloads this file.
+BARLOWTWINS_HUB = "facebookresearch/barlowtwins:main"
+BARLOWTWINS_URL = ("https://dl.fbaipublicfiles.com/barlowtwins/ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/"
+                   "resnet50.pth")
+
+
+def barlowtwins_state_dict(arch):
+    """State dict of the official Barlow Twins ResNet-50 through torch.hub (online users); offline,
+    a one-line error saying where to fetch the file for `--init /path/to/resnet50.pth`."""
+    if arch != "resnet50":
+        raise UserError(f"--init barlowtwins is facebookresearch's ImageNet ResNet-50; add --arch resnet50 "
+                        f"(asked for {arch})")
+    try:
+        model = torch.hub.load(BARLOWTWINS_HUB, "resnet50", trust_repo=True)
+    except Exception as e:  # URLError, HTTPError, OSError, RuntimeError ... all mean "could not fetch"
+        raise UserError(f"cannot fetch {BARLOWTWINS_HUB} through torch.hub ({type(e).__name__}; offline?); "
+                        f"where there is internet download {BARLOWTWINS_URL} and pass --init /path/to/resnet50.pth")
+    return model.state_dict()
+
+
+def projector_sizes(spec):
+    """[512] from "512", [8192, 8192, 8192] from "8192-8192-8192"; a UserError otherwise."""
+    try:
+        sizes = [int(s) for s in str(spec).split("-")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) <= 0:
+        raise UserError(f"--projector {spec!r} is not a list of layer widths; use e.g. 512 or 8192-8192-8192")
+    return sizes
+
+
+def projector(in_dim, spec):
+    """Barlow Twins projector from a string of layer widths: "512" is one Linear layer (paper 002's
+    best), "8192-8192-8192" is Linear-BN-ReLU, Linear-BN-ReLU, Linear (Zbontar et al. 2021 §2;
+    paper 003 §3.7). No Linear has a bias: BN follows the hidden ones, and the loss standardises
+    the output along the batch, which cancels a bias of the last one (as Zbontar et al. do)."""
+    dims = [in_dim, *projector_sizes(spec)]
+    layers = []
+    for a, b in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
+    return nn.Sequential(*layers)
+
+
+# ---------------------------------------------------------------- freezing parts of an encoder
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+def _stage(encoder, name):
+    return [encoder.conv1, encoder.bn1] if name == "stem" else [getattr(encoder, name)]
+
+
+def _train_only(encoder, modules):
+    """requires_grad on the parameters of `modules` only; returns the trainable parameter count."""
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    for m in modules:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    return sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+
+
+def set_trainable(encoder, which):
+    """Further pretraining's trainable part (paper 003 §3.7): "all"; "none" (its first epoch trains
+    the projector alone); "layer4"; or "last-block", the last residual block of layer4 alone (in a
+    ResNet-50 the 1x1-3x3-1x1 bottleneck that paper 003 calls the final 3 layers, "SSLp"; in a
+    ResNet-18 a basic block). Returns the encoder's trainable parameter count."""
+    parts = {"all": [encoder], "none": [], "layer4": [encoder.layer4], "last-block": [encoder.layer4[-1]]}
+    if which not in parts:
+        raise UserError(f"unknown trainable part {which!r}; use one of {', '.join(parts)}")
+    return _train_only(encoder, parts[which])
+
+
+def freeze_through(encoder, stage):
+    """Freeze the stem and every stage up to and including `stage` (paper 002's freezing study):
+    "layer3" leaves layer4 trainable ("layer4 + fc"), "layer4" leaves only the head outside the
+    encoder, "none" freezes nothing. Returns the encoder's trainable parameter count."""
+    if stage != "none" and stage not in STAGES:
+        raise UserError(f"unknown stage {stage!r}; use none or one of {', '.join(STAGES)}")
+    n_frozen = 0 if stage == "none" else STAGES.index(stage) + 1
+    return _train_only(encoder, [m for name in STAGES[n_frozen:] for m in _stage(encoder, name)])
+
+
+def frozen_bn_eval(module):
+    """Put every BatchNorm whose parameters are all frozen into eval mode (call after .train()): it
+    then normalises with its running statistics and leaves them untouched, so a frozen block is a
+    fixed function. (fastai's freeze, used by paper 003's code, keeps such BN layers training and
+    their affine weights trainable; --frozen-bn train keeps them in training mode, weights frozen.)"""
+    for m in module.modules():
+        params = list(m.parameters())
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+            m.eval()
+    return module
+
+
+def knn_val_auc(encoder, train, val, in_chans, k=20):
+    """kNN AUC of the encoder's frozen features on a validation split (train split = the memory):
+    a cheap sign, during pretraining, of whether the representation improves."""
+    from common import metrics
+    memory = features(encoder, train.images, in_chans)
+    queries = features(encoder, val.images, in_chans)
+    scores = metrics.knn_scores(memory, train.labels, queries, k=k, task=train.task, n_classes=train.n_classes)
+    return metrics.auc(val.labels.cpu().numpy(), scores, train.task)

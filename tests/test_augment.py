@@ -292,3 +292,149 @@ def test_preset_crop_scale_override_changes_only_the_crop():
     others = [(fn, kw) for fn, kw in v1 if fn is not augment.random_resized_crop]
     assert others == [(fn, kw) for fn, kw in augment.PRESETS["byol+"][0] if fn is not augment.random_resized_crop]
     assert augment.preset("byol") is augment.PRESETS["byol"]
+
+
+# ----------------------------------------------------------------------------
+# issue 3: paper 002's augmentation menu (vertical flip, equalize, perspective,
+# rotation, Gaussian noise) and the Barlow Twins views
+# ----------------------------------------------------------------------------
+
+NEW_OPS = {
+    "vertical_flip": (A.vertical_flip, {"p": 0.5}),
+    "equalize": (A.equalize, {"p": 0.5}),
+    "perspective": (A.perspective, {"p": 1.0}),
+    "rotation": (A.rotation, {"p": 1.0}),
+    "gaussian_noise": (A.gaussian_noise, {"p": 1.0}),
+}
+NEW_MASK_ONLY = {"vertical_flip", "equalize"}      # deterministic op, random per-image mask
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("name", sorted(NEW_OPS))
+def test_new_op_contract(name, C, dtype, device):
+    fn, kwargs = NEW_OPS[name]
+    x = torch.rand(B, C, H, W, generator=gen(1)).to(device=device, dtype=dtype)
+    out = fn(x, gen(0, device), **kwargs)
+    assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
+    assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("name", sorted(NEW_OPS))
+def test_new_op_per_image_randomness_reproducibility_and_p0(name, C):
+    fn, kwargs = NEW_OPS[name]
+    x = copies(C)
+    out = fn(x, gen(0), **kwargs)
+    if name in NEW_MASK_ONLY:
+        assert n_distinct(out) == 2                    # applied to some images, not to others
+    else:
+        assert n_distinct(out) >= B // 2               # each image draws its own parameters
+    assert torch.equal(fn(x, gen(7), **kwargs), fn(x, gen(7), **kwargs))
+    assert not torch.equal(fn(x, gen(7), **kwargs), fn(x, gen(8), **kwargs))
+    assert torch.equal(fn(x, gen(0), **{**kwargs, "p": 0.0}), x)
+
+
+def test_new_ops_leave_global_rng_alone():
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    for C in (1, 3):
+        for fn, kwargs in NEW_OPS.values():
+            fn(copies(C), gen(0), **kwargs)
+        A.two_views((copies(C) * 255).to(torch.uint8), A.views("paper002"), gen(0))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_vertical_flip_p1_is_torch_flip(C):
+    x = torch.rand(B, C, H, W, generator=gen(1))
+    assert torch.equal(A.vertical_flip(x, gen(0), p=1.0), torch.flip(x, dims=[-2]))
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_equalize_matches_torchvision_on_uint8_images(C):
+    import torchvision.transforms.functional as TF
+    u8 = torch.randint(0, 256, (B, C, H, W), generator=gen(1), dtype=torch.uint8)
+    u8[0] = 7                                          # one level only: left as it is
+    u8[1, ..., :10] = 30                               # a skewed histogram
+    u8[2] = (u8[2] // 4) + 100                         # a narrow range, stretched by equalization
+    out = A.equalize(u8.float() / 255, gen(0), p=1.0)
+    assert torch.equal((out * 255).round().to(torch.uint8), TF.equalize(u8))
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_rotation_by_90_degrees_is_rot90_counter_clockwise(C):
+    x = torch.rand(B, C, H, W, generator=gen(1))
+    out = A.rotation(x, gen(0), p=1.0, degrees=(90.0, 90.0))
+    torch.testing.assert_close(out, torch.rot90(x, 1, dims=(-2, -1)), atol=1e-5, rtol=0)
+    angles_differ = A.rotation(copies(C), gen(0), p=1.0, degrees=20.0)
+    assert n_distinct(angles_differ) == B
+
+
+def test_perspective_without_distortion_is_identity_and_fills_corners_with_zero():
+    x = torch.rand(B, 1, H, W, generator=gen(1)) * 0.5 + 0.5     # no zero pixel
+    torch.testing.assert_close(A.perspective(x, gen(0), p=1.0, distortion=0.0), x, atol=1e-5, rtol=0)
+    out = A.perspective(x, gen(0), p=1.0, distortion=0.9)
+    corners = out[..., [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners == 0).float().mean() > 0.5                    # image squeezed off most corners
+    assert (out[..., H // 2, W // 2] > 0).all()                   # the centre stays image
+
+
+def test_gaussian_noise_std_is_relative_to_the_image_mean():
+    x = torch.full((256, 1, H, W), 0.5)
+    out = A.gaussian_noise(x, gen(0), p=1.0, relative_sigma=(0.1, 0.1))   # std 0.05 for a 0.5 image
+    std = (out - x).std(dim=(1, 2, 3))
+    assert abs(std.mean().item() - 0.05) < 0.003
+    assert abs((out - x).mean().item()) < 1e-3
+    dark = A.gaussian_noise(x * 0.2, gen(0), p=1.0, relative_sigma=(0.1, 0.1))
+    assert abs((dark - x * 0.2).std().item() - 0.01) < 0.002
+
+
+def test_menu_runs_in_a_fixed_order_and_rejects_unknown_names():
+    a = A.menu("base+noise+vflip")
+    b = A.menu("vflip+base+noise")
+    assert a == b and [fn for fn, _ in a] == [A.random_resized_crop, A.horizontal_flip, A.vertical_flip,
+                                              A.gaussian_noise]
+    assert A.views("paper002")[0] == A.menu(A.PAPER002_MENU) == A.views(A.PAPER002_MENU)[1]
+    full = "+".join(A.MENU)
+    assert len(A.menu(full)) == sum(len(steps) for steps in A.MENU.values())
+    with pytest.raises(ValueError, match="unknown augmentation 'vlfip'"):
+        A.menu("base+vlfip")
+    with pytest.raises(ValueError, match="named twice"):
+        A.menu("base+blur+blur")
+
+
+def test_paper003_views_are_asymmetric_and_crop_override_works():
+    v1, v2 = A.views("paper003")
+    kw = lambda steps, fn: [k for f, k in steps if f is fn][0]
+    assert kw(v1, A.random_resized_crop)["scale"] == (0.7, 1.0) and kw(v1, A.rotation)["degrees"] == 10.0
+    assert (kw(v1, A.gaussian_blur)["p"], kw(v2, A.gaussian_blur)["p"]) == (1.0, 0.1)
+    assert (kw(v1, A.solarize)["p"], kw(v2, A.solarize)["p"]) == (0.0, 0.2)
+    w1, _ = A.views("paper003", crop_scale=(0.5, 1.0))
+    assert kw(w1, A.random_resized_crop)["scale"] == (0.5, 1.0)
+    assert A.views("byol") is A.PRESETS["byol"]
+
+
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("spec", ["paper002", "paper003", "+".join(A.MENU)])
+def test_barlow_views_contract_and_per_image_randomness(spec, C):
+    imgs = (copies(C) * 255).round().to(torch.uint8)
+    v1, v2 = A.two_views(imgs, A.views(spec), gen(0))
+    for v in (v1, v2):
+        assert v.shape == imgs.shape and v.dtype == torch.float32 and v.min() >= 0 and v.max() <= 1
+        assert n_distinct(v) >= B // 2
+    assert not torch.equal(v1, v2)
+
+
+def test_finetune_augmentation_contract():
+    x = copies(3)
+    out = A.apply_steps(x, A.FINETUNE_AUG["paper003"], gen(0))
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1 and n_distinct(out) >= B // 2
+    assert A.apply_steps(x, A.FINETUNE_AUG["none"], gen(0)) is x
+
+
+def test_barlow_menu_presets_and_finetune_aug_only_use_tested_ops():
+    steps = [s for v in A.MENU.values() for s in v] + [s for s in A.FINETUNE_AUG["paper003"]]
+    steps += [s for pair in A.BARLOW_PRESETS.values() for v in pair if not isinstance(v, str) for s in v]
+    assert {fn.__name__ for fn, _ in steps} <= set(OPS) | set(NEW_OPS)

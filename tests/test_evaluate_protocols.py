@@ -1,0 +1,196 @@
+"""evaluate.py's additions for papers 002 and 003: --freeze up to a stage, the head-first recipe
+with an LR range test and 1cycle, --train-aug / --tta, and `compare` with Welch's t and
+Mann-Whitney U."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import evaluate
+from common import data, models
+from common.utils import UserError
+from conftest import run_cli
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}   # tiny workloads: see tests/test_barlow.py
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _args(tmp_path, *flags):
+    args = evaluate.get_args_parser().parse_args(
+        ["--mode", "finetune", "--epochs", "1", "--lr", "1e-2", "--batch-size", "8", "--max-steps", "2",
+         "--out", str(tmp_path), *flags])
+    return evaluate.resolve_args(args)
+
+
+def _splits(n=(24, 16, 16)):
+    """Small random 1-channel binary splits, every class present."""
+    g = torch.Generator().manual_seed(0)
+    make = lambda k: data.Split(torch.randint(0, 256, (k, 1, 28, 28), dtype=torch.uint8, generator=g),
+                                torch.arange(k) % 2, "synthetic", "binary-class", 2)
+    return [make(k) for k in n]
+
+
+def _finetune(args, encoder, log=None):
+    train, val, test = _splits()
+    records = [] if log is None else log
+    return evaluate.finetune(args, encoder, (train.images, train.labels), val, test, "binary-class", 2, 0,
+                             torch.device("cpu"), records.append)
+
+
+def _encoder():
+    torch.manual_seed(0)
+    return models.build_encoder("resnet18", "imagenet", 3)
+
+
+def _changed(before, after):
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+# ---------------------------------------------------------------- --freeze
+@pytest.mark.parametrize("stage, trained", [
+    ("none", ["stem", "layer1", "layer2", "layer3", "layer4"]),
+    ("stem", ["layer1", "layer2", "layer3", "layer4"]),
+    ("layer2", ["layer3", "layer4"]),
+    ("layer4", []),
+])
+def test_freeze_through_leaves_exactly_the_later_stages_trainable(stage, trained):
+    encoder = _encoder()
+    n = models.freeze_through(encoder, stage)
+    stage_of = lambda name: "stem" if name.split(".")[0] in ("conv1", "bn1") else name.split(".")[0]
+    assert [s for s in models.STAGES if any(stage_of(k) == s and p.requires_grad
+                                            for k, p in encoder.named_parameters())] == trained
+    assert n == sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+
+
+def test_freeze_layer3_trains_exactly_layer4_and_the_head(tmp_path):
+    encoder = _encoder()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    _, info, model = _finetune(_args(tmp_path, "--freeze", "layer3"), encoder)
+    changed = _changed(before, model[0].state_dict())
+    assert changed and all(k.startswith("layer4.") for k in changed)       # paper 002: "layer4 + fc"
+    assert {"layer4.0.conv1.weight", "layer4.1.conv2.weight", "layer4.1.bn2.running_mean"} <= changed
+    assert info["trainable_params"] == sum(p.numel() for p in encoder.layer4.parameters()) + 512 * 2 + 2
+    assert model[1].weight.requires_grad
+
+
+def test_freeze_layer4_trains_the_head_alone_and_frozen_bn_train_updates_statistics(tmp_path):
+    encoder = _encoder()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    _finetune(_args(tmp_path, "--freeze", "layer4"), encoder)
+    assert not _changed(before, encoder.state_dict())                     # weights and BN statistics
+
+    encoder = _encoder()
+    _finetune(_args(tmp_path, "--freeze", "layer4", "--frozen-bn", "train"), encoder)
+    changed = _changed(before, encoder.state_dict())
+    assert "bn1.running_mean" in changed
+    assert all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+
+
+# ---------------------------------------------------------------- paper 003's recipe
+def test_head_epochs_train_the_head_alone_first(tmp_path, monkeypatch):
+    seen = []
+    real = evaluate.train_select
+
+    def spy(args, model, optimizer, *rest, **kw):
+        encoder_trainable = [p.requires_grad for p in model[0].parameters()]
+        seen.append((args.epochs, any(encoder_trainable), all(encoder_trainable),
+                     {id(p) for g in optimizer.param_groups for p in g["params"]}))
+        return real(args, model, optimizer, *rest, **kw)
+    monkeypatch.setattr(evaluate, "train_select", spy)
+    log = []
+    _, info, model = _finetune(_args(tmp_path, "--head-epochs", "1", "--epochs", "2"), _encoder(), log)
+    (head_epochs, head_any, _, head_params), (epochs, _, main_all, _) = seen
+    assert head_epochs == 1 and not head_any and head_params == {id(p) for p in model[1].parameters()}
+    assert epochs == 2 and main_all                                        # then all layers
+    assert [r.get("phase") for r in log] == ["head", None, None] and "head_val_auc" in info
+
+
+def test_lr_auto_runs_a_range_test_inside_its_sweep_and_1cycle_runs(tmp_path):
+    args = _args(tmp_path, "--lr", "auto", "--lr-range", "1e-5", "1e-1", "6", "--lr-schedule", "1cycle")
+    y_score, info, _ = _finetune(args, _encoder())
+    assert 1e-5 <= info["lr_found"] <= 1e-1
+    sweep = json.load(open(tmp_path / "lr_range_seed0.json"))
+    assert sweep["chosen"] == info["lr_found"] and info["lr_found"] in sweep["lrs"]
+    assert (tmp_path / "lr_range_seed0.png").stat().st_size > 0
+    assert np.allclose(y_score.sum(axis=1), 1)
+
+
+def test_tta_averages_k_augmented_passes(tmp_path, monkeypatch):
+    calls = []
+    real = evaluate.predict
+
+    def spy(model, inputs, prepare, task, *a, **kw):
+        out = real(model, inputs, prepare, task, *a, **kw)
+        calls.append(out)
+        return out
+    monkeypatch.setattr(evaluate, "predict", spy)
+    # a small lr keeps the barely trained model's probabilities away from 0 and 1
+    y_tta, _, _ = _finetune(_args(tmp_path, "--train-aug", "paper003", "--tta", "3", "--lr", "1e-5"), _encoder())
+    test_passes = calls[-3:]                                   # after the per-epoch validation passes
+    assert np.allclose(y_tta, np.mean(test_passes, axis=0)) and np.allclose(y_tta.sum(axis=1), 1)
+    assert not np.allclose(test_passes[0], test_passes[1])     # each pass is augmented differently
+    calls.clear()
+    y_plain, _, _ = _finetune(_args(tmp_path, "--train-aug", "paper003", "--lr", "1e-5"), _encoder())
+    assert y_plain.shape == y_tta.shape and not np.allclose(y_plain, y_tta)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--tta", "3"], "--train-aug paper003"),
+    (["--mode", "linear_probe", "--freeze", "layer3"], "--freeze applies to --mode finetune"),
+    (["--mode", "knn", "--lr", "auto"], "--lr auto applies"),
+    (["--head-epochs", "-1"], "must be 0 or more"),
+])
+def test_inconsistent_flags_are_refused(tmp_path, flags, needle):
+    with pytest.raises(UserError, match=needle.replace("+", r"\+")):
+        _args(tmp_path, *flags)
+
+
+# ---------------------------------------------------------------- compare
+def _metrics_file(path, aucs, accs, data="breastmnist"):
+    per_seed = [{"seed": i, "test": {"auc": a, "acc": c, "weighted_f1": c - 0.01}} for i, (a, c) in
+                enumerate(zip(aucs, accs))]
+    path.write_text(json.dumps({"data": data, "mode": "linear_probe", "encoder": str(path), "per_seed": per_seed}))
+    return str(path)
+
+
+def test_compare_p_values_match_scipy(tmp_path):
+    a_auc, a_acc = [0.80, 0.82, 0.79, 0.81, 0.83], [0.70, 0.72, 0.71, 0.69, 0.73]
+    b_auc, b_acc = [0.85, 0.86, 0.84, 0.88, 0.83, 0.87], [0.74, 0.71, 0.75, 0.76, 0.73, 0.72]
+    a, b = _metrics_file(tmp_path / "a.json", a_auc, a_acc), _metrics_file(tmp_path / "b.json", b_auc, b_acc)
+    out = tmp_path / "cmp.json"
+    r = run_cli("evaluate.py", "compare", a, b, "--out", str(out), env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    rows = json.load(open(out))["metrics"]
+    for name, (xa, xb) in {"auc": (a_auc, b_auc), "acc": (a_acc, b_acc)}.items():
+        welch = stats.ttest_ind(xa, xb, equal_var=False)
+        mwu = stats.mannwhitneyu(xa, xb, alternative="two-sided")
+        assert rows[name]["welch_t"] == pytest.approx(welch.statistic) and rows[name]["welch_p"] == pytest.approx(welch.pvalue)
+        assert rows[name]["mwu_u"] == pytest.approx(mwu.statistic) and rows[name]["mwu_p"] == pytest.approx(mwu.pvalue)
+        assert rows[name]["diff"] == pytest.approx(np.mean(xb) - np.mean(xa))
+        assert (rows[name]["n_a"], rows[name]["n_b"]) == (5, 6)
+    assert "| auc |" in r.stdout and f"{stats.ttest_ind(a_auc, b_auc, equal_var=False).pvalue:.4g}" in r.stdout
+    assert "weighted_f1" in rows
+
+
+def test_compare_single_seed_and_bad_files(tmp_path, capsys):
+    a = _metrics_file(tmp_path / "a.json", [0.8], [0.7])
+    b = _metrics_file(tmp_path / "b.json", [0.9], [0.8], data="pneumoniamnist")
+    evaluate.compare_main([a, b])
+    printed = capsys.readouterr().out
+    assert "n/a" in printed and "at least 2 seeds" in printed and "different datasets" in printed
+    (tmp_path / "junk.json").write_text("{}")
+    with pytest.raises(UserError, match="junk.json is not a metrics.json of evaluate.py"):
+        evaluate.compare_main([a, str(tmp_path / "junk.json")])
+    with pytest.raises(UserError, match="cannot read"):
+        evaluate.compare_main([a, str(tmp_path / "missing.json")])
+    with pytest.raises(UserError, match="metric 'precision' is not in both files"):
+        evaluate.compare_main([a, a, "--metrics", "auc,precision"])
