@@ -57,5 +57,7 @@ def synthetic(tmp_path, monkeypatch):
 
 def run_cli(*args, env=None, cwd=REPO):
     """Run a script as a user would; returns the CompletedProcess (text)."""
-    full_env = {**os.environ, "MEDSSL_NO_DOWNLOAD": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    # one thread: the CLI tests run tiny workloads, where thread start-up costs more than it gains
+    full_env = {**os.environ, "MEDSSL_NO_DOWNLOAD": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+                **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True)
