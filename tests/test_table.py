@@ -11,6 +11,6 @@ def test_table_prints_mean_and_std_of_each_run(tmp_path):
                   open(tmp_path / name / "metrics.json", "w"))
     r = run_cli("scripts/table.py", str(tmp_path / "a" / "metrics.json"), str(tmp_path / "b" / "metrics.json"))
     lines = r.stdout.strip().splitlines()
-    assert lines[0].startswith("| dataset") and len(lines) == 4
-    assert lines[2] == "| breastmnist | finetune | a | 2 | 0.850 ± 0.071 | 0.500 ± 0.000 |"
+    assert lines[0].startswith("| run | dataset") and len(lines) == 4
+    assert lines[2] == "| a | breastmnist | finetune | a | 2 | 0.850 ± 0.071 | 0.500 ± 0.000 |"
     assert "| b | 2 | 0.700 ± 0.071" in lines[3]
