@@ -284,17 +284,8 @@ def main():
         index = oversample_index(labels, args.oversample)
     else:
         index = torch.arange(len(images), device=device)
-    if args.batch_size > len(index):
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(index)} training images; "
-                        f"use --batch-size {len(index)} or less")
-    steps_per_epoch = len(index) // args.batch_size  # drop the last partial batch: BN needs full ones
-    if args.max_steps:
-        steps_per_epoch = min(steps_per_epoch, args.max_steps)
-    monitor_splits = None
-    if args.eval_every:
-        first = args.data.split(",")[0]
-        monitor_splits = [data.load_split(first, s, args.size, args.data_root, device, args.in_chans)
-                          for s in ("train", "val")]
+    steps_per_epoch = utils.steps_per_epoch(len(index), args.batch_size, args.max_steps)
+    monitor_splits = data.monitor_splits(args, device)
     resume = utils.prepare_run_dir(args.out, args, done_file=None)
 
     # ---- model: encoder + projector (a new projector also when the encoder is pretrained, §3.7)

@@ -140,17 +140,8 @@ def main():
 
     # ---- data: the train split(s), whole, as uint8 on the device
     images = data.load_pretrain_images(args.data, args.size, args.data_root, device, args.in_chans)
-    if args.batch_size > len(images):
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(images)} training images; "
-                        f"use --batch-size {len(images)} or less")
-    steps_per_epoch = len(images) // args.batch_size  # drop the last partial batch: BN needs full ones
-    if args.max_steps:
-        steps_per_epoch = min(steps_per_epoch, args.max_steps)
-    monitor_splits = None
-    if args.eval_every:
-        first = args.data.split(",")[0]
-        monitor_splits = [data.load_split(first, s, args.size, args.data_root, device, args.in_chans)
-                          for s in ("train", "val")]
+    steps_per_epoch = utils.steps_per_epoch(len(images), args.batch_size, args.max_steps)
+    monitor_splits = data.monitor_splits(args, device)
     resume = utils.prepare_run_dir(args.out, args, done_file=None)
 
     # ---- model: online encoder + projector + predictor; target = EMA copy of encoder + projector

@@ -110,6 +110,15 @@ def load_pretrain_images(flags, size=28, root=None, device="cpu", in_chans=3):
     return images.contiguous().to(device)
 
 
+def monitor_splits(args, device):
+    """Train and val splits of the first --data flag, for a pretraining script's kNN monitor
+    (--eval-every), or None when it is off."""
+    if not args.eval_every:
+        return None
+    first = args.data.split(",")[0]
+    return [load_split(first, s, args.size, args.data_root, device, args.in_chans) for s in ("train", "val")]
+
+
 def to_input(images, in_chans):
     """uint8 (B, C, H, W) -> float, normalised with mean = std = 0.5 as paper 001 §3.2 did,
     gray repeated to 3 channels when the model takes 3 (paper 001 §3.2)."""

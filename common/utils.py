@@ -82,6 +82,16 @@ def parse_args(parser, argv=None):
     return args
 
 
+def steps_per_epoch(n_images, batch_size, max_steps=None):
+    """Full batches per epoch (the last partial one is dropped: BN needs full batches), capped by
+    --max-steps; refuses a batch larger than the training set."""
+    if batch_size > n_images:
+        raise UserError(f"--batch-size {batch_size} is larger than the {n_images} training images; "
+                        f"use --batch-size {n_images} or less")
+    steps = n_images // batch_size
+    return min(steps, max_steps) if max_steps else steps
+
+
 def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
