@@ -224,14 +224,9 @@ def train_one_epoch(args, nets, optimizer, images, index, aug_gen, epoch, step, 
         step += 1
         if i % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-    losses = torch.stack(losses)
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):
-        first = step - len(losses) + int(bad[0])
-        raise UserError(f"loss became {losses[bad[0]].item()} at step {first} (epoch {epoch}); the last good "
-                        f"checkpoint in {args.out} is kept; lower --lr or check the data")
+    loss = utils.mean_finite_loss(losses, step, epoch, args.out)
     seconds = time.time() - start
-    return step, {"loss": losses.mean().item(), "lr": lr, "frozen_encoder": epoch < frozen_epochs,
+    return step, {"loss": loss, "lr": lr, "frozen_encoder": epoch < frozen_epochs,
                   "trainable_params": n_trainable,
                   "images_per_sec": round(steps_per_epoch * args.batch_size / seconds, 1)}
 

@@ -92,6 +92,18 @@ def steps_per_epoch(n_images, batch_size, max_steps=None):
     return min(steps, max_steps) if max_steps else steps
 
 
+def mean_finite_loss(losses, step, epoch, out):
+    """Mean of an epoch's per-step losses (tensors, kept on the device so the loop never syncs);
+    a non-finite one stops the run naming its step, before the epoch's checkpoint is written."""
+    losses = torch.stack(losses)
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        first = step - len(losses) + int(bad[0])
+        raise UserError(f"loss became {losses[bad[0]].item()} at step {first} (epoch {epoch}); the last good "
+                        f"checkpoint in {out} is kept; lower --lr or check the data")
+    return losses.mean().item()
+
+
 def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
