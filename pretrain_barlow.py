@@ -10,8 +10,10 @@ sparsity penalty on the projector's last weight.
 
     python pretrain_barlow.py --config configs/paper002_barlow.yaml          # paper 002
     python pretrain_barlow.py --config configs/paper003_further.yaml --init runs/x/checkpoint.pt
+    torchrun --nproc_per_node=4 pretrain_barlow.py --config configs/paper002_barlow.yaml --sync-bn
 """
 import argparse
+import functools
 import json
 import os
 import time
@@ -90,7 +92,8 @@ def get_args_parser():
                         "ran it); lars (Zbontar et al.: lr 0.2 x batch/256, weight decay 1.5e-6)")
     g.add_argument("--epochs", type=int, default=300,
                    help="epochs (paper 002: 300 on ~21k COVID X-rays; paper 003: 100 for the whole encoder)")
-    g.add_argument("--batch-size", type=int, default=128, help="batch size (papers 002 and 003: 128)")
+    g.add_argument("--batch-size", type=int, default=128,
+                   help="global batch size, split evenly over torchrun's processes (papers 002 and 003: 128)")
     g.add_argument("--lr", type=utils.lr_or_auto, default=2e-3,
                    help="peak learning rate (paper 002's scan: 2e-3), or auto: an LR range test picks it "
                         "(paper 003), writing lr_range.json and lr_range.png")
@@ -110,6 +113,7 @@ def get_args_parser():
                    help="every N epochs, log the kNN AUC on the validation split of the first --data flag "
                         "(its train labels are the kNN memory; 0 = never)")
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
+    utils.add_resume_and_ddp_flags(parser)
     return parser
 
 
@@ -183,30 +187,40 @@ def train_mode(args, encoder, projector):
         models.frozen_bn_eval(encoder)
 
 
-def step_loss(args, encoder, projector, batch, views, aug_gen, device):
-    """Barlow Twins loss (plus the sparsity penalty) of one uint8 batch: two augmented views, the
-    encoder and projector on each (bf16 autocast on CUDA), the loss in float32."""
-    x1, x2 = (data.to_input(v, args.in_chans).contiguous(memory_format=torch.channels_last)
+def step_loss(args, online, projector, batch, views, aug_gen, device):
+    """Barlow Twins loss (plus the sparsity penalty on `projector`) of one uint8 global batch: two
+    augmented views, `online` (encoder + projector, in DDP under torchrun) on this rank's rows of each
+    (bf16 autocast on CUDA), the loss over the whole batch in float32, the same on every rank."""
+    # every rank augments the whole batch and keeps its own rows: an image's views do not depend on
+    # the number of processes, and aug_gen stays in step on every rank
+    x1, x2 = (data.to_input(utils.my_rows(v), args.in_chans).contiguous(memory_format=torch.channels_last)
               for v in augment.two_views(batch, views, aug_gen))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        z1 = projector(encoder(x1))
-        z2 = projector(encoder(x2))
-    loss = barlow_twins_loss(z1, z2, args.lambd)
+        z1, z2 = online(x1), online(x2)
+    # the loss standardises along the batch: gather the global batch's embeddings (gradients reach
+    # every rank's own rows; DDP's mean over ranks then gives the one-process gradient)
+    loss = barlow_twins_loss(utils.all_rows(z1), utils.all_rows(z2), args.lambd)
     if args.sparsity:
         loss = loss + args.sparsity * sparsity_penalty(projector[-1].weight, args.sparsity_norm)
     return loss
 
 
-def train_one_epoch(args, nets, optimizer, images, index, aug_gen, epoch, step, steps_per_epoch, device):
+def train_one_epoch(args, nets, optimizer, images, index, aug_gen, epoch, step, steps_per_epoch, device,
+                    resume=None, save=None):
+    """One epoch, from its start or from `resume` (a checkpoint's position inside it); `save(**position)`
+    checkpoints the run every --save-every steps. Returns the step count and the epoch's figures."""
     encoder, projector, forward_encoder = nets
     frozen_epochs = args.freeze_encoder_epochs
     n_trainable = set_phase(args, encoder, epoch) + sum(p.numel() for p in projector.parameters())
     train_mode(args, encoder, projector)
-    perm = index[torch.randperm(len(index), generator=aug_gen, device=index.device)]
+    # built after set_phase: DDP syncs the gradients of the parameters trainable when it is built
+    online = utils.distributed(torch.nn.Sequential(forward_encoder, projector), device)
+    order, epoch_start, first, losses = utils.start_epoch(len(index), aug_gen, resume)
+    perm = index[order]
     views = augment.views(args.aug, args.crop_scale)
-    losses = []
     start = time.time()
-    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+    bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+               disable=not utils.is_main())
     for i in bar:
         if epoch < frozen_epochs:  # projector alone, at a fixed lr (paper 003 §3.7)
             lr = utils.schedule_step(optimizer, "constant", 0, 1, args.freeze_lr)
@@ -215,28 +229,32 @@ def train_one_epoch(args, nets, optimizer, images, index, aug_gen, epoch, step, 
                                      (args.epochs - frozen_epochs) * steps_per_epoch, args.lr,
                                      args.warmup_epochs * steps_per_epoch)
         batch = images[perm[i * args.batch_size:(i + 1) * args.batch_size]]
-        loss = step_loss(args, forward_encoder, projector, batch, views, aug_gen, device)
+        loss = step_loss(args, online, projector, batch, views, aug_gen, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-        losses.append(loss.detach())
+        losses.append(loss.detach())  # the global batch's loss, the same on every rank
         step += 1
         if i % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+        if save and args.save_every and step % args.save_every == 0 and i + 1 < steps_per_epoch:
+            save(epoch=epoch, step=step, step_in_epoch=i + 1, epoch_start=epoch_start, losses=losses)
     loss = utils.mean_finite_loss(losses, step, epoch, args.out)
     seconds = time.time() - start
     return step, {"loss": loss, "lr": lr, "frozen_encoder": epoch < frozen_epochs,
                   "trainable_params": n_trainable,
-                  "images_per_sec": round(steps_per_epoch * args.batch_size / seconds, 1)}
+                  "images_per_sec": round((steps_per_epoch - first) * args.batch_size / seconds, 1)}
 
 
 def find_lr(args, encoder, projector, images, index, device):
     """--lr auto: an LR range test on the part trained after the frozen epochs, from the initial
     weights (restored afterwards), with its own seeded generator so that the run's own random
-    draws are those of a run given the found lr. Writes lr_range.json and lr_range.png."""
+    draws are those of a run given the found lr. Every rank takes part, as in training; rank 0
+    writes lr_range.json and lr_range.png."""
     set_phase(args, encoder, args.freeze_encoder_epochs)
     train_mode(args, encoder, projector)
+    online = utils.distributed(torch.nn.Sequential(encoder, projector), device)
     params = [p for p in [*encoder.parameters(), *projector.parameters()] if p.requires_grad]
     optimizer = build_optimizer(args.optimizer, params, args.lr_range[0], args.weight_decay)
     gen = torch.Generator(device).manual_seed(args.seed + 1)
@@ -244,21 +262,22 @@ def find_lr(args, encoder, projector, images, index, device):
 
     def batch_loss():
         pick = torch.randint(len(index), (args.batch_size,), generator=gen, device=index.device)
-        return step_loss(args, encoder, projector, images[index[pick]], views, gen, device)
+        return step_loss(args, online, projector, images[index[pick]], views, gen, device)
     start, end, steps = args.lr_range
     lrs, losses, lr = utils.lr_range_test(batch_loss, optimizer, [encoder, projector], start, end, int(steps))
-    utils.atomic_write_text(os.path.join(args.out, "lr_range.json"),
-                            json.dumps({"lrs": lrs, "losses": losses, "chosen": lr}))
-    metrics.plot_lr_range(lrs, losses, lr, os.path.join(args.out, "lr_range.png"),
-                          title=f"LR range test ({args.optimizer}, {args.trainable})")
+    if utils.is_main():
+        utils.atomic_write_text(os.path.join(args.out, "lr_range.json"),
+                                json.dumps({"lrs": lrs, "losses": losses, "chosen": lr}))
+        metrics.plot_lr_range(lrs, losses, lr, os.path.join(args.out, "lr_range.png"),
+                              title=f"LR range test ({args.optimizer}, {args.trainable})")
     print(f"LR range test: lr {lr:.3g} chosen from {len(lrs)} steps ({start:g} to {lrs[-1]:.3g})")
     return lr
 
 
 def main():
     args = utils.parse_args(get_args_parser())
-    args.out = args.out or utils.default_out("pretrain_barlow", args.data)
-    device = utils.pick_device(args.device)
+    device = utils.init_distributed(utils.pick_device(args.device))  # under torchrun: join its processes
+    args.out = args.out or utils.on_main(utils.default_out, "pretrain_barlow", args.data)
     if args.freeze_encoder_epochs < 0 or args.freeze_encoder_epochs >= args.epochs:
         raise UserError(f"--freeze-encoder-epochs must be in [0, --epochs), got {args.freeze_encoder_epochs} "
                         f"with --epochs {args.epochs}")
@@ -280,8 +299,8 @@ def main():
     else:
         index = torch.arange(len(images), device=device)
     steps_per_epoch = utils.steps_per_epoch(len(index), args.batch_size, args.max_steps)
-    monitor_splits = data.monitor_splits(args, device)
-    resume = utils.prepare_run_dir(args.out, args, done_file=None)
+    monitor_splits = data.monitor_splits(args, device) if utils.is_main() else None
+    state = utils.open_run(args)  # the checkpoint of an unfinished run in --out, or None
 
     # ---- model: encoder + projector (a new projector also when the encoder is pretrained, §3.7)
     utils.seed_everything(args.seed)
@@ -291,12 +310,10 @@ def main():
     modules = {"encoder": encoder, "projector": projector}
     for m in modules.values():
         m.to(device, memory_format=torch.channels_last)
+        if args.sync_bn:
+            utils.sync_batchnorm(m)
     forward_encoder = torch.compile(encoder) if args.compile else encoder
 
-    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
-    state = utils.load_checkpoint(checkpoint_path) if resume and os.path.exists(checkpoint_path) else None
-    if state is not None and state["epoch"] >= args.epochs:
-        raise UserError(f"{args.out} holds a finished run; choose another --out or pass --overwrite")
     # ---- learning rate: given, found by a range test now, or the one a resumed run found
     if args.lr == "auto":
         args.lr = state["lr"] if state is not None else find_lr(args, encoder, projector, images, index, device)
@@ -306,31 +323,33 @@ def main():
     # ---- optimiser: one over every parameter; frozen ones have no gradient and are skipped
     optimizer = build_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
                                 args.lr, args.weight_decay)
-    start_epoch, step = 0, 0
-    if state is not None:
-        for name, m in modules.items():
-            m.load_state_dict(state[name])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step = state["epoch"], state["step"]
-        utils.set_rng_state(state["rng"], aug_gen)
-        print(f"resuming {args.out} from epoch {start_epoch}")
-    print(f"{len(index)} images per epoch, {steps_per_epoch} steps/epoch, encoder trainable: "
-          f"{args.trainable} after {args.freeze_encoder_epochs} frozen epoch(s), lr {args.lr:.3g}")
 
-    # ---- loop: one JSON line and one checkpoint (overwritten, atomically) per epoch
-    for epoch in range(start_epoch, args.epochs):
+    # ---- resume: weights, optimiser, RNG states and the position, mid-epoch included
+    objects = {**modules, "optimizer": optimizer}
+    position = utils.restore_run(state, objects, aug_gen)
+    if state:
+        print(f"resuming {args.out} at epoch {position['epoch']}, step {position['step_in_epoch']} of it")
+    print(f"{len(index)} images per epoch, {steps_per_epoch} steps/epoch, encoder trainable: "
+          f"{args.trainable} after {args.freeze_encoder_epochs} frozen epoch(s), lr {args.lr:.3g}"
+          + (f", {utils.world_size()} processes" if utils.world_size() > 1 else ""))
+
+    # ---- loop: one JSON line per epoch; the checkpoint is overwritten (atomically) at every epoch's
+    # end and every --save-every steps
+    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
+    save = functools.partial(utils.save_run, checkpoint_path, objects, aug_gen, lr=args.lr,
+                             meta={"format": "medssl", "method": "barlow", "arch": args.arch, "stem": args.stem,
+                                   "in_chans": args.in_chans, "args": vars(args)})
+    step = position["step"]
+    for epoch in range(position["epoch"], args.epochs):
         step, stats = train_one_epoch(args, (encoder, projector, forward_encoder), optimizer, images, index,
-                                      aug_gen, epoch, step, steps_per_epoch, device)
+                                      aug_gen, epoch, step, steps_per_epoch, device,
+                                      resume=position if epoch == position["epoch"] else None, save=save)
         stats = {"epoch": epoch, **stats}
-        if args.eval_every and (epoch + 1) % args.eval_every == 0:
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and utils.is_main():
             stats["knn_val_auc"] = round(models.knn_val_auc(encoder, *monitor_splits, args.in_chans), 4)
-        utils.save_checkpoint({**{name: m.state_dict() for name, m in modules.items()},
-                               "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step,
-                               "lr": args.lr, "rng": utils.rng_state(aug_gen),
-                               "meta": {"format": "medssl", "method": "barlow", "arch": args.arch,
-                                        "stem": args.stem, "in_chans": args.in_chans, "args": vars(args)}},
-                              checkpoint_path)
-        utils.append_jsonl(os.path.join(args.out, "log.jsonl"), stats)
+        if utils.is_main():
+            utils.append_jsonl(os.path.join(args.out, "log.jsonl"), stats)
+        save(epoch=epoch + 1, step=step)
         print(stats)
     print(f"done: {checkpoint_path}")
 

@@ -5,9 +5,11 @@ ResNet-18, Adam 1e-4, EMA 0.99, batch 256, 1000 epochs on ChestMNIST; BYOL+ adds
 and brightness. BYOL itself: Grill et al. 2020.
 
     python pretrain_byol.py --data chestmnist --epochs 1000 --aug byol+
+    torchrun --nproc_per_node=4 pretrain_byol.py --data chestmnist --epochs 1000 --aug byol+ --sync-bn
 """
 import argparse
 import copy
+import functools
 import os
 import time
 
@@ -16,7 +18,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import augment, data, models, utils
-from common.utils import UserError
 
 
 def get_args_parser():
@@ -46,7 +47,8 @@ def get_args_parser():
     g.add_argument("--init", default="random",
                    help="random | imagenet | <checkpoint or .pth> (paper 001: imagenet)")
     g.add_argument("--epochs", type=int, default=1000, help="epochs (paper 001 §5.1: 1000)")
-    g.add_argument("--batch-size", type=int, default=256, help="batch size (paper 001 §5.4: 256)")
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="global batch size, split evenly over torchrun's processes (paper 001 §5.4: 256)")
     g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper 001 §5.4: 1e-4)")
     g.add_argument("--weight-decay", type=float, default=1e-6, help="Adam weight decay (paper 001: 1e-6)")
     g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
@@ -59,6 +61,7 @@ def get_args_parser():
                    help="every N epochs, log the kNN AUC on the validation split of the first --data flag "
                         "(its train labels are the kNN memory; 0 = never)")
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
+    utils.add_resume_and_ddp_flags(parser)
     return parser
 
 
@@ -77,14 +80,18 @@ def update_target(target, online, tau):
         t.copy_(o)
 
 
-def train_one_epoch(args, nets, optimizer, images, aug_gen, epoch, step, steps_per_epoch, device):
+def train_one_epoch(args, nets, optimizer, images, aug_gen, epoch, step, steps_per_epoch, device, resume=None,
+                    save=None):
+    """One epoch, from its start or from `resume` (a checkpoint's position inside it); `save(**position)`
+    checkpoints the run every --save-every steps. Returns the step count and the epoch's figures."""
     encoder, projector, predictor, target_encoder, target_projector, forward_encoder = nets
+    online = utils.distributed(torch.nn.Sequential(forward_encoder, projector, predictor), device)
     total_steps = args.epochs * steps_per_epoch
-    perm = torch.randperm(len(images), generator=aug_gen, device=images.device)
+    perm, epoch_start, first, losses = utils.start_epoch(len(images), aug_gen, resume)
     views = augment.preset(args.aug, args.crop_scale)
-    losses = []
     start = time.time()
-    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+    bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+               disable=not utils.is_main())
     for i in bar:
         lr = learning_rate(args, step, steps_per_epoch)
         for group in optimizer.param_groups:
@@ -92,11 +99,12 @@ def train_one_epoch(args, nets, optimizer, images, aug_gen, epoch, step, steps_p
         tau = args.ema if args.ema_schedule == "constant" else utils.cosine(step, total_steps, args.ema, 1.0)
 
         batch = images[perm[i * args.batch_size:(i + 1) * args.batch_size]]
-        x1, x2 = (data.to_input(v, args.in_chans).contiguous(memory_format=torch.channels_last)
+        # every rank augments the whole global batch and keeps its own rows: an image's views do not
+        # depend on the number of processes, and aug_gen stays in step on every rank
+        x1, x2 = (data.to_input(utils.my_rows(v), args.in_chans).contiguous(memory_format=torch.channels_last)
                   for v in augment.two_views(batch, views, aug_gen))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            p1 = predictor(projector(forward_encoder(x1)))
-            p2 = predictor(projector(forward_encoder(x2)))
+            p1, p2 = online(x1), online(x2)
             with torch.no_grad():
                 z1 = target_projector(target_encoder(x1))
                 z2 = target_projector(target_encoder(x2))
@@ -105,17 +113,20 @@ def train_one_epoch(args, nets, optimizer, images, aug_gen, epoch, step, steps_p
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        # the same on every rank: an EMA of the online weights, which DDP keeps the same
         update_target(target_encoder, encoder, tau)
         update_target(target_projector, projector, tau)
 
-        losses.append(loss.detach())
+        losses.append(utils.mean_over_ranks(loss.detach()))  # the global batch's loss
         step += 1
         if i % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{lr:.2e}")
+        if save and args.save_every and step % args.save_every == 0 and i + 1 < steps_per_epoch:
+            save(epoch=epoch, step=step, step_in_epoch=i + 1, epoch_start=epoch_start, losses=losses)
     loss = utils.mean_finite_loss(losses, step, epoch, args.out)
     seconds = time.time() - start
     return step, {"loss": loss, "lr": lr, "ema": tau,
-                  "images_per_sec": round(steps_per_epoch * args.batch_size / seconds, 1)}
+                  "images_per_sec": round((steps_per_epoch - first) * args.batch_size / seconds, 1)}
 
 
 def learning_rate(args, step, steps_per_epoch):
@@ -130,14 +141,14 @@ def knn_monitor(args, encoder, device, splits):
 
 def main():
     args = utils.parse_args(get_args_parser())
-    args.out = args.out or utils.default_out("pretrain_byol", args.data)
-    device = utils.pick_device(args.device)
+    device = utils.init_distributed(utils.pick_device(args.device))  # under torchrun: join its processes
+    args.out = args.out or utils.on_main(utils.default_out, "pretrain_byol", args.data)
 
     # ---- data: the train split(s), whole, as uint8 on the device
     images = data.load_pretrain_images(args.data, args.size, args.data_root, device, args.in_chans)
     steps_per_epoch = utils.steps_per_epoch(len(images), args.batch_size, args.max_steps)
-    monitor_splits = data.monitor_splits(args, device)
-    resume = utils.prepare_run_dir(args.out, args, done_file=None)
+    monitor_splits = data.monitor_splits(args, device) if utils.is_main() else None
+    state = utils.open_run(args)  # the checkpoint of an unfinished run in --out, or None
 
     # ---- model: online encoder + projector + predictor; target = EMA copy of encoder + projector
     utils.seed_everything(args.seed)
@@ -152,41 +163,41 @@ def main():
         m.to(device, memory_format=torch.channels_last)
     for p in [*target_encoder.parameters(), *target_projector.parameters()]:
         p.requires_grad_(False)
+    if args.sync_bn:  # the target too: its BatchNorm layers also normalise with batch statistics
+        for m in modules.values():
+            utils.sync_batchnorm(m)
     forward_encoder = torch.compile(encoder) if args.compile else encoder
 
     # ---- optimiser
     params = [*encoder.parameters(), *projector.parameters(), *predictor.parameters()]
     optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
 
-    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
-    start_epoch, step = 0, 0
-    if resume and os.path.exists(checkpoint_path):
-        state = utils.load_checkpoint(checkpoint_path)
-        if state["epoch"] >= args.epochs:
-            raise UserError(f"{args.out} holds a finished run; choose another --out or pass --overwrite")
-        for name, m in modules.items():
-            m.load_state_dict(state[name])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step = state["epoch"], state["step"]
-        utils.set_rng_state(state["rng"], aug_gen)
-        print(f"resuming {args.out} from epoch {start_epoch}")
+    # ---- resume: weights, optimiser, RNG states and the position, mid-epoch included
+    objects = {**modules, "optimizer": optimizer}
+    position = utils.restore_run(state, objects, aug_gen)
+    if state:
+        print(f"resuming {args.out} at epoch {position['epoch']}, step {position['step_in_epoch']} of it")
     n_trainable = sum(p.numel() for p in params)
-    print(f"{len(images)} images, {steps_per_epoch} steps/epoch, {n_trainable / 1e6:.1f}M trainable parameters")
+    print(f"{len(images)} images, {steps_per_epoch} steps/epoch, {n_trainable / 1e6:.1f}M trainable parameters"
+          + (f", {utils.world_size()} processes" if utils.world_size() > 1 else ""))
 
-    # ---- loop: one JSON line and one checkpoint (overwritten, atomically) per epoch
+    # ---- loop: one JSON line per epoch; the checkpoint is overwritten (atomically) at every epoch's
+    # end and every --save-every steps
+    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
+    save = functools.partial(utils.save_run, checkpoint_path, objects, aug_gen,
+                             meta={"format": "medssl", "method": "byol", "arch": args.arch, "stem": args.stem,
+                                   "in_chans": args.in_chans, "args": vars(args)})
     nets = (encoder, projector, predictor, target_encoder, target_projector, forward_encoder)
-    for epoch in range(start_epoch, args.epochs):
-        step, stats = train_one_epoch(args, nets, optimizer, images, aug_gen, epoch, step, steps_per_epoch, device)
+    step = position["step"]
+    for epoch in range(position["epoch"], args.epochs):
+        step, stats = train_one_epoch(args, nets, optimizer, images, aug_gen, epoch, step, steps_per_epoch, device,
+                                      resume=position if epoch == position["epoch"] else None, save=save)
         stats = {"epoch": epoch, **stats}
-        if args.eval_every and (epoch + 1) % args.eval_every == 0:
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and utils.is_main():
             stats["knn_val_auc"] = round(knn_monitor(args, encoder, device, monitor_splits), 4)
-        utils.save_checkpoint({**{name: m.state_dict() for name, m in modules.items()},
-                               "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step,
-                               "rng": utils.rng_state(aug_gen),
-                               "meta": {"format": "medssl", "method": "byol", "arch": args.arch,
-                                        "stem": args.stem, "in_chans": args.in_chans, "args": vars(args)}},
-                              checkpoint_path)
-        utils.append_jsonl(os.path.join(args.out, "log.jsonl"), stats)
+        if utils.is_main():
+            utils.append_jsonl(os.path.join(args.out, "log.jsonl"), stats)
+        save(epoch=epoch + 1, step=step)
         print(stats)
     print(f"done: {checkpoint_path}")
 
