@@ -1,0 +1,395 @@
+"""A paper's report from its run directories: report.md (each table with our numbers, mean ± std over
+seeds with n, beside the published ones marked "quoted", and Welch / Mann-Whitney p-values for the
+comparisons the paper makes), the figures as PNGs, and runs.csv (one line per run and seed). Rows or
+figures whose runs are missing say "not run: <reason>", never leave a gap.
+
+    python scripts/report.py --spec results/paper001/spec.yaml --out results/paper001
+
+The spec (YAML or JSON; globs relative to the working directory; `runs` is one glob or a list, of run
+directories or of the files themselves):
+
+    title: "Paper 001: BYOL for limited-label medical images"
+    intro: "Free Markdown under the title."
+    tables:
+      - title: "PneumoniaMNIST, fine-tuning (test)"
+        metrics: [auc, acc]                  # keys of metrics.json's per_seed[].test
+        source: "../shared/REFERENCE.md (paper 001)"   # where the published numbers are quoted from
+        rows:
+          - {label: ImageNet init, runs: "runs/p001/pneu-ft-imagenet", published: {auc: 0.82, acc: 0.86}}
+          - {label: BYOL+, runs: "runs/p001/pneu-ft-byolplus-s*", not_run: "needs a GPU", published: {auc: 0.86}}
+        compare: [[ImageNet init, BYOL+]]     # A vs B: B - A, Welch p, Mann-Whitney p per metric
+    figures:                                  # rows as in tables (YAML anchors avoid repeating them)
+      - {kind: roc, title: "PneumoniaMNIST ROC", rows: [...]}    # overlaid, from predictions.npz
+      - {kind: confusion, title: ..., rows: [...], class_names: [normal, pneumonia]}  # a PNG per row
+      - {kind: curve, title: ..., rows: [...], x: label_fraction, metric: auc, log_x: true}
+      - {kind: loss, title: ..., rows: [...], log_y: false}      # from log.jsonl
+      - {kind: lr_range, title: ..., rows: [...]}                # lr_range*.json, a PNG per row
+      - {kind: saliency, title: ..., rows: [...], map: gradcam}  # or occlusion; saliency.npz, a column per row
+
+The reason of a missing row is, in order: the text of `not_run.txt` in its run directories (a
+reproduce script writes the failing step's error line there, e.g. a dataset that cannot be
+downloaded), the row's `not_run`, else "no <file> under <glob>". A row that is only partly there
+(2 of 3 seeds) is reported with what it has, and a "partly run" line under the table."""
+import argparse
+import csv
+import fnmatch
+import glob
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import yaml
+from sklearn.metrics import roc_curve
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import metrics, saliency  # noqa: E402  (metrics also makes matplotlib headless)
+from common.utils import UserError, run_main  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+
+NAMES = {"auc": "AUC", "acc": "ACC", "f1": "F1", "weighted_f1": "weighted F1"}
+# flags of evaluate.py and finetune_beit.py that tell runs apart, for runs.csv (paths, devices and the like
+# are left out; a run without a flag leaves its cell empty)
+ARG_COLUMNS = ("arch", "stem", "in_chans", "resize", "model", "trainable_layers", "balance", "probe", "shots",
+               "label_fraction", "freeze", "frozen_bn", "epochs", "lr", "batch_size", "weight_decay", "lr_schedule",
+               "head_epochs", "train_aug", "tta", "config")
+
+
+# ---------------------------------------------------------------- finding runs
+def find(row, pattern):
+    """(files, gap): the files matching `pattern` (metrics.json, lr_range*.json, ...) that row["runs"]
+    points at, directly or inside matched directories, and what is missing: None, the reason there
+    are no files at all, or, when only some matched directories lack one, which and why."""
+    globs = [row["runs"]] if isinstance(row.get("runs"), str) else row.get("runs") or []
+    files, empty = [], []
+    for g in globs:
+        for path in sorted(glob.glob(g)):
+            if os.path.isdir(path):
+                inside = sorted(glob.glob(os.path.join(path, pattern)))
+                files += inside
+                if not inside:
+                    empty.append(path)
+            elif fnmatch.fnmatch(os.path.basename(path), pattern):
+                files.append(path)
+    files = list(dict.fromkeys(files))  # overlapping globs
+    notes = sorted({open(os.path.join(d, "not_run.txt")).read().strip() for d in empty
+                    if os.path.isfile(os.path.join(d, "not_run.txt"))})
+    if not files:
+        return [], "; ".join(notes) or row.get("not_run") or f"no {pattern} under {', '.join(globs) or '(no runs)'}"
+    if empty:  # e.g. one seed of three failed: the pooled numbers must not hide it
+        return files, f"{len(empty)} matched run directories have no {pattern}: {'; '.join(notes) or ', '.join(empty)}"
+    return files, None
+
+
+def load_runs(row, used, where, pattern="metrics.json"):
+    """find(), plus the metrics.json beside each file, recorded in `used` (path -> [contents, places])
+    for runs.csv. Returns (runs, files, gap)."""
+    files, gap = find(row, pattern)
+    runs = []
+    for f in files:
+        path = os.path.join(os.path.dirname(f), "metrics.json")
+        if path not in used:
+            with open(path) as fh:
+                used[path] = [json.load(fh), []]
+        used[path][1].append(f"{where} / {row['label']}")
+        runs.append(used[path][0])
+    return runs, files, gap
+
+
+def pooled(runs, metric):
+    """Per-seed test values of every run of a row, pooled (e.g. 3 pretraining x 3 probe seeds = 9)."""
+    return [s["test"][metric] for r in runs for s in r["per_seed"] if metric in s["test"]]
+
+
+# ---------------------------------------------------------------- tables
+def cell(values):
+    if not values:
+        return "–"
+    mean, std = metrics.mean_std(values)  # sample std (ddof=1), as everywhere in the project
+    return f"{mean:.3f} ± {std:.3f} (n={len(values)})"
+
+
+def p_text(p):
+    if p is None:
+        return "n/a"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def table_section(table, used):
+    names, rows = table.get("metrics", ["auc", "acc"]), table["rows"]
+    labels = [r["label"] for r in rows]
+    if len(set(labels)) < len(labels):
+        raise UserError(f"table {table['title']!r}: row labels must be unique, got {labels}")
+    quoted = [m for m in names if any(m in r.get("published", {}) for r in rows)]
+    header = ["method"]
+    for m in names:
+        header += [NAMES.get(m, m)] + ([f"{NAMES.get(m, m)}, published"] if m in quoted else [])
+    lines = [f"## {table['title']}", ""] + ([table["note"].strip(), ""] if table.get("note") else [])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    samples, gaps = {}, []
+    for row in rows:
+        runs, _, reason = load_runs(row, used, table["title"])
+        if runs and reason:
+            gaps.append(f"- {row['label']}: partly run: {reason}")
+        samples[row["label"]] = {m: pooled(runs, m) for m in names} if runs else None
+        cells = [row["label"]]
+        for i, m in enumerate(names):
+            if runs:
+                cells.append(cell(samples[row["label"]][m]) if samples[row["label"]][m] else f"no {m} in metrics.json")
+            else:
+                cells.append(f"not run: {reason}" if i == 0 else "–")
+            if m in quoted:  # as written in the spec: quoting 0.82 as 0.820 would invent a digit
+                value = row.get("published", {}).get(m)
+                cells.append("–" if value is None else f"{value} (quoted)")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if gaps:
+        lines += gaps + [""]
+    if quoted:
+        lines += [f"Published values are quoted from {table.get('source', 'the paper')}, not re-measured.", ""]
+    if table.get("compare"):
+        lines += comparison_lines(table, names, samples)
+    return lines
+
+
+def comparison_lines(table, names, samples):
+    lines = ["| comparison | metric | A | B | B − A | p (Welch) | p (Mann-Whitney) |", "|---" * 7 + "|"]
+    for pair in table["compare"]:
+        a, b = pair
+        for label in (a, b):
+            if label not in samples:
+                raise UserError(f"table {table['title']!r} compares {label!r}, which is not one of its rows")
+        missing = [label for label in (a, b) if samples[label] is None]
+        if missing:
+            lines.append(f"| {b} vs {a} | – | – | – | – | not run: {', '.join(missing)} | – |")
+            continue
+        for m in names:
+            va, vb = samples[a][m], samples[b][m]
+            if not va or not vb:
+                lines.append(f"| {b} vs {a} | {NAMES.get(m, m)} | {cell(va)} | {cell(vb)} | – | n/a | n/a |")
+                continue
+            c = metrics.compare_samples(va, vb)
+            lines.append(f"| {b} vs {a} | {NAMES.get(m, m)} | {cell(va)} | {cell(vb)} | {c['diff']:+.3f} | "
+                         f"{p_text(c['welch_p'])} | {p_text(c['mwu_p'])} |")
+    return lines + ["", "Welch's t-test (unequal variances) and the two-sided Mann-Whitney U test over the "
+                        "per-seed test values; n/a with fewer than 2 values a side or no variance at all.", ""]
+
+
+# ---------------------------------------------------------------- figures
+def roc_points(y_true, y_score, task):
+    """Binary: the ROC curve of P(class 1). Otherwise the macro average of the one-vs-rest (or
+    per-label) curves on a common false-positive grid, the curve whose area is the table's AUC."""
+    y, s = np.asarray(y_true), np.asarray(y_score, dtype=float)
+    if task == metrics.BINARY:
+        return roc_curve(y.ravel(), s[:, -1] if s.ndim == 2 else s)[:2]
+    y = y if task == metrics.MULTI_LABEL else y.reshape(-1, 1) == np.arange(s.shape[1])
+    grid = np.linspace(0, 1, 201)
+    return grid, np.mean([np.interp(grid, *roc_curve(y[:, j], s[:, j])[:2]) for j in range(s.shape[1])], axis=0)
+
+
+def axes(title, xlabel, ylabel):
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=110)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def save(fig, ax, path):
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return os.path.basename(path)
+
+
+def band(ax, xs, groups, label):
+    """Mean line with a ± std band (sample std) over each x's values."""
+    mean, std = np.array([metrics.mean_std(g) for g in groups]).T
+    ax.plot(xs, mean, marker="o" if len(xs) < 20 else None, ms=4, label=label)
+    ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+
+
+# Each figure function gets the rows that have files, as (row, runs, files): runs are the metrics.json
+# contents beside the files (an empty list for files not written by evaluate.py).
+def roc_figure(fig, path, found):
+    plot, ax = axes(fig["title"], "false positive rate", "true positive rate")
+    for row, runs, files in found:
+        p, task = np.load(files[0]), runs[0]["task"]
+        fpr, tpr = roc_points(p["y_true"], p["y_score"], task)
+        ax.plot(fpr, tpr, lw=1.2, label=f"{row['label']} (AUC {metrics.auc(p['y_true'], p['y_score'], task):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.7)
+    return [save(plot, ax, path)], ("Test split; each curve is the first seed of the row's first run (with several "
+                                    "classes or labels: the macro average of their one-vs-rest curves).")
+
+
+def numbered(path, n):
+    """figure.png -> figure_0.png ... for kinds drawn as one PNG per row."""
+    return [f"{os.path.splitext(path)[0]}_{i}.png" for i in range(n)]
+
+
+def confusion_figure(fig, path, found):
+    pngs = numbered(path, len(found))
+    for png, (row, runs, files) in zip(pngs, found):
+        p = np.load(files[0])
+        metrics.plot_confusion(metrics.confusion(p["y_true"], p["y_score"], runs[0]["task"]), png,
+                               class_names=fig.get("class_names"), title=f"{fig['title']}: {row['label']}")
+    return [os.path.basename(p) for p in pngs], "Test split, first seed of each row's first run; rows are true classes."
+
+
+def curve_figure(fig, path, found):
+    x, metric = fig.get("x", "label_fraction"), fig.get("metric", "auc")
+    plot, ax = axes(fig["title"], x.replace("_", " "), f"test {NAMES.get(metric, metric)}")
+    for row, runs, _ in found:
+        by_x = {}
+        for r in runs:
+            if x not in r.get("args", {}):
+                raise UserError(f"figure {fig['title']!r}: a run of {row['label']!r} has no flag {x!r} in its args")
+            by_x.setdefault(r["args"][x], []).extend(pooled([r], metric))
+        band(ax, sorted(by_x), [by_x[v] for v in sorted(by_x)], row["label"])
+    if fig.get("log_x"):
+        ax.set_xscale("log")
+    return [save(plot, ax, path)], f"Mean ± std (band) of the test {NAMES.get(metric, metric)} over seeds at each {x}."
+
+
+def loss_series(path):
+    """[{epoch: loss}, ...], one per seed, of one log.jsonl. evaluate.py logs all its seeds in one file,
+    and head-only epochs (phase: head), which are left out; a resumed run's re-logged epoch wins."""
+    series = {}
+    with open(path) as f:
+        for record in map(json.loads, filter(str.strip, f)):
+            if "loss" in record and "epoch" in record and "phase" not in record:
+                series.setdefault(record.get("seed"), {})[record["epoch"]] = record["loss"]
+    return list(series.values())
+
+
+def loss_figure(fig, path, found):
+    plot, ax, empty = *axes(fig["title"], "epoch", "training loss"), []
+    for row, _, files in found:
+        series = [s for f in files for s in loss_series(f)]
+        epochs = sorted({e for s in series for e in s})
+        if not epochs:  # a run stopped before its first epoch ended
+            empty.append(row["label"])
+            continue
+        band(ax, epochs, [[s[e] for s in series if e in s] for e in epochs], f"{row['label']} (n={len(series)})")
+    if fig.get("log_y"):
+        ax.set_yscale("log")
+    return [save(plot, ax, path)], ("Mean ± std (band) over the row's runs and seeds, per epoch."
+                                    + (f" No epoch logged yet: {', '.join(empty)}." if empty else ""))
+
+
+def lr_range_figure(fig, path, found):
+    pngs = numbered(path, len(found))
+    for png, (row, _, files) in zip(pngs, found):
+        with open(files[0]) as f:
+            r = json.load(f)
+        metrics.plot_lr_range(r["lrs"], r["losses"], r["chosen"], png, title=f"{fig['title']}: {row['label']}")
+    return [os.path.basename(p) for p in pngs], "Loss against learning rate in the range test; dashed: the lr chosen."
+
+
+def saliency_figure(fig, path, found):
+    key, grids = fig.get("map", "gradcam"), [(row["label"], np.load(files[0])) for row, _, files in found]
+    for label, s in grids[1:]:
+        if "index" in s and not np.array_equal(s["index"], grids[0][1]["index"]):
+            raise UserError(f"saliency maps of {label!r} are of other test images than those of {grids[0][0]!r}")
+    saliency.plot_overlay_grid(grids[0][1]["images"], {label: s[key] for label, s in grids}, path, title=fig["title"])
+    where = ", ".join(f"{label}: {s['layer']}" for label, s in grids if "layer" in s and key == "gradcam")
+    return [os.path.basename(path)], (f"{key} maps of each row's model on the same test images, scaled per image "
+                                      f"(1 = strongest evidence)" + (f"; Grad-CAM layer {where}." if where else "."))
+
+
+# kind -> (draw, file each row needs, whether that file has a metrics.json beside it)
+FIGURES = {"roc": (roc_figure, "predictions.npz", True), "confusion": (confusion_figure, "predictions.npz", True),
+           "curve": (curve_figure, "metrics.json", True), "loss": (loss_figure, "log.jsonl", False),
+           "lr_range": (lr_range_figure, "lr_range*.json", False), "saliency": (saliency_figure, "saliency.npz", False)}
+
+
+def figure_section(fig, out, used):
+    if fig.get("kind") not in FIGURES:
+        raise UserError(f"figure {fig['title']!r}: kind must be one of {', '.join(FIGURES)}, got {fig.get('kind')!r}")
+    draw, pattern, evaluated = FIGURES[fig["kind"]]
+    found, notes = [], []
+    for row in fig["rows"]:
+        runs, files, reason = load_runs(row, used, fig["title"], pattern) if evaluated else ([], *find(row, pattern))
+        if files:
+            found.append((row, runs, files))
+        if reason:
+            notes.append(f"- {row['label']}: {'partly run' if files else 'not run'}: {reason}")
+    name = fig.get("file") or re.sub(r"[^a-z0-9]+", "_", fig["title"].lower()).strip("_") + ".png"
+    pngs, caption = draw(fig, os.path.join(out, name), found) if found else ([], "")
+    lines = [f"### {fig['title']}", ""]
+    if pngs:  # several PNGs on one line sit side by side in rendered Markdown
+        lines += [" ".join(f"![{fig['title']}]({png})" for png in pngs), "", caption, ""]
+    return lines + (notes + [""] if notes else [])
+
+
+# ---------------------------------------------------------------- report and CSV
+def write_csv(path, used):
+    lines = []
+    for run_path, (run, places) in used.items():
+        args = run.get("args", {})
+        for s in run["per_seed"]:
+            lines.append({"run": os.path.dirname(run_path), "used_in": "; ".join(dict.fromkeys(places)),
+                          **{k: run.get(k) for k in ("data", "size", "mode", "encoder", "task")}, "seed": s["seed"],
+                          **s["test"], **{k: v for k, v in s.items() if k not in ("seed", "test")},
+                          **{k: args[k] for k in ARG_COLUMNS if k in args}})
+    columns = list(dict.fromkeys(k for line in lines for k in line)) or ["run"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, restval="")
+        writer.writeheader()
+        writer.writerows(lines)
+    return len(lines)
+
+
+def check_spec(spec):
+    """One-line errors for a malformed spec, before any figure is drawn."""
+    if not isinstance(spec, dict):
+        raise UserError("the spec must be a mapping with `tables` and / or `figures`")
+    for kind in ("tables", "figures"):
+        for i, item in enumerate(spec.get(kind) or []):
+            if not isinstance(item, dict) or "title" not in item or not isinstance(item.get("rows"), list):
+                raise UserError(f"{kind}[{i}] needs a `title` and a list of `rows`")
+            for row in item["rows"]:
+                if not isinstance(row, dict) or "label" not in row:
+                    raise UserError(f"{item['title']!r}: every row needs a `label` (and `runs`), got {row!r}")
+
+
+def build_report(spec, out):
+    """Write report.md, runs.csv and the figures of `spec` (a dict, as in this module's docstring)
+    into `out`; returns the report's path."""
+    check_spec(spec)
+    os.makedirs(out, exist_ok=True)
+    used = {}  # metrics.json path -> [its contents, the tables / figures rows that use it]
+    lines = [f"# {spec.get('title', 'Report')}", ""] + ([spec["intro"].strip(), ""] if spec.get("intro") else [])
+    for table in spec.get("tables", []):
+        lines += table_section(table, used)
+    lines += ["## Figures", ""] if spec.get("figures") else []
+    for fig in spec.get("figures", []):
+        lines += figure_section(fig, out, used)
+    n = write_csv(os.path.join(out, "runs.csv"), used)
+    lines += [f"Every run behind this report, one line per run and seed, with its test metrics and flags: "
+              f"[runs.csv](runs.csv) ({n} lines)."]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", required=True, help="YAML or JSON file describing the tables and figures")
+    parser.add_argument("--out", required=True, help="folder for report.md, runs.csv and the PNGs")
+    args = parser.parse_args()
+    try:
+        with open(args.spec) as f:
+            spec = yaml.safe_load(f)  # JSON is YAML too
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read the spec {args.spec}: {e}".replace("\n", " "))
+    print(f"wrote {build_report(spec, args.out)}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,186 @@
+"""Tests for scripts/report.py on metrics.json / predictions.npz / log.jsonl files built in tmp_path."""
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+from sklearn.metrics import roc_curve
+
+from common import metrics
+from common.utils import UserError
+from scripts import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+A_AUC, B_AUC = [0.70, 0.72, 0.69], [0.75, 0.74, 0.78, 0.80, 0.77, 0.76]
+
+
+def write_run(folder, aucs, label_fraction=1.0, task="binary-class", seed=0):
+    """A run directory as evaluate.py leaves it: metrics.json (acc = auc - 0.1) and predictions.npz."""
+    os.makedirs(folder, exist_ok=True)
+    per_seed = [{"seed": i, "test": {"auc": a, "acc": a - 0.1}, "val_auc": 0.9, "best_epoch": 3}
+                for i, a in enumerate(aucs)]
+    run = {"data": "breastmnist", "size": 28, "mode": "finetune", "encoder": "random", "task": task, "n": len(aucs),
+           "per_seed": per_seed, "args": {"arch": "resnet18", "label_fraction": label_fraction, "epochs": 5,
+                                          "device": "cpu"}}
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        json.dump(run, f)
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 60)
+    p1 = np.clip(0.3 * y + 0.7 * rng.random(60), 0, 1)
+    np.savez(os.path.join(folder, "predictions.npz"), y_true=y[:, None], y_score=np.stack([1 - p1, p1], axis=1))
+    return folder
+
+
+def table_spec(tmp_path, **extra_rows):
+    write_run(tmp_path / "a", A_AUC)
+    write_run(tmp_path / "b-s0", B_AUC[:3], seed=1)
+    write_run(tmp_path / "b-s1", B_AUC[3:], seed=2)
+    rows = [{"label": "A", "runs": str(tmp_path / "a"), "published": {"auc": 0.82}},
+            {"label": "B", "runs": str(tmp_path / "b-s*")}, *extra_rows.values()]
+    return {"title": "Paper X", "tables": [{"title": "T", "metrics": ["auc", "acc"], "source": "REFERENCE.md",
+                                            "rows": rows, "compare": [["A", "B"]]}]}
+
+
+def line_of(text, start):
+    found = [line for line in text.splitlines() if line.startswith(start)]
+    assert len(found) == 1, (start, text)
+    return found[0]
+
+
+def test_table_cells_are_mean_sample_std_and_n_and_p_values_are_scipys(tmp_path):
+    out = tmp_path / "out"
+    text = open(report.build_report(table_spec(tmp_path), str(out))).read()
+    a_acc = np.array(A_AUC) - 0.1
+    # ddof=1 as common.metrics.mean_std; ddof=0 would print 0.012 for A's AUC instead of 0.015
+    assert line_of(text, "| A |") == (f"| A | {np.mean(A_AUC):.3f} ± {np.std(A_AUC, ddof=1):.3f} (n=3) | "
+                                      f"0.82 (quoted) | {a_acc.mean():.3f} ± {a_acc.std(ddof=1):.3f} (n=3) |")
+    assert f"| B | {np.mean(B_AUC):.3f} ± {np.std(B_AUC, ddof=1):.3f} (n=6) | – |" in text  # two runs pooled
+    welch = stats.ttest_ind(A_AUC, B_AUC, equal_var=False).pvalue
+    mwu = stats.mannwhitneyu(A_AUC, B_AUC, alternative="two-sided").pvalue
+    diff = np.mean(B_AUC) - np.mean(A_AUC)
+    assert line_of(text, "| B vs A | AUC |").endswith(f"| {diff:+.3f} | {welch:.3f} | {mwu:.3f} |")
+    assert "quoted from REFERENCE.md" in text
+
+
+def test_missing_rows_say_not_run_with_the_best_reason_known(tmp_path):
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "not_run.txt").write_text("error: cannot download ImageNet weights\n")
+    write_run(tmp_path / "part-s0", A_AUC)
+    (tmp_path / "part-s1").mkdir()  # a seed that died before writing metrics.json
+    spec = table_spec(tmp_path,
+                      gpu={"label": "C", "runs": str(tmp_path / "c-*"), "not_run": "needs a GPU",
+                           "published": {"auc": 0.9}},
+                      failed={"label": "D", "runs": str(tmp_path / "failed"), "not_run": "overridden by not_run.txt"},
+                      nowhere={"label": "E", "runs": str(tmp_path / "e-*")},
+                      part={"label": "F", "runs": str(tmp_path / "part-*")})
+    spec["tables"][0]["compare"].append(["A", "C"])
+    text = open(report.build_report(spec, str(tmp_path / "out"))).read()
+    assert line_of(text, "| C |") == "| C | not run: needs a GPU | 0.9 (quoted) | – |"
+    assert line_of(text, "| D |").startswith("| D | not run: error: cannot download ImageNet weights | – |")
+    assert line_of(text, "| E |").startswith(f"| E | not run: no metrics.json under {tmp_path / 'e-*'} |")
+    assert line_of(text, "| F |").startswith(f"| F | {np.mean(A_AUC):.3f}")
+    assert f"- F: partly run: 1 matched run directories have no metrics.json: {tmp_path / 'part-s1'}" in text
+    assert "not run: C" in line_of(text, "| C vs A |")
+
+
+def test_csv_has_one_line_per_run_and_seed_with_metrics_and_flags(tmp_path):
+    report.build_report(table_spec(tmp_path), str(tmp_path / "out"))
+    with open(tmp_path / "out" / "runs.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert len(lines) == 9
+    assert [float(r["auc"]) for r in lines] == A_AUC + B_AUC
+    assert [int(r["seed"]) for r in lines] == [0, 1, 2] * 3
+    first = lines[0]
+    assert first["run"] == str(tmp_path / "a") and first["used_in"] == "T / A" and first["data"] == "breastmnist"
+    assert first["label_fraction"] == "1.0" and first["best_epoch"] == "3" and "device" not in first
+
+
+def test_unknown_comparison_and_malformed_spec_are_one_line_errors(tmp_path):
+    spec = table_spec(tmp_path)
+    spec["tables"][0]["compare"] = [["A", "Z"]]
+    with pytest.raises(UserError, match="'Z', which is not one of its rows"):
+        report.build_report(spec, str(tmp_path / "out"))
+    with pytest.raises(UserError, match="needs a `label`"):
+        report.build_report({"tables": [{"title": "T", "rows": [{"runs": "x"}]}]}, str(tmp_path / "out"))
+    with pytest.raises(UserError, match="kind must be one of"):
+        report.build_report({"figures": [{"title": "F", "kind": "pie", "rows": []}]}, str(tmp_path / "out"))
+    for name, index in (("s1", [0, 1]), ("s2", [5, 6])):
+        (tmp_path / name).mkdir()
+        np.savez(tmp_path / name / "saliency.npz", images=np.zeros((2, 8, 8)), index=index, gradcam=np.zeros((2, 8, 8)))
+    rows = [{"label": name, "runs": str(tmp_path / name)} for name in ("s1", "s2")]
+    with pytest.raises(UserError, match="other test images"):
+        report.build_report({"figures": [{"title": "F", "kind": "saliency", "rows": rows}]}, str(tmp_path / "out"))
+
+
+def test_roc_points_binary_is_sklearns_curve_and_multiclass_area_is_the_macro_auc():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 100)
+    score = np.stack([1 - rng.random(100), rng.random(100) + 0.3 * y], axis=1)
+    fpr, tpr = report.roc_points(y[:, None], score, metrics.BINARY)
+    assert np.array_equal(fpr, roc_curve(y, score[:, 1])[0]) and np.array_equal(tpr, roc_curve(y, score[:, 1])[1])
+    y3 = rng.integers(0, 3, 300)
+    score3 = rng.random((300, 3)) + 0.5 * np.eye(3)[y3]
+    fpr, tpr = report.roc_points(y3, score3, metrics.MULTI_CLASS)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.auc(y3, score3, metrics.MULTI_CLASS), abs=0.005)
+
+
+def test_loss_series_splits_seeds_and_skips_head_only_epochs(tmp_path):
+    records = [{"seed": 0, "epoch": 0, "loss": 1.0}, {"seed": 1, "epoch": 0, "loss": 2.0}, {"phase": "head", "seed": 0,
+               "epoch": 0, "loss": 9.0}, {"seed": 0, "epoch": 1, "loss": 0.5}, {"seed": 0, "epoch": 1, "loss": 0.4}]
+    (tmp_path / "log.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n\n")
+    # the second epoch-1 line is a resumed run re-logging that epoch: the later value wins
+    assert report.loss_series(str(tmp_path / "log.jsonl")) == [{0: 1.0, 1: 0.4}, {0: 2.0}]
+
+
+def test_every_figure_kind_is_drawn_and_a_missing_row_is_named(tmp_path, monkeypatch):
+    for fraction, aucs in ((0.1, [0.6, 0.64]), (0.5, [0.7, 0.74]), (1.0, [0.8, 0.8])):
+        write_run(tmp_path / f"lf{fraction}", aucs, label_fraction=fraction)
+    for name, seed in (("pre", 0), ("rand", 1)):
+        folder = write_run(tmp_path / name, [0.8], seed=seed)
+        with open(folder / "log.jsonl", "w") as f:  # two seeds: loss (seed + 1) / (epoch + 1)
+            f.writelines(json.dumps({"seed": s, "epoch": e, "loss": (s + 1) / (e + 1)}) + "\n"
+                         for e in range(4) for s in (0, 1))
+        lr_range = {"lrs": [1e-5, 1e-4, 1e-3], "losses": [1, 0.7, 2], "chosen": 1e-4}
+        (folder / "lr_range.json").write_text(json.dumps(lr_range))
+        np.savez(folder / "saliency.npz", images=np.zeros((2, 28, 28), np.uint8), index=np.array([3, 7]),
+                 gradcam=np.random.rand(2, 28, 28), occlusion=np.random.rand(2, 28, 28))
+    rows = [{"label": "pretrained", "runs": str(tmp_path / "pre")}, {"label": "random", "runs": str(tmp_path / "rand")},
+            {"label": "ImageNet", "runs": str(tmp_path / "imagenet"), "not_run": "offline: no ImageNet weights"}]
+    figures = [{"kind": kind, "title": f"{kind} figure", "rows": rows}
+               for kind in ("roc", "confusion", "loss", "lr_range", "saliency")]
+    figures.append({"kind": "curve", "title": "label efficiency", "x": "label_fraction", "log_x": True,
+                    "rows": [{"label": "pretrained", "runs": str(tmp_path / "lf*")}]})
+    drawn, band = [], report.band
+
+    def recording_band(ax, xs, groups, label):  # what the curve and loss figures plot
+        drawn.append((list(xs), groups))
+        band(ax, xs, groups, label)
+    monkeypatch.setattr(report, "band", recording_band)
+
+    text = open(report.build_report({"title": "Figures", "figures": figures}, str(tmp_path / "out"))).read()
+    pngs = sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".png"))
+    assert pngs == ["confusion_figure_0.png", "confusion_figure_1.png", "label_efficiency.png", "loss_figure.png",
+                    "lr_range_figure_0.png", "lr_range_figure_1.png", "roc_figure.png", "saliency_figure.png"]
+    for png in pngs:
+        assert open(tmp_path / "out" / png, "rb").read(8) == PNG_MAGIC and f"({png})" in text
+    assert text.count("- ImageNet: not run: offline: no ImageNet weights") == 5
+    # the label-efficiency curve groups the pooled seeds by each run's --label-fraction
+    assert ([0.1, 0.5, 1.0], [[0.6, 0.64], [0.7, 0.74], [0.8, 0.8]]) in drawn
+    assert ([0, 1, 2, 3], [[1.0, 2.0], [0.5, 1.0], [1 / 3, 2 / 3], [0.25, 0.5]]) in drawn  # both seeds' losses
+
+
+def test_cli_reads_a_yaml_spec(tmp_path, monkeypatch, capsys):
+    # main() in-process: a subprocess would spend seconds re-importing torch for the same code path
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(table_spec(tmp_path)))
+    monkeypatch.setattr(sys, "argv", ["report.py", "--spec", str(spec), "--out", str(tmp_path / "out")])
+    report.main()
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "out" / "runs.csv").is_file()
+    assert "| B vs A | AUC |" in (tmp_path / "out" / "report.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["report.py", "--spec", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)])
+    with pytest.raises(UserError, match="cannot read the spec"):
+        report.main()
