@@ -23,7 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
-from common import augment, data, metrics, models, utils
+from common import augment, data, metrics, models, saliency, utils
 from common.utils import UserError
 
 # Per-mode defaults of paper 001 (§5.2-5.4): fine-tune 25 epochs at 1e-3, few-shot 25-50 epochs
@@ -53,6 +53,9 @@ def get_args_parser():
     g.add_argument("--shots", type=int, default=20, help="fewshot: training images per class (paper 001: 20)")
     g.add_argument("--label-fraction", type=float, default=1.0,
                    help="stratified fraction of the train split's labels used, in (0, 1]")
+    g.add_argument("--resize", type=int, default=None,
+                   help="upsample the --size images to this side on the device (nearest), e.g. 224 for MedMNIST "
+                        "v2's ResNet (224) rows, which were 28 px images upsampled")
     g.add_argument("--seeds", type=int, default=1, help="seeded repeats (seed, seed+1, ...), reported as mean ± std")
 
     # * Optimisation (defaults per mode: MODE_DEFAULTS above)
@@ -80,7 +83,8 @@ def get_args_parser():
                    help="Adam lr of the head-only epochs (fastai's fine_tune default 2e-3; paper 003's value is "
                         "a fixed Adam lr)")
     g.add_argument("--lr-schedule", default="constant", choices=list(utils.LR_SCHEDULES),
-                   help="lr schedule of the main phase: constant (paper 001), cosine (paper 002), 1cycle (paper 003)")
+                   help="lr schedule of the main phase: constant (paper 001), cosine (paper 002), 1cycle (paper 003), "
+                        "step (x0.1 at 50%% and 75%% of the epochs: MedMNIST v2's protocol)")
     g.add_argument("--lr-range", type=float, nargs=3, default=[1e-7, 10.0, 100], metavar=("START", "END", "STEPS"),
                    help="sweep of --lr auto (fastai's lr_find: 1e-7 10 100)")
     g.add_argument("--train-aug", default="none", choices=sorted(augment.FINETUNE_AUG),
@@ -89,6 +93,9 @@ def get_args_parser():
     g.add_argument("--tta", type=int, default=0,
                    help="test-time augmentation: average the class probabilities of K passes augmented with "
                         "--train-aug (paper 003: 3; 0 = off)")
+    g.add_argument("--saliency", type=int, default=0, metavar="N",
+                   help="finetune / fewshot: write saliency.npz, Grad-CAM and occlusion maps of the first seed's "
+                        "model on the first N test images for their true class (paper 002's figure; 0 = off)")
     return parser
 
 
@@ -104,9 +111,12 @@ def resolve_args(args):
         raise UserError(f"--seeds must be positive, got {args.seeds}")
     full_model = args.mode in ("finetune", "fewshot")
     for flag, used in (("--freeze", args.freeze != "none"), ("--lr auto", args.lr == "auto"),
-                       ("--head-epochs", args.head_epochs), ("--tta", args.tta), ("--train-aug", args.train_aug != "none")):
+                       ("--head-epochs", args.head_epochs), ("--tta", args.tta), ("--train-aug", args.train_aug != "none"),
+                       ("--saliency", args.saliency)):
         if used and not full_model:
             raise UserError(f"{flag} applies to --mode finetune / fewshot, not {args.mode}")
+    if args.resize is not None and args.resize <= 0:
+        raise UserError(f"--resize must be a positive image side, got {args.resize}")
     if args.head_epochs < 0 or args.tta < 0:
         raise UserError("--head-epochs and --tta must be 0 or more")
     if args.tta and args.train_aug == "none":
@@ -214,7 +224,7 @@ def finetune(args, encoder, train, val, test, task, n_out, seed, device, log):
     steps_aug = augment.FINETUNE_AUG[args.train_aug]
 
     def prepare(x):
-        return data.to_input(x, args.in_chans).contiguous(memory_format=torch.channels_last)
+        return data.to_input(x, args.in_chans, args.resize).contiguous(memory_format=torch.channels_last)
 
     def prepare_aug(x):  # uint8 -> [0, 1] floats, augmented per image, then normalised
         return prepare(augment.apply_steps(x.float().div_(255), steps_aug, aug_gen))
@@ -267,6 +277,23 @@ def find_lr(args, model, x_train, y_train, prepare_train, task, seed):
     return lr
 
 
+def write_saliency(args, model, test):
+    """--saliency N: where the fine-tuned model looks on the first N test images (the same images in
+    every run, so scripts/report.py can put two models' maps side by side), for each image's true
+    class (its first positive label when multi-label). Maps are stored at the stored image size."""
+    images, labels = test.images[:args.saliency], test.labels[:args.saliency]
+    target = labels.argmax(dim=1) if labels.ndim == 2 else labels
+    x = data.to_input(images, args.in_chans, args.resize)
+    side, layer = x.shape[-1], saliency.deepest_spatial_stage(model[0], x)
+    maps = {"gradcam": saliency.gradcam(model, getattr(model[0], layer), x, target),
+            "occlusion": saliency.occlusion_sensitivity(model, x, target, patch=max(2, side // 7),
+                                                        stride=max(1, side // 14))}
+    maps = {k: torch.nn.functional.interpolate(m[:, None], size=images.shape[-2:], mode="bilinear")[:, 0]
+            for k, m in maps.items()}
+    np.savez(os.path.join(args.out, "saliency.npz"), images=images.cpu().numpy(), index=np.arange(len(images)),
+             class_idx=target.cpu().numpy(), layer=layer, **{k: m.cpu().numpy() for k, m in maps.items()})
+
+
 # ---------------------------------------------------------------- one seeded run
 def run_seed(args, seed, splits, template, device, log):
     utils.seed_everything(seed)
@@ -287,10 +314,12 @@ def run_seed(args, seed, splits, template, device, log):
     task, n_out = train.task, train.n_classes
 
     if args.mode in ("finetune", "fewshot"):
-        y_score, info, _ = finetune(args, encoder, (x_train, y_train), val, test, task, n_out, seed, device, log)
+        y_score, info, model = finetune(args, encoder, (x_train, y_train), val, test, task, n_out, seed, device, log)
+        if args.saliency and seed == args.seed:
+            write_saliency(args, model, test)
         return y_score, info
 
-    feats = {name: models.features(encoder, x, args.in_chans)
+    feats = {name: models.features(encoder, x, args.in_chans, resize=args.resize)
              for name, x in (("train", x_train), ("val", val.images), ("test", test.images))}
     if args.mode == "knn":
         return knn_probe((feats["train"], y_train), (feats["val"], val.labels), feats["test"], task, n_out)
@@ -382,24 +411,9 @@ def main():
         print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
 
     # ---- save: metrics.json, predictions.npz, plots, and a printed table
-    names = list(per_seed[0]["test"])
-    summary = {k: metrics.mean_std([r["test"][k] for r in per_seed]) for k in names}
-    ci = metrics.bootstrap_auc_ci(y_true, scores[0], task, seed=args.seed)
-    result = {"data": args.data, "size": args.size, "mode": args.mode, "encoder": args.init, "task": task,
-              "n": len(per_seed), "mean": {k: m for k, (m, s) in summary.items()},
-              "std": {k: s for k, (m, s) in summary.items()}, "auc_ci95_first_seed": list(ci),
-              "per_seed": per_seed, "args": vars(args)}
-    utils.atomic_write_text(os.path.join(args.out, "metrics.json"), json.dumps(result, indent=2))
-    np.savez(os.path.join(args.out, "predictions.npz"), y_true=y_true, y_score=scores[0],
-             y_score_per_seed=np.stack(scores), seeds=np.array([r["seed"] for r in per_seed]))
-    metrics.plot_roc(y_true, scores[0], task, os.path.join(args.out, "roc.png"), title=f"{args.data} {args.mode}")
-    metrics.plot_confusion(metrics.confusion(y_true, scores[0], task), os.path.join(args.out, "confusion.png"),
-                           title=f"{args.data} {args.mode}")
-    print(f"\n{args.data} test, {args.mode}, encoder {args.init}, n={len(per_seed)} seeds")
-    for k in names:
-        print(f"  {k:12s} {summary[k][0]:.4f} ± {summary[k][1]:.4f}")
-    print(f"  AUC 95% CI (bootstrap, seed {args.seed}): [{ci[0]:.4f}, {ci[1]:.4f}]")
-    print(f"wrote {args.out}/metrics.json")
+    header = {"data": args.data, "size": args.size, "mode": args.mode, "encoder": args.init, "args": vars(args)}
+    metrics.write_results(args.out, header, per_seed, y_true, scores, task, args.seed,
+                          title=f"{args.data} {args.mode}, encoder {args.init}")
 
 
 if __name__ == "__main__":

@@ -119,10 +119,13 @@ def monitor_splits(args, device):
     return [load_split(first, s, args.size, args.data_root, device, args.in_chans) for s in ("train", "val")]
 
 
-def to_input(images, in_chans):
+def to_input(images, in_chans, resize=None):
     """uint8 (B, C, H, W) -> float, normalised with mean = std = 0.5 as paper 001 §3.2 did,
-    gray repeated to 3 channels when the model takes 3 (paper 001 §3.2)."""
+    gray repeated to 3 channels when the model takes 3 (paper 001 §3.2). resize: upsample to this
+    side with nearest neighbours, as MedMNIST v2's "224" rows did with their 28 px images."""
     x = images.float().div_(255) if images.dtype == torch.uint8 else images
+    if resize and x.shape[-1] != resize:
+        x = torch.nn.functional.interpolate(x, size=(resize, resize), mode="nearest")
     x = (x - 0.5) / 0.5
     return x.expand(-1, 3, -1, -1) if in_chans == 3 and x.shape[1] == 1 else x
 
@@ -165,14 +168,15 @@ def label_fraction_indices(labels, fraction, seed):
 
 
 def undersample_indices(labels, ratio, seed):
-    """Class-balanced undersampling: every class larger than minority / ratio is cut down to it, so
-    the minority is `ratio` of each larger class (paper 000: 0.4 BreastMNIST, 0.5 PneumoniaMNIST)."""
-    if not 0 < ratio <= 1:
-        raise UserError(f"--balance must be in (0, 1], got {ratio}")
+    """Class-balanced undersampling to the minority's share `ratio` of each (minority, larger class)
+    pair: paper 000 cut BreastMNIST to 60/40 (ratio 0.4) and PneumoniaMNIST to 50/50 (ratio 0.5)."""
+    if not 0 < ratio <= 0.5:
+        raise UserError(f"--balance is the minority's share after undersampling, in (0, 0.5]; got {ratio} "
+                        f"(paper 000: 0.4 for 60/40, 0.5 for 50/50)")
     members = _class_members(labels)
     if members is None:
-        raise UserError("undersampling needs single-label data")
+        raise UserError("--balance needs single-label data (multi-label classes overlap)")
     rng = np.random.default_rng(seed)
-    cap = int(min(len(idx) for idx in members.values()) / ratio)
+    cap = round(min(len(idx) for idx in members.values()) * (1 - ratio) / ratio)
     return np.sort(np.concatenate([rng.choice(idx, min(cap, len(idx)), replace=False)
                                    for idx in members.values()]))

@@ -301,3 +301,30 @@ def compare_samples(a, b):
     u = stats.mannwhitneyu(a, b, alternative="two-sided")
     out["mwu_u"], out["mwu_p"] = float(u.statistic), float(u.pvalue)
     return out
+
+
+# ---------------------------------------------------------------- one evaluation's outputs
+def write_results(out, header, per_seed, y_true, scores, task, first_seed, title):
+    """What evaluate.py and finetune_beit.py leave in `out`: metrics.json (header, mean / std over
+    seeds, per-seed results), predictions.npz (test labels and scores of every seed), roc.png and
+    confusion.png of the first seed, and a printed summary. Returns the metrics.json dict."""
+    import json
+
+    from common.utils import atomic_write_text
+    names = list(per_seed[0]["test"])
+    summary = {k: mean_std([r["test"][k] for r in per_seed]) for k in names}
+    ci = bootstrap_auc_ci(y_true, scores[0], task, seed=first_seed)
+    result = {**header, "task": task, "n": len(per_seed), "mean": {k: m for k, (m, s) in summary.items()},
+              "std": {k: s for k, (m, s) in summary.items()}, "auc_ci95_first_seed": list(ci),
+              "per_seed": per_seed}
+    atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(result, indent=2))
+    np.savez(os.path.join(out, "predictions.npz"), y_true=y_true, y_score=scores[0],
+             y_score_per_seed=np.stack(scores), seeds=np.array([r["seed"] for r in per_seed]))
+    plot_roc(y_true, scores[0], task, os.path.join(out, "roc.png"), title=title)
+    plot_confusion(confusion(y_true, scores[0], task), os.path.join(out, "confusion.png"), title=title)
+    print(f"\n{title} test, n={len(per_seed)} seeds")
+    for k in names:
+        print(f"  {k:12s} {summary[k][0]:.4f} ± {summary[k][1]:.4f}")
+    print(f"  AUC 95% CI (bootstrap, seed {first_seed}): [{ci[0]:.4f}, {ci[1]:.4f}]")
+    print(f"wrote {out}/metrics.json")
+    return result

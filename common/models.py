@@ -92,12 +92,13 @@ def check_meta(meta, path, arch, stem, in_chans):
 
 
 @torch.no_grad()
-def features(encoder, images, in_chans, batch_size=512):
-    """Frozen-encoder features of a whole uint8 split, in eval mode (BN running statistics)."""
+def features(encoder, images, in_chans, batch_size=512, resize=None):
+    """Frozen-encoder features of a whole uint8 split, in eval mode (BN running statistics);
+    resize: see data.to_input."""
     from common.data import to_input
     was_training = encoder.training
     encoder.eval()
-    out = torch.cat([encoder(to_input(images[i:i + batch_size], in_chans).contiguous(
+    out = torch.cat([encoder(to_input(images[i:i + batch_size], in_chans, resize).contiguous(
         memory_format=torch.channels_last)).float() for i in range(0, len(images), batch_size)])
     encoder.train(was_training)
     return out

@@ -123,6 +123,13 @@ def test_undersampling_reaches_the_ratio_and_is_seeded():
     binary = np.array([0] * 147 + [1] * 399)  # BreastMNIST's train split
     idx = data.undersample_indices(binary, 0.4, seed=0)
     counts = np.bincount(binary[idx])
-    assert counts[0] == 147 and counts[1] == int(147 / 0.4)
+    assert counts[0] == 147 and counts[1] == round(147 * 0.6 / 0.4)  # 60/40, the paper's BreastMNIST split
+    assert abs(counts[0] / counts.sum() - 0.4) < 0.002
+    assert np.bincount(binary[data.undersample_indices(binary, 0.5, seed=0)]).tolist() == [147, 147]
+    three = np.array([0] * 10 + [1] * 50 + [2] * 12)  # multi-class: each larger class capped to 15
+    assert np.bincount(three[data.undersample_indices(three, 0.4, seed=0)]).tolist() == [10, 15, 12]
+    for bad in (0, 0.6, 1.0):
+        with pytest.raises(UserError, match="balance"):
+            data.undersample_indices(binary, bad, seed=0)
     assert np.array_equal(idx, data.undersample_indices(binary, 0.4, seed=0))
     assert not np.array_equal(idx, data.undersample_indices(binary, 0.4, seed=3))

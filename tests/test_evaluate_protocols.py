@@ -194,3 +194,36 @@ def test_compare_single_seed_and_bad_files(tmp_path, capsys):
         evaluate.compare_main([a, str(tmp_path / "missing.json")])
     with pytest.raises(UserError, match="metric 'precision' is not in both files"):
         evaluate.compare_main([a, a, "--metrics", "auc,precision"])
+
+
+# ---------------------------------------------------------------- --saliency, --resize, the step schedule
+def test_saliency_maps_of_the_fine_tuned_model_are_saved_for_the_first_test_images(tmp_path):
+    args = _args(tmp_path, "--saliency", "3", "--stem", "small")
+    encoder = models.build_encoder("resnet18", "small", 3)
+    _, _, model = _finetune(args, encoder)
+    test = _splits()[2]
+    evaluate.write_saliency(args, model, test)
+    maps = np.load(tmp_path / "saliency.npz")
+    assert maps["gradcam"].shape == maps["occlusion"].shape == (3, 28, 28)
+    assert np.array_equal(maps["images"], test.images[:3].numpy())
+    assert np.array_equal(maps["class_idx"], test.labels[:3].numpy())
+    assert str(maps["layer"]) == "layer4"  # the small stem keeps layer4 at 4x4: deep enough to locate
+    assert 0 <= maps["gradcam"].min() and maps["gradcam"].max() <= 1 + 1e-6
+    with pytest.raises(UserError, match="--saliency applies to --mode finetune"):
+        evaluate.resolve_args(evaluate.get_args_parser().parse_args(["--saliency", "2", "--out", str(tmp_path)]))
+
+
+def test_resize_upsamples_with_nearest_neighbours():
+    x = torch.arange(4, dtype=torch.uint8).view(1, 1, 2, 2)
+    up = data.to_input(x, 1, resize=4)
+    assert up.shape == (1, 1, 4, 4)
+    assert torch.equal(up[0, 0, :2, :2], torch.full((2, 2), up[0, 0, 0, 0].item()))  # each pixel a 2x2 block
+    assert torch.equal(data.to_input(x, 1, resize=2), data.to_input(x, 1))
+
+
+def test_step_schedule_is_medmnist_v2s_tenfold_drops_at_half_and_three_quarters():
+    from common import utils
+    lrs = [utils.learning_rate("step", s, 100, 1e-3) for s in range(100)]
+    assert lrs[49] == 1e-3 and abs(lrs[50] - 1e-4) < 1e-12 and abs(lrs[74] - 1e-4) < 1e-12
+    assert abs(lrs[75] - 1e-5) < 1e-13 and abs(lrs[99] - 1e-5) < 1e-13
+    assert utils.learning_rate("linear", 0, 10, 2.0) == 2.0 and utils.learning_rate("linear", 5, 10, 2.0) == 1.0

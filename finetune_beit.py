@@ -1,0 +1,313 @@
+"""Fine-tune the top layers of a pretrained BEiT on a MedMNIST dataset (paper 000).
+
+The BEiT is Hugging Face's BeitForImageClassification. Only its top --trainable-layers transformer
+layers, the pooler and a new classifier train (paper 000: 5 layers, ~63M of BEiT-large's 304M
+parameters); the epoch with the best validation AUC is tested, as evaluate.py does.
+
+    python finetune_beit.py --data breastmnist --size 28                   # "BEiT (28)": 28 px upsampled to 224
+    python finetune_beit.py --data breastmnist --size 224 --balance 0.4    # "BEiT (224) balanced", MedMNIST+ files
+    python finetune_beit.py --model ./beit-large-patch16-224 --data pneumoniamnist   # a downloaded copy
+"""
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import data, metrics, utils
+from common.utils import UserError
+
+PAPER_MODEL = "microsoft/beit-large-patch16-224"
+# PIL resample codes of a processor's config -> torch.nn.functional.interpolate modes
+RESAMPLE = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("finetune_beit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    utils.add_common_flags(parser, data_help="labelled MedMNIST 2D flag (paper 000: breastmnist, pneumoniamnist)",
+                           resnet=False)
+
+    # * Model
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=PAPER_MODEL,
+                   help="a BEiT id on the Hugging Face hub or a local folder saved with save_pretrained (paper 000: "
+                        f"{PAPER_MODEL}: 24 layers, hidden 1024, 16 heads, 304M parameters)")
+    g.add_argument("--trainable-layers", type=int, default=5,
+                   help="top transformer layers that train, with the pooler and the classifier; all others stay "
+                        "frozen (paper 000: 5, ~63M parameters, ~20%% of BEiT-large)")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, ~30%% more time")
+
+    # * Data
+    g = parser.add_argument_group("training data")
+    g.add_argument("--balance", type=float, default=None,
+                   help="undersample the training split's larger classes, seeded, so the minority is this share "
+                        "(paper 000: 0.4 for BreastMNIST's 60/40, 0.5 for PneumoniaMNIST's 50/50); default: all images")
+
+    # * Optimisation
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=5, help="paper 000: 5")
+    g.add_argument("--lr", type=float, default=3e-4, help="AdamW lr (paper 000: 3e-4)")
+    g.add_argument("--batch-size", type=int, default=32,
+                   help="paper 000 tuned it per dataset without giving the value")
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW weight decay (paper 000 tuned it per dataset without giving the value)")
+    g.add_argument("--lr-schedule", default="linear", choices=list(utils.LR_SCHEDULES),
+                   help="linear decay to 0 = the Hugging Face Trainer's default, which paper 000's Hugging Face "
+                        "pipeline presumably used (it does not say)")
+    g.add_argument("--seeds", type=int, default=1, help="seeded repeats (seed, seed+1, ...), reported as mean ± std")
+    g.add_argument("--eval-batch-size", type=int, default=128, help="images per forward pass when scoring")
+    return parser
+
+
+def resolve_args(args):
+    if "," in args.data:
+        raise UserError("finetune_beit.py takes one --data flag")
+    if args.trainable_layers < 0:
+        raise UserError(f"--trainable-layers must be 0 or more, got {args.trainable_layers}")
+    if args.seeds <= 0:
+        raise UserError(f"--seeds must be positive, got {args.seeds}")
+    args.out = args.out or utils.default_out("finetune_beit", args.data)
+    return args
+
+
+# ---------------------------------------------------------------- model and processor
+def _offline_error(name, e):
+    return UserError(f"cannot load BEiT {name!r}: it is not a local folder and the Hugging Face hub is not "
+                     f"reachable ({type(e).__name__}); download it where there is internet (hf download {name} "
+                     f"--local-dir beit) and pass --model beit")
+
+
+def _transformers():
+    # MEDSSL_NO_DOWNLOAD=1 (the project's offline switch) must also stop the hub's retries, and
+    # huggingface_hub reads HF_HUB_OFFLINE when it is first imported.
+    if os.environ.get("MEDSSL_NO_DOWNLOAD") == "1":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    transformers.logging.set_verbosity_error()  # the expected "newly initialised classifier" warning
+    transformers.logging.disable_progress_bar()
+    return transformers
+
+
+def load_model(name, n_out):
+    """The pretrained BEiT with a new n_out-way classifier, drawn from torch's current seed."""
+    transformers = _transformers()
+    try:
+        return transformers.BeitForImageClassification.from_pretrained(name, num_labels=n_out,
+                                                                       ignore_mismatched_sizes=True)
+    except OSError as e:
+        if os.path.isdir(name):
+            raise UserError(f"{name} is not a BEiT saved with save_pretrained: {e}".replace("\n", " "))
+        raise _offline_error(name, e)
+
+
+def load_processor(name):
+    """The model's BeitImageProcessor settings (resize, rescale, normalise) as plain values; a folder
+    without preprocessor_config.json gets BeitImageProcessor's defaults at the model's resolution."""
+    transformers = _transformers()
+    try:
+        processor = transformers.BeitImageProcessor.from_pretrained(name)
+    except OSError as e:
+        if not os.path.isdir(name):
+            raise _offline_error(name, e)
+        try:
+            side = transformers.BeitConfig.from_pretrained(name).image_size
+        except OSError:
+            raise UserError(f"{name} is not a BEiT saved with save_pretrained (no config.json)")
+        print(f"note: {name} has no preprocessor_config.json; using BeitImageProcessor's defaults")
+        processor = transformers.BeitImageProcessor(size={"height": side, "width": side})
+    if processor.do_center_crop or processor.do_reduce_labels or not processor.do_resize:
+        raise UserError(f"{name}'s image processor crops or does not resize; finetune_beit.py reproduces "
+                        "resize + rescale + normalise only")
+    if int(processor.resample) not in RESAMPLE:
+        raise UserError(f"{name}'s image processor resamples with PIL code {int(processor.resample)}; "
+                        f"supported: {sorted(RESAMPLE)} (nearest, bilinear, bicubic)")
+    return {"size": (processor.size["height"], processor.size["width"]), "mode": RESAMPLE[int(processor.resample)],
+            "scale": float(processor.rescale_factor), "normalize": bool(processor.do_normalize),
+            "mean": list(processor.image_mean), "std": list(processor.image_std)}
+
+
+def set_trainable(model, k):
+    """Freeze everything but the top k encoder layers, the pooler and the classifier (paper 000).
+    Models without a pooler (use_mean_pooling false) pool through beit.layernorm, which then trains
+    in its place. Returns (trainable, total) parameter counts."""
+    model.requires_grad_(False)
+    layers = model.beit.layers if hasattr(model.beit, "layers") else model.beit.encoder.layer  # transformers 5 / 4
+    if k > len(layers):
+        raise UserError(f"--trainable-layers {k} is more than the model's {len(layers)} layers")
+    top = [model.classifier, model.beit.pooler or model.beit.layernorm, *layers[len(layers) - k:]]
+    for module in top:
+        module.requires_grad_(True)
+    count = lambda params: sum(p.numel() for p in params)  # noqa: E731
+    return count(p for p in model.parameters() if p.requires_grad), count(model.parameters())
+
+
+# ---------------------------------------------------------------- batched preprocessing on the device
+def resize_like_pil(x, size, mode):
+    """uint8 (B, 3, H, W) -> uint8 (B, 3, *size) as BeitImageProcessor's PIL resize gives it.
+    On the CPU, torch's antialiased uint8 kernels are Pillow's own algorithm (identical output).
+    Other devices have no uint8 kernels, so the float kernels run as Pillow does: width first,
+    rounded to uint8, then height (measured: 28 -> 224 px bicubic differs by one grey level in
+    ~0.04% of pixels)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest-exact":
+        return F.interpolate(x, size=size, mode=mode)
+    if x.device.type == "cpu":
+        return F.interpolate(x, size=size, mode=mode, antialias=True)
+    x = F.interpolate(x.float(), size=(x.shape[-2], size[1]), mode=mode, antialias=True).round_().clamp_(0, 255)
+    return F.interpolate(x, size=size, mode=mode, antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def beit_inputs(images, prep):
+    """uint8 (B, C, H, W) on the device -> the pixel_values the model's BeitImageProcessor makes of the
+    same images: gray repeated to RGB (PIL's convert("RGB")), resized, rescaled, normalised."""
+    x = resize_like_pil(images.expand(-1, 3, -1, -1), prep["size"], prep["mode"]).float() * prep["scale"]
+    if prep["normalize"]:
+        mean = torch.tensor(prep["mean"], device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(prep["std"], device=x.device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+    return x
+
+
+# ---------------------------------------------------------------- loss and scores
+def loss_fn(logits, labels, task):
+    """Paper 000: binary tasks are one logit with binary cross-entropy; multi-class: cross-entropy;
+    multi-label: binary cross-entropy per label."""
+    logits = logits.float()
+    if task == metrics.BINARY:
+        return F.binary_cross_entropy_with_logits(logits[:, 0], labels.float())
+    if task == metrics.MULTI_LABEL:
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    return F.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def predict(model, images, prep, task, batch_size, autocast):
+    """Class probabilities of a whole split; binary as two columns (1 - p, p) like evaluate.py's."""
+    model.eval()
+    with autocast():
+        logits = torch.cat([model(pixel_values=beit_inputs(images[i:i + batch_size], prep)).logits.float()
+                            for i in range(0, len(images), batch_size)])
+    if task == metrics.BINARY:
+        p = torch.sigmoid(logits[:, 0])
+        return torch.stack([1 - p, p], dim=1).cpu().numpy()
+    probs = torch.sigmoid(logits) if task == metrics.MULTI_LABEL else logits.softmax(dim=1)
+    return probs.cpu().numpy()
+
+
+# ---------------------------------------------------------------- one seeded fine-tuning run
+def run_seed(args, seed, splits, prep, device, log):
+    utils.seed_everything(seed)  # the new classifier's init, the batches and the undersampling
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    task = train.task
+    model = load_model(args.model, 1 if task == metrics.BINARY else train.n_classes)
+    n_trainable, n_total = set_trainable(model, args.trainable_layers)
+    print(f"seed {seed}: trainable parameters {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.1f}%)")
+    model.to(device)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    # bf16 autocast on CUDA (paper-scale BEiT-large); full precision on the CPU
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")  # noqa: E731
+
+    idx = np.arange(len(train.labels))
+    if args.balance is not None:
+        idx = data.undersample_indices(train.labels, args.balance, seed)
+    idx = torch.as_tensor(idx, device=device)
+    if args.batch_size > len(idx):
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(idx)} training images; "
+                        f"use --batch-size {len(idx)} or less")
+    # LayerNorm, not BatchNorm: the last, partial batch is kept, as the Hugging Face Trainer does
+    steps = math.ceil(len(idx) / args.batch_size)
+    steps = min(steps, args.max_steps) if args.max_steps else steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    gen = torch.Generator(device).manual_seed(seed)
+    y_val = val.labels.cpu().numpy()
+
+    best = {"val_auc": -1.0, "epoch": -1, "state": None}
+    for epoch in range(args.epochs):
+        model.train()  # the whole model, as the Trainer does: stochastic depth stays on in frozen layers
+        perm = idx[torch.randperm(len(idx), generator=gen, device=device)]
+        losses, start = [], time.time()
+        for i in range(steps):
+            lr = utils.schedule_step(optimizer, args.lr_schedule, epoch * steps + i, args.epochs * steps, args.lr)
+            batch = perm[i * args.batch_size:(i + 1) * args.batch_size]
+            with autocast():
+                logits = model(pixel_values=beit_inputs(train.images[batch], prep)).logits
+            loss = loss_fn(logits, train.labels[batch], task)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        seen = min(steps * args.batch_size, len(idx))
+        loss = utils.mean_finite_loss(losses, (epoch + 1) * steps, epoch, args.out)
+        val_auc = metrics.auc(y_val, predict(model, val.images, prep, task, args.eval_batch_size, autocast), task)
+        log({"seed": seed, "epoch": epoch, "loss": loss, "lr": lr, "val_auc": round(val_auc, 5),
+             "images_per_sec": round(seen / (time.time() - start), 1)})
+        if val_auc > best["val_auc"]:  # keep the trainable weights of the best epoch (on the CPU)
+            best = {"val_auc": val_auc, "epoch": epoch,
+                    "state": {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}}
+
+    model.load_state_dict(best["state"], strict=False)
+    # the checkpoint: only the trainable weights + the config (the frozen ones are --model's)
+    utils.save_checkpoint({"trainable": best["state"], "config": model.config.to_dict(),
+                           "meta": {"method": "beit", "model": args.model, "trainable_layers": args.trainable_layers,
+                                    "seed": seed, "best_epoch": best["epoch"], "val_auc": best["val_auc"]}},
+                          os.path.join(args.out, f"checkpoint_seed{seed}.pt"))
+    y_score = predict(model, test.images, prep, task, args.eval_batch_size, autocast)
+    info = {"val_auc": best["val_auc"], "best_epoch": best["epoch"], "trainable_params": n_trainable,
+            "total_params": n_total, "train_images": len(idx)}
+    return y_score, info
+
+
+def load_finetuned(ckpt, model=None):
+    """A fine-tuned BEiT back from checkpoint_seed<N>.pt: the frozen weights from `model` (default:
+    the --model it was trained from), the trainable ones from the checkpoint."""
+    state = utils.load_checkpoint(ckpt)
+    net = load_model(model or state["meta"]["model"], len(state["config"]["id2label"]))
+    missing = set(state["trainable"]) - set(dict(net.named_parameters()))
+    if missing:
+        raise UserError(f"{ckpt} does not fit {model or state['meta']['model']}: no {sorted(missing)[0]} there")
+    net.load_state_dict(state["trainable"], strict=False)
+    return net.eval()
+
+
+def main():
+    args = resolve_args(utils.parse_args(get_args_parser()))
+    device = utils.pick_device(args.device)
+
+    # ---- data: the three splits, whole, as uint8 on the device; resized batch by batch
+    splits = {s: data.load_split(args.data, s, args.size, args.data_root, device) for s in ("train", "val", "test")}
+    prep = load_processor(args.model)
+    utils.prepare_run_dir(args.out, args, done_file="metrics.json")
+    log_path = os.path.join(args.out, "log.jsonl")
+
+    def log(record):
+        print(record)
+        utils.append_jsonl(log_path, record)
+
+    # ---- seeded runs
+    task = splits["test"].task
+    y_true = splits["test"].labels.cpu().numpy()
+    per_seed, scores = [], []
+    for seed in range(args.seed, args.seed + args.seeds):
+        y_score, info = run_seed(args, seed, splits, prep, device, log)
+        test_metrics = metrics.classification_metrics(y_true, y_score, task)
+        per_seed.append({"seed": seed, "test": test_metrics, **info})
+        scores.append(y_score)
+        print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
+
+    # ---- save: metrics.json, predictions.npz, plots, and a printed table
+    name = f"BEiT ({args.size})" + (" balanced" if args.balance is not None else "")
+    header = {"data": args.data, "size": args.size, "mode": "finetune_beit", "encoder": name, "model": args.model,
+              "args": vars(args)}
+    metrics.write_results(args.out, header, per_seed, y_true, scores, task, args.seed, title=f"{args.data} {name}")
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
