@@ -22,4 +22,6 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_speed.py --out runs/bench-speed/speed.json
+	$(PY) benchmarks/bench_resources.py --out runs/bench-resources
 	$(PY) benchmarks/bench_byol_step.py

@@ -55,6 +55,17 @@ def synthetic(tmp_path, monkeypatch):
     return make
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread in the test process: the workloads are tiny, so one thread is as fast as
+    several on a free machine and much faster on a busy one (idle threads spin against others)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_cli(*args, env=None, cwd=REPO):
     """Run a script as a user would; returns the CompletedProcess (text)."""
     # one thread: the CLI tests run tiny workloads, where thread start-up costs more than it gains

@@ -18,12 +18,7 @@ from conftest import REPO, run_cli
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny workloads: see conftest.one_thread
 
 
 # ---------------------------------------------------------------- loss

@@ -44,12 +44,7 @@ MODULES = {"byol": ["encoder", "projector", "predictor", "target_encoder", "targ
            "barlow": ["encoder", "projector"]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny workloads: see conftest.one_thread
 
 
 def relative(a, b):

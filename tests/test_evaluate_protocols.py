@@ -16,12 +16,7 @@ from conftest import run_cli
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}   # tiny workloads: see tests/test_barlow.py
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny workloads: see conftest.one_thread
 
 
 def _args(tmp_path, *flags):

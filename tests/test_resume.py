@@ -31,12 +31,7 @@ COMMANDS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny workloads: see conftest.one_thread
 
 
 def start(command, out, *extra, output=subprocess.PIPE):
