@@ -1,0 +1,108 @@
+# Shared by scripts/reproduce_*.sh (sourced, not run): argument parsing, the run-or-skip step and the
+# report. Each reproduce script sets PAPER, then calls parse_args "$@", step ... for every run, and
+# finally write_spec + make_report.
+#
+# Why a step never stops the script: a paper has dozens of runs, and one that cannot be done here
+# (a dataset or weights that cannot be downloaded, a GPU-sized run) must become a "not run: <reason>"
+# line in the report, not abort the reproduction or leave a silent gap.
+
+PY=${PY:-.venv/bin/python}
+QUICK=${QUICK:-0}
+DRY_RUN=${DRY_RUN:-0}
+
+die() {  # one line on stderr, exit 2: the convention of every Python tool here
+  echo "error: $*" >&2
+  exit 2
+}
+
+parse_args() {
+  local arg
+  for arg in "$@"; do
+    case $arg in
+      --dry-run) DRY_RUN=1 ;;
+      -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+      *) die "unknown argument '$arg' (accepted: --dry-run, --help; QUICK=1 selects the CPU-scale mode)" ;;
+    esac
+  done
+  [[ $QUICK == 0 || $QUICK == 1 ]] || die "QUICK must be 0 or 1, got '$QUICK'"
+  [[ $DRY_RUN == 0 || $DRY_RUN == 1 ]] || die "DRY_RUN must be 0 or 1, got '$DRY_RUN'"
+  [[ -x $PY ]] || die "no Python at $PY (run 'make test' once to create .venv, or set PY=...)"
+  if [[ $QUICK == 1 ]]; then
+    # QUICK only ever reads the real files offline: nothing is downloaded behind the report's back
+    export MEDSSL_NO_DOWNLOAD=1
+    if [[ -z ${MEDMNIST_ROOT:-} && -d ../shared/data/medmnist ]]; then
+      MEDMNIST_ROOT=$(cd ../shared/data/medmnist && pwd)
+      export MEDMNIST_ROOT
+    fi
+  fi
+  echo "# $PAPER: $([[ $QUICK == 1 ]] && echo QUICK \(CPU-scale\) || echo paper-scale) mode," \
+       "runs in $RUNS, report in $RESULTS$([[ $DRY_RUN == 1 ]] && echo ', dry run: nothing is trained')"
+}
+
+# finished DIR: true when DIR holds a finished evaluation (metrics.json) or a pretraining checkpoint
+# whose epoch has reached the run's --epochs. The Python tools refuse to relaunch a finished run, so
+# this check, not their error, is what lets an interrupted reproduction continue where it stopped.
+finished() {
+  local dir=$1
+  [[ -f $dir/metrics.json ]] && return 0
+  [[ -f $dir/checkpoint.pt && -f $dir/args.yaml ]] || return 1
+  "$PY" - "$dir" <<'EOF'
+import sys, torch, yaml
+d = sys.argv[1]
+epochs = yaml.safe_load(open(f"{d}/args.yaml"))["epochs"]
+sys.exit(0 if torch.load(f"{d}/checkpoint.pt", map_location="cpu", weights_only=True)["epoch"] >= epochs else 1)
+EOF
+}
+
+# step DIR COMMAND...: run COMMAND (whose --out is DIR) unless DIR is finished. Its output goes to
+# DIR/output.log; on failure the tool's one-line error goes to DIR/not_run.txt, which report.py
+# prints as the row's "not run" reason, and the reproduction goes on.
+step() {
+  local dir=$1 arg start rc=0 reason last
+  shift
+  if finished "$dir"; then
+    echo "skip    $dir (finished)"
+    return 0
+  fi
+  if [[ $DRY_RUN == 1 ]]; then
+    echo "run     $*"
+    return 0
+  fi
+  mkdir -p "$dir"
+  # a run on the checkpoint of a step that could not run says why, instead of "file not found"
+  for arg in "$@"; do
+    if [[ $arg == */checkpoint.pt && -f ${arg%/*}/not_run.txt ]]; then
+      echo "needs ${arg%/*}, not run: $(cat "${arg%/*}/not_run.txt")" >"$dir/not_run.txt"
+      echo "not run $dir: $(cat "$dir/not_run.txt")"
+      return 0
+    fi
+  done
+  rm -f "$dir/not_run.txt"  # an earlier failure may be gone (weights downloaded since, a GPU now)
+  start=$SECONDS
+  "$@" >"$dir/output.log" 2>&1 || rc=$?
+  if ((rc == 0)); then
+    echo "done    $dir ($((SECONDS - start)) s)"
+    return 0
+  fi
+  # killed by a signal (Ctrl-C, kill, the OOM killer): stop; the next launch resumes this step
+  if ((rc > 128)); then
+    echo "stopped $dir (signal $((rc - 128)))" >&2
+    exit "$rc"
+  fi
+  # exit 2 is a tool's "cannot do this" line (error: ...); anything else is a crash, said as such
+  reason=$(grep '^error:' "$dir/output.log" | tail -n 1 || true)
+  last=$(tail -n 1 "$dir/output.log")
+  [[ -n $reason ]] || reason="failed with exit code $rc${last:+: $last}"
+  echo "$reason" >"$dir/not_run.txt"
+  echo "not run $dir: $reason"
+}
+
+# make_report: scripts/report.py on $RESULTS/spec.yaml (written by the script's write_spec). A dry run
+# writes the spec too, so that it can be checked, but builds no report.
+make_report() {
+  if [[ $DRY_RUN == 1 ]]; then
+    echo "report  $PY scripts/report.py --spec $RESULTS/spec.yaml --out $RESULTS"
+    return 0
+  fi
+  "$PY" scripts/report.py --spec "$RESULTS/spec.yaml" --out "$RESULTS"
+}
