@@ -28,7 +28,9 @@ from common.utils import UserError
 
 # Per-mode defaults of paper 001 (§5.2-5.4): fine-tune 25 epochs at 1e-3, few-shot 25-50 epochs
 # at 1e-2 on 20 samples, linear probe 50 epochs at 1e-2.
-MODE_DEFAULTS = {"finetune": {"epochs": 25, "lr": 1e-3}, "fewshot": {"epochs": 50, "lr": 1e-2},
+# precise_bn is ours, not paper 001's: see --precise-bn.
+MODE_DEFAULTS = {"finetune": {"epochs": 25, "lr": 1e-3, "precise_bn": "off"},
+                 "fewshot": {"epochs": 50, "lr": 1e-2, "precise_bn": "on"},
                  "linear_probe": {"epochs": 50, "lr": 1e-2}, "knn": {"epochs": 1, "lr": 1.0}}
 PROBE_C = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strengths tried by the fast linear probe
 KNN_K = (5, 10, 20, 50)
@@ -93,6 +95,11 @@ def get_args_parser():
     g.add_argument("--tta", type=int, default=0,
                    help="test-time augmentation: average the class probabilities of K passes augmented with "
                         "--train-aug (paper 003: 3; 0 = off)")
+    g.add_argument("--precise-bn", default=None, choices=["on", "off"],
+                   help="before each validation, recompute BatchNorm's running statistics over the training images "
+                        "(default: on for fewshot, off for finetune). With one step per epoch at lr 1e-2 the "
+                        "running averages lag the weights and the eval-mode network outputs one class (measured: "
+                        "test AUC 0.50 without, 0.78-0.80 with, PneumoniaMNIST 20 shots)")
     g.add_argument("--saliency", type=int, default=0, metavar="N",
                    help="finetune / fewshot: write saliency.npz, Grad-CAM and occlusion maps of the first seed's "
                         "model on the first N test images for their true class (paper 002's figure; 0 = off)")
@@ -105,14 +112,14 @@ def resolve_args(args):
     if "," in args.data:
         raise UserError("evaluate.py takes one --data flag")
     for key, value in MODE_DEFAULTS[args.mode].items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.seeds <= 0:
         raise UserError(f"--seeds must be positive, got {args.seeds}")
     full_model = args.mode in ("finetune", "fewshot")
     for flag, used in (("--freeze", args.freeze != "none"), ("--lr auto", args.lr == "auto"),
                        ("--head-epochs", args.head_epochs), ("--tta", args.tta), ("--train-aug", args.train_aug != "none"),
-                       ("--saliency", args.saliency)):
+                       ("--saliency", args.saliency), ("--precise-bn", args.precise_bn == "on")):
         if used and not full_model:
             raise UserError(f"{flag} applies to --mode finetune / fewshot, not {args.mode}")
     if args.resize is not None and args.resize <= 0:
@@ -154,6 +161,22 @@ def train_mode(args, model):
         models.frozen_bn_eval(model)
 
 
+@torch.no_grad()
+def recompute_bn_stats(args, model, images, prepare, batch_size):
+    """Precise BN: replace the running statistics of every BatchNorm that trains with their exact
+    average over `images` under the current weights (momentum None = cumulative mean over batches)."""
+    train_mode(args, model)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    for i in range(0, len(images), batch_size):
+        model(prepare(images[i:i + batch_size]))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+
+
 def train_select(args, model, optimizer, train, val, prepare, task, seed, log, prepare_train=None, lr=None):
     """Train for args.epochs; keep the weights of the epoch with the best validation AUC.
     prepare_train: the training batches' preparation (default `prepare`), e.g. with augmentation;
@@ -179,6 +202,8 @@ def train_select(args, model, optimizer, train, val, prepare, task, seed, log, p
             loss.backward()
             optimizer.step()
             total += loss.item()
+        if getattr(args, "precise_bn", "off") == "on":
+            recompute_bn_stats(args, model, x_train, prepare, args.batch_size)
         val_auc = metrics.auc(y_val_np, predict(model, x_val, prepare, task), task)
         log({"seed": seed, "epoch": epoch, "loss": total / steps, "val_auc": round(val_auc, 5)})
         if val_auc > best_auc:

@@ -6,7 +6,7 @@
 # numbers, and confusion matrices of the fine-tuned models.
 #
 #   bash scripts/reproduce_byol.sh            # paper scale (GPU, configs/paper001_byol.yaml): -> runs/byol, results/byol
-#   QUICK=1 bash scripts/reproduce_byol.sh    # CPU scale (~10 min on 2 cores): -> runs/quick/byol, results/quick/byol
+#   QUICK=1 bash scripts/reproduce_byol.sh    # CPU scale (~40 min on 2 cores): -> runs/quick/byol, results/quick/byol
 #   bash scripts/reproduce_byol.sh --dry-run  # (or DRY_RUN=1) list the runs, write the spec, train nothing
 #
 # Finished runs are skipped, so re-running continues an interrupted reproduction. A dataset or weights
@@ -23,7 +23,8 @@ if [[ $QUICK == 1 ]]; then
   # PneumoniaMNIST's train images stand in for ChestMNIST (not on this machine); random init, as
   # no ImageNet weights can be downloaded; 3 epochs of 25 batches of 64 instead of 1000 epochs
   PRETRAIN=(--config configs/cpu_demo_byol.yaml --data pneumoniamnist --init random --epochs 3 --max-steps 25)
-  declare -A EVAL=([finetune]="--epochs 3 --max-steps 10 --seeds 2" [linear_probe]="--seeds 2"
+  # --precise-bn on: with 30 steps BN's running averages lag the weights (see evaluate.py --precise-bn)
+  declare -A EVAL=([finetune]="--epochs 3 --max-steps 10 --precise-bn on --seeds 2" [linear_probe]="--seeds 2"
                    [fewshot]="--shots 20 --epochs 15 --seeds 2")
   # the ImageNet-init base model cannot be had offline: a random-init encoder stands beside it
   BASELINES=(imagenet random)
@@ -63,13 +64,16 @@ if [[ $QUICK == 1 ]]; then
   INTRO="QUICK (CPU-scale) mode, not the paper's numbers. Substitutions: BYOL / BYOL+ pretrained on the
 PneumoniaMNIST train images (labels unused) instead of ChestMNIST, from a random init instead of
 ImageNet, for 3 epochs of 25 batches of 64 (paper: 1000 epochs, batch 256); fine-tuning 3 epochs of
-at most 10 batches (paper: 25 epochs), few-shot 15 epochs (paper: 50), the logistic-regression probe
+at most 10 batches (paper: 25 epochs), few-shot 15 epochs (paper: 50), both with BatchNorm statistics
+recomputed on the training images before each validation (--precise-bn on; few-shot does so at paper
+scale too, as one step per epoch at lr 1e-2 otherwise leaves a one-class network), the logistic-regression probe
 instead of the 50-epoch SGD head, 2 seeds. The paper's base model (ImageNet init) cannot be had offline;
 a random-init row stands beside it. DermaMNIST is not on this machine. Only the real
 pneumoniamnist.npz and breastmnist.npz were read."
 else
   INTRO="Paper scale: configs/paper001_byol.yaml (ChestMNIST, ImageNet init, 1000 epochs, batch 256,
-Adam 1e-4, EMA 0.99); evaluation as paper 001 §5, 3 seeds."
+Adam 1e-4, EMA 0.99); evaluation as paper 001 §5, 3 seeds. Few-shot recomputes BatchNorm statistics
+on the 20 images per class before each validation (evaluate.py --precise-bn, our addition)."
 fi
 # published (paper 001, from REFERENCE.md; its AUCs came from thresholded labels, ours from scores):
 # fine-tune AUC ACC / linear-probe AUC / few-shot AUC, per dataset and model

@@ -222,3 +222,41 @@ def test_step_schedule_is_medmnist_v2s_tenfold_drops_at_half_and_three_quarters(
     assert lrs[49] == 1e-3 and abs(lrs[50] - 1e-4) < 1e-12 and abs(lrs[74] - 1e-4) < 1e-12
     assert abs(lrs[75] - 1e-5) < 1e-13 and abs(lrs[99] - 1e-5) < 1e-13
     assert utils.learning_rate("linear", 0, 10, 2.0) == 2.0 and utils.learning_rate("linear", 5, 10, 2.0) == 1.0
+
+
+# ---------------------------------------------------------------- --precise-bn
+def test_precise_bn_sets_running_means_to_the_training_images_mean_and_spares_frozen_stages(tmp_path):
+    args = _args(tmp_path, "--freeze", "stem")
+    model = torch.nn.Sequential(_encoder(), torch.nn.Linear(512, 2))
+    models.freeze_through(model[0], "stem")
+    stem_bn, layer1_bn = model[0].bn1, model[0].layer1[0].bn1
+    stem_before = stem_bn.running_mean.clone()
+    x = _splits()[0].images
+    prepare = lambda im: data.to_input(im, 3)
+    evaluate.recompute_bn_stats(args, model, x, prepare, batch_size=8)  # 3 equal batches: exact mean
+    assert torch.equal(stem_bn.running_mean, stem_before)  # frozen stage: untouched
+    with torch.no_grad():  # layer1's first BN sees conv1 of the (frozen, eval-mode) stem's output
+        enc = model[0].eval()
+        h = enc.conv1(prepare(x))
+        h = enc.maxpool(enc.relu(enc.bn1(h)))
+        expected = model[0].layer1[0].conv1(h).mean(dim=(0, 2, 3))
+    assert torch.allclose(layer1_bn.running_mean, expected, atol=1e-5)
+    assert layer1_bn.momentum == 0.1  # restored after the cumulative average
+
+
+def test_precise_bn_defaults_on_for_fewshot_only(tmp_path):
+    assert _args(tmp_path, "--mode", "fewshot").precise_bn == "on"
+    assert _args(tmp_path).precise_bn == "off"
+    assert _args(tmp_path, "--precise-bn", "on").precise_bn == "on"
+    with pytest.raises(UserError, match="--precise-bn applies to --mode finetune"):
+        _args(tmp_path, "--mode", "linear_probe", "--precise-bn", "on")
+
+
+def test_precise_bn_runs_before_each_validation(tmp_path, monkeypatch):
+    calls = []
+    real = evaluate.recompute_bn_stats
+    monkeypatch.setattr(evaluate, "recompute_bn_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _finetune(_args(tmp_path, "--epochs", "2", "--precise-bn", "on"), _encoder())
+    assert len(calls) == 2
+    _finetune(_args(tmp_path, "--epochs", "2"), _encoder())
+    assert len(calls) == 2
