@@ -55,10 +55,11 @@ def synthetic(tmp_path, monkeypatch):
     return make
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """One intra-op thread in the test process: the workloads are tiny, so one thread is as fast as
-    several on a free machine and much faster on a busy one (idle threads spin against others)."""
+    """One intra-op thread in every test: the workloads are tiny, so one thread is as fast as several
+    on a free machine and much faster on a busy one (idle threads spin against others: 3 tiny BYOL
+    steps took 26 s with 2 threads beside another job, 1.5 s with one)."""
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -13,13 +13,6 @@ from common import models, utils
 from common.utils import UserError
 from conftest import REPO, run_cli
 
-# These workloads are tiny: one intra-op thread is as fast as several on a free machine and much
-# faster on a busy one (idle threads spinning against other processes).
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny workloads: see conftest.one_thread
-
 
 # ---------------------------------------------------------------- loss
 def whitened(n=256, d=8, seed=0):
@@ -320,7 +313,7 @@ def test_cli_pretrain_then_evaluate_on_real_data(real_root, tmp_path):
            "--sparsity-norm", "l21", "--freeze-encoder-epochs", "1", "--trainable", "last-block",
            "--lr", "auto", "--lr-range", "1e-5", "1", "5", "--lr-schedule", "1cycle", "--oversample", "0:2",
            "--out", str(run))
-    r = run_cli(*cmd, env=ONE_THREAD)
+    r = run_cli(*cmd)
     assert r.returncode == 0, r.stderr
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 4 and state["meta"]["method"] == "barlow"
@@ -336,13 +329,13 @@ def test_cli_pretrain_then_evaluate_on_real_data(real_root, tmp_path):
 
     out = tmp_path / "probe"
     r = run_cli("evaluate.py", "--ckpt", str(run / "checkpoint.pt"), "--data", "breastmnist", "--data-root",
-                real_root, "--mode", "linear_probe", "--out", str(out), env=ONE_THREAD)
+                real_root, "--mode", "linear_probe", "--out", str(out))
     assert r.returncode == 0, r.stderr
     result = json.load(open(out / "metrics.json"))
     assert 0 <= result["mean"]["auc"] <= 1 and "weighted_f1" in result["mean"]
 
     # a finished run is kept; the same command again is refused
-    r = run_cli(*cmd, env=ONE_THREAD)
+    r = run_cli(*cmd)
     assert r.returncode == 2 and "finished run" in r.stderr
 
 
@@ -355,7 +348,7 @@ def test_bad_flags_are_one_line_errors(real_root, tmp_path, monkeypatch):
         monkeypatch.setattr("sys.argv", base + flags)
         with pytest.raises(UserError, match=needle.replace("(", r"\(").replace("+", r"\+")):
             pretrain_barlow.main()
-    r = run_cli(*base, "--oversample", "1:x", env=ONE_THREAD)
+    r = run_cli(*base, "--oversample", "1:x")
     assert r.returncode == 2 and r.stderr.startswith("error: --oversample") and len(r.stderr.strip().splitlines()) == 1
 
 

@@ -44,9 +44,6 @@ MODULES = {"byol": ["encoder", "projector", "predictor", "target_encoder", "targ
            "barlow": ["encoder", "projector"]}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny workloads: see conftest.one_thread
-
-
 def relative(a, b):
     return ((a - b).norm() / b.norm()).item()
 

@@ -13,11 +13,6 @@ from common import data, models
 from common.utils import UserError
 from conftest import run_cli
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}   # tiny workloads: see tests/test_barlow.py
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny workloads: see conftest.one_thread
-
 
 def _args(tmp_path, *flags):
     args = evaluate.get_args_parser().parse_args(
@@ -162,7 +157,7 @@ def test_compare_p_values_match_scipy(tmp_path):
     b_auc, b_acc = [0.85, 0.86, 0.84, 0.88, 0.83, 0.87], [0.74, 0.71, 0.75, 0.76, 0.73, 0.72]
     a, b = _metrics_file(tmp_path / "a.json", a_auc, a_acc), _metrics_file(tmp_path / "b.json", b_auc, b_acc)
     out = tmp_path / "cmp.json"
-    r = run_cli("evaluate.py", "compare", a, b, "--out", str(out), env=ONE_THREAD)
+    r = run_cli("evaluate.py", "compare", a, b, "--out", str(out))
     assert r.returncode == 0, r.stderr
     rows = json.load(open(out))["metrics"]
     for name, (xa, xb) in {"auc": (a_auc, b_auc), "acc": (a_acc, b_acc)}.items():

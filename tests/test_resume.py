@@ -31,9 +31,6 @@ COMMANDS = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny workloads: see conftest.one_thread
-
-
 def start(command, out, *extra, output=subprocess.PIPE):
     return subprocess.Popen([sys.executable, *command, "--out", str(out), *extra], cwd=REPO, env=ENV,
                             stdout=output, stderr=output, text=True)
