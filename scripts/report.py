@@ -107,6 +107,8 @@ def cell(values):
     if not values:
         return "–"
     mean, std = metrics.mean_std(values)  # sample std (ddof=1), as everywhere in the project
+    if len(values) == 1:  # one value has no spread to report: "± 0.000" would claim one
+        return f"{mean:.3f} (n=1)"
     return f"{mean:.3f} ± {std:.3f} (n={len(values)})"
 
 

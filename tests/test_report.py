@@ -184,3 +184,9 @@ def test_cli_reads_a_yaml_spec(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["report.py", "--spec", str(tmp_path / "missing.yaml"), "--out", str(tmp_path)])
     with pytest.raises(UserError, match="cannot read the spec"):
         report.main()
+
+
+def test_a_single_value_is_shown_without_a_spread():
+    assert report.cell([0.91234]) == "0.912 (n=1)"
+    assert report.cell([0.9, 0.8]) == f"0.850 ± {np.std([0.9, 0.8], ddof=1):.3f} (n=2)"
+    assert report.cell([]) == "–"
