@@ -171,6 +171,12 @@ table() {  # table TITLE: the header of a table of test AUC / ACC (rows follow)
   echo "    rows:"
   row "Barlow Twins init" ft-lf1-barlow
   row "random init" ft-lf1-random
+  echo "  - kind: saliency"
+  echo "    title: \"Occlusion sensitivity, fine-tuned on all labels\""
+  echo "    map: occlusion"
+  echo "    rows:"
+  row "Barlow Twins init" ft-lf1-barlow
+  row "random init" ft-lf1-random
   echo "  - kind: loss"
   echo "    title: \"Barlow Twins loss, lambda scan\""
   echo "    log_y: true"
