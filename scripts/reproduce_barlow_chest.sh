@@ -31,7 +31,9 @@ if [[ $QUICK == 1 ]]; then
   PRETRAIN=(--config configs/cpu_barlow.yaml --in-chans 1 --epochs 2 --max-steps 10 --eval-every 0)
   EVAL_DATA=(--data pneumoniamnist)
   PROBE=(--mode linear_probe --seeds 1)   # logistic regression on frozen features: deterministic
-  FINETUNE=(--config configs/paper002_barlow_finetune.yaml --epochs 2 --max-steps 8 --seeds 1)
+  # --precise-bn on: after 16 steps BN's running averages lag the weights and a random-init network
+  # gave every test image the majority class (ACC 0.625 at every label fraction; evaluate.py --precise-bn)
+  FINETUNE=(--config configs/paper002_barlow_finetune.yaml --epochs 2 --max-steps 8 --precise-bn on --seeds 1)
   LF_SEEDS=(--seeds 3)   # the label-efficiency curve's error bands need more than one seed
   AUGS=(base base+vflip+equalize "$FINAL_AUG")
   SEARCH_TRIALS=3
@@ -114,7 +116,7 @@ if [[ $QUICK == 1 ]]; then
 (28 px, labels unused) stand in for the paper's chest X-ray pretraining corpus (ChestMNIST is not on this
 machine), and PneumoniaMNIST is the downstream task; each Barlow Twins run is 2 epochs of 10 batches of
 128 (paper: 300 epochs); 3 of the augmentation sets; fine-tuning 2 epochs of at most 8 batches (paper:
-15 epochs), 1 seed (3 for the label fractions; at 1% a batch of 32, as 1% of PneumoniaMNIST is 47
+15 epochs) with BatchNorm statistics recomputed before each validation (--precise-bn on), 1 seed (3 for the label fractions; at 1% a batch of 32, as 1% of PneumoniaMNIST is 47
 images); $SEARCH_TRIALS random-search trials instead of 55. ImageNet weights cannot be had
 offline. Only the real pneumoniamnist.npz was read."
 else
