@@ -7,7 +7,7 @@
 # downstream hyperparameter random search (55 trials at paper scale). Downstream task: PneumoniaMNIST.
 #
 #   bash scripts/reproduce_barlow_chest.sh            # paper scale (GPU, configs/paper002_*.yaml): -> runs/barlow_chest
-#   QUICK=1 bash scripts/reproduce_barlow_chest.sh    # CPU scale (~20 min on 2 cores): -> runs/quick/barlow_chest
+#   QUICK=1 bash scripts/reproduce_barlow_chest.sh    # CPU scale (~25 min on 2 cores): -> runs/quick/barlow_chest
 #   bash scripts/reproduce_barlow_chest.sh --dry-run  # (or DRY_RUN=1) list the runs, write the spec, train nothing
 #
 # Reports go to results/[quick/]barlow_chest. Finished runs are skipped, so re-running continues an

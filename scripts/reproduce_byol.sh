@@ -6,7 +6,7 @@
 # numbers, and confusion matrices of the fine-tuned models.
 #
 #   bash scripts/reproduce_byol.sh            # paper scale (GPU, configs/paper001_byol.yaml): -> runs/byol, results/byol
-#   QUICK=1 bash scripts/reproduce_byol.sh    # CPU scale (~15 min on 2 quiet cores): -> runs/quick/byol, results/quick/byol
+#   QUICK=1 bash scripts/reproduce_byol.sh    # CPU scale (~12 min on 2 quiet cores): -> runs/quick/byol, results/quick/byol
 #   bash scripts/reproduce_byol.sh --dry-run  # (or DRY_RUN=1) list the runs, write the spec, train nothing
 #
 # Finished runs are skipped, so re-running continues an interrupted reproduction. A dataset or weights

@@ -7,7 +7,7 @@
 # pretrained encoder against its base.
 #
 #   bash scripts/reproduce_further_pretraining.sh            # paper scale (GPU, configs/paper003_*.yaml)
-#   QUICK=1 bash scripts/reproduce_further_pretraining.sh    # CPU scale (~15 min on 2 cores)
+#   QUICK=1 bash scripts/reproduce_further_pretraining.sh    # CPU scale (~20 min on 2 cores)
 #   bash scripts/reproduce_further_pretraining.sh --dry-run  # (or DRY_RUN=1) list the runs, write the spec
 #
 # Runs go to runs/[quick/]further_pretraining, the report to results/[quick/]further_pretraining.
