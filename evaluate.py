@@ -163,16 +163,21 @@ def train_mode(args, model):
 
 @torch.no_grad()
 def recompute_bn_stats(args, model, images, prepare, batch_size):
-    """Precise BN: replace the running statistics of every BatchNorm that trains with their exact
-    average over `images` under the current weights (momentum None = cumulative mean over batches)."""
+    """Precise BN: replace the running statistics of every BatchNorm that trains with their average
+    over `images` under the current weights (momentum None: the plain mean over the batches). A lone
+    last image joins the batch before it: training-mode BN cannot normalise one image at layer4's
+    1x1 maps."""
     train_mode(args, model)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
-    for i in range(0, len(images), batch_size):
-        model(prepare(images[i:i + batch_size]))
+    starts = list(range(0, len(images), batch_size))
+    if len(starts) > 1 and len(images) - starts[-1] == 1:
+        starts.pop()
+    for start, end in zip(starts, starts[1:] + [len(images)]):
+        model(prepare(images[start:end]))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
 

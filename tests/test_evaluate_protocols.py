@@ -255,3 +255,17 @@ def test_precise_bn_runs_before_each_validation(tmp_path, monkeypatch):
     assert len(calls) == 2
     _finetune(_args(tmp_path, "--epochs", "2"), _encoder())
     assert len(calls) == 2
+
+
+def test_precise_bn_never_forms_a_batch_of_one_image(tmp_path):
+    """33 images in batches of 16: 16 + 17, not 16 + 16 + 1 (training-mode BN refuses one image at
+    layer4's 1x1 maps); the running mean is the mean of the two batches' means."""
+    args = _args(tmp_path)
+    model = torch.nn.Sequential(_encoder(), torch.nn.Linear(512, 2))
+    x = torch.randint(0, 256, (33, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    prepare = lambda im: data.to_input(im, 3)
+    evaluate.recompute_bn_stats(args, model, x, prepare, batch_size=16)
+    with torch.no_grad():
+        h = model[0].conv1(prepare(x))
+        expected = (h[:16].mean(dim=(0, 2, 3)) + h[16:].mean(dim=(0, 2, 3))) / 2
+    assert torch.allclose(model[0].bn1.running_mean, expected, atol=1e-5)
