@@ -131,10 +131,7 @@ table() {  # table TITLE: the header of a table of test AUC / ACC (rows follow)
   echo "    rows:"
 }
 {
-  echo "title: \"$PAPER: reproduction\""
-  echo "intro: |"
-  sed 's/^/  /' <<<"$INTRO"
-  echo "tables:"
+  spec_head "reproduction"
   table "Augmentation scan (linear probe, test)"
   for a in "${AUGS[@]}"; do row "$a" "probe-$(aug_dir "$a")"; done
   table "Projector scan (linear probe, test)"

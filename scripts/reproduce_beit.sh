@@ -122,10 +122,7 @@ rows() {  # the measured rows of one dataset (tables and ROC figures share them)
   fi
 }
 {
-  echo "title: \"$PAPER: BEiT vs ResNet and AutoML on BreastMNIST and PneumoniaMNIST\""
-  echo "intro: |"
-  sed 's/^/  /' <<<"$INTRO"
-  echo "tables:"
+  spec_head "BEiT vs ResNet and AutoML on BreastMNIST and PneumoniaMNIST"
   for data in "${DATASETS[@]}"; do
     echo "  - title: \"$data (test)\""
     echo "    metrics: [auc, acc]"

@@ -105,10 +105,7 @@ rows() {  # rows DATA MODE: the table rows of one dataset and protocol
   done
 }
 {
-  echo "title: \"$PAPER: BYOL and BYOL+ for limited-label medical images\""
-  echo "intro: |"
-  sed 's/^/  /' <<<"$INTRO"
-  echo "tables:"
+  spec_head "BYOL and BYOL+ for limited-label medical images"
   for data in "${DATASETS[@]}"; do
     for mode in "${MODES[@]}"; do
       echo "  - title: \"$data, ${MODE_TITLE[$mode]} (test)\""

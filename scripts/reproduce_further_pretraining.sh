@@ -122,10 +122,7 @@ label_of() {  # label_of NAME: a row label from an encoder's name
   echo "${BASE_LABEL[$base]} + further (${CORPUS_LABEL[${rest%%-*}]}, ${rest#*-})"
 }
 {
-  echo "title: \"$PAPER: reproduction\""
-  echo "intro: |"
-  sed 's/^/  /' <<<"$INTRO"
-  echo "tables:"
+  spec_head "reproduction"
   for mode in "${MODES[@]}"; do
     for base in "${BASES[@]}"; do
       echo "  - title: \"$DATA, ${mode/_/ }, ${BASE_LABEL[$base]} (test)\""

@@ -1,6 +1,6 @@
 # Shared by scripts/reproduce_*.sh (sourced, not run): argument parsing, the run-or-skip step and the
-# report. Each reproduce script sets PAPER, then calls parse_args "$@", step ... for every run, and
-# finally write_spec + make_report.
+# report. Each reproduce script sets PAPER and INTRO, then calls parse_args "$@", step ... for every
+# run, writes $RESULTS/spec.yaml (starting with spec_head) and finally calls make_report.
 #
 # Why a step never stops the script: a paper has dozens of runs, and one that cannot be done here
 # (a dataset or weights that cannot be downloaded, a GPU-sized run) must become a "not run: <reason>"
@@ -97,7 +97,15 @@ step() {
   echo "not run $dir: $reason"
 }
 
-# make_report: scripts/report.py on $RESULTS/spec.yaml (written by the script's write_spec). A dry run
+# spec_head TITLE: the report spec's first lines: "$PAPER: TITLE", $INTRO as a YAML block, "tables:"
+spec_head() {
+  echo "title: \"$PAPER: $1\""
+  echo "intro: |"
+  sed 's/^/  /' <<<"$INTRO"
+  echo "tables:"
+}
+
+# make_report: scripts/report.py on $RESULTS/spec.yaml (written by the script). A dry run
 # writes the spec too, so that it can be checked, but builds no report.
 make_report() {
   if [[ $DRY_RUN == 1 ]]; then
