@@ -23,8 +23,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
-from common import augment, data, metrics, models, saliency, utils
-from common.utils import UserError
+from common import augment, cli, data, metrics, models, optim, rundir, saliency
+from common.cli import UserError
 
 # Per-mode defaults of paper 001 (§5.2-5.4): fine-tune 25 epochs at 1e-3, few-shot 25-50 epochs
 # at 1e-2 on 20 samples, linear probe 50 epochs at 1e-2.
@@ -39,7 +39,7 @@ KNN_K = (5, 10, 20, 50)
 def get_args_parser():
     parser = argparse.ArgumentParser("evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    utils.add_common_flags(parser, data_help="labelled MedMNIST 2D flag to evaluate on")
+    cli.add_common_flags(parser, data_help="labelled MedMNIST 2D flag to evaluate on")
 
     # * What to evaluate
     g = parser.add_argument_group("encoder and protocol")
@@ -63,7 +63,7 @@ def get_args_parser():
     # * Optimisation (defaults per mode: MODE_DEFAULTS above)
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="default: finetune 25, fewshot 50, sgd probe 50 (paper 001)")
-    g.add_argument("--lr", type=utils.lr_or_auto, default=None,
+    g.add_argument("--lr", type=cli.lr_or_auto, default=None,
                    help="Adam lr for finetune (1e-3) / fewshot (1e-2), SGD lr for the sgd probe (1e-2) (paper 001 §5.4); "
                         "auto (finetune, fewshot): an LR range test per seed picks the peak lr (paper 003 §3.4)")
     g.add_argument("--batch-size", type=int, default=None, help="default 128, or the whole split if smaller")
@@ -84,7 +84,7 @@ def get_args_parser():
     g.add_argument("--head-lr", type=float, default=2e-3,
                    help="Adam lr of the head-only epochs (fastai's fine_tune default 2e-3; paper 003's value is "
                         "a fixed Adam lr)")
-    g.add_argument("--lr-schedule", default="constant", choices=list(utils.LR_SCHEDULES),
+    g.add_argument("--lr-schedule", default="constant", choices=list(optim.LR_SCHEDULES),
                    help="lr schedule of the main phase: constant (paper 001), cosine (paper 002), 1cycle (paper 003), "
                         "step (x0.1 at 50%% and 75%% of the epochs: MedMNIST v2's protocol)")
     g.add_argument("--lr-range", type=float, nargs=3, default=[1e-7, 10.0, 100], metavar=("START", "END", "STEPS"),
@@ -128,9 +128,9 @@ def resolve_args(args):
         raise UserError("--head-epochs and --tta must be 0 or more")
     if args.tta and args.train_aug == "none":
         raise UserError("--tta averages augmented passes: name the augmentation with --train-aug paper003")
-    args.out = args.out or utils.default_out(f"evaluate-{args.mode}", args.data)
+    args.out = args.out or cli.default_out(f"evaluate-{args.mode}", args.data)
     if args.ckpt:
-        meta = utils.load_checkpoint(args.ckpt).get("meta", {}) if args.ckpt.endswith(".pt") else {}
+        meta = rundir.load_checkpoint(args.ckpt).get("meta", {}) if args.ckpt.endswith(".pt") else {}
         models.check_meta(meta, args.ckpt, args.arch, args.stem, args.in_chans)
         args.arch, args.stem, args.in_chans = meta["arch"], meta["stem"], meta["in_chans"]
     args.init = args.ckpt or args.init or "random"
@@ -200,7 +200,7 @@ def train_select(args, model, optimizer, train, val, prepare, task, seed, log, p
         total = 0.0
         for i in range(steps):
             if lr is not None:
-                utils.schedule_step(optimizer, args.lr_schedule, epoch * steps + i, args.epochs * steps, lr)
+                optim.schedule_step(optimizer, args.lr_schedule, epoch * steps + i, args.epochs * steps, lr)
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
             loss = loss_fn(model(prepare_train(x_train[idx])), y_train[idx], task)
             optimizer.zero_grad(set_to_none=True)
@@ -300,9 +300,9 @@ def find_lr(args, model, x_train, y_train, prepare_train, task, seed):
         idx = torch.randint(len(x_train), (batch,), generator=gen, device=x_train.device)
         return loss_fn(model(prepare_train(x_train[idx])), y_train[idx], task)
     start, end, steps = args.lr_range
-    lrs, losses, lr = utils.lr_range_test(batch_loss, optimizer, [model], start, end, int(steps))
+    lrs, losses, lr = optim.lr_range_test(batch_loss, optimizer, [model], start, end, int(steps))
     name = os.path.join(args.out, f"lr_range_seed{seed}")
-    utils.atomic_write_text(name + ".json", json.dumps({"lrs": lrs, "losses": losses, "chosen": lr}))
+    rundir.atomic_write_text(name + ".json", json.dumps({"lrs": lrs, "losses": losses, "chosen": lr}))
     metrics.plot_lr_range(lrs, losses, lr, name + ".png", title=f"LR range test, seed {seed}")
     return lr
 
@@ -326,7 +326,7 @@ def write_saliency(args, model, test):
 
 # ---------------------------------------------------------------- one seeded run
 def run_seed(args, seed, splits, template, device, log):
-    utils.seed_everything(seed)
+    cli.seed_everything(seed)
     train, val, test = splits["train"], splits["val"], splits["test"]
     if args.mode == "fewshot":
         idx = data.few_shot_indices(train.labels, args.shots, seed)
@@ -406,15 +406,15 @@ def compare_main(argv):
     if min(r["n_a"] for r in rows.values()) < 2 or min(r["n_b"] for r in rows.values()) < 2:
         print("note: the tests need at least 2 seeds in each file (evaluate.py --seeds N)")
     if args.out:
-        utils.atomic_write_text(args.out, json.dumps({"a": args.a, "b": args.b, "metrics": rows}, indent=2))
+        rundir.atomic_write_text(args.out, json.dumps({"a": args.a, "b": args.b, "metrics": rows}, indent=2))
         print(f"wrote {args.out}")
 
 
 def main():
     if sys.argv[1:2] == ["compare"]:
         return compare_main(sys.argv[2:])
-    args = resolve_args(utils.parse_args(get_args_parser()))
-    device = utils.pick_device(args.device)
+    args = resolve_args(cli.parse_args(get_args_parser()))
+    device = cli.pick_device(args.device)
 
     # ---- data: the three splits, whole, on the device
     splits = {s: data.load_split(args.data, s, args.size, args.data_root, device, args.in_chans)
@@ -423,7 +423,7 @@ def main():
         n_train = args.shots * splits["train"].n_classes if args.mode == "fewshot" else \
             round(args.label_fraction * len(splits["train"].labels))
         args.batch_size = max(2, min(128, n_train))  # 128, or the whole training subset if smaller
-    utils.prepare_run_dir(args.out, args, done_file="metrics.json")
+    rundir.prepare_run_dir(args.out, args, done_file="metrics.json")
     log_path = os.path.join(args.out, "log.jsonl")
 
     # ---- encoder weights, loaded once
@@ -434,7 +434,7 @@ def main():
     y_true = splits["test"].labels.cpu().numpy()
     per_seed, scores = [], []
     for seed in range(args.seed, args.seed + args.seeds):
-        y_score, info = run_seed(args, seed, splits, template, device, lambda r: utils.append_jsonl(log_path, r))
+        y_score, info = run_seed(args, seed, splits, template, device, lambda r: rundir.append_jsonl(log_path, r))
         test_metrics = metrics.classification_metrics(y_true, y_score, task)
         per_seed.append({"seed": seed, "test": test_metrics, **info})
         scores.append(y_score)
@@ -447,4 +447,4 @@ def main():
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import data, metrics, utils
-from common.utils import UserError
+from common import cli, data, metrics, optim, pretrain, rundir
+from common.cli import UserError
 
 PAPER_MODEL = "microsoft/beit-large-patch16-224"
 # PIL resample codes of a processor's config -> torch.nn.functional.interpolate modes
@@ -28,7 +28,7 @@ RESAMPLE = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
 def get_args_parser():
     parser = argparse.ArgumentParser("finetune_beit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    utils.add_common_flags(parser, data_help="labelled MedMNIST 2D flag (paper 000: breastmnist, pneumoniamnist)",
+    cli.add_common_flags(parser, data_help="labelled MedMNIST 2D flag (paper 000: breastmnist, pneumoniamnist)",
                            resnet=False)
 
     # * Model
@@ -56,7 +56,7 @@ def get_args_parser():
                    help="paper 000 tuned it per dataset without giving the value")
     g.add_argument("--weight-decay", type=float, default=0.0,
                    help="AdamW weight decay (paper 000 tuned it per dataset without giving the value)")
-    g.add_argument("--lr-schedule", default="linear", choices=list(utils.LR_SCHEDULES),
+    g.add_argument("--lr-schedule", default="linear", choices=list(optim.LR_SCHEDULES),
                    help="linear decay to 0 = the Hugging Face Trainer's default, which paper 000's Hugging Face "
                         "pipeline presumably used (it does not say)")
     g.add_argument("--seeds", type=int, default=1, help="seeded repeats (seed, seed+1, ...), reported as mean ± std")
@@ -71,7 +71,7 @@ def resolve_args(args):
         raise UserError(f"--trainable-layers must be 0 or more, got {args.trainable_layers}")
     if args.seeds <= 0:
         raise UserError(f"--seeds must be positive, got {args.seeds}")
-    args.out = args.out or utils.default_out("finetune_beit", args.data)
+    args.out = args.out or cli.default_out("finetune_beit", args.data)
     return args
 
 
@@ -202,7 +202,7 @@ def predict(model, images, prep, task, batch_size, autocast):
 
 # ---------------------------------------------------------------- one seeded fine-tuning run
 def run_seed(args, seed, splits, prep, device, log):
-    utils.seed_everything(seed)  # the new classifier's init, the batches and the undersampling
+    cli.seed_everything(seed)  # the new classifier's init, the batches and the undersampling
     train, val, test = splits["train"], splits["val"], splits["test"]
     task = train.task
     model = load_model(args.model, 1 if task == metrics.BINARY else train.n_classes)
@@ -235,7 +235,7 @@ def run_seed(args, seed, splits, prep, device, log):
         perm = idx[torch.randperm(len(idx), generator=gen, device=device)]
         losses, start = [], time.time()
         for i in range(steps):
-            lr = utils.schedule_step(optimizer, args.lr_schedule, epoch * steps + i, args.epochs * steps, args.lr)
+            lr = optim.schedule_step(optimizer, args.lr_schedule, epoch * steps + i, args.epochs * steps, args.lr)
             batch = perm[i * args.batch_size:(i + 1) * args.batch_size]
             with autocast():
                 logits = model(pixel_values=beit_inputs(train.images[batch], prep)).logits
@@ -245,7 +245,7 @@ def run_seed(args, seed, splits, prep, device, log):
             optimizer.step()
             losses.append(loss.detach())
         seen = min(steps * args.batch_size, len(idx))
-        loss = utils.mean_finite_loss(losses, (epoch + 1) * steps, epoch, args.out)
+        loss = pretrain.mean_finite_loss(losses, (epoch + 1) * steps, epoch, args.out)
         val_auc = metrics.auc(y_val, predict(model, val.images, prep, task, args.eval_batch_size, autocast), task)
         log({"seed": seed, "epoch": epoch, "loss": loss, "lr": lr, "val_auc": round(val_auc, 5),
              "images_per_sec": round(seen / (time.time() - start), 1)})
@@ -255,7 +255,7 @@ def run_seed(args, seed, splits, prep, device, log):
 
     model.load_state_dict(best["state"], strict=False)
     # the checkpoint: only the trainable weights + the config (the frozen ones are --model's)
-    utils.save_checkpoint({"trainable": best["state"], "config": model.config.to_dict(),
+    rundir.save_checkpoint({"trainable": best["state"], "config": model.config.to_dict(),
                            "meta": {"method": "beit", "model": args.model, "trainable_layers": args.trainable_layers,
                                     "seed": seed, "best_epoch": best["epoch"], "val_auc": best["val_auc"]}},
                           os.path.join(args.out, f"checkpoint_seed{seed}.pt"))
@@ -268,7 +268,7 @@ def run_seed(args, seed, splits, prep, device, log):
 def load_finetuned(ckpt, model=None):
     """A fine-tuned BEiT back from checkpoint_seed<N>.pt: the frozen weights from `model` (default:
     the --model it was trained from), the trainable ones from the checkpoint."""
-    state = utils.load_checkpoint(ckpt)
+    state = rundir.load_checkpoint(ckpt)
     net = load_model(model or state["meta"]["model"], len(state["config"]["id2label"]))
     missing = set(state["trainable"]) - set(dict(net.named_parameters()))
     if missing:
@@ -278,18 +278,18 @@ def load_finetuned(ckpt, model=None):
 
 
 def main():
-    args = resolve_args(utils.parse_args(get_args_parser()))
-    device = utils.pick_device(args.device)
+    args = resolve_args(cli.parse_args(get_args_parser()))
+    device = cli.pick_device(args.device)
 
     # ---- data: the three splits, whole, as uint8 on the device; resized batch by batch
     splits = {s: data.load_split(args.data, s, args.size, args.data_root, device) for s in ("train", "val", "test")}
     prep = load_processor(args.model)
-    utils.prepare_run_dir(args.out, args, done_file="metrics.json")
+    rundir.prepare_run_dir(args.out, args, done_file="metrics.json")
     log_path = os.path.join(args.out, "log.jsonl")
 
     def log(record):
         print(record)
-        utils.append_jsonl(log_path, record)
+        rundir.append_jsonl(log_path, record)
 
     # ---- seeded runs
     task = splits["test"].task
@@ -310,4 +310,4 @@ def main():
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

@@ -21,8 +21,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import augment, data, metrics, models, utils
-from common.utils import UserError
+from common import augment, cli, data, dist, metrics, models, optim, pretrain, rundir
+from common.cli import UserError
 
 
 def number(text):
@@ -39,7 +39,7 @@ def number(text):
 def get_args_parser():
     parser = argparse.ArgumentParser("Barlow Twins pretraining", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    utils.add_common_flags(parser, data_help="dataset flag(s) whose train images are the unlabeled corpus; "
+    cli.add_common_flags(parser, data_help="dataset flag(s) whose train images are the unlabeled corpus; "
                            "several joined by commas (paper 002: chest X-rays, e.g. chestmnist)")
     parser.set_defaults(data="chestmnist", arch="resnet18", stem="imagenet", in_chans=3)
 
@@ -94,12 +94,12 @@ def get_args_parser():
                    help="epochs (paper 002: 300 on ~21k COVID X-rays; paper 003: 100 for the whole encoder)")
     g.add_argument("--batch-size", type=int, default=128,
                    help="global batch size, split evenly over torchrun's processes (papers 002 and 003: 128)")
-    g.add_argument("--lr", type=utils.lr_or_auto, default=2e-3,
+    g.add_argument("--lr", type=cli.lr_or_auto, default=2e-3,
                    help="peak learning rate (paper 002's scan: 2e-3), or auto: an LR range test picks it "
                         "(paper 003), writing lr_range.json and lr_range.png")
     g.add_argument("--lr-range", type=float, nargs=3, default=[1e-7, 10.0, 100], metavar=("START", "END", "STEPS"),
                    help="sweep of --lr auto: lr from START to END over STEPS steps (fastai's lr_find: 1e-7 10 100)")
-    g.add_argument("--lr-schedule", default="cosine", choices=list(utils.LR_SCHEDULES),
+    g.add_argument("--lr-schedule", default="cosine", choices=list(optim.LR_SCHEDULES),
                    help="cosine annealing (paper 002), 1cycle (paper 003), or constant; over the epochs after "
                         "the frozen ones")
     g.add_argument("--warmup-epochs", type=int, default=0,
@@ -113,7 +113,7 @@ def get_args_parser():
                    help="every N epochs, log the kNN AUC on the validation split of the first --data flag "
                         "(its train labels are the kNN memory; 0 = never)")
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
-    utils.add_resume_and_ddp_flags(parser)
+    cli.add_resume_and_ddp_flags(parser)
     return parser
 
 
@@ -171,7 +171,7 @@ def build_optimizer(name, params, lr, weight_decay):
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return utils.LARS(params, lr=lr, weight_decay=weight_decay)
+    return optim.LARS(params, lr=lr, weight_decay=weight_decay)
 
 
 def set_phase(args, encoder, epoch):
@@ -193,13 +193,13 @@ def step_loss(args, online, projector, batch, views, aug_gen, device):
     (bf16 autocast on CUDA), the loss over the whole batch in float32, the same on every rank."""
     # every rank augments the whole batch and keeps its own rows: an image's views do not depend on
     # the number of processes, and aug_gen stays in step on every rank
-    x1, x2 = (data.to_input(utils.my_rows(v), args.in_chans).contiguous(memory_format=torch.channels_last)
+    x1, x2 = (data.to_input(dist.my_rows(v), args.in_chans).contiguous(memory_format=torch.channels_last)
               for v in augment.two_views(batch, views, aug_gen))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         z1, z2 = online(x1), online(x2)
     # the loss standardises along the batch: gather the global batch's embeddings (gradients reach
     # every rank's own rows; DDP's mean over ranks then gives the one-process gradient)
-    loss = barlow_twins_loss(utils.all_rows(z1), utils.all_rows(z2), args.lambd)
+    loss = barlow_twins_loss(dist.all_rows(z1), dist.all_rows(z2), args.lambd)
     if args.sparsity:
         loss = loss + args.sparsity * sparsity_penalty(projector[-1].weight, args.sparsity_norm)
     return loss
@@ -214,18 +214,18 @@ def train_one_epoch(args, nets, optimizer, images, index, aug_gen, epoch, step, 
     n_trainable = set_phase(args, encoder, epoch) + sum(p.numel() for p in projector.parameters())
     train_mode(args, encoder, projector)
     # built after set_phase: DDP syncs the gradients of the parameters trainable when it is built
-    online = utils.distributed(torch.nn.Sequential(forward_encoder, projector), device)
-    order, epoch_start, first, losses = utils.start_epoch(len(index), aug_gen, resume)
+    online = dist.distributed(torch.nn.Sequential(forward_encoder, projector), device)
+    order, epoch_start, first, losses = pretrain.start_epoch(len(index), aug_gen, resume)
     perm = index[order]
     views = augment.views(args.aug, args.crop_scale)
     start = time.time()
     bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
-               disable=not utils.is_main())
+               disable=not dist.is_main())
     for i in bar:
         if epoch < frozen_epochs:  # projector alone, at a fixed lr (paper 003 §3.7)
-            lr = utils.schedule_step(optimizer, "constant", 0, 1, args.freeze_lr)
+            lr = optim.schedule_step(optimizer, "constant", 0, 1, args.freeze_lr)
         else:                      # the schedule spans the epochs after the frozen ones
-            lr = utils.schedule_step(optimizer, args.lr_schedule, step - frozen_epochs * steps_per_epoch,
+            lr = optim.schedule_step(optimizer, args.lr_schedule, step - frozen_epochs * steps_per_epoch,
                                      (args.epochs - frozen_epochs) * steps_per_epoch, args.lr,
                                      args.warmup_epochs * steps_per_epoch)
         batch = images[perm[i * args.batch_size:(i + 1) * args.batch_size]]
@@ -240,7 +240,7 @@ def train_one_epoch(args, nets, optimizer, images, index, aug_gen, epoch, step, 
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
         if save and args.save_every and step % args.save_every == 0 and i + 1 < steps_per_epoch:
             save(epoch=epoch, step=step, step_in_epoch=i + 1, epoch_start=epoch_start, losses=losses)
-    loss = utils.mean_finite_loss(losses, step, epoch, args.out)
+    loss = pretrain.mean_finite_loss(losses, step, epoch, args.out)
     seconds = time.time() - start
     return step, {"loss": loss, "lr": lr, "frozen_encoder": epoch < frozen_epochs,
                   "trainable_params": n_trainable,
@@ -254,7 +254,7 @@ def find_lr(args, encoder, projector, images, index, device):
     writes lr_range.json and lr_range.png."""
     set_phase(args, encoder, args.freeze_encoder_epochs)
     train_mode(args, encoder, projector)
-    online = utils.distributed(torch.nn.Sequential(encoder, projector), device)
+    online = dist.distributed(torch.nn.Sequential(encoder, projector), device)
     params = [p for p in [*encoder.parameters(), *projector.parameters()] if p.requires_grad]
     optimizer = build_optimizer(args.optimizer, params, args.lr_range[0], args.weight_decay)
     gen = torch.Generator(device).manual_seed(args.seed + 1)
@@ -264,9 +264,9 @@ def find_lr(args, encoder, projector, images, index, device):
         pick = torch.randint(len(index), (args.batch_size,), generator=gen, device=index.device)
         return step_loss(args, online, projector, images[index[pick]], views, gen, device)
     start, end, steps = args.lr_range
-    lrs, losses, lr = utils.lr_range_test(batch_loss, optimizer, [encoder, projector], start, end, int(steps))
-    if utils.is_main():
-        utils.atomic_write_text(os.path.join(args.out, "lr_range.json"),
+    lrs, losses, lr = optim.lr_range_test(batch_loss, optimizer, [encoder, projector], start, end, int(steps))
+    if dist.is_main():
+        rundir.atomic_write_text(os.path.join(args.out, "lr_range.json"),
                                 json.dumps({"lrs": lrs, "losses": losses, "chosen": lr}))
         metrics.plot_lr_range(lrs, losses, lr, os.path.join(args.out, "lr_range.png"),
                               title=f"LR range test ({args.optimizer}, {args.trainable})")
@@ -275,9 +275,9 @@ def find_lr(args, encoder, projector, images, index, device):
 
 
 def main():
-    args = utils.parse_args(get_args_parser())
-    device = utils.init_distributed(utils.pick_device(args.device))  # under torchrun: join its processes
-    args.out = args.out or utils.on_main(utils.default_out, "pretrain_barlow", args.data)
+    args = cli.parse_args(get_args_parser())
+    device = dist.init_distributed(cli.pick_device(args.device))  # under torchrun: join its processes
+    args.out = args.out or dist.on_main(cli.default_out, "pretrain_barlow", args.data)
     if args.freeze_encoder_epochs < 0 or args.freeze_encoder_epochs >= args.epochs:
         raise UserError(f"--freeze-encoder-epochs must be in [0, --epochs), got {args.freeze_encoder_epochs} "
                         f"with --epochs {args.epochs}")
@@ -298,12 +298,12 @@ def main():
         index = oversample_index(labels, args.oversample)
     else:
         index = torch.arange(len(images), device=device)
-    steps_per_epoch = utils.steps_per_epoch(len(index), args.batch_size, args.max_steps)
-    monitor_splits = data.monitor_splits(args, device) if utils.is_main() else None
-    state = utils.open_run(args)  # the checkpoint of an unfinished run in --out, or None
+    steps_per_epoch = pretrain.steps_per_epoch(len(index), args.batch_size, args.max_steps)
+    monitor_splits = data.monitor_splits(args, device) if dist.is_main() else None
+    state = rundir.open_run(args)  # the checkpoint of an unfinished run in --out, or None
 
     # ---- model: encoder + projector (a new projector also when the encoder is pretrained, §3.7)
-    utils.seed_everything(args.seed)
+    cli.seed_everything(args.seed)
     aug_gen = torch.Generator(device).manual_seed(args.seed)
     encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
     projector = models.projector(models.FEATURE_DIM[args.arch], args.projector)
@@ -311,7 +311,7 @@ def main():
     for m in modules.values():
         m.to(device, memory_format=torch.channels_last)
         if args.sync_bn:
-            utils.sync_batchnorm(m)
+            dist.sync_batchnorm(m)
     forward_encoder = torch.compile(encoder) if args.compile else encoder
 
     # ---- learning rate: given, found by a range test now, or the one a resumed run found
@@ -326,17 +326,17 @@ def main():
 
     # ---- resume: weights, optimiser, RNG states and the position, mid-epoch included
     objects = {**modules, "optimizer": optimizer}
-    position = utils.restore_run(state, objects, aug_gen)
+    position = rundir.restore_run(state, objects, aug_gen)
     if state:
         print(f"resuming {args.out} at epoch {position['epoch']}, step {position['step_in_epoch']} of it")
     print(f"{len(index)} images per epoch, {steps_per_epoch} steps/epoch, encoder trainable: "
           f"{args.trainable} after {args.freeze_encoder_epochs} frozen epoch(s), lr {args.lr:.3g}"
-          + (f", {utils.world_size()} processes" if utils.world_size() > 1 else ""))
+          + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
 
     # ---- loop: one JSON line per epoch; the checkpoint is overwritten (atomically) at every epoch's
     # end and every --save-every steps
     checkpoint_path = os.path.join(args.out, "checkpoint.pt")
-    save = functools.partial(utils.save_run, checkpoint_path, objects, aug_gen, lr=args.lr,
+    save = functools.partial(pretrain.save_run, checkpoint_path, objects, aug_gen, lr=args.lr,
                              meta={"format": "medssl", "method": "barlow", "arch": args.arch, "stem": args.stem,
                                    "in_chans": args.in_chans, "args": vars(args)})
     step = position["step"]
@@ -345,14 +345,14 @@ def main():
                                       aug_gen, epoch, step, steps_per_epoch, device,
                                       resume=position if epoch == position["epoch"] else None, save=save)
         stats = {"epoch": epoch, **stats}
-        if args.eval_every and (epoch + 1) % args.eval_every == 0 and utils.is_main():
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and dist.is_main():
             stats["knn_val_auc"] = round(models.knn_val_auc(encoder, *monitor_splits, args.in_chans), 4)
-        if utils.is_main():
-            utils.append_jsonl(os.path.join(args.out, "log.jsonl"), stats)
+        if dist.is_main():
+            rundir.append_jsonl(os.path.join(args.out, "log.jsonl"), stats)
         save(epoch=epoch + 1, step=step)
         print(stats)
     print(f"done: {checkpoint_path}")
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import augment, data, models, utils
+from common import augment, cli, data, dist, models, optim, pretrain, rundir
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser("BYOL pretraining", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    utils.add_common_flags(parser, data_help="dataset flag(s) whose train images are the unlabeled "
+    cli.add_common_flags(parser, data_help="dataset flag(s) whose train images are the unlabeled "
                            "corpus; several joined by commas (paper 001: chestmnist)")
     parser.set_defaults(data="chestmnist", arch="resnet18", stem="imagenet", in_chans=3)
 
@@ -61,7 +61,7 @@ def get_args_parser():
                    help="every N epochs, log the kNN AUC on the validation split of the first --data flag "
                         "(its train labels are the kNN memory; 0 = never)")
     g.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
-    utils.add_resume_and_ddp_flags(parser)
+    cli.add_resume_and_ddp_flags(parser)
     return parser
 
 
@@ -85,23 +85,23 @@ def train_one_epoch(args, nets, optimizer, images, aug_gen, epoch, step, steps_p
     """One epoch, from its start or from `resume` (a checkpoint's position inside it); `save(**position)`
     checkpoints the run every --save-every steps. Returns the step count and the epoch's figures."""
     encoder, projector, predictor, target_encoder, target_projector, forward_encoder = nets
-    online = utils.distributed(torch.nn.Sequential(forward_encoder, projector, predictor), device)
+    online = dist.distributed(torch.nn.Sequential(forward_encoder, projector, predictor), device)
     total_steps = args.epochs * steps_per_epoch
-    perm, epoch_start, first, losses = utils.start_epoch(len(images), aug_gen, resume)
+    perm, epoch_start, first, losses = pretrain.start_epoch(len(images), aug_gen, resume)
     views = augment.preset(args.aug, args.crop_scale)
     start = time.time()
     bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
-               disable=not utils.is_main())
+               disable=not dist.is_main())
     for i in bar:
         lr = learning_rate(args, step, steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        tau = args.ema if args.ema_schedule == "constant" else utils.cosine(step, total_steps, args.ema, 1.0)
+        tau = args.ema if args.ema_schedule == "constant" else optim.cosine(step, total_steps, args.ema, 1.0)
 
         batch = images[perm[i * args.batch_size:(i + 1) * args.batch_size]]
         # every rank augments the whole global batch and keeps its own rows: an image's views do not
         # depend on the number of processes, and aug_gen stays in step on every rank
-        x1, x2 = (data.to_input(utils.my_rows(v), args.in_chans).contiguous(memory_format=torch.channels_last)
+        x1, x2 = (data.to_input(dist.my_rows(v), args.in_chans).contiguous(memory_format=torch.channels_last)
                   for v in augment.two_views(batch, views, aug_gen))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             p1, p2 = online(x1), online(x2)
@@ -117,20 +117,20 @@ def train_one_epoch(args, nets, optimizer, images, aug_gen, epoch, step, steps_p
         update_target(target_encoder, encoder, tau)
         update_target(target_projector, projector, tau)
 
-        losses.append(utils.mean_over_ranks(loss.detach()))  # the global batch's loss
+        losses.append(dist.mean_over_ranks(loss.detach()))  # the global batch's loss
         step += 1
         if i % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1].item():.4f}", lr=f"{lr:.2e}")
         if save and args.save_every and step % args.save_every == 0 and i + 1 < steps_per_epoch:
             save(epoch=epoch, step=step, step_in_epoch=i + 1, epoch_start=epoch_start, losses=losses)
-    loss = utils.mean_finite_loss(losses, step, epoch, args.out)
+    loss = pretrain.mean_finite_loss(losses, step, epoch, args.out)
     seconds = time.time() - start
     return step, {"loss": loss, "lr": lr, "ema": tau,
                   "images_per_sec": round((steps_per_epoch - first) * args.batch_size / seconds, 1)}
 
 
 def learning_rate(args, step, steps_per_epoch):
-    return utils.learning_rate(args.lr_schedule, step, args.epochs * steps_per_epoch, args.lr,
+    return optim.learning_rate(args.lr_schedule, step, args.epochs * steps_per_epoch, args.lr,
                                args.warmup_epochs * steps_per_epoch)
 
 
@@ -140,18 +140,18 @@ def knn_monitor(args, encoder, device, splits):
 
 
 def main():
-    args = utils.parse_args(get_args_parser())
-    device = utils.init_distributed(utils.pick_device(args.device))  # under torchrun: join its processes
-    args.out = args.out or utils.on_main(utils.default_out, "pretrain_byol", args.data)
+    args = cli.parse_args(get_args_parser())
+    device = dist.init_distributed(cli.pick_device(args.device))  # under torchrun: join its processes
+    args.out = args.out or dist.on_main(cli.default_out, "pretrain_byol", args.data)
 
     # ---- data: the train split(s), whole, as uint8 on the device
     images = data.load_pretrain_images(args.data, args.size, args.data_root, device, args.in_chans)
-    steps_per_epoch = utils.steps_per_epoch(len(images), args.batch_size, args.max_steps)
-    monitor_splits = data.monitor_splits(args, device) if utils.is_main() else None
-    state = utils.open_run(args)  # the checkpoint of an unfinished run in --out, or None
+    steps_per_epoch = pretrain.steps_per_epoch(len(images), args.batch_size, args.max_steps)
+    monitor_splits = data.monitor_splits(args, device) if dist.is_main() else None
+    state = rundir.open_run(args)  # the checkpoint of an unfinished run in --out, or None
 
     # ---- model: online encoder + projector + predictor; target = EMA copy of encoder + projector
-    utils.seed_everything(args.seed)
+    cli.seed_everything(args.seed)
     aug_gen = torch.Generator(device).manual_seed(args.seed)
     encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
     projector = models.mlp(models.FEATURE_DIM[args.arch], args.projector_hidden, args.projector_out)
@@ -165,7 +165,7 @@ def main():
         p.requires_grad_(False)
     if args.sync_bn:  # the target too: its BatchNorm layers also normalise with batch statistics
         for m in modules.values():
-            utils.sync_batchnorm(m)
+            dist.sync_batchnorm(m)
     forward_encoder = torch.compile(encoder) if args.compile else encoder
 
     # ---- optimiser
@@ -174,17 +174,17 @@ def main():
 
     # ---- resume: weights, optimiser, RNG states and the position, mid-epoch included
     objects = {**modules, "optimizer": optimizer}
-    position = utils.restore_run(state, objects, aug_gen)
+    position = rundir.restore_run(state, objects, aug_gen)
     if state:
         print(f"resuming {args.out} at epoch {position['epoch']}, step {position['step_in_epoch']} of it")
     n_trainable = sum(p.numel() for p in params)
     print(f"{len(images)} images, {steps_per_epoch} steps/epoch, {n_trainable / 1e6:.1f}M trainable parameters"
-          + (f", {utils.world_size()} processes" if utils.world_size() > 1 else ""))
+          + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
 
     # ---- loop: one JSON line per epoch; the checkpoint is overwritten (atomically) at every epoch's
     # end and every --save-every steps
     checkpoint_path = os.path.join(args.out, "checkpoint.pt")
-    save = functools.partial(utils.save_run, checkpoint_path, objects, aug_gen,
+    save = functools.partial(pretrain.save_run, checkpoint_path, objects, aug_gen,
                              meta={"format": "medssl", "method": "byol", "arch": args.arch, "stem": args.stem,
                                    "in_chans": args.in_chans, "args": vars(args)})
     nets = (encoder, projector, predictor, target_encoder, target_projector, forward_encoder)
@@ -193,14 +193,14 @@ def main():
         step, stats = train_one_epoch(args, nets, optimizer, images, aug_gen, epoch, step, steps_per_epoch, device,
                                       resume=position if epoch == position["epoch"] else None, save=save)
         stats = {"epoch": epoch, **stats}
-        if args.eval_every and (epoch + 1) % args.eval_every == 0 and utils.is_main():
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and dist.is_main():
             stats["knn_val_auc"] = round(knn_monitor(args, encoder, device, monitor_splits), 4)
-        if utils.is_main():
-            utils.append_jsonl(os.path.join(args.out, "log.jsonl"), stats)
+        if dist.is_main():
+            rundir.append_jsonl(os.path.join(args.out, "log.jsonl"), stats)
         save(epoch=epoch + 1, step=step)
         print(stats)
     print(f"done: {checkpoint_path}")
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pretrain_byol  # noqa: E402
-from common import augment, models, utils  # noqa: E402
+from common import augment, cli, models  # noqa: E402
 
 
 def main():
@@ -25,7 +25,7 @@ def main():
     parser.add_argument("--aug", default="byol+", choices=sorted(augment.PRESETS))
     parser.add_argument("--device", default="auto")
     opts = parser.parse_args()
-    device = utils.pick_device(opts.device)
+    device = cli.pick_device(opts.device)
     args = pretrain_byol.get_args_parser().parse_args(
         ["--arch", opts.arch, "--batch-size", str(opts.batch_size), "--aug", opts.aug, "--epochs", "1", "--out", "-"])
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from medmnist import INFO
 
-from common.utils import UserError
+from common.cli import UserError
 
 FLAGS_2D = sorted(flag for flag, info in INFO.items() if not info["python_class"].endswith("3D"))
 SIZES = (28, 64, 128, 224)

@@ -310,7 +310,7 @@ def write_results(out, header, per_seed, y_true, scores, task, first_seed, title
     confusion.png of the first seed, and a printed summary. Returns the metrics.json dict."""
     import json
 
-    from common.utils import atomic_write_text
+    from common.rundir import atomic_write_text
     names = list(per_seed[0]["test"])
     summary = {k: mean_std([r["test"][k] for r in per_seed]) for k in names}
     ci = bootstrap_auc_ci(y_true, scores[0], task, seed=first_seed)

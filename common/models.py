@@ -6,7 +6,9 @@ import torch
 import torchvision
 from torch import nn
 
-from common.utils import UserError, load_checkpoint
+from common.cli import UserError
+
+from common.rundir import load_checkpoint
 
 FEATURE_DIM = {"resnet18": 512, "resnet50": 2048}
 

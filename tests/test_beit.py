@@ -10,7 +10,7 @@ import torch
 from transformers import BeitConfig, BeitForImageClassification, BeitImageProcessor
 
 import finetune_beit
-from common import metrics, utils
+from common import cli, metrics, rundir
 from conftest import run_cli
 
 TINY = dict(image_size=32, patch_size=8, num_hidden_layers=4, hidden_size=32, num_attention_heads=2,
@@ -50,7 +50,7 @@ def test_exactly_the_top_layers_pooler_and_classifier_train(k, n_out):
 
 def test_too_many_trainable_layers_is_refused():
     model = BeitForImageClassification(BeitConfig(**TINY))
-    with pytest.raises(utils.UserError, match="more than the model's 4 layers"):
+    with pytest.raises(cli.UserError, match="more than the model's 4 layers"):
         finetune_beit.set_trainable(model, 5)
 
 
@@ -141,7 +141,7 @@ def test_cli_fine_tunes_a_tiny_beit_on_real_breastmnist(real_root, tiny_beit, tm
     assert run["best_epoch"] == int(np.argmax([e["val_auc"] for e in log]))
 
     # the checkpoint: trainable weights only (one logit for the binary task) + the config
-    ckpt = utils.load_checkpoint(str(out / "checkpoint_seed0.pt"))
+    ckpt = rundir.load_checkpoint(str(out / "checkpoint_seed0.pt"))
     names = set(ckpt["trainable"])
     assert names and all(n.startswith(("beit.layers.2.", "beit.layers.3.", "beit.pooler.", "classifier.")) for n in names)
     assert ckpt["trainable"]["classifier.weight"].shape == (1, TINY["hidden_size"])

@@ -2,7 +2,7 @@
 import pytest
 
 from conftest import run_cli
-from common import models, utils
+from common import models, rundir
 
 
 def _one_line_error(r, *needles):
@@ -43,14 +43,14 @@ def test_evaluate_bad_input(real_root, tmp_path, args, needles):
 
 def test_checkpoint_of_other_stem_or_not_ours(real_root, tmp_path):
     path = str(tmp_path / "small.pt")
-    utils.save_checkpoint({"encoder": models.build_encoder("resnet18", "small", 3).state_dict(),
+    rundir.save_checkpoint({"encoder": models.build_encoder("resnet18", "small", 3).state_dict(),
                            "meta": {"format": "medssl", "arch": "resnet18", "stem": "small", "in_chans": 3}}, path)
     r = run_cli(*EVAL, "--data-root", real_root, "--ckpt", path, "--stem", "imagenet", "--out", str(tmp_path / "a"))
     _one_line_error(r, "small stem", "--stem small")
     r = run_cli(*EVAL, "--data-root", real_root, "--ckpt", path, "--in-chans", "1", "--out", str(tmp_path / "b"))
     _one_line_error(r, "in_chans 1")
     foreign = str(tmp_path / "foreign.pt")
-    utils.save_checkpoint({"encoder": {}, "meta": {"format": "someone-else"}}, foreign)
+    rundir.save_checkpoint({"encoder": {}, "meta": {"format": "someone-else"}}, foreign)
     _one_line_error(run_cli(*EVAL, "--data-root", real_root, "--ckpt", foreign, "--out", str(tmp_path / "c")),
                     "not a MedSSL checkpoint")
 

@@ -2,7 +2,7 @@
 its ranks identical and matches a 1-process run of the same global batch.
 
 What makes the two comparable: --sync-bn (BatchNorm statistics of the global batch; torch 2.14's
-SyncBatchNorm refuses CPU tensors, so common.utils.CPUSyncBatchNorm stands in for it there); every
+SyncBatchNorm refuses CPU tensors, so common.dist.CPUSyncBatchNorm stands in for it there); every
 rank augmenting the whole global batch from the shared seed and keeping its own rows (the same views
 whatever the number of processes); DDP's mean of the ranks' gradients; and, for Barlow Twins, the loss
 computed on the global batch's gathered embeddings.
@@ -27,7 +27,7 @@ import sys
 import pytest
 import torch
 
-from common import utils
+from common import dist
 from conftest import REPO
 
 ENV = {**os.environ, "MEDSSL_NO_DOWNLOAD": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -78,7 +78,7 @@ def test_two_processes_agree_with_each_other_and_with_one(method, real_root, tmp
     # the ranks ended with the same modules (target network included): rank 0's checkpoint stands for both
     digests = a["rank_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
-    assert digests[0] == utils.state_digest([a[name] for name in MODULES[method]])
+    assert digests[0] == dist.state_digest([a[name] for name in MODULES[method]])
     assert b["rank_digests"] is None
 
     # and they match one process given the same global batch
@@ -91,9 +91,3 @@ def test_two_processes_agree_with_each_other_and_with_one(method, real_root, tmp
         assert os.path.exists(f"{two}/lr_range.png")
 
 
-def test_my_rows_split_a_batch_and_all_rows_is_their_inverse_in_one_process():
-    batch = torch.arange(8)
-    assert torch.equal(utils.my_rows(batch), batch) and utils.all_rows(batch) is batch
-    assert utils.world_size() == 1 and utils.rank() == 0 and utils.is_main()
-    assert torch.equal(utils.mean_over_ranks(torch.tensor(3.0)), torch.tensor(3.0))
-    assert utils.on_main(lambda x: x + 1, 1) == 2

@@ -10,7 +10,7 @@ from scipy import stats
 
 import evaluate
 from common import data, models
-from common.utils import UserError
+from common.cli import UserError
 from conftest import run_cli
 
 
@@ -212,11 +212,11 @@ def test_resize_upsamples_with_nearest_neighbours():
 
 
 def test_step_schedule_is_medmnist_v2s_tenfold_drops_at_half_and_three_quarters():
-    from common import utils
-    lrs = [utils.learning_rate("step", s, 100, 1e-3) for s in range(100)]
+    from common import optim
+    lrs = [optim.learning_rate("step", s, 100, 1e-3) for s in range(100)]
     assert lrs[49] == 1e-3 and abs(lrs[50] - 1e-4) < 1e-12 and abs(lrs[74] - 1e-4) < 1e-12
     assert abs(lrs[75] - 1e-5) < 1e-13 and abs(lrs[99] - 1e-5) < 1e-13
-    assert utils.learning_rate("linear", 0, 10, 2.0) == 2.0 and utils.learning_rate("linear", 5, 10, 2.0) == 1.0
+    assert optim.learning_rate("linear", 0, 10, 2.0) == 2.0 and optim.learning_rate("linear", 5, 10, 2.0) == 1.0
 
 
 # ---------------------------------------------------------------- --precise-bn

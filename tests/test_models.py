@@ -2,8 +2,8 @@ import pytest
 import torch
 import torchvision
 
-from common import models, utils
-from common.utils import UserError
+from common import models, rundir
+from common.cli import UserError
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -52,7 +52,7 @@ def _checkpoint(tmp_path, **meta):
     meta = {"format": "medssl", "arch": "resnet18", "stem": "imagenet", "in_chans": 3, **meta}
     encoder = models.build_encoder(meta["arch"], meta["stem"], meta["in_chans"])
     path = str(tmp_path / "checkpoint.pt")
-    utils.save_checkpoint({"encoder": encoder.state_dict(), "meta": meta}, path)
+    rundir.save_checkpoint({"encoder": encoder.state_dict(), "meta": meta}, path)
     return path, encoder
 
 

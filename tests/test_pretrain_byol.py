@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import pretrain_byol
-from common import models, utils
+from common import cli, models, optim
 from conftest import run_cli
 
 
@@ -61,9 +61,9 @@ def test_target_is_updated_once_per_optimiser_step(monkeypatch):
 
 
 def test_cosine_ema_schedule_goes_from_tau_to_one():
-    assert utils.cosine(0, 100, 0.99, 1.0) == pytest.approx(0.99)
-    assert utils.cosine(50, 100, 0.99, 1.0) == pytest.approx(0.995)
-    assert utils.cosine(100, 100, 0.99, 1.0) == pytest.approx(1.0)
+    assert optim.cosine(0, 100, 0.99, 1.0) == pytest.approx(0.99)
+    assert optim.cosine(50, 100, 0.99, 1.0) == pytest.approx(0.995)
+    assert optim.cosine(100, 100, 0.99, 1.0) == pytest.approx(1.0)
 
 
 def test_cli_pretrain_then_evaluate_on_real_data(real_root, tmp_path):
@@ -121,6 +121,6 @@ def test_non_finite_loss_stops_with_the_step_named(monkeypatch):
     nets = (encoder, projector, predictor, models.build_encoder(), models.mlp(512, 32, 16), encoder)
     optimizer = torch.optim.Adam([*encoder.parameters(), *projector.parameters(), *predictor.parameters()])
     images = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8)
-    with pytest.raises(utils.UserError, match=r"loss became nan at step 6 \(epoch 0\).*last good checkpoint"):
+    with pytest.raises(cli.UserError, match=r"loss became nan at step 6 \(epoch 0\).*last good checkpoint"):
         pretrain_byol.train_one_epoch(args, nets, optimizer, images, torch.Generator().manual_seed(0),
                                       0, 5, 3, torch.device("cpu"))

@@ -1,0 +1,166 @@
+"""Learning-rate schedules, the LARS optimiser and the LR range test."""
+import copy
+import math
+
+import torch
+
+from common.cli import UserError
+
+
+def cosine(step, total_steps, start, end):
+    """Cosine interpolation from `start` at step 0 to `end` at `total_steps` (Loshchilov & Hutter;
+    BYOL's EMA schedule, Grill et al. 2020 §3.2, uses the same curve from tau_base to 1)."""
+    t = min(step, total_steps) / max(total_steps, 1)
+    return end + (start - end) * (1 + math.cos(math.pi * t)) / 2
+
+
+def _cos_interp(t, start, end):
+    """Cosine interpolation from `start` (t = 0) to `end` (t = 1)."""
+    t = min(max(t, 0.0), 1.0)
+    return end + (start - end) * (1 + math.cos(math.pi * t)) / 2
+
+
+def one_cycle(step, total_steps, max_lr, pct_start=0.25, div=25.0, div_final=1e5):
+    """The 1cycle policy (Smith 2018) as fastai's fit_one_cycle runs it, paper 003's schedule
+    (§3.4, §3.7, App. A.1): cosine warm-up from max_lr / div to max_lr over the first pct_start of
+    training, then cosine annealing down to max_lr / div_final (fastai's defaults)."""
+    peak = pct_start * total_steps
+    if step < peak:
+        return _cos_interp(step / peak, max_lr / div, max_lr)
+    return _cos_interp((step - peak) / max(total_steps - peak, 1), max_lr, max_lr / div_final)
+
+
+def one_cycle_momentum(step, total_steps, pct_start=0.25, moms=(0.95, 0.85, 0.95)):
+    """1cycle's momentum, the mirror image of its lr: down from moms[0] to moms[1] while the lr
+    rises, back up to moms[2] while it falls (fastai's defaults; paper 003 App. A.1)."""
+    peak = pct_start * total_steps
+    if step < peak:
+        return _cos_interp(step / peak, moms[0], moms[1])
+    return _cos_interp((step - peak) / max(total_steps - peak, 1), moms[1], moms[2])
+
+
+LR_SCHEDULES = ("constant", "cosine", "1cycle", "step", "linear")
+
+
+def learning_rate(schedule, step, total_steps, base_lr, warmup_steps=0):
+    """The lr at `step` of `total_steps`: constant; cosine decay to 0 after a linear warm-up of
+    `warmup_steps` (paper 002 used cosine annealing); 1cycle peaking at base_lr (paper 003); or step:
+    x0.1 at 50% and 75% of training (MedMNIST v2: epochs 50 and 75 of 100); or linear decay to 0
+    (the Hugging Face Trainer's default)."""
+    if schedule == "constant":
+        return base_lr
+    if schedule == "linear":
+        return base_lr * (1 - step / total_steps)
+    if schedule == "step":
+        return base_lr * 0.1 ** ((step >= total_steps // 2) + (step >= total_steps * 3 // 4))
+    if schedule == "1cycle":
+        return one_cycle(step, total_steps, base_lr)
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr schedule {schedule!r}; expected one of {LR_SCHEDULES}")
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    return cosine(step - warmup_steps, total_steps - warmup_steps, base_lr, 0.0)
+
+
+def schedule_step(optimizer, schedule, step, total_steps, base_lr, warmup_steps=0):
+    """Set every parameter group's lr for this step; 1cycle also cycles the momentum inversely
+    (Adam's beta1, SGD's / LARS' momentum), as fastai does. Returns the lr."""
+    lr = learning_rate(schedule, step, total_steps, base_lr, warmup_steps)
+    momentum = one_cycle_momentum(step, total_steps) if schedule == "1cycle" else None
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if momentum is not None and "betas" in group:
+            group["betas"] = (momentum, group["betas"][1])
+        elif momentum is not None and "momentum" in group:
+            group["momentum"] = momentum
+    return lr
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), Barlow Twins'
+    optimiser (Zbontar et al. 2021 §4: lr 0.2 for weights and 0.0048 for biases and BN at batch
+    2048, weight decay 1.5e-6). The update of each weight matrix or kernel is
+    (grad + wd * w) scaled by eta * ||w|| / ||grad + wd * w||; 1-D parameters (biases, BN) get
+    neither weight decay nor the scaling, as in Barlow Twins."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = p.norm(), update.norm()
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm,
+                                        torch.ones_like(w_norm))
+                    update = update.mul(trust)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf.mul_(group["momentum"]).add_(update)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+def lr_valley(lrs, losses):
+    """The lr half-way along the longest descending stretch of the loss curve (the longest strictly
+    decreasing subsequence; fastai's "valley" idea): past the flat start, short of the minimum
+    where the loss is about to blow up; paper 003 App. A.1 picks the lr "somewhere in between a
+    sharp valley and the minimum". Always one of `lrs`."""
+    n = len(losses)
+    length, first = [1] * n, list(range(n))   # longest decreasing run ending at i, and where it starts
+    for i in range(n):
+        for j in range(i):
+            if losses[j] > losses[i] and length[j] + 1 > length[i]:
+                length[i], first[i] = length[j] + 1, first[j]
+    end = max(range(n), key=lambda i: length[i])
+    return lrs[first[end] + (end - first[end]) // 2]
+
+
+def lr_range_test(batch_loss, optimizer, modules, start_lr=1e-7, end_lr=10.0, steps=100,
+                  smoothing=0.98, diverge=4.0):
+    """Leslie Smith's LR range test (fastai's lr_find; paper 003 §3.4, App. A.1): one optimiser step
+    per lr of an exponential sweep from start_lr to end_lr, recording the loss (an exponential
+    moving average, bias-corrected), stopping once it exceeds `diverge` x its minimum or is not
+    finite. `batch_loss()` returns a fresh batch's loss; `optimizer` is a throwaway one over the
+    parameters to train; the state of `modules` is restored afterwards, so the test leaves no
+    trace. Returns (lrs, losses, the lr_valley pick)."""
+    saved = [copy.deepcopy(m.state_dict()) for m in modules]
+    lrs, losses = [], []
+    average, best = 0.0, math.inf
+    try:
+        for i in range(steps):
+            lr = start_lr * (end_lr / start_lr) ** (i / max(steps - 1, 1))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = batch_loss()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                break
+            average = smoothing * average + (1 - smoothing) * value
+            smoothed = average / (1 - smoothing ** (i + 1))
+            lrs.append(lr)
+            losses.append(smoothed)
+            best = min(best, smoothed)
+            if smoothed > diverge * best:
+                break
+    finally:
+        for m, state in zip(modules, saved):
+            m.load_state_dict(state)
+        optimizer.zero_grad(set_to_none=True)
+    if len(lrs) < 3:
+        raise UserError(f"the LR range test diverged within {len(lrs)} steps of {start_lr:g}; "
+                        f"start it lower (--lr-range START END STEPS) or give --lr")
+    return lrs, losses, lr_valley(lrs, losses)
