@@ -423,7 +423,7 @@ def main():
         n_train = args.shots * splits["train"].n_classes if args.mode == "fewshot" else \
             round(args.label_fraction * len(splits["train"].labels))
         args.batch_size = max(2, min(128, n_train))  # 128, or the whole training subset if smaller
-    rundir.prepare_run_dir(args.out, args, done_file="metrics.json")
+    rundir.prepare_run_dir(args.out, vars(args), done_file="metrics.json")
     log_path = os.path.join(args.out, "log.jsonl")
 
     # ---- encoder weights, loaded once

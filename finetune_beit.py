@@ -284,7 +284,7 @@ def main():
     # ---- data: the three splits, whole, as uint8 on the device; resized batch by batch
     splits = {s: data.load_split(args.data, s, args.size, args.data_root, device) for s in ("train", "val", "test")}
     prep = load_processor(args.model)
-    rundir.prepare_run_dir(args.out, args, done_file="metrics.json")
+    rundir.prepare_run_dir(args.out, vars(args), done_file="metrics.json")
     log_path = os.path.join(args.out, "log.jsonl")
 
     def log(record):

@@ -16,10 +16,8 @@ import argparse
 import functools
 import json
 import os
-import time
 
 import torch
-from tqdm import tqdm
 
 from common import augment, cli, data, dist, metrics, models, optim, pretrain, rundir
 from common.cli import UserError
@@ -107,13 +105,7 @@ def get_args_parser():
     g.add_argument("--weight-decay", type=float, default=1e-5,
                    help="weight decay (paper 002's code: 1e-5; Zbontar et al. with LARS: 1.5e-6)")
 
-    # * Monitoring and speed
-    g = parser.add_argument_group("monitoring and speed")
-    g.add_argument("--eval-every", type=int, default=0,
-                   help="every N epochs, log the kNN AUC on the validation split of the first --data flag "
-                        "(its train labels are the kNN memory; 0 = never)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
-    cli.add_resume_and_ddp_flags(parser)
+    cli.add_pretrain_flags(parser)
     return parser
 
 
@@ -166,28 +158,20 @@ def oversample_index(labels, spec):
     return torch.cat(parts)
 
 
-def build_optimizer(name, params, lr, weight_decay):
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return optim.LARS(params, lr=lr, weight_decay=weight_decay)
-
-
 def set_phase(args, encoder, epoch):
     """Which part of the encoder trains in this epoch (paper 003 §3.7): none during the first
     --freeze-encoder-epochs, then --trainable. Returns the encoder's trainable parameter count."""
     return models.set_trainable(encoder, "none" if epoch < args.freeze_encoder_epochs else args.trainable)
 
 
-def train_mode(args, encoder, projector):
+def set_train_mode(args, encoder, projector):
     encoder.train()
     projector.train()
     if args.frozen_bn == "eval":
         models.frozen_bn_eval(encoder)
 
 
-def step_loss(args, online, projector, batch, views, aug_gen, device):
+def step_loss(args, online, projector, batch, views, aug_gen):
     """Barlow Twins loss (plus the sparsity penalty on `projector`) of one uint8 global batch: two
     augmented views, `online` (encoder + projector, in DDP under torchrun) on this rank's rows of each
     (bf16 autocast on CUDA), the loss over the whole batch in float32, the same on every rank."""
@@ -195,7 +179,7 @@ def step_loss(args, online, projector, batch, views, aug_gen, device):
     # the number of processes, and aug_gen stays in step on every rank
     x1, x2 = (data.to_input(dist.my_rows(v), args.in_chans).contiguous(memory_format=torch.channels_last)
               for v in augment.two_views(batch, views, aug_gen))
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=x1.device.type == "cuda"):
         z1, z2 = online(x1), online(x2)
     # the loss standardises along the batch: gather the global batch's embeddings (gradients reach
     # every rank's own rows; DDP's mean over ranks then gives the one-process gradient)
@@ -205,64 +189,55 @@ def step_loss(args, online, projector, batch, views, aug_gen, device):
     return loss
 
 
-def train_one_epoch(args, nets, optimizer, images, index, aug_gen, epoch, step, steps_per_epoch, device,
-                    resume=None, save=None):
-    """One epoch, from its start or from `resume` (a checkpoint's position inside it); `save(**position)`
-    checkpoints the run every --save-every steps. Returns the step count and the epoch's figures."""
-    encoder, projector, forward_encoder = nets
+def lr_at(args, optimizer, step, steps_per_epoch):
+    """Set this step's lr: constant --freeze-lr while the encoder is frozen (paper 003 §3.7), then
+    --lr-schedule over the epochs after the frozen ones. Returns the lr."""
     frozen_epochs = args.freeze_encoder_epochs
-    n_trainable = set_phase(args, encoder, epoch) + sum(p.numel() for p in projector.parameters())
-    train_mode(args, encoder, projector)
-    # built after set_phase: DDP syncs the gradients of the parameters trainable when it is built
-    online = dist.distributed(torch.nn.Sequential(forward_encoder, projector), device)
-    order, epoch_start, first, losses = pretrain.start_epoch(len(index), aug_gen, resume)
-    perm = index[order]
-    views = augment.views(args.aug, args.crop_scale)
-    start = time.time()
-    bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
-               disable=not dist.is_main())
-    for i in bar:
-        if epoch < frozen_epochs:  # projector alone, at a fixed lr (paper 003 §3.7)
-            lr = optim.schedule_step(optimizer, "constant", 0, 1, args.freeze_lr)
-        else:                      # the schedule spans the epochs after the frozen ones
-            lr = optim.schedule_step(optimizer, args.lr_schedule, step - frozen_epochs * steps_per_epoch,
-                                     (args.epochs - frozen_epochs) * steps_per_epoch, args.lr,
-                                     args.warmup_epochs * steps_per_epoch)
-        batch = images[perm[i * args.batch_size:(i + 1) * args.batch_size]]
-        loss = step_loss(args, online, projector, batch, views, aug_gen, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-        losses.append(loss.detach())  # the global batch's loss, the same on every rank
-        step += 1
-        if i % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-        if save and args.save_every and step % args.save_every == 0 and i + 1 < steps_per_epoch:
-            save(epoch=epoch, step=step, step_in_epoch=i + 1, epoch_start=epoch_start, losses=losses)
-    loss = pretrain.mean_finite_loss(losses, step, epoch, args.out)
-    seconds = time.time() - start
-    return step, {"loss": loss, "lr": lr, "frozen_encoder": epoch < frozen_epochs,
-                  "trainable_params": n_trainable,
-                  "images_per_sec": round((steps_per_epoch - first) * args.batch_size / seconds, 1)}
+    if step < frozen_epochs * steps_per_epoch:
+        return optim.schedule_step(optimizer, "constant", 0, 1, args.freeze_lr)
+    return optim.schedule_step(optimizer, args.lr_schedule, step - frozen_epochs * steps_per_epoch,
+                               (args.epochs - frozen_epochs) * steps_per_epoch, args.lr,
+                               args.warmup_epochs * steps_per_epoch)
 
 
-def find_lr(args, encoder, projector, images, index, device):
+def train_step(args, online, projector, optimizer, views, aug_gen, steps_per_epoch, batch, step):
+    """One Barlow Twins step on a uint8 global batch. Returns its loss and the step's lr."""
+    lr = lr_at(args, optimizer, step, steps_per_epoch)
+    loss = step_loss(args, online[0], projector, batch, views, aug_gen)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), {"lr": lr}  # the global batch's loss, the same on every rank
+
+
+def start_phase(args, encoder, projector, forward_encoder, online, device, epoch):
+    """Before each epoch: which part of the encoder trains (set_phase) and the train/eval modes. DDP
+    syncs the gradients of the parameters trainable when it is built, so `online` (a one-item list) is
+    rebuilt when that set changes, and only then. Returns the epoch's figures."""
+    trainable = set_phase(args, encoder, epoch)
+    set_train_mode(args, encoder, projector)
+    if not online or epoch == args.freeze_encoder_epochs:
+        online[:] = [dist.distributed(torch.nn.Sequential(forward_encoder, projector), device)]
+    return {"frozen_encoder": epoch < args.freeze_encoder_epochs,
+            "trainable_params": trainable + sum(p.numel() for p in projector.parameters())}
+
+
+def lr_from_range_test(args, encoder, projector, images, index, device):
     """--lr auto: an LR range test on the part trained after the frozen epochs, from the initial
     weights (restored afterwards), with its own seeded generator so that the run's own random
     draws are those of a run given the found lr. Every rank takes part, as in training; rank 0
     writes lr_range.json and lr_range.png."""
     set_phase(args, encoder, args.freeze_encoder_epochs)
-    train_mode(args, encoder, projector)
+    set_train_mode(args, encoder, projector)
     online = dist.distributed(torch.nn.Sequential(encoder, projector), device)
     params = [p for p in [*encoder.parameters(), *projector.parameters()] if p.requires_grad]
-    optimizer = build_optimizer(args.optimizer, params, args.lr_range[0], args.weight_decay)
+    optimizer = optim.make_optimizer(args.optimizer, params, args.lr_range[0], args.weight_decay)
     gen = torch.Generator(device).manual_seed(args.seed + 1)
     views = augment.views(args.aug, args.crop_scale)
 
     def batch_loss():
         pick = torch.randint(len(index), (args.batch_size,), generator=gen, device=index.device)
-        return step_loss(args, online, projector, images[index[pick]], views, gen, device)
+        return step_loss(args, online, projector, images[index[pick]], views, gen)
     start, end, steps = args.lr_range
     lrs, losses, lr = optim.lr_range_test(batch_loss, optimizer, [encoder, projector], start, end, int(steps))
     if dist.is_main():
@@ -276,82 +251,59 @@ def find_lr(args, encoder, projector, images, index, device):
 
 def main():
     args = cli.parse_args(get_args_parser())
-    device = dist.init_distributed(cli.pick_device(args.device))  # under torchrun: join its processes
-    args.out = args.out or dist.on_main(cli.default_out, "pretrain_barlow", args.data)
     if args.freeze_encoder_epochs < 0 or args.freeze_encoder_epochs >= args.epochs:
         raise UserError(f"--freeze-encoder-epochs must be in [0, --epochs), got {args.freeze_encoder_epochs} "
                         f"with --epochs {args.epochs}")
     if args.init == "barlowtwins" and args.arch != "resnet50":
         raise UserError("--init barlowtwins is facebookresearch's ImageNet ResNet-50; add --arch resnet50")
     try:
-        augment.views(args.aug, args.crop_scale)
+        views = augment.views(args.aug, args.crop_scale)
     except ValueError as e:
         raise UserError(f"--aug: {e}")
     models.projector_sizes(args.projector)
+    if args.oversample and "," in args.data:
+        raise UserError("--oversample takes one --data flag (class numbers differ between datasets)")
 
     # ---- data: the train split(s), whole, as uint8 on the device; an index list to sample from
-    images = data.load_pretrain_images(args.data, args.size, args.data_root, device, args.in_chans)
+    run = pretrain.setup("pretrain_barlow", vars(args), args.device)
     if args.oversample:
-        if "," in args.data:
-            raise UserError("--oversample takes one --data flag (class numbers differ between datasets)")
-        labels = data.load_split(args.data, "train", args.size, args.data_root, device, args.in_chans).labels
-        index = oversample_index(labels, args.oversample)
-    else:
-        index = torch.arange(len(images), device=device)
-    steps_per_epoch = pretrain.steps_per_epoch(len(index), args.batch_size, args.max_steps)
-    monitor_splits = data.monitor_splits(args, device) if dist.is_main() else None
-    state = rundir.open_run(args)  # the checkpoint of an unfinished run in --out, or None
+        labels = data.load_split(args.data, "train", args.size, args.data_root, run.device, args.in_chans).labels
+        run.index = oversample_index(labels, args.oversample)
+        run.steps_per_epoch = pretrain.steps_per_epoch(len(run.index), args.batch_size, args.max_steps)
 
     # ---- model: encoder + projector (a new projector also when the encoder is pretrained, §3.7)
-    cli.seed_everything(args.seed)
-    aug_gen = torch.Generator(device).manual_seed(args.seed)
     encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
     projector = models.projector(models.FEATURE_DIM[args.arch], args.projector)
     modules = {"encoder": encoder, "projector": projector}
     for m in modules.values():
-        m.to(device, memory_format=torch.channels_last)
+        m.to(run.device, memory_format=torch.channels_last)
         if args.sync_bn:
             dist.sync_batchnorm(m)
     forward_encoder = torch.compile(encoder) if args.compile else encoder
 
     # ---- learning rate: given, found by a range test now, or the one a resumed run found
     if args.lr == "auto":
-        args.lr = state["lr"] if state is not None else find_lr(args, encoder, projector, images, index, device)
+        args.lr = run.state["lr"] if run.state is not None else lr_from_range_test(
+            args, encoder, projector, run.images, run.index, run.device)
     if args.freeze_lr is None:
         args.freeze_lr = args.lr
 
     # ---- optimiser: one over every parameter; frozen ones have no gradient and are skipped
-    optimizer = build_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
-                                args.lr, args.weight_decay)
-
-    # ---- resume: weights, optimiser, RNG states and the position, mid-epoch included
-    objects = {**modules, "optimizer": optimizer}
-    position = rundir.restore_run(state, objects, aug_gen)
-    if state:
-        print(f"resuming {args.out} at epoch {position['epoch']}, step {position['step_in_epoch']} of it")
-    print(f"{len(index)} images per epoch, {steps_per_epoch} steps/epoch, encoder trainable: "
+    optimizer = optim.make_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
+                                     args.lr, args.weight_decay, fused=run.device.type == "cuda")
+    print(f"{len(run.index)} images per epoch, {run.steps_per_epoch} steps/epoch, encoder trainable: "
           f"{args.trainable} after {args.freeze_encoder_epochs} frozen epoch(s), lr {args.lr:.3g}"
           + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
 
-    # ---- loop: one JSON line per epoch; the checkpoint is overwritten (atomically) at every epoch's
-    # end and every --save-every steps
-    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
-    save = functools.partial(pretrain.save_run, checkpoint_path, objects, aug_gen, lr=args.lr,
-                             meta={"format": "medssl", "method": "barlow", "arch": args.arch, "stem": args.stem,
-                                   "in_chans": args.in_chans, "args": vars(args)})
-    step = position["step"]
-    for epoch in range(position["epoch"], args.epochs):
-        step, stats = train_one_epoch(args, (encoder, projector, forward_encoder), optimizer, images, index,
-                                      aug_gen, epoch, step, steps_per_epoch, device,
-                                      resume=position if epoch == position["epoch"] else None, save=save)
-        stats = {"epoch": epoch, **stats}
-        if args.eval_every and (epoch + 1) % args.eval_every == 0 and dist.is_main():
-            stats["knn_val_auc"] = round(models.knn_val_auc(encoder, *monitor_splits, args.in_chans), 4)
-        if dist.is_main():
-            rundir.append_jsonl(os.path.join(args.out, "log.jsonl"), stats)
-        save(epoch=epoch + 1, step=step)
-        print(stats)
-    print(f"done: {checkpoint_path}")
+    # ---- loop: common/pretrain.py (resume, checkpoints, log, kNN monitor)
+    online = []  # built by start_phase, rebuilt when the trainable part changes
+    step = functools.partial(train_step, args, online, projector, optimizer, views, run.generator,
+                             run.steps_per_epoch)
+    phase = functools.partial(start_phase, args, encoder, projector, forward_encoder, online, run.device)
+    method = pretrain.Method("barlow", modules, optimizer, step, start_epoch=phase, saved={"lr": args.lr})
+    pretrain.train(method, run, args.epochs, args.batch_size, args.in_chans, save_every=args.save_every,
+                   save_seconds=args.save_seconds, eval_every=args.eval_every, tensorboard=args.tensorboard,
+                   meta={"arch": args.arch, "stem": args.stem, "in_chans": args.in_chans, "args": vars(args)})
 
 
 if __name__ == "__main__":

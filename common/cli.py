@@ -53,14 +53,26 @@ def add_common_flags(parser, data_help="MedMNIST 2D flag, e.g. pneumoniamnist", 
     return parser
 
 
-def add_resume_and_ddp_flags(parser):
-    """The flags of the pretraining scripts for mid-epoch checkpoints and torchrun runs."""
-    g = parser.add_argument_group("checkpoints and torchrun")
+def add_pretrain_flags(parser):
+    """The flags every pretraining script shares: monitoring, checkpoints, speed and torchrun."""
+    g = parser.add_argument_group("monitoring, checkpoints and torchrun")
+    g.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="every N epochs, log the kNN AUC (k = 20) on the validation split of the first --data "
+                        "flag, its train labels being the kNN memory (default 0: never)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the per-epoch records and the per-step loss and lr as TensorBoard events "
+                        "in <out>/tensorboard (default off)")
     g.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="also checkpoint every N optimiser steps inside an epoch (default 0: at epoch ends only): "
                         "a run killed mid-epoch then loses at most N steps, and the same command continues it "
                         "bit-exactly; every checkpoint rewrites the whole file (180 MB for BYOL with ResNet-18), "
                         "so pick N worth minutes of work")
+    g.add_argument("--save-seconds", type=float, default=0, metavar="S",
+                   help="write the epoch-end checkpoint only when S seconds have passed since the last one, and "
+                        "always after the last epoch (default 0: every epoch); on a GPU a 28 px epoch takes "
+                        "seconds and the checkpoint's write about as long, so e.g. 300 saves most of that time "
+                        "and loses at most 5 minutes to a kill")
+    g.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA; default off)")
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun, BatchNorm normalises with the statistics of the global batch, as one "
                         "process does (the papers trained on one GPU), instead of each rank's rows "
@@ -126,3 +138,8 @@ def lr_or_auto(text):
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}")
+
+
+# The running loop's position (out, epoch, step, saved), kept up to date by the training loops so that an
+# interrupted run can say where it stopped.
+progress = {}

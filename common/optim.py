@@ -111,6 +111,17 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+def make_optimizer(name, params, lr, weight_decay, fused=False):
+    """adam, adamw (decoupled weight decay) or lars over `params`; fused Adam kernels on CUDA."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    if name == "lars":
+        return LARS(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; expected adam, adamw or lars")
+
+
 def lr_valley(lrs, losses):
     """The lr half-way along the longest descending stretch of the loss curve (the longest strictly
     decreasing subsequence; fastai's "valley" idea): past the flat start, short of the minimum

@@ -1,10 +1,48 @@
-"""The pretraining loop every pretraining script runs."""
+"""The pretraining loop every pretraining script runs.
+
+A method (pretrain_byol.py, pretrain_barlow.py, pretrain_simclr.py) builds its modules, its optimiser and a
+step function, and hands them to `train` as a `Method`. The loop owns everything else: the epoch's
+permutation, mid-epoch resume, checkpoints (every --save-every steps, at epoch ends at most every
+--save-seconds), the NaN guard, the kNN monitor, the per-epoch log line and TensorBoard scalars, and rank 0's
+duties under torchrun. Bit-exact resume rests on one order of random draws: the permutation first, then
+whatever the step draws from the same generator; keeping that order in one place is why there is one loop."""
 import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
+from tqdm import tqdm
 
-from common import dist, rundir
+from common import cli, data, dist, models, rundir
 from common.cli import UserError
+
+
+@dataclass
+class Method:
+    """What a pretraining method hands the loop."""
+    name: str                        # recorded in the checkpoint's meta ("byol", "barlow", "simclr")
+    modules: dict                    # every module the checkpoint saves; "encoder" is the one evaluated later
+    optimizer: torch.optim.Optimizer
+    # step(batch, step) -> (loss, figures): one optimiser step on a uint8 global batch at optimiser step
+    # `step`; loss = the global batch's loss, detached, on the device; figures = plain values (lr, ...)
+    step: Callable
+    # start_epoch(epoch) -> figures, before each epoch (e.g. freeze or unfreeze a part of the encoder)
+    start_epoch: Optional[Callable] = None
+    saved: dict = field(default_factory=dict)   # plain values the checkpoint also keeps (e.g. a found lr)
+
+
+@dataclass
+class Run:
+    """Where a pretraining run reads and writes, set up by `setup` before the model is built."""
+    device: torch.device
+    out: str
+    images: torch.Tensor             # uint8 (N, C, H, W): the corpus, on the device
+    index: torch.Tensor              # the corpus indices one epoch visits (a class repeated to oversample it)
+    steps_per_epoch: int
+    generator: torch.Generator       # the one generator of the permutation and the augmentations
+    state: Optional[dict]            # the checkpoint of the unfinished run in `out`, or None
+    monitor_splits: Optional[list]   # [train, val] of the first dataset for the kNN monitor, or None
 
 
 def steps_per_epoch(n_images, batch_size, max_steps=None):
@@ -20,6 +58,26 @@ def steps_per_epoch(n_images, batch_size, max_steps=None):
     return min(steps, max_steps) if max_steps else steps
 
 
+def setup(script, flags, device):
+    """Join torchrun's processes, name the run directory, load the corpus, and open the run: everything a
+    pretraining script does before it builds its model. `flags` is the dict of the script's resolved flags
+    (written to args.yaml; its "out" is filled in here). Seeds every RNG last, so that the model built next
+    draws its initial weights from the seed."""
+    device = dist.init_distributed(cli.pick_device(device))
+    flags["out"] = flags["out"] or dist.on_main(cli.default_out, script, flags["data"])
+    images = data.load_pretrain_images(flags["data"], flags["size"], flags["data_root"], device, flags["in_chans"])
+    n_steps = steps_per_epoch(len(images), flags["batch_size"], flags["max_steps"])
+    monitor = None
+    if flags["eval_every"] and dist.is_main():
+        monitor = [data.load_split(flags["data"].split(",")[0], s, flags["size"], flags["data_root"], device,
+                                   flags["in_chans"]) for s in ("train", "val")]
+    state = rundir.open_run(flags["out"], flags)
+    cli.seed_everything(flags["seed"])
+    generator = torch.Generator(device).manual_seed(flags["seed"])
+    return Run(device, flags["out"], images, torch.arange(len(images), device=device), n_steps, generator, state,
+               monitor)
+
+
 def mean_finite_loss(losses, step, epoch, out):
     """Mean of an epoch's per-step losses (tensors, kept on the device so the loop never syncs);
     a non-finite one stops the run naming its step, before the epoch's checkpoint is written."""
@@ -27,8 +85,10 @@ def mean_finite_loss(losses, step, epoch, out):
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
         first = step - len(losses) + int(bad[0])
-        raise UserError(f"loss became {losses[bad[0]].item()} at step {first} (epoch {epoch}); the last good "
-                        f"checkpoint in {out} is kept; lower --lr or check the data")
+        kept = (f"the last good checkpoint in {out} is kept" if os.path.exists(os.path.join(out, "checkpoint.pt"))
+                else "no checkpoint was written yet")
+        raise UserError(f"loss became {losses[bad[0]].item()} at step {first} (epoch {epoch}); {kept}; "
+                        f"lower --lr or check the data")
     return losses.mean().item()
 
 
@@ -55,3 +115,106 @@ def start_epoch(n, generator, resume=None):
         return order, resume["epoch_start"], resume["step_in_epoch"], list(resume["losses"].to(generator.device))
     epoch_start = generator.get_state()
     return torch.randperm(n, generator=generator, device=generator.device), epoch_start, 0, []
+
+
+def duration(seconds):
+    """12 s, 4 min 05 s, 3 h 07 min: for the time-left column."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def epoch_line(stats, epochs, seconds_left):
+    """One readable line per epoch: `epoch 3/100  loss 1.2345  lr 1.00e-04 ... 512 img/s  3 min 05 s left`."""
+    parts = [f"epoch {stats['epoch'] + 1}/{epochs}"]
+    for key, value in stats.items():
+        if key in ("epoch", "images_per_sec"):
+            continue
+        if isinstance(value, float):
+            value = f"{value:.4f}" if 1e-3 <= abs(value) < 1e4 or value == 0 else f"{value:.2e}"
+        parts.append(f"{key} {value}")
+    parts.append(f"{stats['images_per_sec']:.0f} img/s")
+    parts.append(f"{duration(seconds_left)} left")
+    return "  ".join(parts)
+
+
+def tensorboard_writer(out, enabled):
+    """A SummaryWriter into <out>/tensorboard on rank 0 when --tensorboard is on, else None."""
+    if not (enabled and dist.is_main()):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(os.path.join(out, "tensorboard"))
+
+
+def train(method, run, epochs, batch_size, in_chans, save_every=0, save_seconds=0.0, eval_every=0,
+          log_every=10, tensorboard=False, meta=None):
+    """Train `method` from where `run.state` left it (or from the start) to `epochs` epochs of
+    `run.steps_per_epoch` steps of `batch_size` images. Writes log.jsonl (one JSON line per epoch) and
+    checkpoint.pt (overwritten atomically every `save_every` steps inside an epoch, and at an epoch's end
+    when `save_seconds` have passed since the last one, always after the last epoch) into run.out; every
+    `eval_every` epochs logs the kNN AUC of the encoder on the validation split. Returns the checkpoint's
+    path."""
+    objects = {**method.modules, "optimizer": method.optimizer}
+    position = rundir.restore_run(run.state, objects, run.generator)
+    if run.state:
+        print(f"resuming {run.out} at epoch {position['epoch']}, step {position['step_in_epoch']} of it")
+    checkpoint = os.path.join(run.out, "checkpoint.pt")
+    meta = {"format": "medssl", "method": method.name, **(meta or {})}
+
+    def save(**where):
+        save_run(checkpoint, objects, run.generator, meta=meta, **method.saved, **where)
+
+    writer = tensorboard_writer(run.out, tensorboard)
+    step, last_save, started = position["step"], time.time(), time.time()
+    step_figures = {}
+    first_epoch = position["epoch"]
+    for epoch in range(first_epoch, epochs):
+        figures = method.start_epoch(epoch) if method.start_epoch else {}
+        cli.progress.update(out=run.out, epoch=epoch, step=step, saved=os.path.exists(checkpoint))
+        order, epoch_start, first, losses = start_epoch(len(run.index), run.generator,
+                                                        position if epoch == first_epoch else None)
+        order = run.index[order]
+        start = time.time()
+        bar = tqdm(range(first, run.steps_per_epoch), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+                   disable=not dist.is_main())
+        for i in bar:
+            batch = run.images[order[i * batch_size:(i + 1) * batch_size]]
+            loss, step_figures = method.step(batch, step)
+            losses.append(loss)
+            step += 1
+            cli.progress.update(step=step)
+            if i % log_every == 0:  # the only host sync inside an epoch
+                value = loss.item()
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{step_figures.get('lr', 0):.2e}")
+                if writer:
+                    writer.add_scalar("step/loss", value, step)
+                    for key, figure in step_figures.items():
+                        writer.add_scalar(f"step/{key}", figure, step)
+            if save_every and step % save_every == 0 and i + 1 < run.steps_per_epoch:
+                save(epoch=epoch, step=step, step_in_epoch=i + 1, epoch_start=epoch_start, losses=losses)
+                last_save = time.time()
+        seconds = time.time() - start
+        stats = {"epoch": epoch, "loss": mean_finite_loss(losses, step, epoch, run.out), **step_figures, **figures,
+                 "images_per_sec": round((run.steps_per_epoch - first) * batch_size / seconds, 1)}
+        if eval_every and (epoch + 1) % eval_every == 0 and dist.is_main():
+            stats["knn_val_auc"] = round(models.knn_val_auc(method.modules["encoder"], *run.monitor_splits,
+                                                            in_chans), 4)
+        if dist.is_main():
+            rundir.append_jsonl(os.path.join(run.out, "log.jsonl"), stats)
+            if writer:
+                for key, value in stats.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+                        writer.add_scalar(f"epoch/{key}", value, epoch)
+                writer.flush()
+        if epoch + 1 == epochs or time.time() - last_save >= save_seconds:
+            save(epoch=epoch + 1, step=step)
+            last_save = time.time()
+        left = (time.time() - started) / (epoch + 1 - first_epoch) * (epochs - epoch - 1)
+        print(epoch_line(stats, epochs, left), flush=True)
+    if writer:
+        writer.close()
+    print(f"done: {checkpoint}")
+    return checkpoint

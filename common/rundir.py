@@ -14,16 +14,17 @@ from common.cli import UserError
 
 
 # Flags that may differ when the same run is re-launched (where it runs, how it is resumed).
-_RELAUNCH_FLAGS = {"device", "overwrite", "config", "out", "compile", "save_every"}
+_RELAUNCH_FLAGS = {"device", "overwrite", "config", "out", "compile", "save_every", "save_seconds", "tensorboard"}
 
 
-def prepare_run_dir(out, args, done_file):
-    """Create `out` or check that it belongs to this command. Returns True when the run was
-    started before and is unfinished (the caller resumes); refuses finished or foreign runs."""
+def prepare_run_dir(out, flags, done_file):
+    """Create `out` or check that it belongs to this command (`flags`: the dict of its resolved flags,
+    "overwrite" among them). Returns True when the run was started before and is unfinished (the caller
+    resumes); refuses finished or foreign runs."""
     os.makedirs(out, exist_ok=True)
     args_path = os.path.join(out, "args.yaml")
-    mine = {k: v for k, v in vars(args).items() if k not in _RELAUNCH_FLAGS}
-    if os.path.exists(args_path) and not args.overwrite:
+    mine = {k: v for k, v in flags.items() if k not in _RELAUNCH_FLAGS}
+    if os.path.exists(args_path) and not flags["overwrite"]:
         with open(args_path) as f:
             theirs = {k: v for k, v in (yaml.safe_load(f) or {}).items() if k not in _RELAUNCH_FLAGS}
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
@@ -34,8 +35,8 @@ def prepare_run_dir(out, args, done_file):
         if done_file and os.path.exists(os.path.join(out, done_file)):
             raise UserError(f"{out} holds a finished run; choose another --out or pass --overwrite to redo it")
         return True
-    atomic_write_text(args_path, yaml.safe_dump(vars(args), sort_keys=True))
-    if args.overwrite:  # start afresh: the old log would mix two runs
+    atomic_write_text(args_path, yaml.safe_dump(flags, sort_keys=True))
+    if flags["overwrite"]:  # start afresh: the old log would mix two runs
         for name in ("log.jsonl", "checkpoint.pt"):
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
@@ -132,22 +133,23 @@ def restore_run(state, objects, aug_generator):
             "epoch_start": state["rng"].get("epoch_start"), "losses": state.get("epoch_losses", torch.zeros(0))}
 
 
-def open_run(args):
-    """Set up the run directory args.out (prepare_run_dir) and return the checkpoint of the unfinished
-    run in it, or None for a new run; a finished run is refused. Under torchrun rank 0 does this and
-    sends the checkpoint to every rank (args.out need only be on rank 0's filesystem)."""
+def open_run(out, flags):
+    """Set up the run directory `out` (prepare_run_dir, with `flags` the run's resolved flags, among them
+    "overwrite" and "epochs") and return the checkpoint of the unfinished run in it, or None for a new run;
+    a finished run is refused. Under torchrun rank 0 does this and sends the checkpoint to every rank
+    (`out` need only be on rank 0's filesystem)."""
     def on_rank_0():
-        resume = prepare_run_dir(args.out, args, done_file=None)
-        for name in os.listdir(args.out):  # left by a run killed while it wrote a file
+        resume = prepare_run_dir(out, flags, done_file=None)
+        for name in os.listdir(out):  # left by a run killed while it wrote a file
             if name.startswith(".tmp-"):
-                os.remove(os.path.join(args.out, name))
-        path, log = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "log.jsonl")
+                os.remove(os.path.join(out, name))
+        path, log = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
         if not (resume and os.path.exists(path)):
             return None
         state = load_checkpoint(path)
-        if state["epoch"] >= args.epochs:
-            raise UserError(f"{args.out} holds a finished run; choose another --out or pass --overwrite")
-        if os.path.exists(log):  # an epoch's line is logged before its checkpoint: drop one to be redone
+        if state["epoch"] >= flags["epochs"]:
+            raise UserError(f"{out} holds a finished run; choose another --out or pass --overwrite")
+        if os.path.exists(log):  # epochs logged after the last checkpoint are redone: drop their lines
             with open(log) as f:
                 atomic_write_text(log, "".join(line for line in f if json.loads(line)["epoch"] < state["epoch"]))
         return state

@@ -73,3 +73,13 @@ def run_cli(*args, env=None, cwd=REPO):
     full_env = {**os.environ, "MEDSSL_NO_DOWNLOAD": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
                 **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True)
+
+
+def tiny_run(out, images, steps_per_epoch, seed=0):
+    """A pretraining Run over in-memory uint8 images on the CPU, for driving a method's step through
+    common/pretrain.py's loop without a dataset file."""
+    import torch
+    from common import pretrain
+    os.makedirs(out, exist_ok=True)
+    return pretrain.Run(torch.device("cpu"), str(out), images, torch.arange(len(images)), steps_per_epoch,
+                        torch.Generator().manual_seed(seed), None, None)

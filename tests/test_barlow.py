@@ -1,7 +1,9 @@
 """pretrain_barlow.py: the Barlow Twins loss, the sparsity penalty, further pretraining's frozen
 parts, schedules, the LR range test, LARS, and the CLI chain into evaluate.py on real data."""
+import functools
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -9,9 +11,9 @@ import torch
 import torchvision
 
 import pretrain_barlow
-from common import cli, models
+from common import augment, cli, models, optim
 from common.cli import UserError
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, tiny_run
 
 
 # ---------------------------------------------------------------- loss
@@ -117,20 +119,23 @@ def _args(*flags):
          "--lr", "1e-2", *flags])
 
 
-def _run_epoch(args, encoder, epoch, in_chans=1):
-    """One epoch of 2 steps on random 1-channel images, through the script's own loop."""
+def _run_epoch(args, encoder, epoch, in_chans=1, tmp="/tmp/medssl-test-barlow"):
+    """One epoch of 2 steps on random 1-channel images, through the script's step and the common loop."""
     args.in_chans, args.freeze_lr = in_chans, args.lr
     projector = models.projector(512, args.projector)
-    optimizer = pretrain_barlow.build_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
-                                                args.lr, args.weight_decay)
+    optimizer = optim.make_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
+                                     args.lr, args.weight_decay)
     images = torch.randint(0, 256, (24, in_chans, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    run = tiny_run(f"{tmp}-{os.getpid()}-{epoch}", images, 2)
     before = {k: v.clone() for k, v in projector.state_dict().items()}
-    step, stats = pretrain_barlow.train_one_epoch(args, (encoder, projector, encoder), optimizer, images,
-                                                  torch.arange(24), torch.Generator().manual_seed(0), epoch, 2 * epoch, 2,
-                                                  torch.device("cpu"))
-    assert step == 2 * epoch + 2 and np.isfinite(stats["loss"])
+    online, views = [], augment.views(args.aug)
+    step = functools.partial(pretrain_barlow.train_step, args, online, projector, optimizer, views, run.generator, 2)
+    phase = functools.partial(pretrain_barlow.start_phase, args, encoder, projector, encoder, online, run.device)
+    figures = phase(epoch)
+    losses = [step(run.images[:8], 2 * epoch + i)[0] for i in range(2)]
+    assert all(np.isfinite(loss.item()) for loss in losses)
     assert any(not torch.equal(before[k], v) for k, v in projector.state_dict().items())  # projector trained
-    return stats
+    return figures
 
 
 def _changed(before, after):
@@ -297,18 +302,18 @@ def test_an_interrupted_run_resumes_exactly_and_reuses_its_found_lr(real_root, t
     monkeypatch.setattr("sys.argv", argv(tmp_path / "straight"))
     pretrain_barlow.main()
 
-    real_epoch = pretrain_barlow.train_one_epoch
+    real_phase = pretrain_barlow.start_phase
 
-    def crash_in_epoch_1(*args, **kwargs):
-        if args[6] == 1:                               # the epoch argument
+    def crash_in_epoch_1(*args):
+        if args[-1] == 1:                              # the epoch argument
             raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-    monkeypatch.setattr(pretrain_barlow, "train_one_epoch", crash_in_epoch_1)
+        return real_phase(*args)
+    monkeypatch.setattr(pretrain_barlow, "start_phase", crash_in_epoch_1)
     monkeypatch.setattr("sys.argv", argv(tmp_path / "resumed"))
     with pytest.raises(KeyboardInterrupt):
         pretrain_barlow.main()
-    monkeypatch.setattr(pretrain_barlow, "train_one_epoch", real_epoch)
-    monkeypatch.setattr(pretrain_barlow, "find_lr", lambda *a: pytest.fail("the range test ran again"))
+    monkeypatch.setattr(pretrain_barlow, "start_phase", real_phase)
+    monkeypatch.setattr(pretrain_barlow, "lr_from_range_test", lambda *a: pytest.fail("the range test ran again"))
     pretrain_barlow.main()
 
     straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)

@@ -5,7 +5,7 @@ What makes the two comparable: --sync-bn (BatchNorm statistics of the global bat
 SyncBatchNorm refuses CPU tensors, so common.dist.CPUSyncBatchNorm stands in for it there); every
 rank augmenting the whole global batch from the shared seed and keeping its own rows (the same views
 whatever the number of processes); DDP's mean of the ranks' gradients; and, for Barlow Twins, the loss
-computed on the global batch's gathered embeddings.
+computed on the global batch's gathered embeddings, and for SimCLR the negatives gathered from every rank.
 
 Tolerances after 2 epochs of 1 step at batch 32, with the values measured on this project's CPU
 machine in brackets (BYOL / Barlow Twins): losses, relative difference < 1e-5 [1e-6 / 2e-6];
@@ -39,9 +39,12 @@ COMMANDS = {
     # --lr auto: the LR range test runs on both ranks too; its sweep stays as tiny as the lr above
     "barlow": ["pretrain_barlow.py", *SMALL, "--projector", "256-256", "--aug", "base+vflip+noise",
                "--lr", "auto", "--lr-range", "1e-6", "2e-6", "3"],
+    # the negatives come from both ranks: the loss matches only if the all-gather carries gradients back
+    "simclr": ["pretrain_simclr.py", *SMALL, "--projector-hidden", "256", "--projector-out", "64", "--aug", "simclr",
+               "--lr", "1e-6", "--warmup-epochs", "0"],
 }
 MODULES = {"byol": ["encoder", "projector", "predictor", "target_encoder", "target_projector"],
-           "barlow": ["encoder", "projector"]}
+           "barlow": ["encoder", "projector"], "simclr": ["encoder", "projector"]}
 
 
 def relative(a, b):
@@ -61,7 +64,7 @@ def losses(run):
     return [json.loads(line)["loss"] for line in open(os.path.join(run, "log.jsonl"))]
 
 
-@pytest.mark.parametrize("method", ["byol", "barlow"])
+@pytest.mark.parametrize("method", ["byol", "barlow", "simclr"])
 def test_two_processes_agree_with_each_other_and_with_one(method, real_root, tmp_path, monkeypatch):
     command = [*COMMANDS[method], "--data-root", real_root]
     two, one = str(tmp_path / "two"), str(tmp_path / "one")

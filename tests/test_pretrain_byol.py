@@ -1,4 +1,4 @@
-import argparse
+import functools
 import json
 import os
 
@@ -8,8 +8,8 @@ import torch
 import torchvision
 
 import pretrain_byol
-from common import cli, models, optim
-from conftest import run_cli
+from common import augment, cli, models, optim, pretrain
+from conftest import run_cli, tiny_run
 
 
 def test_byol_loss_values_and_symmetry_of_scale():
@@ -38,26 +38,39 @@ def test_update_target_is_the_ema_formula():
     assert torch.allclose(target.weight, 0.99 * before + 0.01 * online.weight)
 
 
-def test_target_is_updated_once_per_optimiser_step(monkeypatch):
-    parser = pretrain_byol.get_args_parser()
-    args = parser.parse_args(["--batch-size", "4", "--epochs", "1", "--aug", "byol", "--out", "unused"])
+def _byol(args, steps_per_epoch, tmp_path, loss_patch=None):
+    """BYOL's step over tiny networks on random images, and a Run of them for the common loop."""
+    encoder = models.build_encoder(in_chans=1)
+    projector, predictor = models.mlp(512, 32, 16), models.mlp(16, 32, 16)
+    target_encoder, target_projector = models.build_encoder(in_chans=1), models.mlp(512, 32, 16)
+    online = torch.nn.Sequential(encoder, projector, predictor)
+    nets = pretrain_byol.Networks(online, encoder, projector, target_encoder, target_projector)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *projector.parameters(), *predictor.parameters()], lr=1e-3)
+    images = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8)
+    run = tiny_run(tmp_path / "run", images, steps_per_epoch)
+    step = functools.partial(pretrain_byol.train_step, args, nets, optimizer, augment.views(args.aug), run.generator,
+                             steps_per_epoch)
+    modules = {"encoder": encoder, "projector": projector, "predictor": predictor,
+               "target_encoder": target_encoder, "target_projector": target_projector}
+    return pretrain.Method("byol", modules, optimizer, step), run
+
+
+def test_target_is_updated_once_per_optimiser_step(monkeypatch, tmp_path):
+    args = pretrain_byol.get_args_parser().parse_args(["--batch-size", "4", "--epochs", "1", "--aug", "byol",
+                                                       "--in-chans", "1", "--out", "unused"])
     calls = []
     real = pretrain_byol.update_target
     monkeypatch.setattr(pretrain_byol, "update_target", lambda t, o, tau: (calls.append(tau), real(t, o, tau)))
-    encoder = models.build_encoder()
-    projector, predictor = models.mlp(512, 32, 16), models.mlp(16, 32, 16)
-    target_encoder, target_projector = models.build_encoder(), models.mlp(512, 32, 16)
-    params = [*encoder.parameters(), *projector.parameters(), *predictor.parameters()]
-    optimizer = torch.optim.Adam(params, lr=1e-3)
+    method, run = _byol(args, 3, tmp_path)
     steps = []
-    real_step = optimizer.step
-    optimizer.step = lambda *a, **k: (steps.append(1), real_step(*a, **k))[1]
-    images = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8)
-    nets = (encoder, projector, predictor, target_encoder, target_projector, encoder)
-    step, stats = pretrain_byol.train_one_epoch(args, nets, optimizer, images, torch.Generator().manual_seed(0),
-                                                0, 0, 3, torch.device("cpu"))
-    assert step == 3 and len(steps) == 3 and len(calls) == 2 * 3  # encoder + projector, once per step
-    assert np.isfinite(stats["loss"]) and stats["images_per_sec"] > 0
+    real_step = method.optimizer.step
+    method.optimizer.step = lambda *a, **k: (steps.append(1), real_step(*a, **k))[1]
+    pretrain.train(method, run, epochs=1, batch_size=4, in_chans=1)
+    assert len(steps) == 3 and len(calls) == 2 * 3  # encoder + projector, once per step
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert len(log) == 1 and np.isfinite(log[0]["loss"]) and log[0]["images_per_sec"] > 0 and log[0]["ema"] == 0.99
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 3 and state["epoch"] == 1 and state["meta"]["method"] == "byol"
 
 
 def test_cosine_ema_schedule_goes_from_tau_to_one():
@@ -108,19 +121,17 @@ def test_cli_pretrain_then_evaluate_on_real_data(real_root, tmp_path):
     assert r.returncode == 2 and "different command" in r.stderr and "lr" in r.stderr
 
 
-def test_non_finite_loss_stops_with_the_step_named(monkeypatch):
-    args = pretrain_byol.get_args_parser().parse_args(["--batch-size", "4", "--epochs", "1", "--out", "/tmp/x"])
+def test_non_finite_loss_stops_with_the_step_named(monkeypatch, tmp_path):
+    args = pretrain_byol.get_args_parser().parse_args(["--batch-size", "4", "--epochs", "2", "--aug", "byol",
+                                                       "--in-chans", "1", "--out", "unused"])
     calls = []
     real = pretrain_byol.byol_loss
 
-    def loss_with_nan(p, z):  # the second step's loss is NaN
+    def loss_with_nan(p, z):  # the fifth step's loss (the second of epoch 1) is NaN
         calls.append(1)
-        return real(p, z) * (float("nan") if len(calls) in (3, 4) else 1.0)
+        return real(p, z) * (float("nan") if len(calls) in (9, 10) else 1.0)
     monkeypatch.setattr(pretrain_byol, "byol_loss", loss_with_nan)
-    encoder, projector, predictor = models.build_encoder(), models.mlp(512, 32, 16), models.mlp(16, 32, 16)
-    nets = (encoder, projector, predictor, models.build_encoder(), models.mlp(512, 32, 16), encoder)
-    optimizer = torch.optim.Adam([*encoder.parameters(), *projector.parameters(), *predictor.parameters()])
-    images = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8)
-    with pytest.raises(cli.UserError, match=r"loss became nan at step 6 \(epoch 0\).*last good checkpoint"):
-        pretrain_byol.train_one_epoch(args, nets, optimizer, images, torch.Generator().manual_seed(0),
-                                      0, 5, 3, torch.device("cpu"))
+    method, run = _byol(args, 3, tmp_path)
+    with pytest.raises(cli.UserError, match=r"loss became nan at step 4 \(epoch 1\).*last good checkpoint"):
+        pretrain.train(method, run, epochs=2, batch_size=4, in_chans=1)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1   # epoch 0's, kept

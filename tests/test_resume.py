@@ -27,6 +27,8 @@ COMMANDS = {
              "--lr", "1e-3", "--lr-schedule", "cosine", "--warmup-epochs", "1", "--ema-schedule", "cosine"],
     "barlow": ["pretrain_barlow.py", *SMALL, "--projector", "32-32", "--aug", "base+vflip+noise",
                "--lr-schedule", "1cycle", "--freeze-encoder-epochs", "1", "--trainable", "layer4"],
+    "simclr": ["pretrain_simclr.py", *SMALL, "--projector-hidden", "32", "--projector-out", "16", "--aug", "simclr",
+               "--lr", "1e-3", "--warmup-epochs", "1", "--optimizer", "lars"],
 }
 
 
@@ -85,7 +87,7 @@ def run_in_process(command, out, monkeypatch):
     return concurrent.futures.ThreadPoolExecutor(1).submit(script.main)
 
 
-@pytest.mark.parametrize("method", ["byol", "barlow"])
+@pytest.mark.parametrize("method", ["byol", "barlow", "simclr"])
 def test_run_killed_mid_epoch_and_rerun_equals_an_uninterrupted_run(method, real_root, tmp_path, monkeypatch):
     command = [*COMMANDS[method], "--data-root", real_root]
     checkpoint = tmp_path / "resumed" / "checkpoint.pt"

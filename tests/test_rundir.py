@@ -42,13 +42,13 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 def test_run_dir_refuses_a_different_command_and_a_finished_run(tmp_path):
     out = str(tmp_path / "run")
     args = cli.parse_args(_parser(), ["--out", out])
-    assert rundir.prepare_run_dir(out, args, done_file="metrics.json") is False
-    assert rundir.prepare_run_dir(out, args, done_file="metrics.json") is True   # unfinished: resume
+    assert rundir.prepare_run_dir(out, vars(args), done_file="metrics.json") is False
+    assert rundir.prepare_run_dir(out, vars(args), done_file="metrics.json") is True   # unfinished: resume
     other = cli.parse_args(_parser(), ["--out", out, "--lr", "0.3"])
     with pytest.raises(UserError, match="different command"):
-        rundir.prepare_run_dir(out, other, done_file="metrics.json")
+        rundir.prepare_run_dir(out, vars(other), done_file="metrics.json")
     open(os.path.join(out, "metrics.json"), "w").close()
     with pytest.raises(UserError, match="finished run"):
-        rundir.prepare_run_dir(out, args, done_file="metrics.json")
+        rundir.prepare_run_dir(out, vars(args), done_file="metrics.json")
     redo = cli.parse_args(_parser(), ["--out", out, "--lr", "0.3", "--overwrite"])
-    assert rundir.prepare_run_dir(out, redo, done_file="metrics.json") is False
+    assert rundir.prepare_run_dir(out, vars(redo), done_file="metrics.json") is False
