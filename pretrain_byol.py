@@ -88,7 +88,7 @@ def train_one_epoch(args, nets, optimizer, images, aug_gen, epoch, step, steps_p
     online = dist.distributed(torch.nn.Sequential(forward_encoder, projector, predictor), device)
     total_steps = args.epochs * steps_per_epoch
     perm, epoch_start, first, losses = pretrain.start_epoch(len(images), aug_gen, resume)
-    views = augment.preset(args.aug, args.crop_scale)
+    views = augment.views(args.aug, args.crop_scale)
     start = time.time()
     bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                disable=not dist.is_main())
