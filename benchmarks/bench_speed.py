@@ -219,7 +219,7 @@ def build_step(cfg, variant, device, images):
         forward_encoder = compiled(encoder)
         optimizer = torch.optim.Adam([*encoder.parameters(), *projector.parameters(), *predictor.parameters()],
                                      lr=args.lr, weight_decay=args.weight_decay)
-        views = augment.preset(args.aug, args.crop_scale)
+        views = augment.views(args.aug, args.crop_scale)
 
         def step(i):
             x1, x2 = (prepare(v) for v in augment.two_views(images[batch_at(i)], views, gen))

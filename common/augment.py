@@ -17,7 +17,13 @@ image independently with probability p (a per-image Bernoulli mask). An op may
 return x itself when it changes nothing (e.g. p=0), so never modify outputs in place.
 
 Gray images (C=1): saturation, hue and grayscale are no-ops ("adapted to gray images").
+
+No op reads a device value back to the host (no .item(), no Python `if` on a tensor, no checked
+linear solve) and constants are built once per device and dtype, so a CUDA step never waits here.
+
+Every script's --aug goes through views(spec): a preset name (NAMES) or a paper 002 menu string.
 """
+import functools
 import math
 
 import torch
@@ -25,17 +31,22 @@ import torch.nn.functional as F
 
 # ITU-R BT.601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
-
-# RGB -> YIQ (NTSC) matrix; its inverse maps back. Used for the hue rotation.
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114],
-                            [0.596, -0.274, -0.322],
-                            [0.211, -0.523, 0.312]], dtype=torch.float64)
-_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+# Corners of an image in grid_sample's normalised coordinates (perspective).
+_CORNERS = ((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0))
+# HSV -> RGB: the offsets n of R, G, B in f(n) = v - c * clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6.
+_HSV_OFFSETS = (5.0, 3.0, 1.0)
 
 
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _const(values, device, dtype):
+    """A constant tensor, built once per (values, device, dtype): torch.tensor(...) on a CUDA device
+    copies from the host and waits for it, in every call. Shared: never modify it in place."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
 
 def _rand(x, g, *shape):
     """Uniform [0, 1) float32 numbers on x's device, drawn from g."""
@@ -75,7 +86,7 @@ def _gray_mean(x):
     """(B,) mean of each image's grayscale version (the image itself when C=1)."""
     m = x.mean(dim=(2, 3))                        # (B, C), cheap: no luma image is built
     if x.shape[1] == 3:
-        return m @ torch.tensor(_LUMA, dtype=m.dtype, device=m.device)
+        return m @ _const(_LUMA, m.device, m.dtype)
     return m[:, 0]
 
 
@@ -96,22 +107,25 @@ def _scale_saturation(x, f):
     return (gray + (x - gray) * _per_image(f, x)).clamp_(0, 1)
 
 
-def _rotate_hue(x, turns):
-    """Shift the hue of each RGB image by `turns` (B,) of a full turn, by rotating chroma in YIQ.
+def _shift_hue(x, turns):
+    """Shift the hue of each RGB image by `turns` (B,) of a full turn, exactly as torchvision's
+    adjust_hue (RGB -> HSV, hue + turns mod 1, HSV -> RGB), for the whole batch at once.
 
-    This approximates torchvision's HSV hue shift (exact for luma, close for hue)
-    with one 3x3 matrix per image instead of an RGB->HSV->RGB round trip. YIQ's
-    chroma angle runs red -> blue -> green, the opposite way round from HSV's
-    red -> green -> blue, hence the minus sign.
+    Value (the largest channel) and chroma (largest - smallest) are kept; the hue is handled in
+    sextants h in [0, 6). Computed in float32 whatever x's dtype: bf16 would misplace hues.
     """
-    angle = -2 * math.pi * turns.double()
-    cos, sin = angle.cos(), angle.sin()
-    rot = torch.zeros(x.shape[0], 3, 3, dtype=torch.float64, device=x.device)
-    rot[:, 0, 0] = 1
-    rot[:, 1, 1], rot[:, 1, 2] = cos, -sin
-    rot[:, 2, 1], rot[:, 2, 2] = sin, cos
-    m = _YIQ_TO_RGB.to(x.device) @ rot @ _RGB_TO_YIQ.to(x.device)      # (B, 3, 3)
-    return torch.einsum("bij,bjhw->bihw", m.to(x.dtype), x).clamp_(0, 1)
+    y = x.float()
+    r, g, b = y.unbind(1)                                       # (B, H, W) each
+    v = y.amax(1)
+    c = v - y.amin(1)
+    safe_c = torch.where(c > 0, c, torch.ones_like(c))          # gray pixels: hue 0, chroma 0
+    # Which channel is largest picks the sextant formula; red wins ties, then green (as torchvision).
+    h = torch.where(v == r, ((g - b) / safe_c).remainder(6),
+                    torch.where(v == g, (b - r) / safe_c + 2, (r - g) / safe_c + 4))
+    h = (h + 6 * turns.float().view(-1, 1, 1)).remainder(6)
+    k = (_const(_HSV_OFFSETS, y.device, y.dtype).view(1, 3, 1, 1) + h[:, None]).remainder(6)
+    out = v[:, None] - c[:, None] * torch.minimum(k, 4 - k).clamp_(0, 1)
+    return out.to(x.dtype).clamp_(0, 1)
 
 
 # ----------------------------------------------------------------------------
@@ -172,7 +186,7 @@ def color_jitter(x, g, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=
         if saturation:
             y = _scale_saturation(y, _factor(u[:, 2], saturation))
         if hue:
-            y = _rotate_hue(y, _lerp(u[:, 3], -hue, hue))
+            y = _shift_hue(y, _lerp(u[:, 3], -hue, hue))
     return _where_p(x, g, p, y)
 
 
@@ -265,58 +279,6 @@ def contrast(x, g, p=0.8, strength=0.4):
     return _where_p(x, g, p, _scale_contrast(x, _factor(_rand(x, g, x.shape[0]), strength)))
 
 
-# ----------------------------------------------------------------------------
-# presets: a step is (function, kwargs); a preset is a pair of step lists, one per view
-# ----------------------------------------------------------------------------
-
-def _byol_view(blur_p, solarize_p):
-    """One BYOL view (Grill et al. 2020, Table 6); the two views differ only in blur and solarize."""
-    return [
-        (random_resized_crop, dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))),
-        (horizontal_flip, dict(p=0.5)),
-        (color_jitter, dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8)),
-        (grayscale, dict(p=0.2)),
-        (gaussian_blur, dict(p=blur_p, sigma=(0.1, 2.0), kernel_frac=0.1, sigma_relative_to=224)),
-        (solarize, dict(p=solarize_p, threshold=0.5)),
-    ]
-
-
-# Paper 001 (Murphy, BYOL on MedMNIST) used lucidrains/byol-pytorch's default
-# augmentation, in this order, the same for both views.
-_PAPER001 = [
-    (color_jitter, dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, p=0.3)),
-    (grayscale, dict(p=0.2)),
-    (horizontal_flip, dict(p=0.5)),
-    # fixed 3x3 kernel (kernel_frac=0 -> the 3 px minimum), sigma 1.0-2.0 in pixels
-    (gaussian_blur, dict(p=0.2, sigma=(1.0, 2.0), kernel_frac=0.0, sigma_relative_to=None)),
-    (random_resized_crop, dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))),
-]
-
-# Paper 001 §4.2 / §5.1 "BYOL+": paper 001's augmentation plus cutout, contrast
-# and brightness, after Van der Sluijs et al. 2023.
-_BYOL_PLUS = _PAPER001 + [
-    (cutout, dict(p=0.5, scale=(0.02, 0.25), ratio=(0.3, 3.3), value=0.0)),
-    (contrast, dict(p=0.8, strength=0.4)),
-    (brightness, dict(p=0.8, strength=0.4)),
-]
-
-PRESETS = {
-    "byol": (_byol_view(blur_p=1.0, solarize_p=0.0), _byol_view(blur_p=0.1, solarize_p=0.2)),
-    "paper001": (_PAPER001, _PAPER001),
-    "byol+": (_BYOL_PLUS, _BYOL_PLUS),
-}
-
-
-def preset(name, crop_scale=None):
-    """A preset's pair of step lists, optionally with another random-resized-crop area range: at
-    28 px the usual 0.08 lower bound is an 8x8 px patch blown up to the whole image."""
-    views = PRESETS[name]
-    if crop_scale is None:
-        return views
-    return tuple([(fn, {**kw, "scale": tuple(crop_scale)}) if fn is random_resized_crop else (fn, kw)
-                  for fn, kw in steps] for steps in views)
-
-
 def apply_steps(x, steps, g):
     """Run the (function, kwargs) steps on x in order, all drawing from generator g."""
     for fn, kwargs in steps:
@@ -325,20 +287,22 @@ def apply_steps(x, steps, g):
 
 
 def two_views(images_uint8, preset, g):
-    """uint8 (B, C, H, W) images -> two float32 views in [0, 1]; preset is a PRESETS key or a (steps, steps) pair."""
+    """uint8 (B, C, H, W) images -> two float32 views in [0, 1]; preset is what views() returns, or
+    an --aug string given to views()."""
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
         raise ValueError(f"expected uint8 (B, C, H, W) images, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
-    steps1, steps2 = PRESETS[preset] if isinstance(preset, str) else preset
+    steps1, steps2 = views(preset) if isinstance(preset, str) else preset
     x = images_uint8.to(torch.float32).div_(255)  # converted once, shared by both views
     return apply_steps(x, steps1, g), apply_steps(x, steps2, g)
 
 
 # ----------------------------------------------------------------------------
-# ops added for Barlow Twins (issue 3): paper 002's augmentation menu
+# ops of paper 002's augmentation menu
 # ----------------------------------------------------------------------------
 # Paper 002's code (PolLM/Self-supervised-learning-for-medical-imaging, transform
-# scans) applies each extra transform with p=0.5 ("transforms_prob"), after the
-# base random-resized-crop + horizontal flip; its values are the defaults below.
+# scans) applies each extra transform with p=0.5 ("transforms_prob"), except the
+# rotation, after the base random-resized-crop + horizontal flip; its values are
+# the defaults below.
 
 # Default p=0.5: paper 002 (RandomVerticalFlip(p=0.5)).
 def vertical_flip(x, g, p=0.5):
@@ -385,7 +349,7 @@ def _homographies(src, dst):
     rows_v = torch.stack([zeros, zeros, zeros, x, y, ones, -x * v, -y * v], dim=-1)
     a = torch.cat([rows_u, rows_v], dim=1)                                          # (B, 8, 8)
     b = torch.cat([u, v], dim=1)                                                    # (B, 8)
-    h = torch.linalg.solve(a, b)
+    h, _ = torch.linalg.solve_ex(a, b, check_errors=False)   # solve's error check would wait for the device
     return torch.cat([h, torch.ones(B, 1, dtype=h.dtype, device=h.device)], dim=1).view(B, 3, 3)
 
 
@@ -399,8 +363,7 @@ def perspective(x, g, p=0.5, distortion=0.15):
     B, C, H, W = x.shape
     # Normalised coordinates (grid_sample, align_corners=False): the image spans [-1, 1] and half
     # the side is 1, so the inward shift of a corner coordinate is U(0, distortion).
-    corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]],
-                           dtype=torch.float64, device=x.device).expand(B, 4, 2)
+    corners = _const(_CORNERS, x.device, torch.float64).expand(B, 4, 2)
     shift = _rand(x, g, B, 4, 2).double() * distortion
     moved = corners - corners * shift                       # each coordinate towards the centre
     # The output shows the image squeezed into `moved`; grid_sample needs the opposite map, from
@@ -451,7 +414,7 @@ def gaussian_noise(x, g, p=0.5, relative_sigma=(0.06, 0.1)):
 
 
 # ----------------------------------------------------------------------------
-# Barlow Twins views: paper 002's menu and paper 003's preset
+# views: a step is (function, kwargs); a view is a list of steps; a preset is a pair of views
 # ----------------------------------------------------------------------------
 
 # Paper 002's menu, in the order the steps run whatever order they are named in (the order of
@@ -467,6 +430,10 @@ MENU = {
     # image side like the BYOL preset's blur; p=0.5
     "blur": [(gaussian_blur, dict(p=0.5, sigma=(0.1, 2.0), kernel_frac=0.1, sigma_relative_to=224))],
     "perspective": [(perspective, dict(p=0.5, distortion=0.15))],
+    # p=1, unlike the other items: paper 002 gives no probability for its rotation, and its code,
+    # which produced the rotation rows of both transformation scans, calls RandomRotation(20)
+    # outside its p=0.5 wrapping, so every image rotates (the p=0.5 it quotes is that of the
+    # papers it took the menu from).
     "rotation": [(rotation, dict(p=1.0, degrees=20.0))],
     # paper 002 tried brightness and contrast modulation (after Azizi et al. 2021, +-0.2) and
     # dropped them; here both are factors around 1 (its contrast only ever lowered contrast)
@@ -476,6 +443,69 @@ MENU = {
 }
 # Paper 002's final set (slide "Final set of transformations").
 PAPER002_MENU = "base+vflip+equalize+perspective+blur+noise"
+
+
+def menu(spec):
+    """Steps of a paper 002 menu string such as "base+vflip+equalize+perspective+blur+noise",
+    in MENU's order; unknown or repeated names raise ValueError."""
+    names = [n.strip() for n in str(spec).split("+")]
+    if not spec.strip():
+        raise ValueError(f"empty augmentation: name a preset ({', '.join(NAMES)}) or join any of "
+                         f"{', '.join(MENU)} with '+'")
+    unknown = [n for n in names if n not in MENU]
+    if unknown:
+        raise ValueError(f"unknown augmentation {unknown[0]!r} in {spec!r}: name a preset "
+                         f"({', '.join(NAMES)}) or join any of {', '.join(MENU)} with '+'")
+    if len(set(names)) != len(names):
+        raise ValueError(f"augmentation named twice in {spec!r}")
+    return [step for name in MENU if name in names for step in MENU[name]]
+
+
+def _byol_view(blur_p, solarize_p):
+    """One BYOL view (Grill et al. 2020, Table 6); the two views differ only in blur and solarize."""
+    return [
+        (random_resized_crop, dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))),
+        (horizontal_flip, dict(p=0.5)),
+        (color_jitter, dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8)),
+        (grayscale, dict(p=0.2)),
+        (gaussian_blur, dict(p=blur_p, sigma=(0.1, 2.0), kernel_frac=0.1, sigma_relative_to=224)),
+        (solarize, dict(p=solarize_p, threshold=0.5)),
+    ]
+
+
+# Paper 001 (Murphy, BYOL on MedMNIST) used lucidrains/byol-pytorch's default
+# augmentation, in this order, the same for both views.
+_PAPER001 = [
+    (color_jitter, dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, p=0.3)),
+    (grayscale, dict(p=0.2)),
+    (horizontal_flip, dict(p=0.5)),
+    # fixed 3x3 kernel (kernel_frac=0 -> the 3 px minimum), sigma 1.0-2.0 in pixels
+    (gaussian_blur, dict(p=0.2, sigma=(1.0, 2.0), kernel_frac=0.0, sigma_relative_to=None)),
+    (random_resized_crop, dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))),
+]
+
+# Paper 001 §4.2 / §5.1 "BYOL+": paper 001's augmentation plus cutout, contrast
+# and brightness, after Van der Sluijs et al. 2023.
+_BYOL_PLUS = _PAPER001 + [
+    (cutout, dict(p=0.5, scale=(0.02, 0.25), ratio=(0.3, 3.3), value=0.0)),
+    (contrast, dict(p=0.8, strength=0.4)),
+    (brightness, dict(p=0.8, strength=0.4)),
+]
+
+
+def _simclr_view(strength=1.0):
+    """SimCLR's view (Chen et al. 2020, App. A), the same for both views: crop, flip, colour
+    distortion of strength s (jitter 0.8s/0.8s/0.8s/0.2s with p=0.8, then grayscale p=0.2) and a
+    blur with p=0.5. s=1.0 is its ImageNet setting (App. A; 0.5 for CIFAR-10, App. B.9). The
+    blur (10% kernel, sigma U(0.1, 2.0) at 224 px) is scaled to the image side like BYOL's."""
+    return [
+        (random_resized_crop, dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))),
+        (horizontal_flip, dict(p=0.5)),
+        (color_jitter, dict(brightness=0.8 * strength, contrast=0.8 * strength, saturation=0.8 * strength,
+                            hue=0.2 * strength, p=0.8)),
+        (grayscale, dict(p=0.2)),
+        (gaussian_blur, dict(p=0.5, sigma=(0.1, 2.0), kernel_frac=0.1, sigma_relative_to=224)),
+    ]
 
 
 def _paper003_view(blur_p, solarize_p):
@@ -496,10 +526,18 @@ def _paper003_view(blur_p, solarize_p):
     ]
 
 
-BARLOW_PRESETS = {
-    "paper002": (PAPER002_MENU,),          # a menu string, expanded by views()
+_PAPER002 = menu(PAPER002_MENU)
+# Every preset, for every method: name -> (view 1 steps, view 2 steps).
+PRESETS = {
+    "byol": (_byol_view(blur_p=1.0, solarize_p=0.0), _byol_view(blur_p=0.1, solarize_p=0.2)),
+    "paper001": (_PAPER001, _PAPER001),
+    "byol+": (_BYOL_PLUS, _BYOL_PLUS),
+    "simclr": (_simclr_view(), _simclr_view()),
+    "paper002": (_PAPER002, _PAPER002),
     "paper003": (_paper003_view(blur_p=1.0, solarize_p=0.0), _paper003_view(blur_p=0.1, solarize_p=0.2)),
 }
+# The preset names --aug takes (besides menu strings), for help texts and error messages.
+NAMES = tuple(PRESETS)
 
 # Fine-tuning augmentation and test-time augmentation of paper 003 (App. A.1: each image randomly
 # cropped, rotated and flipped; TTA averages 3 passes with the same augmentations). Its values did
@@ -514,36 +552,23 @@ FINETUNE_AUG = {
 }
 
 
-def menu(spec):
-    """Steps of a paper 002 menu string such as "base+vflip+equalize+perspective+blur+noise",
-    in MENU's order; unknown or repeated names raise ValueError."""
-    names = [n.strip() for n in str(spec).split("+")]
-    unknown = [n for n in names if n not in MENU]
-    if unknown or not names:
-        raise ValueError(f"unknown augmentation {unknown[0] if unknown else spec!r} in {spec!r}; "
-                         f"join any of {', '.join(MENU)} with '+', or name a preset")
-    if len(set(names)) != len(names):
-        raise ValueError(f"augmentation named twice in {spec!r}")
-    return [step for name in MENU if name in names for step in MENU[name]]
-
-
-def _with_crop_scale(views, crop_scale):
-    if crop_scale is None:
-        return views
-    return tuple([(fn, {**kw, "scale": tuple(crop_scale)}) if fn is random_resized_crop else (fn, kw)
-                  for fn, kw in steps] for steps in views)
-
-
 def views(spec, crop_scale=None):
-    """The (steps, steps) pair of a Barlow Twins --aug value: a BARLOW_PRESETS name (paper002,
-    paper003), a BYOL preset name, or a menu string; optionally with another crop area range."""
+    """The (view 1 steps, view 2 steps) pair of an --aug value, for any method: a preset name
+    (NAMES) or a paper 002 menu string (both views draw from it). crop_scale=(min, max) replaces
+    every random-resized-crop's area range: at 28 px the usual 0.08 lower bound is an 8x8 px patch
+    blown up to the whole image. Bad values raise ValueError naming the valid ones."""
+    if not isinstance(spec, str):
+        raise ValueError(f"an augmentation must be a string, got {spec!r}: name a preset ({', '.join(NAMES)}) "
+                         f"or join any of {', '.join(MENU)} with '+'")
     if spec in PRESETS:
-        return preset(spec, crop_scale)
-    if spec in BARLOW_PRESETS:
-        pair = BARLOW_PRESETS[spec]
-        if len(pair) == 1:                     # a menu string: both views draw from it
-            steps = menu(pair[0])
-            pair = (steps, steps)
-        return _with_crop_scale(pair, crop_scale)
-    steps = menu(spec)
-    return _with_crop_scale((steps, steps), crop_scale)
+        pair = PRESETS[spec]
+    else:
+        steps = menu(spec)
+        pair = (steps, steps)
+    if crop_scale is None:
+        return pair
+    lo, hi = (float(v) for v in crop_scale)
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"crop scale (MIN, MAX) must satisfy 0 < MIN <= MAX <= 1, got {lo:g} {hi:g}")
+    return tuple([(fn, {**kw, "scale": (lo, hi)}) if fn is random_resized_crop else (fn, kw)
+                  for fn, kw in steps] for steps in pair)

@@ -109,9 +109,6 @@ def test_ops_leave_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_presets_only_use_tested_ops():
-    used = {fn.__name__ for steps in A.PRESETS.values() for view in steps for fn, _ in view}
-    assert used <= set(OPS)
 
 
 # ----------------------------------------------------------------------------
@@ -225,12 +222,46 @@ def test_saturation_and_hue_leave_gray_images_alone():
     torch.testing.assert_close(A.color_jitter(x3, gen(0), **kw), x3, atol=1e-5, rtol=0)
 
 
-def test_hue_keeps_luma_and_changes_colour():
-    x = copies(3)
+def colour_batch(n=B, side=H):
+    """RGB uint8 images with every hue and saturation: random pixels plus a gray and a saturated patch."""
+    u8 = torch.randint(0, 256, (n, 3, side, side), generator=gen(3), dtype=torch.uint8)
+    u8[:, :, :4, :4] = 90                                          # gray: hue undefined, kept
+    u8[:, 0, 4:8, :4], u8[:, 1:, 4:8, :4] = 255, 0                 # pure red
+    return u8
+
+
+@pytest.mark.parametrize("turns", [0.1, -0.1, 0.2, 0.37, -0.5, 0.5])
+def test_hue_shift_matches_torchvision_adjust_hue(turns):
+    import torchvision.transforms.functional as TF
+    u8 = colour_batch()
+    x = u8.float() / 255
+    # per-image factors: the given one, its negative, and values in between
+    factors = torch.linspace(-turns, turns, B)
+    out = A._shift_hue(x, factors)
+    expected = torch.stack([TF.adjust_hue(img, f.item()) for img, f in zip(x, factors)])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    expected_u8 = torch.stack([TF.adjust_hue(img, f.item()) for img, f in zip(u8, factors)])
+    assert ((out * 255).round() - expected_u8.float()).abs().max() <= 1
+    assert (out - x).abs().amax(dim=(1, 2, 3))[factors.abs() > 0.05].min() > 0.1     # colours moved
+
+
+def test_hue_shift_in_bf16_follows_float32():
+    x = colour_batch().float() / 255
+    factors = torch.linspace(-0.1, 0.1, B)
+    out = A._shift_hue(x.bfloat16(), factors)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), A._shift_hue(x.bfloat16().float(), factors), atol=1 / 128, rtol=0)
+
+
+def test_color_jitter_hue_is_torchvision_adjust_hue_with_a_factor_per_image():
+    import torchvision.transforms.functional as TF
+    x = colour_batch().float() / 255
     out = A.color_jitter(x, gen(0), brightness=0, contrast=0, saturation=0, hue=0.1, p=1.0)
-    luma = lambda t: 0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2]
-    torch.testing.assert_close(luma(out), luma(x), atol=1e-4, rtol=0)   # no pixel clipped here
-    assert (out - x).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    u = torch.rand((B, 4), generator=gen(0))                      # the draws color_jitter makes
+    factors = -0.1 + 0.2 * u[:, 3]
+    expected = torch.stack([TF.adjust_hue(img, f.item()) for img, f in zip(x, factors)])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert factors.std() > 0.03                                   # the factors do differ per image
 
 
 # ----------------------------------------------------------------------------
@@ -238,7 +269,8 @@ def test_hue_keeps_luma_and_changes_colour():
 # ----------------------------------------------------------------------------
 
 def test_preset_names():
-    assert sorted(A.PRESETS) == ["byol", "byol+", "paper001"]
+    assert A.NAMES == tuple(A.PRESETS)
+    assert set(A.NAMES) == {"byol", "paper001", "byol+", "simclr", "paper002", "paper003"}
     byol_plus, paper001 = A.PRESETS["byol+"][0], A.PRESETS["paper001"][0]
     assert byol_plus[: len(paper001)] == paper001
     assert [fn for fn, _ in byol_plus[len(paper001):]] == [A.cutout, A.contrast, A.brightness]
@@ -284,18 +316,29 @@ def test_two_views_accepts_step_pairs_and_rejects_floats():
         A.two_views(imgs.float(), "byol", gen(0))
 
 
-def test_preset_crop_scale_override_changes_only_the_crop():
-    from common import augment
-    v1, v2 = augment.preset("byol+", crop_scale=(0.5, 1.0))
-    crops = [kw for fn, kw in v1 + v2 if fn is augment.random_resized_crop]
+@pytest.mark.parametrize("spec", list(A.NAMES) + [A.PAPER002_MENU])
+def test_crop_scale_override_changes_only_the_crop(spec):
+    v1, v2 = A.views(spec, crop_scale=[0.5, 1.0])
+    crops = [kw for fn, kw in v1 + v2 if fn is A.random_resized_crop]
     assert crops and all(kw["scale"] == (0.5, 1.0) for kw in crops)
-    others = [(fn, kw) for fn, kw in v1 if fn is not augment.random_resized_crop]
-    assert others == [(fn, kw) for fn, kw in augment.PRESETS["byol+"][0] if fn is not augment.random_resized_crop]
-    assert augment.preset("byol") is augment.PRESETS["byol"]
+    for new, old in zip((v1, v2), A.views(spec)):
+        assert [(fn, {k: v for k, v in kw.items() if k != "scale"}) for fn, kw in new] == \
+               [(fn, {k: v for k, v in kw.items() if k != "scale"}) for fn, kw in old]
+        assert [kw for fn, kw in new if fn is not A.random_resized_crop] == \
+               [kw for fn, kw in old if fn is not A.random_resized_crop]
+    assert A.views(spec, crop_scale=None) == A.views(spec)       # no override: the steps as they are
+    if spec in A.PRESETS:
+        assert A.views(spec) is A.PRESETS[spec]
+
+
+@pytest.mark.parametrize("crop_scale", [(0.0, 1.0), (2.0, 1.0), (0.6, 0.5), (0.5, 1.5), (-0.1, 1.0)])
+def test_crop_scale_out_of_range_is_refused(crop_scale):
+    with pytest.raises(ValueError, match=r"0 < MIN <= MAX <= 1"):
+        A.views("byol", crop_scale)
 
 
 # ----------------------------------------------------------------------------
-# issue 3: paper 002's augmentation menu (vertical flip, equalize, perspective,
+# paper 002's augmentation menu (vertical flip, equalize, perspective,
 # rotation, Gaussian noise) and the Barlow Twins views
 # ----------------------------------------------------------------------------
 
@@ -397,6 +440,7 @@ def test_menu_runs_in_a_fixed_order_and_rejects_unknown_names():
     assert a == b and [fn for fn, _ in a] == [A.random_resized_crop, A.horizontal_flip, A.vertical_flip,
                                               A.gaussian_noise]
     assert A.views("paper002")[0] == A.menu(A.PAPER002_MENU) == A.views(A.PAPER002_MENU)[1]
+    assert A.views("paper002")[1] == A.menu("noise+blur+perspective+equalize+vflip+base")
     full = "+".join(A.MENU)
     assert len(A.menu(full)) == sum(len(steps) for steps in A.MENU.values())
     with pytest.raises(ValueError, match="unknown augmentation 'vlfip'"):
@@ -434,7 +478,140 @@ def test_finetune_augmentation_contract():
     assert A.apply_steps(x, A.FINETUNE_AUG["none"], gen(0)) is x
 
 
-def test_barlow_menu_presets_and_finetune_aug_only_use_tested_ops():
+def test_presets_menu_and_finetune_aug_only_use_tested_ops():
     steps = [s for v in A.MENU.values() for s in v] + [s for s in A.FINETUNE_AUG["paper003"]]
-    steps += [s for pair in A.BARLOW_PRESETS.values() for v in pair if not isinstance(v, str) for s in v]
+    steps += [s for pair in A.PRESETS.values() for v in pair for s in v]
     assert {fn.__name__ for fn, _ in steps} <= set(OPS) | set(NEW_OPS)
+
+
+# ----------------------------------------------------------------------------
+# views(): the one entry point of every script's --aug
+# ----------------------------------------------------------------------------
+
+MENU_SPECS = list(A.MENU) + ["base+" + n for n in A.MENU if n != "base"] + ["+".join(A.MENU), A.PAPER002_MENU]
+
+
+@pytest.mark.parametrize("spec", list(A.NAMES) + MENU_SPECS)
+def test_every_preset_and_menu_string_parses_into_two_views_of_known_ops(spec):
+    v1, v2 = A.views(spec)
+    known = set(OPS) | set(NEW_OPS)
+    for view in (v1, v2):
+        assert view and all(callable(fn) and fn.__name__ in known and isinstance(kw, dict) for fn, kw in view)
+    if spec not in A.PRESETS:                                       # a menu: both views draw from it
+        assert v1 is v2 and v1 == A.menu(spec)
+
+
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("spec, same", [
+    ("byol", "byol"),                                               # a name given to two_views directly
+    ("paper002", A.PAPER002_MENU),                                  # the preset and its menu string
+    ("paper002", "noise + blur+perspective+equalize+vflip+base"),  # any order, spaces
+    ("base+rotation", "rotation+base"),
+])
+def test_equivalent_specs_give_identical_views(spec, same, C):
+    imgs = (copies(C) * 255).round().to(torch.uint8)
+    a = A.two_views(imgs, A.views(spec), gen(4))
+    b = A.two_views(imgs, same, gen(4))                            # two_views also takes the string
+    c = A.two_views(imgs, A.views(same, crop_scale=None), gen(4))
+    assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a, b, c))
+
+
+@pytest.mark.parametrize("spec, bad", [("nonsense", "nonsense"), ("base+vlfip", "vlfip"), ("byol+noise", "byol"),
+                                       ("paper002+rotation", "paper002"), ("BYOL", "BYOL"), ("base+", "")])
+def test_invalid_spec_names_the_culprit_and_every_valid_value(spec, bad):
+    with pytest.raises(ValueError) as err:
+        A.views(spec)
+    message = str(err.value)
+    assert f"unknown augmentation {bad!r}" in message and "\n" not in message
+    assert all(name in message for name in A.NAMES) and all(item in message for item in A.MENU)
+
+
+@pytest.mark.parametrize("spec", ["", "  ", None, 3, ("byol",)])
+def test_empty_or_non_string_spec_is_refused(spec):
+    with pytest.raises(ValueError, match="name a preset"):
+        A.views(spec)
+
+
+def test_rotation_is_the_one_menu_item_applied_to_every_image():
+    # paper 002's code applies RandomRotation(20) outside its p=0.5 wrapping; every other extra op at 0.5
+    probs = {name: [kw.get("p") for fn, kw in steps] for name, steps in A.MENU.items()}
+    assert probs.pop("rotation") == [1.0]
+    assert probs.pop("base") == [None, 0.5]
+    assert all(p == [0.5] for p in probs.values())
+    imgs = (copies(1) * 255).round().to(torch.uint8)
+    v1, v2 = A.two_views(imgs, "rotation", gen(0))
+    x = imgs.float() / 255
+    assert all((v != x).flatten(1).any(dim=1).all() for v in (v1, v2))   # no image left unrotated
+
+
+# ----------------------------------------------------------------------------
+# SimCLR's views (Chen et al. 2020, App. A)
+# ----------------------------------------------------------------------------
+
+def test_simclr_preset_has_chen_et_al_parameters_for_both_views():
+    v1, v2 = A.views("simclr")
+    assert v1 == v2                                                 # one distribution for both views
+    kw = {fn: k for fn, k in v1}
+    assert [fn for fn, _ in v1] == [A.random_resized_crop, A.horizontal_flip, A.color_jitter, A.grayscale,
+                                    A.gaussian_blur]
+    assert kw[A.random_resized_crop]["scale"] == (0.08, 1.0) and kw[A.horizontal_flip]["p"] == 0.5
+    jitter = kw[A.color_jitter]
+    assert [jitter[k] for k in ("brightness", "contrast", "saturation", "hue", "p")] == \
+           pytest.approx([0.8, 0.8, 0.8, 0.2, 0.8])                 # strength s = 1: 0.8s, 0.8s, 0.8s, 0.2s
+    assert kw[A.grayscale]["p"] == 0.2
+    assert kw[A.gaussian_blur]["p"] == 0.5 and kw[A.gaussian_blur]["sigma"] == (0.1, 2.0)
+
+
+def test_simclr_views_differ_and_grayscale_about_one_image_in_five():
+    n = 2000
+    imgs = colour_batch(n, side=8)
+    v1, v2 = A.two_views(imgs, "simclr", gen(0))
+    assert not torch.equal(v1, v2)
+    assert n_distinct(v1) == n
+    # only the grayscale step makes the three channels equal (saturation factors stay >= 0.2)
+    for v in (v1, v2):
+        gray = (v[:, 0] == v[:, 1]).flatten(1).all(1) & (v[:, 1] == v[:, 2]).flatten(1).all(1)
+        assert abs(gray.float().mean().item() - 0.2) < 0.03
+
+
+# ----------------------------------------------------------------------------
+# no host syncs: nothing inside the ops reads a device value or builds a tensor from Python values
+# ----------------------------------------------------------------------------
+
+SYNCING_OPS = {"_local_scalar_dense", "item", "_linalg_check_errors", "lift_fresh", "nonzero", "is_nonzero"}
+
+
+@pytest.mark.parametrize("spec", list(A.NAMES) + ["+".join(A.MENU)])
+def test_views_dispatch_no_host_sync_and_build_no_constants(spec):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    imgs = colour_batch(8)
+    A.two_views(imgs, spec, gen(0))                                 # first call: constants cached
+    with Ops() as ops:
+        A.two_views(imgs, spec, gen(0))
+    assert ops.names and not ops.names & SYNCING_OPS
+    assert A._const(A._LUMA, torch.device("cpu"), torch.float32) is A._const(A._LUMA, torch.device("cpu"),
+                                                                               torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec", list(A.NAMES) + ["+".join(A.MENU)])
+def test_views_run_under_cuda_sync_debug_mode_error(spec):
+    imgs = colour_batch(8).cuda()
+    A.two_views(imgs, spec, gen(0, "cuda"))                         # warm: constants cached
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        v1, v2 = A.two_views(imgs, spec, gen(0, "cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert v1.is_cuda and v2.shape == imgs.shape
