@@ -1,5 +1,5 @@
 """Speed and memory of the training steps the scripts run (issue 6): images/s and peak memory of
-the BYOL and Barlow Twins pretraining steps, of feature extraction (the linear probe's input) and
+the BYOL, Barlow Twins and SimCLR pretraining steps, of feature extraction (the linear probe's input) and
 of a fine-tune step, at several image sizes, on the CPU and on CUDA with and without bf16 autocast,
 channels_last and torch.compile.
 
@@ -18,11 +18,12 @@ has done the imports), so that its peak-memory figure is its own:
     resource.getrusage(RUSAGE_SELF).ru_maxrss (the lifetime peak) replaces VmHWM; the output says so.
     With compile on the CPU the compiler's own memory lands in this figure too (it runs in warm-up).
 
-The steps are put together from the scripts' own parts (pretrain_byol.byol_loss / update_target,
-pretrain_barlow.barlow_twins_loss, common.models builders, common.augment presets, evaluate.loss_fn)
-with the scripts' default hyper-parameters, in the order their loops run them; only the switches a
-variant names differ. Images are random uint8 gray images (the speed does not depend on content).
-"images/s" counts source images: a BYOL or Barlow step on a batch of B images makes 2B views.
+The pretraining workloads run the scripts' own step functions (pretrain_byol.train_step,
+pretrain_barlow.train_step, pretrain_simclr.train_step) on models built as their main() builds them,
+with the scripts' default hyper-parameters; they choose bf16 autocast themselves (on CUDA), so for them a
+variant's bf16 switch changes nothing. features and finetune are put together from evaluate.py's parts;
+only the switches a variant names differ. Images are random uint8 gray images (the speed does not depend on content).
+"images/s" counts source images: a pretraining step on a batch of B images makes 2B views.
 
 Variants: a device (cpu | cuda) joined by '+' to any of bf16 (torch.autocast bf16), cl
 (channels_last model and inputs) and compile (torch.compile of the encoder, as --compile does).
@@ -41,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
-WORKLOADS = ("byol", "barlow", "features", "finetune")
+WORKLOADS = ("byol", "barlow", "simclr", "features", "finetune")
 VARIANT_FLAGS = {"bf16": "bf16", "cl": "channels_last", "channels_last": "channels_last", "compile": "compile"}
 CPU_BATCH = {28: 64, 224: 8}      # small at 224 px: a ResNet-18 BYOL step on 8 images takes seconds on 2 cores
 CUDA_BATCH = {28: 256, 224: 128}  # paper 001's BYOL batch (256) and paper 002's Barlow batch (128)
@@ -206,8 +207,9 @@ def build_step(cfg, variant, device, images):
     encoder = models.build_encoder(cfg["arch"], cfg["stem"], in_chans)
     feature_dim = models.FEATURE_DIM[cfg["arch"]]
 
-    # each branch imports its script where it is used (the fork server has loaded them already)
-    if workload == "byol":  # pretrain_byol.main + train_one_epoch
+    # each branch imports its script where it is used (the fork server has loaded them already). The
+    # pretraining workloads call the scripts' own train_step, which picks bf16 autocast on CUDA itself.
+    if workload == "byol":  # pretrain_byol.main's model, its train_step
         import pretrain_byol
         args = script_args(pretrain_byol.get_args_parser(), cfg, {"--aug": cfg.get("byol_aug")})
         projector = models.mlp(feature_dim, args.projector_hidden, args.projector_out)
@@ -216,54 +218,43 @@ def build_step(cfg, variant, device, images):
         place(encoder, projector, predictor, target_encoder, target_projector)
         for p in [*target_encoder.parameters(), *target_projector.parameters()]:
             p.requires_grad_(False)
-        forward_encoder = compiled(encoder)
+        online = torch.nn.Sequential(compiled(encoder), projector, predictor)
+        nets = pretrain_byol.Networks(online, encoder, projector, target_encoder, target_projector)
         optimizer = torch.optim.Adam([*encoder.parameters(), *projector.parameters(), *predictor.parameters()],
-                                     lr=args.lr, weight_decay=args.weight_decay)
+                                     lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
         views = augment.views(args.aug, args.crop_scale)
+        return lambda i: pretrain_byol.train_step(args, nets, optimizer, views, gen, n_batches,
+                                                  images[batch_at(i)], i)[0]
 
-        def step(i):
-            x1, x2 = (prepare(v) for v in augment.two_views(images[batch_at(i)], views, gen))
-            with autocast():
-                p1 = predictor(projector(forward_encoder(x1)))
-                p2 = predictor(projector(forward_encoder(x2)))
-                with torch.no_grad():
-                    z1 = target_projector(target_encoder(x1))
-                    z2 = target_projector(target_encoder(x2))
-                loss = pretrain_byol.byol_loss(p1, z2) + pretrain_byol.byol_loss(p2, z1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            pretrain_byol.update_target(target_encoder, encoder, args.ema)
-            pretrain_byol.update_target(target_projector, projector, args.ema)
-            return loss.detach()
-        return step
-
-    if workload == "barlow":  # pretrain_barlow.main + train_one_epoch + step_loss
+    if workload == "barlow":  # pretrain_barlow.main's model, its start_phase and train_step
         import pretrain_barlow
+        from common import optim
         args = script_args(pretrain_barlow.get_args_parser(), cfg,
                            {"--aug": cfg.get("barlow_aug"), "--projector": cfg.get("projector")})
+        args.freeze_lr = args.lr
         projector = models.projector(feature_dim, args.projector)
         place(encoder, projector)
-        forward_encoder = compiled(encoder)
-        optimizer = pretrain_barlow.build_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
-                                                    args.lr, args.weight_decay)
-        pretrain_barlow.set_phase(args, encoder, epoch=args.freeze_encoder_epochs)  # the whole encoder trains
-        pretrain_barlow.train_mode(args, encoder, projector)
+        optimizer = optim.make_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
+                                         args.lr, args.weight_decay, fused=device.type == "cuda")
+        online = []
+        pretrain_barlow.start_phase(args, encoder, projector, compiled(encoder), online, device,
+                                    args.freeze_encoder_epochs)  # the whole encoder trains
         views = augment.views(args.aug, args.crop_scale)
+        return lambda i: pretrain_barlow.train_step(args, online, projector, optimizer, views, gen, n_batches,
+                                                    images[batch_at(i)], i)[0]
 
-        def step(i):
-            x1, x2 = (prepare(v) for v in augment.two_views(images[batch_at(i)], views, gen))
-            with autocast():
-                z1 = projector(forward_encoder(x1))
-                z2 = projector(forward_encoder(x2))
-            loss = pretrain_barlow.barlow_twins_loss(z1, z2, args.lambd)
-            if args.sparsity:
-                loss = loss + args.sparsity * pretrain_barlow.sparsity_penalty(projector[-1].weight, args.sparsity_norm)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return loss.detach()
-        return step
+    if workload == "simclr":  # pretrain_simclr.main's model, its train_step
+        import pretrain_simclr
+        from common import optim
+        args = script_args(pretrain_simclr.get_args_parser(), cfg, {})
+        projector = models.mlp(feature_dim, args.projector_hidden, args.projector_out)
+        place(encoder, projector)
+        online = torch.nn.Sequential(compiled(encoder), projector)
+        optimizer = optim.make_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
+                                         args.lr, args.weight_decay, fused=device.type == "cuda")
+        views = augment.views(args.aug, args.crop_scale)
+        return lambda i: pretrain_simclr.train_step(args, online, optimizer, views, gen, n_batches,
+                                                    images[batch_at(i)], i)[0]
 
     if workload == "features":  # models.features, as evaluate.py's linear probe and kNN call it
         place(encoder)

@@ -11,7 +11,7 @@ import sys
 
 from conftest import REPO
 
-WORKLOADS = ("byol", "barlow", "features", "finetune")
+WORKLOADS = ("byol", "barlow", "simclr", "features", "finetune")
 
 
 def start(*args):
