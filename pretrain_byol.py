@@ -146,7 +146,7 @@ def main():
     # ---- optimiser (fused on CUDA: one kernel for every parameter)
     params = [*encoder.parameters(), *projector.parameters(), *predictor.parameters()]
     optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay,
-                                 fused=run.device.type == "cuda")
+                                 fused=(run.device.type == "cuda") or None)
     print(f"{len(run.images)} images, {run.steps_per_epoch} steps/epoch, "
           f"{sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters"
           + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))

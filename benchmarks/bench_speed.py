@@ -221,7 +221,7 @@ def build_step(cfg, variant, device, images):
         online = torch.nn.Sequential(compiled(encoder), projector, predictor)
         nets = pretrain_byol.Networks(online, encoder, projector, target_encoder, target_projector)
         optimizer = torch.optim.Adam([*encoder.parameters(), *projector.parameters(), *predictor.parameters()],
-                                     lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+                                     lr=args.lr, weight_decay=args.weight_decay, fused=(device.type == "cuda") or None)
         views = augment.views(args.aug, args.crop_scale)
         return lambda i: pretrain_byol.train_step(args, nets, optimizer, views, gen, n_batches,
                                                   images[batch_at(i)], i)[0]
