@@ -290,7 +290,7 @@ def main():
 
     # ---- optimiser: one over every parameter; frozen ones have no gradient and are skipped
     optimizer = optim.make_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
-                                     args.lr, args.weight_decay, fused=run.device.type == "cuda")
+                                     args.lr, args.weight_decay, run.device)
     print(f"{len(run.index)} images per epoch, {run.steps_per_epoch} steps/epoch, encoder trainable: "
           f"{args.trainable} after {args.freeze_encoder_epochs} frozen epoch(s), lr {args.lr:.3g}"
           + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))

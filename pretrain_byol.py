@@ -143,10 +143,9 @@ def main():
     online = dist.distributed(torch.nn.Sequential(forward_encoder, projector, predictor), run.device)
     nets = Networks(online, encoder, projector, target_encoder, target_projector)
 
-    # ---- optimiser (fused on CUDA: one kernel for every parameter)
+    # ---- optimiser
     params = [*encoder.parameters(), *projector.parameters(), *predictor.parameters()]
-    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay,
-                                 fused=(run.device.type == "cuda") or None)
+    optimizer = optim.adam(params, args.lr, args.weight_decay, run.device)
     print(f"{len(run.images)} images, {run.steps_per_epoch} steps/epoch, "
           f"{sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters"
           + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))

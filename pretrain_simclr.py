@@ -109,7 +109,7 @@ def main():
 
     # ---- optimiser
     optimizer = optim.make_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
-                                     args.lr, args.weight_decay, fused=run.device.type == "cuda")
+                                     args.lr, args.weight_decay, run.device)
     print(f"{len(run.images)} images, {run.steps_per_epoch} steps/epoch, {2 * args.batch_size - 2} negatives "
           f"per view" + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
 

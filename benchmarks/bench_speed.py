@@ -211,6 +211,7 @@ def build_step(cfg, variant, device, images):
     # pretraining workloads call the scripts' own train_step, which picks bf16 autocast on CUDA itself.
     if workload == "byol":  # pretrain_byol.main's model, its train_step
         import pretrain_byol
+        from common import optim
         args = script_args(pretrain_byol.get_args_parser(), cfg, {"--aug": cfg.get("byol_aug")})
         projector = models.mlp(feature_dim, args.projector_hidden, args.projector_out)
         predictor = models.mlp(args.projector_out, args.predictor_hidden, args.projector_out)
@@ -220,8 +221,8 @@ def build_step(cfg, variant, device, images):
             p.requires_grad_(False)
         online = torch.nn.Sequential(compiled(encoder), projector, predictor)
         nets = pretrain_byol.Networks(online, encoder, projector, target_encoder, target_projector)
-        optimizer = torch.optim.Adam([*encoder.parameters(), *projector.parameters(), *predictor.parameters()],
-                                     lr=args.lr, weight_decay=args.weight_decay, fused=(device.type == "cuda") or None)
+        optimizer = optim.adam([*encoder.parameters(), *projector.parameters(), *predictor.parameters()],
+                               args.lr, args.weight_decay, device)
         views = augment.views(args.aug, args.crop_scale)
         return lambda i: pretrain_byol.train_step(args, nets, optimizer, views, gen, n_batches,
                                                   images[batch_at(i)], i)[0]
@@ -235,7 +236,7 @@ def build_step(cfg, variant, device, images):
         projector = models.projector(feature_dim, args.projector)
         place(encoder, projector)
         optimizer = optim.make_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
-                                         args.lr, args.weight_decay, fused=device.type == "cuda")
+                                         args.lr, args.weight_decay, device)
         online = []
         pretrain_barlow.start_phase(args, encoder, projector, compiled(encoder), online, device,
                                     args.freeze_encoder_epochs)  # the whole encoder trains
@@ -251,7 +252,7 @@ def build_step(cfg, variant, device, images):
         place(encoder, projector)
         online = torch.nn.Sequential(compiled(encoder), projector)
         optimizer = optim.make_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
-                                         args.lr, args.weight_decay, fused=device.type == "cuda")
+                                         args.lr, args.weight_decay, device)
         views = augment.views(args.aug, args.crop_scale)
         return lambda i: pretrain_simclr.train_step(args, online, optimizer, views, gen, n_batches,
                                                     images[batch_at(i)], i)[0]

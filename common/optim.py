@@ -111,12 +111,19 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def make_optimizer(name, params, lr, weight_decay, fused=False):
-    """adam, adamw (decoupled weight decay) or lars over `params`; fused Adam kernels on CUDA."""
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+def adam(params, lr, weight_decay, device, decoupled=False):
+    """Adam (or AdamW) in a handful of kernels rather than ~10 per parameter: fused on CUDA, foreach on
+    the CPU (bit-identical to the per-parameter loop there; 72 fewer ops x 10 for a ResNet-18 + MLPs)."""
+    kind = torch.optim.AdamW if decoupled else torch.optim.Adam
+    if torch.device(device).type == "cuda":
+        return kind(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return kind(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def make_optimizer(name, params, lr, weight_decay, device="cpu"):
+    """adam, adamw (decoupled weight decay) or lars over `params`."""
+    if name in ("adam", "adamw"):
+        return adam(params, lr, weight_decay, device, decoupled=name == "adamw")
     if name == "lars":
         return LARS(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; expected adam, adamw or lars")
