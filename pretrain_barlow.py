@@ -299,7 +299,8 @@ def main():
     else:
         index = torch.arange(len(images), device=device)
     steps_per_epoch = pretrain.steps_per_epoch(len(index), args.batch_size, args.max_steps)
-    monitor_splits = data.monitor_splits(args, device) if dist.is_main() else None
+    monitor_splits = data.monitor_splits(args.data, args.size, args.data_root, device, args.in_chans) \
+        if dist.is_main() and args.eval_every else None
     state = rundir.open_run(args)  # the checkpoint of an unfinished run in --out, or None
 
     # ---- model: encoder + projector (a new projector also when the encoder is pretrained, §3.7)

@@ -147,7 +147,8 @@ def main():
     # ---- data: the train split(s), whole, as uint8 on the device
     images = data.load_pretrain_images(args.data, args.size, args.data_root, device, args.in_chans)
     steps_per_epoch = pretrain.steps_per_epoch(len(images), args.batch_size, args.max_steps)
-    monitor_splits = data.monitor_splits(args, device) if dist.is_main() else None
+    monitor_splits = data.monitor_splits(args.data, args.size, args.data_root, device, args.in_chans) \
+        if dist.is_main() and args.eval_every else None
     state = rundir.open_run(args)  # the checkpoint of an unfinished run in --out, or None
 
     # ---- model: online encoder + projector + predictor; target = EMA copy of encoder + projector
