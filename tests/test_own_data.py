@@ -410,3 +410,14 @@ def test_unlabeled_folder_pretrains_and_its_checkpoint_evaluates_but_it_cannot_b
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unlabeled" in err and "class" in err
     assert not os.path.exists(tmp_path / "no")
+
+
+def test_data_benchmark_runs_and_reports_positive_figures(tmp_path):
+    import math
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_data
+    figures = bench_data.main(["--n", "40", "--source-size", "32", "--processes", "1", "--out", str(tmp_path / "d.json")])
+    rates = [v for k, v in figures.items() if k.endswith(("_per_s", "_s"))]
+    assert len(rates) >= 5 and all(math.isfinite(v) and v > 0 for v in rates)
+    assert figures["cached_224px_train_split_images"] == 32 and json.load(open(tmp_path / "d.json")) == figures
