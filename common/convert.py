@@ -238,6 +238,7 @@ def _scale(x):
 
 def _read_dicom(path):
     import pydicom
+    from pydicom.multival import MultiValue
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
     ds = pydicom.dcmread(path)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
@@ -251,7 +252,7 @@ def _read_dicom(path):
         out = 2.0 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1
         x = np.clip(np.round(x * (255 / out)), 0, 255).astype(np.uint8)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
-        first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
+        first = lambda v: float(v[0] if isinstance(v, MultiValue) else v)
         # the window's linear function (DICOM PS3.3 C.11.2.1.2.1), to 0..255
         c, w = first(ds.WindowCenter) - 0.5, max(first(ds.WindowWidth) - 1, 1e-6)
         x = np.clip(np.round(((x - c) / w + 0.5) * 255), 0, 255).astype(np.uint8)

@@ -84,7 +84,8 @@ def data_root(root=None):
 
 def check_flag(flag, size):
     if flag not in FLAGS_2D:
-        raise UserError(f"unknown dataset {flag!r}; valid MedMNIST 2D flags: {', '.join(FLAGS_2D)}")
+        raise UserError(f"unknown dataset {flag!r}; valid MedMNIST 2D flags: {', '.join(FLAGS_2D)}; own images: "
+                        f"a path to an .npz file, a folder or a CSV manifest (docs/DATA.md)")
     if size not in SIZES:
         raise UserError(f"unsupported --size {size}; MedMNIST files exist at {', '.join(map(str, SIZES))}")
 
@@ -228,9 +229,10 @@ def _describe_npz(path, size):
         if missing:
             raise UserError(f"{path} lacks {', '.join(missing)}; an npz needs train/val/test _images and _labels "
                             f"as in MedMNIST's files")
-        labels = {}
+        labels, shapes = {}, set()
         for split in SPLITS_3:
             shape, dtype = _npz_header(npz, f"{split}_images")
+            shapes.add(shape[1:])
             if dtype != np.uint8:
                 raise UserError(f"{path}: {split}_images is {dtype}, not uint8; convert it with "
                                 f"numpy.clip(x, 0, 255).astype(numpy.uint8) (rescale first if needed)")
@@ -245,6 +247,11 @@ def _describe_npz(path, size):
             if labels[split].ndim != 2 or len(labels[split]) != shape[0] or labels[split].dtype.kind not in "iub":
                 raise UserError(f"{path}: {split}_labels has shape {labels[split].shape} ({labels[split].dtype}); "
                                 f"expected integers (N, 1) class indices or (N, L) 0/1, one row per image")
+        if len(shapes) > 1:
+            raise UserError(f"{path}: the splits' images differ in shape ({', '.join(map(str, sorted(shapes)))}); "
+                            f"store every split at the same size and channels")
+        if len({labels[s].shape[1] for s in SPLITS_3}) > 1:
+            raise UserError(f"{path}: the splits' labels differ in columns; every split needs the same label columns")
         channels = 3 if len(shape) == 4 else 1
     all_labels = np.concatenate(list(labels.values()))
     sidecar = next((p for p in (path + ".json", os.path.splitext(path)[0] + ".json") if os.path.isfile(p)), None)
