@@ -433,7 +433,8 @@ def cached_npz(source, size, options):
             w.writerows(new_stored.items())
         os.replace(split_file + ".tmp", split_file)
     for old in os.listdir(folder):  # an older conversion of this source at this size and crop
-        if old.startswith(f"{base}-{size}px-{options.crop}-") and old.endswith(".npz") and old != os.path.basename(path):
+        superseded = old.startswith(f"{base}-{size}px-{options.crop}-") and old.endswith(".npz")
+        if superseded and old != os.path.basename(path):
             os.remove(os.path.join(folder, old))
     took = time.time() - start
     print(f"data: converted in {took:.1f} s ({len(images) / max(took, 1e-9):.0f} images/s)", flush=True)

@@ -66,6 +66,7 @@ class Split:
 
 
 UNLABELED = "unlabeled"
+TASKS = ("binary-class", "multi-class", "multi-label, binary-class")
 CROPS = ("center", "pad", "stretch")
 POLICIES = ("zero", "one", "error")
 
@@ -262,7 +263,9 @@ def _describe_npz(path, size):
             task, names = info["task"], tuple(info["label"][k] for k in sorted(info["label"], key=int))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"cannot read {sidecar} ({type(e).__name__}: {e}); it needs medmnist INFO's keys "
-                            f"task and label, e.g. {{\"task\": \"binary-class\", \"label\": {{\"0\": \"a\", \"1\": \"b\"}}}}")
+                            f'task and label, e.g. {{"task": "binary-class", "label": {{"0": "a", "1": "b"}}}}')
+        if task not in TASKS:
+            raise UserError(f"{sidecar}: task {task!r} is not one of {', '.join(map(repr, TASKS))}")
     else:
         if all_labels.shape[1] > 1 and np.isin(all_labels, (0, 1)).all():
             task, names = "multi-label, binary-class", tuple(str(i) for i in range(all_labels.shape[1]))

@@ -264,6 +264,10 @@ def test_own_npz_under_a_medmnist_name_loads_with_inferred_or_sidecar_task(breas
     json.dump({"task": "binary-class", "label": {"0": "malignant", "1": "benign"}}, open(str(path) + ".json", "w"))
     data._resolve.cache_clear()
     assert data.describe(str(path)).class_names == ("malignant", "benign") and "note" not in capsys.readouterr().out
+    json.dump({"task": "binary", "label": {"0": "a", "1": "b"}}, open(str(path) + ".json", "w"))
+    data._resolve.cache_clear()
+    with pytest.raises(UserError, match="task 'binary' is not one of 'binary-class'"):
+        data.describe(str(path))
     with pytest.raises(UserError, match="holds 28 px images; pass --size 28"):
         data.describe(str(path), 64)
 
@@ -276,7 +280,8 @@ def test_host_memory_mode_gives_the_same_batch_as_device_mode(layouts):
     assert on_host.images.device.type == "cpu" and on_host.images.is_pinned() == torch.cuda.is_available()
     idx = torch.randperm(len(on_device.images), generator=torch.Generator().manual_seed(0))[:32].to(device)
     host_batch = data.batch(on_host.images, idx, device)
-    assert host_batch.device == on_device.images.device and torch.equal(host_batch, data.batch(on_device.images, idx, device))
+    assert host_batch.device == on_device.images.device
+    assert torch.equal(host_batch, data.batch(on_device.images, idx, device))
     assert torch.equal(data.batch(on_host.images, slice(3, 9), device), on_device.images[3:9])
 
 
@@ -417,7 +422,8 @@ def test_data_benchmark_runs_and_reports_positive_figures(tmp_path):
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import bench_data
-    figures = bench_data.main(["--n", "40", "--source-size", "32", "--processes", "1", "--out", str(tmp_path / "d.json")])
+    figures = bench_data.main(["--n", "40", "--source-size", "32", "--processes", "1",
+                               "--out", str(tmp_path / "d.json")])
     rates = [v for k, v in figures.items() if k.endswith(("_per_s", "_s"))]
     assert len(rates) >= 5 and all(math.isfinite(v) and v > 0 for v in rates)
     assert figures["cached_224px_train_split_images"] == 32 and json.load(open(tmp_path / "d.json")) == figures
