@@ -1,8 +1,12 @@
-"""MedMNIST 2D datasets held whole on the training device as uint8 tensors, and seeded subsets.
+"""Datasets held whole as uint8 tensors (MedMNIST 2D flags, or a user's npz, folder or CSV manifest,
+converted once by common.convert), each with its own description (DatasetInfo), and seeded subsets.
 
 A split is one (N, C, H, W) uint8 tensor plus its labels; batches are index slices of it, so there
-is no per-sample Python and no DataLoader (DESIGN.md, data flow 1-2)."""
+is no per-sample Python and no DataLoader (DESIGN.md, data flow 1-2). A split too large for the GPU
+stays in pinned host memory and batch() gathers each batch there (docs/DATA.md)."""
+import functools
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -17,13 +21,54 @@ FLAGS_2D = sorted(flag for flag, info in INFO.items() if not info["python_class"
 SIZES = (28, 64, 128, 224)
 
 
+@dataclass(frozen=True)
+class DataOptions:
+    """How own images are read; defaults are the flags' defaults (add_data_flags)."""
+    split_ratio: tuple = (0.8, 0.1, 0.1)  # train / val / test fractions of a drawn split
+    label_columns: tuple = ()            # CSV 0/1 columns of a multi-label task
+    uncertain: str = "error"             # CSV multi-label -1: error | zero | one
+    blank: str = "zero"                  # CSV multi-label blank cell: zero | one | error
+    crop: str = "center"                 # to square: center | pad | stretch
+    cache_dir: str = None                # default $MEDSSL_CACHE, else .medssl-cache beside the data
+    host_memory: bool = False            # keep splits in pinned host memory, batches copied per step
+    split_seed: int = 0                  # seed of the drawn split (fixed: the split never changes)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset's own description: what scripts need to know instead of medmnist.INFO."""
+    source: str        # the --data value: a MedMNIST flag, or a path (npz, folder, CSV)
+    kind: str          # "medmnist", "npz", "folder" or "csv"
+    task: str          # medmnist's task string, or "unlabeled"
+    class_names: tuple  # label names in index order (empty when unlabeled)
+    channels: int      # 1 gray, 3 RGB
+    size: int          # image side in pixels
+    hash: str          # MD5 of a MedMNIST file, else the cache key / file stamp
+    path: str          # the MedMNIST-layout npz the splits are read from
+
+    @property
+    def n_classes(self):
+        return len(self.class_names)
+
+    @property
+    def labeled(self):
+        return self.task != UNLABELED
+
+
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 (N, C, H, W) on the device, C = 1 (gray) or 3 (RGB)
+    images: torch.Tensor  # uint8 (N, C, H, W) on the device (or pinned host memory, see place), C = 1 or 3
     labels: torch.Tensor  # int64 (N,) class index, or (N, L) 0/1 for multi-label
-    flag: str
+    flag: str             # the --data value
     task: str             # medmnist's task string, e.g. "binary-class", "multi-label, binary-class"
     n_classes: int        # classes, or labels for multi-label
+    info: DatasetInfo = None
+
+
+UNLABELED = "unlabeled"
+TASKS = ("binary-class", "multi-class", "multi-label, binary-class")
+CROPS = ("center", "pad", "stretch")
+POLICIES = ("zero", "one", "error")
 
 
 def file_name(flag, size):
@@ -40,7 +85,8 @@ def data_root(root=None):
 
 def check_flag(flag, size):
     if flag not in FLAGS_2D:
-        raise UserError(f"unknown dataset {flag!r}; valid MedMNIST 2D flags: {', '.join(FLAGS_2D)}")
+        raise UserError(f"unknown dataset {flag!r}; valid MedMNIST 2D flags: {', '.join(FLAGS_2D)}; own images: "
+                        f"a path to an .npz file, a folder or a CSV manifest (docs/DATA.md)")
     if size not in SIZES:
         raise UserError(f"unsupported --size {size}; MedMNIST files exist at {', '.join(map(str, SIZES))}")
 
@@ -85,38 +131,251 @@ def locate(flag, size, root=None):
     return path
 
 
-def load_split(flag, split, size=28, root=None, device="cpu", in_chans=3):
-    """One split of one dataset as a Split on `device`."""
-    path = locate(flag, size, root)
-    info = INFO[flag]
-    if in_chans == 1 and info["n_channels"] == 3:
+# ---------------------------------------------------------------- flags and options of own data
+def _ratio(text):
+    """argparse type of --split-ratio: "80/10/10" or "0.8,0.1,0.1" -> fractions summing to 1."""
+    import argparse
+    try:
+        parts = [float(p) for p in str(text).replace(",", "/").split("/")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three positive parts train/val/test, e.g. 80/10/10, got {text!r}")
+    return tuple(p / sum(parts) for p in parts)
+
+
+def add_data_flags(group):
+    """The flags of own images (folders, CSV manifests, npz files) on an argparse group; their dests are
+    DataOptions' fields, so options_from(vars(args)) collects them."""
+    group.add_argument("--split-ratio", type=_ratio, default=DataOptions.split_ratio, metavar="TRAIN/VAL/TEST",
+                       help="split drawn (seeded, stratified by class) for class folders or a CSV without a split "
+                            "column, stored with the cache (default 80/10/10)")
+    group.add_argument("--label-columns", type=lambda t: tuple(c.strip() for c in t.split(",") if c.strip()),
+                       default=(), metavar="A,B,...",
+                       help="CSV manifest: these 0/1 columns are the labels of a multi-label task (CheXpert-style)")
+    group.add_argument("--uncertain-label", dest="uncertain", default="error", choices=POLICIES,
+                       help="CSV multi-label cells of -1 (uncertain): error (default), or read as zero or one "
+                            "(CheXpert's U-Zeros / U-Ones)")
+    group.add_argument("--blank-label", dest="blank", default="zero", choices=POLICIES,
+                       help="CSV multi-label blank cells (not mentioned): zero (default), one or error")
+    group.add_argument("--crop", default="center", choices=CROPS,
+                       help="own images to square before the resize: center crop (default), pad with black, stretch")
+    group.add_argument("--cache-dir", default=None,
+                       help="where own images are cached as npz (default $MEDSSL_CACHE, else .medssl-cache beside "
+                            "the data)")
+    group.add_argument("--host-memory", action="store_true",
+                       help="keep the images in pinned host memory and copy each batch to the GPU (automatic when "
+                            "a split does not fit in GPU memory)")
+    return group
+
+
+def options_from(values):
+    """DataOptions from a mapping of flag values (e.g. vars(args)); absent ones keep their defaults."""
+    fields = DataOptions.__dataclass_fields__
+    return DataOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()
+                          if k in fields and v is not None})
+
+
+# ---------------------------------------------------------------- what a --data value is
+def describe(source, size=28, root=None, options=None):
+    """The DatasetInfo of a --data value (one source, not a comma union); converts a folder or CSV
+    into its npz cache when no cache matches it. Memoised per process: the three splits of a run
+    scan a folder once."""
+    return _resolve(source.strip(), size, data_root(root), options or DataOptions())
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve(source, size, root, options):
+    if size < 1:
+        raise UserError(f"--size must be positive, got {size}")
+    if source in FLAGS_2D and not os.path.exists(source):
+        path = locate(source, size, root)
+        info = INFO[source]
+        names = tuple(info["label"][k] for k in sorted(info["label"], key=int))
+        return DatasetInfo(source, "medmnist", info["task"], names, info["n_channels"], size,
+                           expected_md5(source, size), path)
+    if not os.path.exists(source):
+        if os.sep in source or "." in source:
+            raise UserError(f"--data {source}: no such file or folder; give a MedMNIST flag, an .npz file, "
+                            f"a folder of images or a CSV manifest")
+        check_flag(source, size)
+    if os.path.isdir(source) or source.lower().endswith(".csv"):
+        from common import convert
+        path, meta = convert.cached_npz(source, size, options)
+        kind = "folder" if os.path.isdir(source) else "csv"
+        return DatasetInfo(source, kind, meta["task"], tuple(meta["class_names"]), meta["channels"], size,
+                           meta["hash"], path)
+    if source.lower().endswith(".npz"):
+        return _describe_npz(source, size)
+    raise UserError(f"--data {source}: not a folder, .csv or .npz file; give one of these or a MedMNIST flag")
+
+
+def _npz_header(npz, key):
+    """(shape, dtype) of an array in an npz without reading it."""
+    with npz.zip.open(key + ".npy") as f:
+        version = np.lib.format.read_magic(f)
+        shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)(f)
+    return shape, dtype
+
+
+def _describe_npz(path, size):
+    """A user's npz in MedMNIST's layout, checked; task and names from <file>.json or inferred."""
+    try:
+        npz = np.load(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} as an npz file ({e}); save it with numpy.savez")
+    with npz:
+        missing = [f"{s}_{k}" for s in SPLITS_3 for k in ("images", "labels") if f"{s}_{k}" not in npz.files]
+        if missing:
+            raise UserError(f"{path} lacks {', '.join(missing)}; an npz needs train/val/test _images and _labels "
+                            f"as in MedMNIST's files")
+        labels, shapes = {}, set()
+        for split in SPLITS_3:
+            shape, dtype = _npz_header(npz, f"{split}_images")
+            shapes.add(shape[1:])
+            if dtype != np.uint8:
+                raise UserError(f"{path}: {split}_images is {dtype}, not uint8; convert it with "
+                                f"numpy.clip(x, 0, 255).astype(numpy.uint8) (rescale first if needed)")
+            if not (len(shape) == 3 or len(shape) == 4 and shape[3] == 3) or shape[1] != shape[2]:
+                raise UserError(f"{path}: {split}_images has shape {shape}; expected (N, H, H) gray or "
+                                f"(N, H, H, 3) RGB square images")
+            if shape[1] != size:
+                raise UserError(f"{path} holds {shape[1]} px images; pass --size {shape[1]}")
+            if shape[0] < 2:
+                raise UserError(f"{path}: {split} has {shape[0]} image(s); a split needs at least 2")
+            labels[split] = npz[f"{split}_labels"]
+            if labels[split].ndim != 2 or len(labels[split]) != shape[0] or labels[split].dtype.kind not in "iub":
+                raise UserError(f"{path}: {split}_labels has shape {labels[split].shape} ({labels[split].dtype}); "
+                                f"expected integers (N, 1) class indices or (N, L) 0/1, one row per image")
+        if len(shapes) > 1:
+            raise UserError(f"{path}: the splits' images differ in shape ({', '.join(map(str, sorted(shapes)))}); "
+                            f"store every split at the same size and channels")
+        if len({labels[s].shape[1] for s in SPLITS_3}) > 1:
+            raise UserError(f"{path}: the splits' labels differ in columns; every split needs the same label columns")
+        channels = 3 if len(shape) == 4 else 1
+    all_labels = np.concatenate(list(labels.values()))
+    sidecar = next((p for p in (path + ".json", os.path.splitext(path)[0] + ".json") if os.path.isfile(p)), None)
+    if sidecar:
+        try:
+            with open(sidecar) as f:
+                info = json.load(f)
+            task, names = info["task"], tuple(info["label"][k] for k in sorted(info["label"], key=int))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"cannot read {sidecar} ({type(e).__name__}: {e}); it needs medmnist INFO's keys "
+                            f'task and label, e.g. {{"task": "binary-class", "label": {{"0": "a", "1": "b"}}}}')
+        if task not in TASKS:
+            raise UserError(f"{sidecar}: task {task!r} is not one of {', '.join(map(repr, TASKS))}")
+    else:
+        if all_labels.shape[1] > 1 and np.isin(all_labels, (0, 1)).all():
+            task, names = "multi-label, binary-class", tuple(str(i) for i in range(all_labels.shape[1]))
+        else:
+            n = int(all_labels.max()) + 1
+            task, names = ("binary-class" if n == 2 else "multi-class"), tuple(str(i) for i in range(n))
+        print(f"note: {path} has no {os.path.basename(path)}.json; inferred task {task!r} with "
+              f"{len(names)} {'labels' if task.startswith('multi-label') else 'classes'} (write that file with "
+              f"medmnist INFO's keys task and label to set them)", flush=True)
+    stat = os.stat(path)
+    stamp = hashlib.sha256(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    return DatasetInfo(path, "npz", task, names, channels, size, stamp[:16], path)
+
+
+SPLITS_3 = ("train", "val", "test")
+
+
+def _unlabeled_error(info):
+    return UserError(f"{info.source} holds unlabeled images (no class folders or label column): it can be "
+                     f"pretrained on, but evaluation needs labels: put the images in one folder per class, or "
+                     f"list them in a CSV with a label column")
+
+
+# ---------------------------------------------------------------- splits, placed on the device
+def load_split(flag, split, size=28, root=None, device="cpu", in_chans=3, options=None):
+    """One split of one dataset (MedMNIST flag, npz, folder or CSV) as a Split on `device`, or in
+    pinned host memory when it does not fit there (see place)."""
+    options = options or DataOptions()
+    info = describe(flag, size, root, options)
+    if not info.labeled:
+        raise _unlabeled_error(info)
+    if in_chans == 1 and info.channels == 3:
         raise UserError(f"{flag} is RGB; --in-chans 1 needs gray images: use --in-chans 3")
-    with np.load(path) as npz:
+    with np.load(info.path) as npz:
         images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
-    images = torch.from_numpy(images)
-    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # (N, C, H, W)
     labels = torch.from_numpy(labels.astype(np.int64))
-    if not info["task"].startswith("multi-label"):
+    if not info.task.startswith("multi-label"):
         labels = labels.reshape(-1)
-    return Split(images.contiguous().to(device), labels.to(device), flag, info["task"], len(info["label"]))
+    images = place(_nchw(images), device, options.host_memory, f"{flag} {split}")
+    return Split(images, labels.to(device), flag, info.task, info.n_classes, info)
 
 
-def load_pretrain_images(flags, size=28, root=None, device="cpu", in_chans=3):
-    """Train images (labels unused) of one or several datasets, e.g. "pneumoniamnist,breastmnist".
-    Only the train split: self-supervised pretraining must never see evaluation images."""
-    splits = [load_split(f.strip(), "train", size, root, "cpu", in_chans) for f in flags.split(",")]
-    channels = max(s.images.shape[1] for s in splits)  # a gray + RGB union is held as RGB
-    images = torch.cat([s.images.expand(-1, channels, -1, -1) for s in splits])
-    return images.contiguous().to(device)
+def _nchw(images):
+    images = torch.from_numpy(images)
+    return (images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)).contiguous()
 
 
-def monitor_splits(args, device):
-    """Train and val splits of the first --data flag, for a pretraining script's kNN monitor
-    (--eval-every), or None when it is off."""
-    if not args.eval_every:
+def load_pretrain_images(flags, size=28, root=None, device="cpu", in_chans=3, options=None):
+    """Train images (labels unused) of one or several sources, e.g. "pneumoniamnist,breastmnist" or
+    "breastmnist,path/to/folder"; unlabeled folders and CSVs too. Only the train split:
+    self-supervised pretraining must never see evaluation images."""
+    options = options or DataOptions()
+    parts = []
+    for source in flags.split(","):
+        info = describe(source, size, root, options)
+        if in_chans == 1 and info.channels == 3:
+            raise UserError(f"{source.strip()} is RGB; --in-chans 1 needs gray images: use --in-chans 3")
+        with np.load(info.path) as npz:
+            parts.append(_nchw(npz["train_images"]))
+    channels = max(p.shape[1] for p in parts)  # a gray + RGB union is held as RGB
+    images = torch.cat([p.expand(-1, channels, -1, -1) for p in parts]) if len(parts) > 1 else parts[0]
+    return place(images.contiguous(), device, options.host_memory, f"{flags} train")
+
+
+def monitor_splits(data, size, root, device, in_chans, options=None):
+    """Train and val splits of the first --data source, for a pretraining script's kNN monitor
+    (--eval-every), or None when that source is unlabeled (a note says so)."""
+    first = data.split(",")[0]
+    info = describe(first, size, root, options)
+    if not info.labeled:
+        print(f"note: {first} is unlabeled; the kNN monitor (--eval-every) is off", flush=True)
         return None
-    first = args.data.split(",")[0]
-    return [load_split(first, s, args.size, args.data_root, device, args.in_chans) for s in ("train", "val")]
+    return [load_split(first, s, size, root, device, in_chans, options) for s in ("train", "val")]
+
+
+# ---------------------------------------------------------------- data larger than the device
+DEVICE_SHARE = 0.5  # a split may take this share of the GPU's free memory; the rest is the model's
+
+
+def place(images, device, host_memory=False, what="images"):
+    """`images` on `device`; on a GPU, kept in pinned host memory instead when `host_memory` is asked
+    for or they take more than DEVICE_SHARE of its free memory. Batches then come from batch()."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return images.to(device)
+    gb = images.numel() / 1e9
+    free = torch.cuda.mem_get_info(device)[0]
+    if host_memory or images.numel() > DEVICE_SHARE * free:
+        why = "--host-memory" if host_memory else f"more than half of the GPU's {free / 1e9:.1f} GB free"
+        print(f"data: {what}: {len(images)} images ({gb:.2f} GB) in pinned host memory ({why}); each batch is "
+              f"gathered on the host and copied to the GPU", flush=True)
+        return images.pin_memory()
+    print(f"data: {what}: {len(images)} images ({gb:.2f} GB) on {device}", flush=True)
+    return images.to(device)
+
+
+def batch(images, index, device):
+    """images[index] on `device`, wherever `images` are held: an index slice on the device, or a
+    gather on the host into pinned memory and a non-blocking copy (index: tensor, array or slice)."""
+    device = torch.device(device)
+    if images.device.type == device.type and (device.index is None or images.device.index == device.index):
+        return images[index]
+    if isinstance(index, slice):
+        return images[index].to(device, non_blocking=True)
+    index = torch.as_tensor(index).to("cpu")
+    if index.dtype == torch.bool:
+        index = index.nonzero().reshape(-1)
+    out = torch.empty((len(index), *images.shape[1:]), dtype=images.dtype, pin_memory=images.is_pinned())
+    torch.index_select(images, 0, index, out=out)
+    return out.to(device, non_blocking=True)
 
 
 def to_input(images, in_chans, resize=None):
