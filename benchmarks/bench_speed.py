@@ -19,7 +19,7 @@ has done the imports), so that its peak-memory figure is its own:
     With compile on the CPU the compiler's own memory lands in this figure too (it runs in warm-up).
 
 The steps are put together from the scripts' own parts (pretrain_byol.byol_loss / update_target,
-pretrain_barlow.barlow_twins_loss, common.models builders, common.augment presets, evaluate.loss_fn)
+pretrain_barlow.barlow_twins_loss, common.models builders, common.augment presets, supervised.classification_loss)
 with the scripts' default hyper-parameters, in the order their loops run them; only the switches a
 variant names differ. Images are random uint8 gray images (the speed does not depend on content).
 "images/s" counts source images: a BYOL or Barlow step on a batch of B images makes 2B views.
@@ -277,8 +277,9 @@ def build_step(cfg, variant, device, images):
             return out.abs().mean()
         return step
 
-    if workload == "finetune":  # evaluate.finetune + train_select, --mode finetune defaults (Adam 1e-3, no aug)
+    if workload == "finetune":  # evaluate.finetune + supervised.train_select, --mode finetune defaults (Adam 1e-3)
         import evaluate
+        from common import supervised
         args = evaluate.get_args_parser().parse_args(["--mode", "finetune", "--out", "-"])
         head = torch.nn.Linear(feature_dim, 2)  # a binary task, as PneumoniaMNIST / BreastMNIST
         place(encoder, head)
@@ -287,16 +288,15 @@ def build_step(cfg, variant, device, images):
         optimizer = torch.optim.Adam(model.parameters(), lr=evaluate.MODE_DEFAULTS["finetune"]["lr"],
                                      weight_decay=args.weight_decay)
         labels = torch.randint(0, 2, (len(images),), generator=gen, device=device)
-        evaluate.train_mode(args, model)
+        supervised.enter_training(model, args.frozen_bn)
 
         def step(i):
             idx = batch_at(i)
             with autocast():  # VARIANT: evaluate.py runs no autocast
-                loss = evaluate.loss_fn(model(prepare(images[idx])), labels[idx], "binary-class")
+                loss = supervised.classification_loss(model(prepare(images[idx])), labels[idx], "binary-class")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss.item()  # train_select sums loss.item() every step: a device sync, kept in the measurement
             return loss.detach()
         return step
     raise ValueError(f"unknown workload {workload!r}")
