@@ -2,7 +2,9 @@
 
 The encoder comes from a pretraining checkpoint (--ckpt) or a baseline init (--init random|imagenet|
 <.pth>). Training uses the train split (or a seeded subset of it), the epoch (or probe strength, or
-k) is chosen by validation AUC, and the test split is scored once.
+k) is chosen by validation AUC, and the test split is scored once. Each seed's result is saved as it
+ends (seed_<N>.json) and metrics.json last: the same command run again on an interrupted run goes on
+at the next seed.
 
     python evaluate.py --ckpt runs/x/checkpoint.pt --data pneumoniamnist --mode linear_probe --seeds 3
     python evaluate.py --init random --data breastmnist --mode finetune --seeds 3

@@ -2,7 +2,8 @@
 
 The BEiT is Hugging Face's BeitForImageClassification. Only its top --trainable-layers transformer
 layers, the pooler and a new classifier train (paper 000: 5 layers, ~63M of BEiT-large's 304M
-parameters); the epoch with the best validation AUC is tested, as evaluate.py does.
+parameters); the epoch with the best validation AUC is tested, and an interrupted run resumes at
+the next seed, as evaluate.py does (common/supervised.py).
 
     python finetune_beit.py --data breastmnist --size 28                   # "BEiT (28)": 28 px upsampled to 224
     python finetune_beit.py --data breastmnist --size 224 --balance 0.4    # "BEiT (224) balanced", MedMNIST+ files
@@ -212,7 +213,8 @@ def run_seed(args, seed, splits, prep, device, log):
                                    lr=args.lr, lr_schedule=args.lr_schedule, full_batches=False,
                                    eval_batch_size=args.eval_batch_size)
     chosen = supervised.train_select(model, optimizer, supervised.Examples(train.images, train.labels, idx),
-                                     supervised.Examples(val.images, val.labels), task, seed, schedule, forward, log=log)
+                                     supervised.Examples(val.images, val.labels), task, seed, schedule, forward,
+                                     log=log)
 
     # the checkpoint: only the trainable weights (of the best epoch, on the CPU) + the config
     trainable = {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}

@@ -307,7 +307,8 @@ def compare_samples(a, b):
 def write_results(out, header, per_seed, y_true, scores, task, first_seed, title):
     """What evaluate.py and finetune_beit.py leave in `out`: metrics.json (header, mean / std over
     seeds, per-seed results), predictions.npz (test labels and scores of every seed), roc.png and
-    confusion.png of the first seed, and a printed summary; metrics.json is written last. Returns the metrics.json dict."""
+    confusion.png of the first seed, and a printed summary; metrics.json is written last (a directory
+    holding it is a finished run). Returns the metrics.json dict."""
     import json
 
     from common.rundir import atomic_write_text

@@ -298,6 +298,8 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, epochs_per_seed
     log(record) appends to log.jsonl, prints epoch_line and advances a progress bar over seeds and
     epochs (epochs_per_seed of them; 0 for probes without epochs). Returns the metrics.json dict."""
     log_path = os.path.join(out, "log.jsonl")
+    for path in glob.glob(os.path.join(glob.escape(out), ".tmp-*")):  # left by a kill during an atomic write
+        os.remove(path)
     done = _finished_seeds(out, seeds)
     _cut_log(log_path, set(done))
     if done:

@@ -134,7 +134,8 @@ def test_a_diverging_loss_is_one_line_naming_seed_epoch_and_lr():
     def forward(x):  # finite for the first three steps, then NaN
         calls.append(1)
         return head(x) * (float("nan") if len(calls) > 3 else 1.0)
-    with pytest.raises(UserError, match=r"loss became nan at seed 7, epoch 1, step 1 of the epoch; lower --lr \(now 0.1\)"):
+    message = r"loss became nan at seed 7, epoch 1, step 1 of the epoch; lower --lr \(now 0.1\)"
+    with pytest.raises(UserError, match=message):
         supervised.train_select(head, torch.optim.SGD(head.parameters(), lr=0.1), train, val, metrics.BINARY, 7,
                                 supervised.Schedule(epochs=3, batch_size=8), head, forward_train=forward)
 
