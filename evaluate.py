@@ -2,28 +2,27 @@
 
 The encoder comes from a pretraining checkpoint (--ckpt) or a baseline init (--init random|imagenet|
 <.pth>). Training uses the train split (or a seeded subset of it), the epoch (or probe strength, or
-k) is chosen by validation AUC, and the test split is scored once.
+k) is chosen by validation AUC, and the test split is scored once. Each seed's result is saved as it
+ends (seed_<N>.json) and metrics.json last: the same command run again on an interrupted run goes on
+at the next seed.
 
     python evaluate.py --ckpt runs/x/checkpoint.pt --data pneumoniamnist --mode linear_probe --seeds 3
     python evaluate.py --init random --data breastmnist --mode finetune --seeds 3
     python evaluate.py --ckpt runs/x/checkpoint.pt --data breastmnist --mode finetune --freeze layer3
     python evaluate.py --config configs/paper003_further_finetune.yaml --ckpt runs/x/checkpoint.pt --data dermamnist
-    python evaluate.py compare runs/a/metrics.json runs/b/metrics.json
 """
 import argparse
 import copy
 import json
 import os
-import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
-from common import augment, cli, data, metrics, models, optim, rundir, saliency
+from common import augment, cli, data, metrics, models, optim, rundir, saliency, supervised
 from common.cli import UserError
 
 # Per-mode defaults of paper 001 (§5.2-5.4): fine-tune 25 epochs at 1e-3, few-shot 25-50 epochs
@@ -66,9 +65,13 @@ def get_args_parser():
     g.add_argument("--lr", type=cli.lr_or_auto, default=None,
                    help="Adam lr for finetune (1e-3) / fewshot (1e-2), SGD lr for the sgd probe (1e-2) (paper 001 §5.4); "
                         "auto (finetune, fewshot): an LR range test per seed picks the peak lr (paper 003 §3.4)")
-    g.add_argument("--batch-size", type=int, default=None, help="default 128, or the whole split if smaller")
-    g.add_argument("--weight-decay", type=float, default=0.0,
-                   help="L2 weight decay (paper 001 used one but does not give its value)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="finetune, fewshot, sgd probe: default 128, or the training subset drawn if smaller "
+                        "(kNN and the logreg probe see the training set whole)")
+    g.add_argument("--weight-decay", type=float, default=1e-6,
+                   help="L2 weight decay of Adam (finetune, fewshot) and of the sgd probe's SGD (default 1e-6, "
+                        "paper 001 §5.4: 'I consistently used L2 regularization by setting the weight decay to "
+                        "1e-6'); the logreg probe chooses its own L2 strength on validation, kNN has none")
 
     # * Fine-tuning recipes of papers 002 and 003 (finetune and fewshot modes)
     g = parser.add_argument_group("fine-tuning recipes (papers 002, 003; finetune and fewshot modes)")
@@ -139,166 +142,104 @@ def resolve_args(args):
     return args
 
 
-# ---------------------------------------------------------------- heads trained with epoch selection
-def loss_fn(logits, labels, task):
-    if task == metrics.MULTI_LABEL:
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-    return F.cross_entropy(logits.float(), labels)
-
-
-@torch.no_grad()
-def predict(model, inputs, prepare, task, batch_size=512):
-    model.eval()
-    logits = torch.cat([model(prepare(inputs[i:i + batch_size])).float() for i in range(0, len(inputs), batch_size)])
-    probs = torch.sigmoid(logits) if task == metrics.MULTI_LABEL else logits.softmax(dim=1)
-    return probs.cpu().numpy()
-
-
-def train_mode(args, model):
-    """model.train(), with BatchNorm of frozen stages in eval mode unless --frozen-bn train."""
-    model.train()
-    if getattr(args, "frozen_bn", "eval") == "eval":
-        models.frozen_bn_eval(model)
-
-
-@torch.no_grad()
-def recompute_bn_stats(args, model, images, prepare, batch_size):
-    """Precise BN: replace the running statistics of every BatchNorm that trains with their average
-    over `images` under the current weights (momentum None: the plain mean over the batches). A lone
-    last image joins the batch before it: training-mode BN cannot normalise one image at layer4's
-    1x1 maps."""
-    train_mode(args, model)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    starts = list(range(0, len(images), batch_size))
-    if len(starts) > 1 and len(images) - starts[-1] == 1:
-        starts.pop()
-    for start, end in zip(starts, starts[1:] + [len(images)]):
-        model(prepare(images[start:end]))
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
-
-
-def train_select(args, model, optimizer, train, val, prepare, task, seed, log, prepare_train=None, lr=None):
-    """Train for args.epochs; keep the weights of the epoch with the best validation AUC.
-    prepare_train: the training batches' preparation (default `prepare`), e.g. with augmentation;
-    lr: the peak lr of args.lr_schedule, applied per step (None: the optimizer's lr throughout)."""
-    (x_train, y_train), (x_val, y_val) = train, val
-    gen = torch.Generator(x_train.device).manual_seed(seed)
-    y_val_np = y_val.cpu().numpy()
-    steps = max(1, len(x_train) // args.batch_size)  # full batches only: BN needs more than one image
-    if args.max_steps:
-        steps = min(steps, args.max_steps)
-    prepare_train = prepare_train or prepare
-    best_auc, best_state, best_epoch = -1.0, None, -1
-    for epoch in range(args.epochs):
-        train_mode(args, model)
-        perm = torch.randperm(len(x_train), generator=gen, device=x_train.device)
-        total = 0.0
-        for i in range(steps):
-            if lr is not None:
-                optim.schedule_step(optimizer, args.lr_schedule, epoch * steps + i, args.epochs * steps, lr)
-            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
-            loss = loss_fn(model(prepare_train(x_train[idx])), y_train[idx], task)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-        if getattr(args, "precise_bn", "off") == "on":
-            recompute_bn_stats(args, model, x_train, prepare, args.batch_size)
-        val_auc = metrics.auc(y_val_np, predict(model, x_val, prepare, task), task)
-        log({"seed": seed, "epoch": epoch, "loss": total / steps, "val_auc": round(val_auc, 5)})
-        if val_auc > best_auc:
-            best_auc, best_epoch = val_auc, epoch
-            best_state = copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    return {"val_auc": best_auc, "best_epoch": best_epoch}
-
-
+# ---------------------------------------------------------------- probes on frozen features
 def logreg_probe(train, val, test, task):
-    """Logistic regression on standardised frozen features, L2 strength chosen by validation AUC."""
+    """Logistic regression on standardised frozen features, L2 strength chosen on validation
+    (supervised.selection_score: the AUC, or the loss where the AUC is undefined)."""
     (f_train, y_train), (f_val, y_val), f_test = train, val, test
     scaler = StandardScaler().fit(f_train)
     f_train, f_val, f_test = scaler.transform(f_train), scaler.transform(f_val), scaler.transform(f_test)
-    best = (-1.0, None, None)
+    best = (-np.inf, None, None, None)
     for c in PROBE_C:
         clf = LogisticRegression(C=c, max_iter=2000)
         clf = OneVsRestClassifier(clf) if task == metrics.MULTI_LABEL else clf
         clf.fit(f_train, y_train)
-        val_auc = metrics.auc(y_val, clf.predict_proba(f_val), task)
-        if val_auc > best[0]:
-            best = (val_auc, c, clf)
-    return best[2].predict_proba(f_test), {"val_auc": best[0], "C": best[1]}
+        score, val_auc = supervised.selection_score(y_val, clf.predict_proba(f_val), task)
+        if score > best[0]:
+            best = (score, val_auc, c, clf)
+    return supervised.SeedRun(best[3].predict_proba(f_test), _selected({"val_auc": best[1], "C": best[2]}))
 
 
 def knn_probe(train, val, test, task, n_classes):
     (f_train, y_train), (f_val, y_val), f_test = train, val, test
-    aucs = {k: metrics.auc(y_val.cpu().numpy(), metrics.knn_scores(f_train, y_train, f_val, k, task, n_classes), task)
-            for k in KNN_K}
-    k = max(aucs, key=aucs.get)
-    return metrics.knn_scores(f_train, y_train, f_test, k, task, n_classes), {"val_auc": aucs[k], "k": k}
+    scores = {k: supervised.selection_score(y_val.cpu().numpy(), metrics.knn_scores(f_train, y_train, f_val, k, task,
+                                                                                  n_classes), task) for k in KNN_K}
+    k = max(scores, key=lambda k: scores[k][0])
+    return supervised.SeedRun(metrics.knn_scores(f_train, y_train, f_test, k, task, n_classes),
+                              _selected({"val_auc": scores[k][1], "k": k}))
+
+
+def _selected(info):
+    return info if info["val_auc"] is not None else {**info, "selected_on": "val_loss"}
 
 
 # ---------------------------------------------------------------- fine-tuning (finetune, fewshot)
+def schedule(args, epochs=None, lr=None):
+    """The supervised.Schedule of this command (epochs: another phase's count)."""
+    return supervised.Schedule(epochs=epochs or args.epochs, batch_size=args.batch_size, max_steps=args.max_steps,
+                               lr=lr, lr_schedule=args.lr_schedule, precise_bn=args.precise_bn == "on",
+                               frozen_bn=args.frozen_bn)
+
+
 def finetune(args, encoder, train, val, test, task, n_out, seed, device, log):
-    """Encoder + linear head trained on `train`, the epoch chosen by validation AUC, the test split
-    scored. Paper 002's --freeze keeps the stem .. that stage fixed; paper 003's recipe (§3.4) is
-    --head-epochs 1 (head alone), then --lr auto (range test) with --lr-schedule 1cycle, with
-    --train-aug paper003 and --tta 3. Returns (test scores, info, model)."""
-    x_train, y_train = train
+    """Encoder + linear head trained on `train` (supervised.Examples), the epoch chosen on
+    validation, the test split scored. Paper 002's --freeze keeps the stem .. that stage fixed;
+    paper 003's recipe (§3.4) is --head-epochs 1 (head alone), then --lr auto (range test) with
+    --lr-schedule 1cycle, with --train-aug paper003 and --tta 3. Returns (SeedRun, model)."""
     model = torch.nn.Sequential(encoder, torch.nn.Linear(models.FEATURE_DIM[args.arch], n_out)).to(device)
     aug_gen = torch.Generator(device).manual_seed(seed)
     steps_aug = augment.FINETUNE_AUG[args.train_aug]
 
-    def prepare(x):
-        return data.to_input(x, args.in_chans, args.resize).contiguous(memory_format=torch.channels_last)
+    def forward(x):
+        return model(data.to_input(x, args.in_chans, args.resize).contiguous(memory_format=torch.channels_last))
 
-    def prepare_aug(x):  # uint8 -> [0, 1] floats, augmented per image, then normalised
-        return prepare(augment.apply_steps(x.float().div_(255), steps_aug, aug_gen))
-    prepare_train = prepare_aug if steps_aug else prepare
+    def forward_aug(x):  # uint8 -> [0, 1] floats, augmented per image, then normalised
+        x = data.to_input(augment.apply_steps(x.float().div_(255), steps_aug, aug_gen), args.in_chans, args.resize)
+        return model(x.contiguous(memory_format=torch.channels_last))
+    forward_train = forward_aug if steps_aug else forward
+    val = supervised.Examples(val.images, val.labels)
     info = {}
 
     # ---- paper 003 §3.4: the head alone first, encoder frozen (its BN too, with --frozen-bn eval)
     if args.head_epochs:
         models.freeze_through(encoder, "layer4")
         head_opt = torch.optim.Adam(model[1].parameters(), lr=args.head_lr, weight_decay=args.weight_decay)
-        head_args = argparse.Namespace(**{**vars(args), "epochs": args.head_epochs})
-        head = train_select(head_args, model, head_opt, (x_train, y_train), (val.images, val.labels), prepare,
-                            task, seed, lambda r: log({"phase": "head", **r}), prepare_train)
-        info["head_val_auc"] = head["val_auc"]
+        head = supervised.train_select(model, head_opt, train, val, task, seed, schedule(args, args.head_epochs),
+                                       forward, forward_train, lambda r: log({"phase": "head", **r}))
+        info["head_val_auc"] = head.val_auc
 
     # ---- main phase: the encoder from --freeze on, and the head
     info["trainable_params"] = models.freeze_through(encoder, args.freeze) + \
         sum(p.numel() for p in model[1].parameters())
     lr = args.lr
     if lr == "auto":
-        lr = find_lr(args, model, x_train, y_train, prepare_train, task, seed)
+        lr = range_test_lr(args, model, train, forward_train, task, seed)
         info["lr_found"] = lr
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
-    info.update(train_select(args, model, optimizer, (x_train, y_train), (val.images, val.labels), prepare,
-                             task, seed, log, prepare_train, lr=None if args.lr_schedule == "constant" else lr))
+    chosen = supervised.train_select(model, optimizer, train, val, task, seed,
+                                     schedule(args, lr=None if args.lr_schedule == "constant" else lr),
+                                     forward, forward_train, log)
+    info.update(chosen.info())
     if args.tta:
-        y_score = np.mean([predict(model, test.images, prepare_aug, task) for _ in range(args.tta)], axis=0)
+        y_score = np.mean([supervised.probabilities(model, test.images, task, forward_aug) for _ in range(args.tta)],
+                          axis=0)
     else:
-        y_score = predict(model, test.images, prepare, task)
-    return y_score, info, model
+        y_score = supervised.probabilities(model, test.images, task, forward)
+    return supervised.SeedRun(y_score, info), model
 
 
-def find_lr(args, model, x_train, y_train, prepare_train, task, seed):
+def range_test_lr(args, model, train, forward_train, task, seed):
     """--lr auto: an LR range test of the parameters about to be trained (model state restored
     afterwards), on batches drawn with their own generator; curve and pick saved per seed."""
-    train_mode(args, model)
+    supervised.enter_training(model, args.frozen_bn)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr_range[0], weight_decay=args.weight_decay)
-    gen = torch.Generator(x_train.device).manual_seed(seed + 1)
-    batch = min(args.batch_size, len(x_train))
+    gen = torch.Generator(train.inputs.device).manual_seed(seed + 1)
+    batch = min(args.batch_size, len(train))
 
     def batch_loss():
-        idx = torch.randint(len(x_train), (batch,), generator=gen, device=x_train.device)
-        return loss_fn(model(prepare_train(x_train[idx])), y_train[idx], task)
+        idx = torch.randint(len(train), (batch,), generator=gen, device=train.inputs.device)
+        return supervised.classification_loss(forward_train(train.inputs[idx]), train.labels[idx], task)
     start, end, steps = args.lr_range
     lrs, losses, lr = optim.lr_range_test(batch_loss, optimizer, [model], start, end, int(steps))
     name = os.path.join(args.out, f"lr_range_seed{seed}")
@@ -325,18 +266,18 @@ def write_saliency(args, model, test):
 
 
 # ---------------------------------------------------------------- one seeded run
+def training_indices(args, labels, seed):
+    """The training images of one seed: --shots per class, or a stratified --label-fraction."""
+    if args.mode == "fewshot":
+        return data.few_shot_indices(labels, args.shots, seed)
+    return data.label_fraction_indices(labels, args.label_fraction, seed)
+
+
 def run_seed(args, seed, splits, template, device, log):
     cli.seed_everything(seed)
     train, val, test = splits["train"], splits["val"], splits["test"]
-    if args.mode == "fewshot":
-        idx = data.few_shot_indices(train.labels, args.shots, seed)
-    else:
-        idx = data.label_fraction_indices(train.labels, args.label_fraction, seed)
-    idx = torch.as_tensor(idx, device=device)
+    idx = torch.as_tensor(training_indices(args, train.labels, seed), device=device)
     x_train, y_train = train.images[idx], train.labels[idx]
-    if args.batch_size > len(idx):
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(idx)} training images; "
-                        f"use --batch-size {len(idx)} or less")
     # a random init must differ per seed; a loaded one is the same weights every time
     encoder = models.build_encoder(args.arch, args.stem, args.in_chans) if args.init == "random" \
         else copy.deepcopy(template)
@@ -344,10 +285,12 @@ def run_seed(args, seed, splits, template, device, log):
     task, n_out = train.task, train.n_classes
 
     if args.mode in ("finetune", "fewshot"):
-        y_score, info, model = finetune(args, encoder, (x_train, y_train), val, test, task, n_out, seed, device, log)
+        supervised.check_batch_size(args.batch_size, len(idx))
+        result, model = finetune(args, encoder, supervised.Examples(x_train, y_train), val, test, task, n_out, seed,
+                                 device, log)
         if args.saliency and seed == args.seed:
             write_saliency(args, model, test)
-        return y_score, info
+        return result
 
     feats = {name: models.features(encoder, x, args.in_chans, resize=args.resize)
              for name, x in (("train", x_train), ("val", val.images), ("test", test.images))}
@@ -356,94 +299,46 @@ def run_seed(args, seed, splits, template, device, log):
     if args.probe == "logreg":
         return logreg_probe((feats["train"].cpu().numpy(), y_train.cpu().numpy()),
                             (feats["val"].cpu().numpy(), val.labels.cpu().numpy()), feats["test"].cpu().numpy(), task)
+    supervised.check_batch_size(args.batch_size, len(idx))
     head = torch.nn.Linear(models.FEATURE_DIM[args.arch], n_out).to(device)
     optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    info = train_select(args, head, optimizer, (feats["train"], y_train), (feats["val"], val.labels),
-                        lambda f: f, task, seed, log)
-    return predict(head, feats["test"], lambda f: f, task), info
+    chosen = supervised.train_select(head, optimizer, supervised.Examples(feats["train"], y_train),
+                                     supervised.Examples(feats["val"], val.labels), task, seed, schedule(args),
+                                     head, log=log)
+    return supervised.SeedRun(supervised.probabilities(head, feats["test"], task), chosen.info())
 
 
-# ---------------------------------------------------------------- compare two result files
-def compare_main(argv):
-    """`evaluate.py compare A/metrics.json B/metrics.json`: per-seed test metrics of two runs side by
-    side, with Welch's t-test and the two-sided Mann-Whitney U test (paper 003 App. A.3)."""
-    parser = argparse.ArgumentParser("evaluate.py compare", description=compare_main.__doc__)
-    parser.add_argument("a", help="metrics.json of run A")
-    parser.add_argument("b", help="metrics.json of run B")
-    parser.add_argument("--metrics", default="auc,acc,weighted_f1",
-                        help="comma-separated test metrics to compare (default auc,acc,weighted_f1)")
-    parser.add_argument("--out", default=None, help="also write the comparison to this JSON file")
-    args = parser.parse_args(argv)
-    runs = []
-    for path in (args.a, args.b):
-        try:
-            with open(path) as f:
-                result = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {path}: {e}".replace("\n", " "))
-        if not isinstance(result, dict) or not result.get("per_seed"):
-            raise UserError(f"{path} is not a metrics.json of evaluate.py (no per_seed results)")
-        runs.append(result)
-    names = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    for m in names:
-        if any(m not in s["test"] for r in runs for s in r["per_seed"]):
-            raise UserError(f"metric {m!r} is not in both files; they hold {', '.join(runs[0]['per_seed'][0]['test'])}")
-    rows = {m: metrics.compare_samples([s["test"][m] for s in runs[0]["per_seed"]],
-                                       [s["test"][m] for s in runs[1]["per_seed"]]) for m in names}
-
-    def fmt(p):
-        return "n/a" if p is None else f"{p:.4g}"
-    print(f"A: {args.a} ({runs[0].get('data')}, {runs[0].get('mode')}, {runs[0].get('encoder')})")
-    print(f"B: {args.b} ({runs[1].get('data')}, {runs[1].get('mode')}, {runs[1].get('encoder')})")
-    if runs[0].get("data") != runs[1].get("data"):
-        print("note: the two files are results on different datasets")
-    print("| metric | A mean ± std (n) | B mean ± std (n) | B - A | Welch t | p (Welch) | U | p (Mann-Whitney) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for m, r in rows.items():
-        print(f"| {m} | {r['mean_a']:.4f} ± {r['std_a']:.4f} ({r['n_a']}) | {r['mean_b']:.4f} ± {r['std_b']:.4f} "
-              f"({r['n_b']}) | {r['diff']:+.4f} | {fmt(r['welch_t'])} | {fmt(r['welch_p'])} | {fmt(r['mwu_u'])} | "
-              f"{fmt(r['mwu_p'])} |")
-    if min(r["n_a"] for r in rows.values()) < 2 or min(r["n_b"] for r in rows.values()) < 2:
-        print("note: the tests need at least 2 seeds in each file (evaluate.py --seeds N)")
-    if args.out:
-        rundir.atomic_write_text(args.out, json.dumps({"a": args.a, "b": args.b, "metrics": rows}, indent=2))
-        print(f"wrote {args.out}")
+def uses_batches(args):
+    """kNN and the logistic-regression probe see the training set whole: no batch size."""
+    return args.mode in ("finetune", "fewshot") or args.probe == "sgd"
 
 
 def main():
-    if sys.argv[1:2] == ["compare"]:
-        return compare_main(sys.argv[2:])
     args = resolve_args(cli.parse_args(get_args_parser()))
     device = cli.pick_device(args.device)
 
     # ---- data: the three splits, whole, on the device
     splits = {s: data.load_split(args.data, s, args.size, args.data_root, device, args.in_chans)
               for s in ("train", "val", "test")}
-    if args.batch_size is None:
-        n_train = args.shots * splits["train"].n_classes if args.mode == "fewshot" else \
-            round(args.label_fraction * len(splits["train"].labels))
-        args.batch_size = max(2, min(128, n_train))  # 128, or the whole training subset if smaller
-    rundir.prepare_run_dir(args.out, vars(args), done_file="metrics.json")
-    log_path = os.path.join(args.out, "log.jsonl")
+    if args.batch_size is None and uses_batches(args):  # from the subset drawn (its size is the same every seed)
+        args.batch_size = supervised.default_batch_size(len(training_indices(args, splits["train"].labels, args.seed)))
 
-    # ---- encoder weights, loaded once
+    # ---- encoder weights, loaded once (before the run directory: a bad --init changes nothing there)
     template = None if args.init == "random" else models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
 
-    # ---- seeded runs
-    task = splits["test"].task
-    y_true = splits["test"].labels.cpu().numpy()
-    per_seed, scores = [], []
-    for seed in range(args.seed, args.seed + args.seeds):
-        y_score, info = run_seed(args, seed, splits, template, device, lambda r: rundir.append_jsonl(log_path, r))
-        test_metrics = metrics.classification_metrics(y_true, y_score, task)
-        per_seed.append({"seed": seed, "test": test_metrics, **info})
-        scores.append(y_score)
-        print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
+    # ---- run directory: an --overwrite re-run clears the old outputs before it writes anything
+    if args.overwrite:
+        supervised.clear_outputs(args.out)
+    rundir.prepare_run_dir(args.out, vars(args), done_file="metrics.json")
 
-    # ---- save: metrics.json, predictions.npz, plots, and a printed table
+    # ---- seeded runs, each saved as it ends; then metrics.json, predictions.npz and the plots
+    full = args.mode in ("finetune", "fewshot")
+    epochs = args.epochs + args.head_epochs if full else (args.epochs if uses_batches(args) else 0)
     header = {"data": args.data, "size": args.size, "mode": args.mode, "encoder": args.init, "args": vars(args)}
-    metrics.write_results(args.out, header, per_seed, y_true, scores, task, args.seed,
-                          title=f"{args.data} {args.mode}, encoder {args.init}")
+    supervised.run_seeds(args.out, list(range(args.seed, args.seed + args.seeds)),
+                         lambda seed, log: run_seed(args, seed, splits, template, device, log),
+                         splits["test"].labels.cpu().numpy(), splits["test"].task, header,
+                         title=f"{args.data} {args.mode}, encoder {args.init}", epochs_per_seed=epochs)
 
 
 if __name__ == "__main__":

@@ -2,22 +2,23 @@
 
 The BEiT is Hugging Face's BeitForImageClassification. Only its top --trainable-layers transformer
 layers, the pooler and a new classifier train (paper 000: 5 layers, ~63M of BEiT-large's 304M
-parameters); the epoch with the best validation AUC is tested, as evaluate.py does.
+parameters); the epoch with the best validation AUC is tested, and an interrupted run resumes at
+the next seed, as evaluate.py does (common/supervised.py).
 
     python finetune_beit.py --data breastmnist --size 28                   # "BEiT (28)": 28 px upsampled to 224
     python finetune_beit.py --data breastmnist --size 224 --balance 0.4    # "BEiT (224) balanced", MedMNIST+ files
     python finetune_beit.py --model ./beit-large-patch16-224 --data pneumoniamnist   # a downloaded copy
 """
 import argparse
-import math
 import os
-import time
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from common import cli, data, metrics, optim, pretrain, rundir
+from common import cli, data, metrics, optim, rundir, supervised
 from common.cli import UserError
 
 PAPER_MODEL = "microsoft/beit-large-patch16-224"
@@ -131,7 +132,7 @@ def load_processor(name):
             "mean": list(processor.image_mean), "std": list(processor.image_std)}
 
 
-def set_trainable(model, k):
+def train_top_layers(model, k):
     """Freeze everything but the top k encoder layers, the pooler and the classifier (paper 000).
     Models without a pooler (use_mean_pooling false) pool through beit.layernorm, which then trains
     in its place. Returns (trainable, total) parameter counts."""
@@ -174,95 +175,56 @@ def beit_inputs(images, prep):
     return x
 
 
-# ---------------------------------------------------------------- loss and scores
-def loss_fn(logits, labels, task):
-    """Paper 000: binary tasks are one logit with binary cross-entropy; multi-class: cross-entropy;
-    multi-label: binary cross-entropy per label."""
-    logits = logits.float()
-    if task == metrics.BINARY:
-        return F.binary_cross_entropy_with_logits(logits[:, 0], labels.float())
-    if task == metrics.MULTI_LABEL:
-        return F.binary_cross_entropy_with_logits(logits, labels.float())
-    return F.cross_entropy(logits, labels)
-
-
-@torch.no_grad()
-def predict(model, images, prep, task, batch_size, autocast):
-    """Class probabilities of a whole split; binary as two columns (1 - p, p) like evaluate.py's."""
-    model.eval()
-    with autocast():
-        logits = torch.cat([model(pixel_values=beit_inputs(images[i:i + batch_size], prep)).logits.float()
-                            for i in range(0, len(images), batch_size)])
-    if task == metrics.BINARY:
-        p = torch.sigmoid(logits[:, 0])
-        return torch.stack([1 - p, p], dim=1).cpu().numpy()
-    probs = torch.sigmoid(logits) if task == metrics.MULTI_LABEL else logits.softmax(dim=1)
-    return probs.cpu().numpy()
-
-
 # ---------------------------------------------------------------- one seeded fine-tuning run
+def beit_forward(model, prep, autocast):
+    """uint8 images -> the BEiT's logits: preprocessing on the device, bf16 autocast where on."""
+    def forward(images):
+        with autocast():
+            return model(pixel_values=beit_inputs(images, prep)).logits
+    return forward
+
+
 def run_seed(args, seed, splits, prep, device, log):
     cli.seed_everything(seed)  # the new classifier's init, the batches and the undersampling
     train, val, test = splits["train"], splits["val"], splits["test"]
     task = train.task
+    # paper 000: a binary task is one logit with binary cross-entropy (supervised.classification_loss)
     model = load_model(args.model, 1 if task == metrics.BINARY else train.n_classes)
-    n_trainable, n_total = set_trainable(model, args.trainable_layers)
-    print(f"seed {seed}: trainable parameters {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.1f}%)")
+    n_trainable, n_total = train_top_layers(model, args.trainable_layers)
+    tqdm.write(f"seed {seed}: trainable parameters {n_trainable:,} of {n_total:,} "
+               f"({100 * n_trainable / n_total:.1f}%)", file=sys.stdout)
     model.to(device)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()
     # bf16 autocast on CUDA (paper-scale BEiT-large); full precision on the CPU
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")  # noqa: E731
+    forward = beit_forward(model, prep, autocast)
 
     idx = np.arange(len(train.labels))
     if args.balance is not None:
         idx = data.undersample_indices(train.labels, args.balance, seed)
     idx = torch.as_tensor(idx, device=device)
-    if args.batch_size > len(idx):
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(idx)} training images; "
-                        f"use --batch-size {len(idx)} or less")
-    # LayerNorm, not BatchNorm: the last, partial batch is kept, as the Hugging Face Trainer does
-    steps = math.ceil(len(idx) / args.batch_size)
-    steps = min(steps, args.max_steps) if args.max_steps else steps
+    supervised.check_batch_size(args.batch_size, len(idx))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    gen = torch.Generator(device).manual_seed(seed)
-    y_val = val.labels.cpu().numpy()
+    # LayerNorm, not BatchNorm: the last, partial batch is kept, as the Hugging Face Trainer does; and
+    # the whole model trains in training mode, as the Trainer does (stochastic depth on in frozen layers)
+    schedule = supervised.Schedule(epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps,
+                                   lr=args.lr, lr_schedule=args.lr_schedule, full_batches=False,
+                                   eval_batch_size=args.eval_batch_size)
+    chosen = supervised.train_select(model, optimizer, supervised.Examples(train.images, train.labels, idx),
+                                     supervised.Examples(val.images, val.labels), task, seed, schedule, forward,
+                                     log=log)
 
-    best = {"val_auc": -1.0, "epoch": -1, "state": None}
-    for epoch in range(args.epochs):
-        model.train()  # the whole model, as the Trainer does: stochastic depth stays on in frozen layers
-        perm = idx[torch.randperm(len(idx), generator=gen, device=device)]
-        losses, start = [], time.time()
-        for i in range(steps):
-            lr = optim.schedule_step(optimizer, args.lr_schedule, epoch * steps + i, args.epochs * steps, args.lr)
-            batch = perm[i * args.batch_size:(i + 1) * args.batch_size]
-            with autocast():
-                logits = model(pixel_values=beit_inputs(train.images[batch], prep)).logits
-            loss = loss_fn(logits, train.labels[batch], task)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-        seen = min(steps * args.batch_size, len(idx))
-        loss = pretrain.mean_finite_loss(losses, (epoch + 1) * steps, epoch, args.out)
-        val_auc = metrics.auc(y_val, predict(model, val.images, prep, task, args.eval_batch_size, autocast), task)
-        log({"seed": seed, "epoch": epoch, "loss": loss, "lr": lr, "val_auc": round(val_auc, 5),
-             "images_per_sec": round(seen / (time.time() - start), 1)})
-        if val_auc > best["val_auc"]:  # keep the trainable weights of the best epoch (on the CPU)
-            best = {"val_auc": val_auc, "epoch": epoch,
-                    "state": {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}}
-
-    model.load_state_dict(best["state"], strict=False)
-    # the checkpoint: only the trainable weights + the config (the frozen ones are --model's)
-    rundir.save_checkpoint({"trainable": best["state"], "config": model.config.to_dict(),
+    # the checkpoint: only the trainable weights (of the best epoch, on the CPU) + the config
+    trainable = {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
+    rundir.save_checkpoint({"trainable": trainable, "config": model.config.to_dict(),
                            "meta": {"method": "beit", "model": args.model, "trainable_layers": args.trainable_layers,
-                                    "seed": seed, "best_epoch": best["epoch"], "val_auc": best["val_auc"]}},
+                                    "seed": seed, "best_epoch": chosen.best_epoch, "val_auc": chosen.val_auc}},
                           os.path.join(args.out, f"checkpoint_seed{seed}.pt"))
-    y_score = predict(model, test.images, prep, task, args.eval_batch_size, autocast)
-    info = {"val_auc": best["val_auc"], "best_epoch": best["epoch"], "trainable_params": n_trainable,
-            "total_params": n_total, "train_images": len(idx)}
-    return y_score, info
+    y_score = supervised.probabilities(model, test.images, task, forward, args.eval_batch_size)
+    return supervised.SeedRun(y_score, {**chosen.info(), "trainable_params": n_trainable, "total_params": n_total,
+                                        "train_images": len(idx)})
 
 
 def load_finetuned(ckpt, model=None):
@@ -284,29 +246,20 @@ def main():
     # ---- data: the three splits, whole, as uint8 on the device; resized batch by batch
     splits = {s: data.load_split(args.data, s, args.size, args.data_root, device) for s in ("train", "val", "test")}
     prep = load_processor(args.model)
+
+    # ---- run directory: an --overwrite re-run clears the old outputs before it writes anything
+    if args.overwrite:
+        supervised.clear_outputs(args.out)
     rundir.prepare_run_dir(args.out, vars(args), done_file="metrics.json")
-    log_path = os.path.join(args.out, "log.jsonl")
 
-    def log(record):
-        print(record)
-        rundir.append_jsonl(log_path, record)
-
-    # ---- seeded runs
-    task = splits["test"].task
-    y_true = splits["test"].labels.cpu().numpy()
-    per_seed, scores = [], []
-    for seed in range(args.seed, args.seed + args.seeds):
-        y_score, info = run_seed(args, seed, splits, prep, device, log)
-        test_metrics = metrics.classification_metrics(y_true, y_score, task)
-        per_seed.append({"seed": seed, "test": test_metrics, **info})
-        scores.append(y_score)
-        print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
-
-    # ---- save: metrics.json, predictions.npz, plots, and a printed table
+    # ---- seeded runs, each saved as it ends; then metrics.json, predictions.npz and the plots
     name = f"BEiT ({args.size})" + (" balanced" if args.balance is not None else "")
     header = {"data": args.data, "size": args.size, "mode": "finetune_beit", "encoder": name, "model": args.model,
               "args": vars(args)}
-    metrics.write_results(args.out, header, per_seed, y_true, scores, task, args.seed, title=f"{args.data} {name}")
+    supervised.run_seeds(args.out, list(range(args.seed, args.seed + args.seeds)),
+                         lambda seed, log: run_seed(args, seed, splits, prep, device, log),
+                         splits["test"].labels.cpu().numpy(), splits["test"].task, header,
+                         title=f"{args.data} {name}", epochs_per_seed=args.epochs)
 
 
 if __name__ == "__main__":

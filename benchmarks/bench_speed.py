@@ -21,7 +21,7 @@ has done the imports), so that its peak-memory figure is its own:
 The pretraining workloads run the scripts' own step functions (pretrain_byol.train_step,
 pretrain_barlow.train_step, pretrain_simclr.train_step) on models built as their main() builds them,
 with the scripts' default hyper-parameters; they choose bf16 autocast themselves (on CUDA), so for them a
-variant's bf16 switch changes nothing. features and finetune are put together from evaluate.py's parts;
+variant's bf16 switch changes nothing. features and finetune are put together from common/supervised.py's parts;
 only the switches a variant names differ. Images are random uint8 gray images (the speed does not depend on content).
 "images/s" counts source images: a pretraining step on a batch of B images makes 2B views.
 
@@ -269,8 +269,9 @@ def build_step(cfg, variant, device, images):
             return out.abs().mean()
         return step
 
-    if workload == "finetune":  # evaluate.finetune + train_select, --mode finetune defaults (Adam 1e-3, no aug)
+    if workload == "finetune":  # evaluate.finetune + supervised.train_select, --mode finetune defaults (Adam 1e-3)
         import evaluate
+        from common import supervised
         args = evaluate.get_args_parser().parse_args(["--mode", "finetune", "--out", "-"])
         head = torch.nn.Linear(feature_dim, 2)  # a binary task, as PneumoniaMNIST / BreastMNIST
         place(encoder, head)
@@ -279,16 +280,15 @@ def build_step(cfg, variant, device, images):
         optimizer = torch.optim.Adam(model.parameters(), lr=evaluate.MODE_DEFAULTS["finetune"]["lr"],
                                      weight_decay=args.weight_decay)
         labels = torch.randint(0, 2, (len(images),), generator=gen, device=device)
-        evaluate.train_mode(args, model)
+        supervised.enter_training(model, args.frozen_bn)
 
         def step(i):
             idx = batch_at(i)
             with autocast():  # VARIANT: evaluate.py runs no autocast
-                loss = evaluate.loss_fn(model(prepare(images[idx])), labels[idx], "binary-class")
+                loss = supervised.classification_loss(model(prepare(images[idx])), labels[idx], "binary-class")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss.item()  # train_select sums loss.item() every step: a device sync, kept in the measurement
             return loss.detach()
         return step
     raise ValueError(f"unknown workload {workload!r}")

@@ -94,7 +94,7 @@ def auc(y_true, y_score, task):
     return _auc(y, s, task)
 
 
-def predict(y_score, task, threshold=0.5):
+def hard_labels(y_score, task, threshold=0.5):
     """Hard predictions: binary (N,) of score > threshold, multi-class argmax, multi-label (N, L)."""
     task = _check_task(task)
     s = _scores(y_score, task)
@@ -107,7 +107,7 @@ def predict(y_score, task, threshold=0.5):
 def acc(y_true, y_score, task, threshold=0.5):
     """MedMNIST accuracy; multi-label is the mean of per-label accuracies (not subset accuracy)."""
     task, y, _ = _prepare(y_true, y_score, task)
-    pred = predict(y_score, task, threshold)
+    pred = hard_labels(y_score, task, threshold)
     if task == MULTI_LABEL:
         return float(np.mean([accuracy_score(y[:, j], pred[:, j]) for j in range(y.shape[1])]))
     return float(accuracy_score(y, pred))
@@ -116,7 +116,7 @@ def acc(y_true, y_score, task, threshold=0.5):
 def classification_metrics(y_true, y_score, task):
     """Dict of auc, acc, precision, recall, f1 (positive class / macro), weighted_f1."""
     task, y, s = _prepare(y_true, y_score, task)
-    pred = predict(s, task)
+    pred = hard_labels(s, task)
     average = "binary" if task == BINARY else "macro"
     return {
         "auc": _auc(y, s, task),
@@ -131,7 +131,7 @@ def classification_metrics(y_true, y_score, task):
 def confusion(y_true, y_score, task):
     """(C, C) confusion matrix (rows = true, cols = predicted), or (L, 2, 2) for multi-label."""
     task, y, s = _prepare(y_true, y_score, task)
-    pred = predict(s, task)
+    pred = hard_labels(s, task)
     if task == MULTI_LABEL:
         return multilabel_confusion_matrix(y, pred)
     # Fixed labels keep the shape (C, C) even if a class is never predicted or never present.
@@ -307,7 +307,8 @@ def compare_samples(a, b):
 def write_results(out, header, per_seed, y_true, scores, task, first_seed, title):
     """What evaluate.py and finetune_beit.py leave in `out`: metrics.json (header, mean / std over
     seeds, per-seed results), predictions.npz (test labels and scores of every seed), roc.png and
-    confusion.png of the first seed, and a printed summary. Returns the metrics.json dict."""
+    confusion.png of the first seed, and a printed summary; metrics.json is written last (a directory
+    holding it is a finished run). Returns the metrics.json dict."""
     import json
 
     from common.rundir import atomic_write_text
@@ -317,7 +318,6 @@ def write_results(out, header, per_seed, y_true, scores, task, first_seed, title
     result = {**header, "task": task, "n": len(per_seed), "mean": {k: m for k, (m, s) in summary.items()},
               "std": {k: s for k, (m, s) in summary.items()}, "auc_ci95_first_seed": list(ci),
               "per_seed": per_seed}
-    atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(result, indent=2))
     np.savez(os.path.join(out, "predictions.npz"), y_true=y_true, y_score=scores[0],
              y_score_per_seed=np.stack(scores), seeds=np.array([r["seed"] for r in per_seed]))
     plot_roc(y_true, scores[0], task, os.path.join(out, "roc.png"), title=title)
@@ -326,5 +326,7 @@ def write_results(out, header, per_seed, y_true, scores, task, first_seed, title
     for k in names:
         print(f"  {k:12s} {summary[k][0]:.4f} ± {summary[k][1]:.4f}")
     print(f"  AUC 95% CI (bootstrap, seed {first_seed}): [{ci[0]:.4f}, {ci[1]:.4f}]")
+    # last, atomically: a directory holding metrics.json is a finished run
+    atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(result, indent=2))
     print(f"wrote {out}/metrics.json")
     return result

@@ -39,12 +39,14 @@ parse_args() {
        "runs in $RUNS, report in $RESULTS$([[ $DRY_RUN == 1 ]] && echo ', dry run: nothing is trained')"
 }
 
-# finished DIR: true when DIR holds a finished evaluation (metrics.json) or a pretraining checkpoint
-# whose epoch has reached the run's --epochs. The Python tools refuse to relaunch a finished run, so
-# this check, not their error, is what lets an interrupted reproduction continue where it stopped.
+# finished DIR: true when DIR holds a finished evaluation or a pretraining checkpoint whose epoch has
+# reached the run's --epochs. evaluate.py and finetune_beit.py write metrics.json last (atomically) and
+# an --overwrite re-run removes it before anything else, so metrics.json means finished; one older than
+# args.yaml belongs to an earlier command and does not count. The Python tools refuse to relaunch a
+# finished run, so this check, not their error, is what lets an interrupted reproduction continue.
 finished() {
   local dir=$1
-  [[ -f $dir/metrics.json ]] && return 0
+  [[ -f $dir/metrics.json && ! $dir/args.yaml -nt $dir/metrics.json ]] && return 0
   [[ -f $dir/checkpoint.pt && -f $dir/args.yaml ]] || return 1
   "$PY" - "$dir" <<'EOF'
 import sys, torch, yaml

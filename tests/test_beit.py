@@ -10,7 +10,7 @@ import torch
 from transformers import BeitConfig, BeitForImageClassification, BeitImageProcessor
 
 import finetune_beit
-from common import cli, metrics, rundir
+from common import cli, metrics, rundir, supervised
 from conftest import run_cli
 
 TINY = dict(image_size=32, patch_size=8, num_hidden_layers=4, hidden_size=32, num_attention_heads=2,
@@ -40,7 +40,7 @@ def expected_trainable(cfg, k, n_out):
 def test_exactly_the_top_layers_pooler_and_classifier_train(k, n_out):
     torch.manual_seed(0)
     model = BeitForImageClassification(BeitConfig(**TINY, num_labels=n_out))
-    n_trainable, n_total = finetune_beit.set_trainable(model, k)
+    n_trainable, n_total = finetune_beit.train_top_layers(model, k)
     assert n_total == sum(p.numel() for p in model.parameters())
     assert n_trainable == expected_trainable(TINY, k, n_out)
     top = tuple(f"beit.layers.{j}." for j in range(4 - k, 4)) + ("beit.pooler.", "classifier.")
@@ -51,13 +51,13 @@ def test_exactly_the_top_layers_pooler_and_classifier_train(k, n_out):
 def test_too_many_trainable_layers_is_refused():
     model = BeitForImageClassification(BeitConfig(**TINY))
     with pytest.raises(cli.UserError, match="more than the model's 4 layers"):
-        finetune_beit.set_trainable(model, 5)
+        finetune_beit.train_top_layers(model, 5)
 
 
 def test_a_step_changes_the_trainable_weights_only():
     torch.manual_seed(0)
     model = BeitForImageClassification(BeitConfig(**TINY, num_labels=1))
-    finetune_beit.set_trainable(model, 1)
+    finetune_beit.train_top_layers(model, 1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     prep = {"size": (32, 32), "mode": "bicubic", "scale": 1 / 255, "normalize": True, "mean": [0.5] * 3,
@@ -65,23 +65,13 @@ def test_a_step_changes_the_trainable_weights_only():
     images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
     labels = torch.tensor([0, 1] * 4)
     model.train()
-    loss = finetune_beit.loss_fn(model(pixel_values=finetune_beit.beit_inputs(images, prep)).logits, labels,
-                                 metrics.BINARY)
+    loss = supervised.classification_loss(model(pixel_values=finetune_beit.beit_inputs(images, prep)).logits, labels,
+                                          metrics.BINARY)
     loss.backward()
     optimizer.step()
     for name, p in model.named_parameters():
         changed = not torch.equal(p, before[name])
         assert changed == p.requires_grad, name
-
-
-def test_binary_loss_is_one_logit_bce():
-    logits, labels = torch.tensor([[2.0], [-1.0], [0.5]]), torch.tensor([1, 0, 0])
-    p = torch.sigmoid(logits[:, 0])
-    manual = -(labels * p.log() + (1 - labels) * (1 - p).log()).mean()
-    assert torch.allclose(finetune_beit.loss_fn(logits, labels, metrics.BINARY), manual)
-    multi = torch.tensor([[2.0, 0.1, -1.0]])
-    assert torch.allclose(finetune_beit.loss_fn(multi, torch.tensor([2]), metrics.MULTI_CLASS),
-                          -multi.log_softmax(1)[0, 2])
 
 
 @pytest.mark.parametrize("flag, resample, side", [("breastmnist", 3, 224), ("pneumoniamnist", 2, 224),
@@ -138,6 +128,9 @@ def test_cli_fine_tunes_a_tiny_beit_on_real_breastmnist(real_root, tiny_beit, tm
     assert f"trainable parameters {run['trainable_params']:,}" in r.stdout
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in log] == [0, 1]
+    epoch_lines = [line for line in r.stdout.splitlines() if line.startswith("seed 0 epoch ")]  # live feedback
+    assert [line.split(":")[0] for line in epoch_lines] == ["seed 0 epoch 1/2", "seed 0 epoch 2/2"]
+    assert f"val AUC {log[1]['val_auc']:.4f}" in epoch_lines[1]
     assert run["best_epoch"] == int(np.argmax([e["val_auc"] for e in log]))
 
     # the checkpoint: trainable weights only (one logit for the binary task) + the config
@@ -153,7 +146,8 @@ def test_cli_fine_tunes_a_tiny_beit_on_real_breastmnist(real_root, tiny_beit, tm
     prep = finetune_beit.load_processor(tiny_beit)
     with np.load(os.path.join(real_root, "breastmnist.npz")) as npz:
         test_images = torch.from_numpy(npz["test_images"])[:, None]
-    scores = finetune_beit.predict(model, test_images, prep, metrics.BINARY, 64, contextlib.nullcontext)
+    forward = finetune_beit.beit_forward(model, prep, contextlib.nullcontext)
+    scores = supervised.probabilities(model, test_images, metrics.BINARY, forward, 64)
     assert np.allclose(scores, preds["y_score"], atol=1e-5)
     assert abs(metrics.auc(preds["y_true"], preds["y_score"], metrics.BINARY) - result["mean"]["auc"]) < 1e-9
 

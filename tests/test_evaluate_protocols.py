@@ -1,17 +1,14 @@
 """evaluate.py's additions for papers 002 and 003: --freeze up to a stage, the head-first recipe
-with an LR range test and 1cycle, --train-aug / --tta, and `compare` with Welch's t and
-Mann-Whitney U."""
+with an LR range test and 1cycle, --train-aug / --tta, --saliency, --resize and --precise-bn."""
 import json
 
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 import evaluate
-from common import data, models
+from common import data, models, supervised
 from common.cli import UserError
-from conftest import run_cli
 
 
 def _args(tmp_path, *flags):
@@ -30,10 +27,12 @@ def _splits(n=(24, 16, 16)):
 
 
 def _finetune(args, encoder, log=None):
+    """evaluate.finetune on the small splits: (y_score, info, model)."""
     train, val, test = _splits()
     records = [] if log is None else log
-    return evaluate.finetune(args, encoder, (train.images, train.labels), val, test, "binary-class", 2, 0,
-                             torch.device("cpu"), records.append)
+    result, model = evaluate.finetune(args, encoder, supervised.Examples(train.images, train.labels), val, test,
+                                      "binary-class", 2, 0, torch.device("cpu"), records.append)
+    return result.y_score, result.info, model
 
 
 def _encoder():
@@ -88,14 +87,14 @@ def test_freeze_layer4_trains_the_head_alone_and_frozen_bn_train_updates_statist
 # ---------------------------------------------------------------- paper 003's recipe
 def test_head_epochs_train_the_head_alone_first(tmp_path, monkeypatch):
     seen = []
-    real = evaluate.train_select
+    real = supervised.train_select
 
-    def spy(args, model, optimizer, *rest, **kw):
+    def spy(model, optimizer, train, val, task, seed, schedule, *rest, **kw):
         encoder_trainable = [p.requires_grad for p in model[0].parameters()]
-        seen.append((args.epochs, any(encoder_trainable), all(encoder_trainable),
+        seen.append((schedule.epochs, any(encoder_trainable), all(encoder_trainable),
                      {id(p) for g in optimizer.param_groups for p in g["params"]}))
-        return real(args, model, optimizer, *rest, **kw)
-    monkeypatch.setattr(evaluate, "train_select", spy)
+        return real(model, optimizer, train, val, task, seed, schedule, *rest, **kw)
+    monkeypatch.setattr(supervised, "train_select", spy)
     log = []
     _, info, model = _finetune(_args(tmp_path, "--head-epochs", "1", "--epochs", "2"), _encoder(), log)
     (head_epochs, head_any, _, head_params), (epochs, _, main_all, _) = seen
@@ -116,13 +115,13 @@ def test_lr_auto_runs_a_range_test_inside_its_sweep_and_1cycle_runs(tmp_path):
 
 def test_tta_averages_k_augmented_passes(tmp_path, monkeypatch):
     calls = []
-    real = evaluate.predict
+    real = supervised.probabilities
 
-    def spy(model, inputs, prepare, task, *a, **kw):
-        out = real(model, inputs, prepare, task, *a, **kw)
+    def spy(*a, **kw):
+        out = real(*a, **kw)
         calls.append(out)
         return out
-    monkeypatch.setattr(evaluate, "predict", spy)
+    monkeypatch.setattr(supervised, "probabilities", spy)
     # a small lr keeps the barely trained model's probabilities away from 0 and 1
     y_tta, _, _ = _finetune(_args(tmp_path, "--train-aug", "paper003", "--tta", "3", "--lr", "1e-5"), _encoder())
     test_passes = calls[-3:]                                   # after the per-epoch validation passes
@@ -142,48 +141,6 @@ def test_tta_averages_k_augmented_passes(tmp_path, monkeypatch):
 def test_inconsistent_flags_are_refused(tmp_path, flags, needle):
     with pytest.raises(UserError, match=needle.replace("+", r"\+")):
         _args(tmp_path, *flags)
-
-
-# ---------------------------------------------------------------- compare
-def _metrics_file(path, aucs, accs, data="breastmnist"):
-    per_seed = [{"seed": i, "test": {"auc": a, "acc": c, "weighted_f1": c - 0.01}} for i, (a, c) in
-                enumerate(zip(aucs, accs))]
-    path.write_text(json.dumps({"data": data, "mode": "linear_probe", "encoder": str(path), "per_seed": per_seed}))
-    return str(path)
-
-
-def test_compare_p_values_match_scipy(tmp_path):
-    a_auc, a_acc = [0.80, 0.82, 0.79, 0.81, 0.83], [0.70, 0.72, 0.71, 0.69, 0.73]
-    b_auc, b_acc = [0.85, 0.86, 0.84, 0.88, 0.83, 0.87], [0.74, 0.71, 0.75, 0.76, 0.73, 0.72]
-    a, b = _metrics_file(tmp_path / "a.json", a_auc, a_acc), _metrics_file(tmp_path / "b.json", b_auc, b_acc)
-    out = tmp_path / "cmp.json"
-    r = run_cli("evaluate.py", "compare", a, b, "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    rows = json.load(open(out))["metrics"]
-    for name, (xa, xb) in {"auc": (a_auc, b_auc), "acc": (a_acc, b_acc)}.items():
-        welch = stats.ttest_ind(xa, xb, equal_var=False)
-        mwu = stats.mannwhitneyu(xa, xb, alternative="two-sided")
-        assert rows[name]["welch_t"] == pytest.approx(welch.statistic) and rows[name]["welch_p"] == pytest.approx(welch.pvalue)
-        assert rows[name]["mwu_u"] == pytest.approx(mwu.statistic) and rows[name]["mwu_p"] == pytest.approx(mwu.pvalue)
-        assert rows[name]["diff"] == pytest.approx(np.mean(xb) - np.mean(xa))
-        assert (rows[name]["n_a"], rows[name]["n_b"]) == (5, 6)
-    assert "| auc |" in r.stdout and f"{stats.ttest_ind(a_auc, b_auc, equal_var=False).pvalue:.4g}" in r.stdout
-    assert "weighted_f1" in rows
-
-
-def test_compare_single_seed_and_bad_files(tmp_path, capsys):
-    a = _metrics_file(tmp_path / "a.json", [0.8], [0.7])
-    b = _metrics_file(tmp_path / "b.json", [0.9], [0.8], data="pneumoniamnist")
-    evaluate.compare_main([a, b])
-    printed = capsys.readouterr().out
-    assert "n/a" in printed and "at least 2 seeds" in printed and "different datasets" in printed
-    (tmp_path / "junk.json").write_text("{}")
-    with pytest.raises(UserError, match="junk.json is not a metrics.json of evaluate.py"):
-        evaluate.compare_main([a, str(tmp_path / "junk.json")])
-    with pytest.raises(UserError, match="cannot read"):
-        evaluate.compare_main([a, str(tmp_path / "missing.json")])
-    with pytest.raises(UserError, match="metric 'precision' is not in both files"):
-        evaluate.compare_main([a, a, "--metrics", "auc,precision"])
 
 
 # ---------------------------------------------------------------- --saliency, --resize, the step schedule
@@ -220,25 +177,6 @@ def test_step_schedule_is_medmnist_v2s_tenfold_drops_at_half_and_three_quarters(
 
 
 # ---------------------------------------------------------------- --precise-bn
-def test_precise_bn_sets_running_means_to_the_training_images_mean_and_spares_frozen_stages(tmp_path):
-    args = _args(tmp_path, "--freeze", "stem")
-    model = torch.nn.Sequential(_encoder(), torch.nn.Linear(512, 2))
-    models.freeze_through(model[0], "stem")
-    stem_bn, layer1_bn = model[0].bn1, model[0].layer1[0].bn1
-    stem_before = stem_bn.running_mean.clone()
-    x = _splits()[0].images
-    prepare = lambda im: data.to_input(im, 3)
-    evaluate.recompute_bn_stats(args, model, x, prepare, batch_size=8)  # 3 equal batches: exact mean
-    assert torch.equal(stem_bn.running_mean, stem_before)  # frozen stage: untouched
-    with torch.no_grad():  # layer1's first BN sees conv1 of the (frozen, eval-mode) stem's output
-        enc = model[0].eval()
-        h = enc.conv1(prepare(x))
-        h = enc.maxpool(enc.relu(enc.bn1(h)))
-        expected = model[0].layer1[0].conv1(h).mean(dim=(0, 2, 3))
-    assert torch.allclose(layer1_bn.running_mean, expected, atol=1e-5)
-    assert layer1_bn.momentum == 0.1  # restored after the cumulative average
-
-
 def test_precise_bn_defaults_on_for_fewshot_only(tmp_path):
     assert _args(tmp_path, "--mode", "fewshot").precise_bn == "on"
     assert _args(tmp_path).precise_bn == "off"
@@ -249,23 +187,9 @@ def test_precise_bn_defaults_on_for_fewshot_only(tmp_path):
 
 def test_precise_bn_runs_before_each_validation(tmp_path, monkeypatch):
     calls = []
-    real = evaluate.recompute_bn_stats
-    monkeypatch.setattr(evaluate, "recompute_bn_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = supervised.recompute_bn_stats
+    monkeypatch.setattr(supervised, "recompute_bn_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
     _finetune(_args(tmp_path, "--epochs", "2", "--precise-bn", "on"), _encoder())
     assert len(calls) == 2
     _finetune(_args(tmp_path, "--epochs", "2"), _encoder())
     assert len(calls) == 2
-
-
-def test_precise_bn_never_forms_a_batch_of_one_image(tmp_path):
-    """33 images in batches of 16: 16 + 17, not 16 + 16 + 1 (training-mode BN refuses one image at
-    layer4's 1x1 maps); the running mean is the mean of the two batches' means."""
-    args = _args(tmp_path)
-    model = torch.nn.Sequential(_encoder(), torch.nn.Linear(512, 2))
-    x = torch.randint(0, 256, (33, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    prepare = lambda im: data.to_input(im, 3)
-    evaluate.recompute_bn_stats(args, model, x, prepare, batch_size=16)
-    with torch.no_grad():
-        h = model[0].conv1(prepare(x))
-        expected = (h[:16].mean(dim=(0, 2, 3)) + h[16:].mean(dim=(0, 2, 3))) / 2
-    assert torch.allclose(model[0].bn1.running_mean, expected, atol=1e-5)

@@ -83,7 +83,7 @@ def test_metrics_match_direct_sklearn(task):
     assert M.auc(y, s, task) == got["auc"] and M.acc(y, s, task) == got["acc"]
     # Informative scores: far from chance, so a swapped column would be caught.
     assert got["auc"] > 0.65
-    np.testing.assert_array_equal(M.predict(s, task), pred)
+    np.testing.assert_array_equal(M.hard_labels(s, task), pred)
 
 
 def test_ordinal_scored_like_multiclass():
@@ -150,7 +150,7 @@ def test_matches_medmnist_evaluator_on_real_labels(flag, n_test):
 def test_auc_uses_scores_not_thresholded_labels():
     y = np.array([0, 0, 1, 1])
     p1 = np.array([0.1, 0.2, 0.3, 0.4])  # perfect ranking, but all below 0.5
-    thresholded = roc_auc_score(y, M.predict(p1, BIN))
+    thresholded = roc_auc_score(y, M.hard_labels(p1, BIN))
     assert thresholded == 0.5
     assert M.auc(y, p1, BIN) == 1.0
 
@@ -192,7 +192,7 @@ def test_binary_score_shapes_agree():
 def test_threshold_is_strict_and_adjustable():
     y = np.array([0, 1, 1, 0])
     p1 = np.array([0.5, 0.5, 0.7, 0.2])
-    np.testing.assert_array_equal(M.predict(p1, BIN), [0, 0, 1, 0])  # 0.5 is not > 0.5
+    np.testing.assert_array_equal(M.hard_labels(p1, BIN), [0, 0, 1, 0])  # 0.5 is not > 0.5
     assert M.acc(y, p1, BIN) == 0.75
     assert M.acc(y, p1, BIN, threshold=0.4) == 0.75  # both 0.5s now positive: one right, one wrong
     assert M.acc(y, p1, BIN, threshold=0.8) == 0.5

@@ -1,0 +1,350 @@
+"""The supervised loop evaluate.py and finetune_beit.py share: the loss and class probabilities of a
+classifier, training with the epoch chosen on the validation split, precise BatchNorm, and the
+seeded repeats with their results files.
+
+Selection: the epoch (or probe strength, or k) with the best validation AUC is kept. When the
+validation split lacks a class (or a label has one value only) its AUC is undefined; the lowest
+validation loss (cross-entropy of the probabilities) then chooses instead, and the run says so
+(`selected_on: val_loss` in metrics.json, a note on stdout).
+
+Interruptions: each seed's result is written to seed_<N>.json when the seed ends, and metrics.json
+last of all, so a directory with metrics.json is finished and the same command run again on an
+unfinished one resumes at the next seed (log.jsonl cut back to the finished seeds)."""
+import glob
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import metrics, models, optim, rundir
+from common.cli import UserError
+
+# What a run of evaluate.py / finetune_beit.py writes in its directory; --overwrite clears these
+# before the new run writes anything (output.log, the reproduce scripts' capture, stays).
+OUTPUTS = ("metrics.json", "predictions.npz", "log.jsonl", "saliency.npz", "seed_*.json", "*.png",
+           "lr_range_seed*.json", "checkpoint_seed*.pt", ".tmp-*")
+
+
+# ---------------------------------------------------------------- loss and probabilities
+def classification_loss(logits, labels, task):
+    """Cross-entropy of a classifier's logits: multi-label, one binary cross-entropy per label; a
+    binary task with one logit (paper 000's BEiT head), binary cross-entropy; otherwise softmax
+    cross-entropy (a binary task with two logits included)."""
+    logits = logits.float()
+    if task == metrics.MULTI_LABEL:
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    if task == metrics.BINARY and logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits[:, 0], labels.float())
+    return F.cross_entropy(logits, labels)
+
+
+def _activate(logits, task):
+    """Logits -> class probabilities; a one-logit binary head as two columns (1 - p, p)."""
+    if task == metrics.MULTI_LABEL:
+        return torch.sigmoid(logits)
+    if task == metrics.BINARY and logits.shape[1] == 1:
+        p = torch.sigmoid(logits[:, 0])
+        return torch.stack([1 - p, p], dim=1)
+    return logits.softmax(dim=1)
+
+
+@torch.no_grad()
+def probabilities(model, inputs, task, forward=None, batch_size=512):
+    """Class probabilities (numpy, N x C) of a whole split in eval mode; forward(batch) -> logits
+    (default model(batch)), e.g. with the model's own preprocessing or augmentation."""
+    forward = forward or model
+    model.eval()
+    logits = torch.cat([forward(inputs[i:i + batch_size]).float() for i in range(0, len(inputs), batch_size)])
+    return _activate(logits, task).cpu().numpy()
+
+
+def probability_loss(y_true, y_score, task):
+    """Mean cross-entropy of class probabilities against labels (the fallback selection score)."""
+    p = np.clip(np.asarray(y_score, dtype=float), 1e-7, 1 - 1e-7)
+    y = np.asarray(y_true)
+    if task == metrics.MULTI_LABEL:
+        return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    y = y.reshape(-1).astype(int)
+    return float(-np.mean(np.log(p[np.arange(len(y)), y])))
+
+
+def auc_defined(y_true, task, n_columns):
+    """True when the AUC of `y_true` is defined: every class present (every label with both values)."""
+    y = np.asarray(y_true)
+    if task == metrics.MULTI_LABEL:
+        positives = y.sum(axis=0)
+        return bool(np.all((positives > 0) & (positives < len(y))))
+    return bool(np.isin(np.arange(max(n_columns, 2)), y.reshape(-1)).all())
+
+
+def selection_score(y_true, y_score, task):
+    """(score, val_auc): the validation AUC, or minus the validation loss when the AUC is undefined
+    (val_auc None then). Higher is better either way."""
+    if auc_defined(y_true, task, np.asarray(y_score).shape[1]):
+        value = metrics.auc(y_true, y_score, task)
+        return value, value
+    return -probability_loss(y_true, y_score, task), None
+
+
+# ---------------------------------------------------------------- training modes and precise BN
+def enter_training(model, frozen_bn="eval"):
+    """model.train(), with the BatchNorm of frozen parts in eval mode unless frozen_bn is "train"."""
+    model.train()
+    if frozen_bn == "eval":
+        models.frozen_bn_eval(model)
+
+
+@torch.no_grad()
+def recompute_bn_stats(model, images, forward, batch_size, frozen_bn="eval"):
+    """Precise BN: replace the running statistics of every BatchNorm that trains with their average
+    over `images` under the current weights (momentum None: the plain mean over the batches);
+    forward(batch) runs the model. A lone last image joins the batch before it: training-mode BN
+    cannot normalise one image at layer4's 1x1 maps."""
+    enter_training(model, frozen_bn)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    starts = list(range(0, len(images), batch_size))
+    if len(starts) > 1 and len(images) - starts[-1] == 1:
+        starts.pop()
+    for start, end in zip(starts, starts[1:] + [len(images)]):
+        forward(images[start:end])
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+
+
+# ---------------------------------------------------------------- training with selection
+@dataclass(frozen=True)
+class Examples:
+    """Labelled inputs on the device: images or features. `index`: the rows that train (None: all),
+    so a subset of a large split is drawn batch by batch instead of copied."""
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    index: Optional[torch.Tensor] = None
+
+    def __len__(self):
+        return len(self.inputs) if self.index is None else len(self.index)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How train_select trains. lr: the peak lr of lr_schedule, set every step (None: the optimiser's
+    lr throughout); full_batches: drop the last partial batch (BatchNorm needs more than one image);
+    precise_bn: recompute_bn_stats before each validation; frozen_bn: see enter_training."""
+    epochs: int
+    batch_size: int
+    max_steps: Optional[int] = None
+    lr: Optional[float] = None
+    lr_schedule: str = "constant"
+    full_batches: bool = True
+    precise_bn: bool = False
+    frozen_bn: str = "eval"
+    eval_batch_size: int = 512
+
+    def steps(self, n):
+        steps = max(1, n // self.batch_size) if self.full_batches else math.ceil(n / self.batch_size)
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen epoch: its validation AUC (None when undefined) and what chose it."""
+    val_auc: Optional[float]
+    best_epoch: int
+    selected_on: str  # "val_auc", or "val_loss" when the validation AUC is undefined
+
+    def info(self):
+        """The per-seed keys of metrics.json ("selected_on" only when it is not the AUC)."""
+        out = {"val_auc": self.val_auc, "best_epoch": self.best_epoch}
+        return out if self.selected_on == "val_auc" else {**out, "selected_on": self.selected_on}
+
+
+def check_finite_loss(losses, seed, epoch, lr):
+    """The epoch's per-step losses (device tensors, read here once): their mean, or a UserError
+    naming the seed, epoch and step where the loss stopped being finite."""
+    losses = torch.stack(losses).double()
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        raise UserError(f"the training loss became {losses[bad[0]].item()} at seed {seed}, epoch {epoch}, step "
+                        f"{int(bad[0])} of the epoch; lower --lr" + (f" (now {lr:g})" if lr is not None else ""))
+    return losses.mean().item()
+
+
+def train_select(model, optimizer, train, val, task, seed, schedule, forward, forward_train=None, log=None):
+    """Train `model` for schedule.epochs on `train` (Examples), validating after every epoch, and
+    load the weights of the best one (selection_score) back. forward(batch) -> logits on unaugmented
+    inputs (validation, precise BN); forward_train for the training batches (default forward).
+    Batches are drawn from a generator seeded with `seed`; losses stay on the device until the epoch
+    ends (one host sync per epoch). log(record) gets one record per epoch. Returns a Selection."""
+    forward_train = forward_train or forward
+    device = train.inputs.device
+    gen = torch.Generator(device).manual_seed(seed)
+    y_val = val.labels.cpu().numpy()
+    n, steps = len(train), schedule.steps(len(train))
+    lr_set = schedule.lr
+    best = {"score": -math.inf, "val_auc": None, "epoch": -1, "state": None}
+    for epoch in range(schedule.epochs):
+        enter_training(model, schedule.frozen_bn)
+        perm = torch.randperm(n, generator=gen, device=device)
+        if train.index is not None:
+            perm = train.index[perm]
+        losses, start = [], time.time()
+        for i in range(steps):
+            if lr_set is not None:
+                optim.schedule_step(optimizer, schedule.lr_schedule, epoch * steps + i, schedule.epochs * steps, lr_set)
+            idx = perm[i * schedule.batch_size:(i + 1) * schedule.batch_size]
+            loss = classification_loss(forward_train(train.inputs[idx]), train.labels[idx], task)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        lr = optimizer.param_groups[0]["lr"]
+        mean_loss = check_finite_loss(losses, seed, epoch, lr)
+        seen = min(steps * schedule.batch_size, n)
+        if schedule.precise_bn:
+            recompute_bn_stats(model, train.inputs if train.index is None else train.inputs[train.index],
+                               forward, schedule.batch_size, schedule.frozen_bn)
+        y_score = probabilities(model, val.inputs, task, forward, schedule.eval_batch_size)
+        if not np.isfinite(y_score).all():
+            raise UserError(f"the validation outputs became non-finite at seed {seed}, epoch {epoch}; lower --lr "
+                            f"(now {lr:g})")
+        score, val_auc = selection_score(y_val, y_score, task)
+        if score > best["score"]:  # what can change: the trainable weights and every buffer (BN statistics)
+            state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+            state.update({k: v.detach().clone() for k, v in model.named_buffers()})
+            best = {"score": score, "val_auc": val_auc, "epoch": epoch, "state": state}
+        if log:
+            log({"seed": seed, "epoch": epoch, "epochs": schedule.epochs, "loss": mean_loss, "lr": lr,
+                 "val_auc": None if val_auc is None else round(val_auc, 5),
+                 **({} if val_auc is not None else {"val_loss": round(-score, 5)}),
+                 "best_epoch": best["epoch"], "images_per_sec": round(seen / (time.time() - start), 1)})
+    model.load_state_dict(best["state"], strict=False)
+    return Selection(best["val_auc"], best["epoch"], "val_auc" if best["val_auc"] is not None else "val_loss")
+
+
+# ---------------------------------------------------------------- seeded repeats and their files
+@dataclass(frozen=True)
+class SeedRun:
+    """What one seed gives: the test split's class probabilities and its per-seed metrics.json keys."""
+    y_score: np.ndarray
+    info: dict
+
+
+def clear_outputs(out):
+    """--overwrite: remove the previous run's outputs (OUTPUTS) before the new run writes any, so
+    that a directory killed mid-way through a re-run never reads as finished."""
+    for pattern in OUTPUTS:
+        for path in glob.glob(os.path.join(glob.escape(out), pattern)):
+            if os.path.isfile(path):
+                os.remove(path)
+
+
+def seed_path(out, seed):
+    return os.path.join(out, f"seed_{seed}.json")
+
+
+def _finished_seeds(out, seeds):
+    """The seeds whose seed_<N>.json exists (written atomically: a file there is complete)."""
+    return [s for s in seeds if os.path.isfile(seed_path(out, s))]
+
+
+def _cut_log(path, keep_seeds):
+    """Keep the log lines of finished seeds only (an unfinished seed is redone and logs again), and
+    drop a torn last line."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("seed") in keep_seeds:
+                kept.append(json.dumps(record) + "\n")
+    rundir.atomic_write_text(path, "".join(kept))
+
+
+def _load_seed(out, seed):
+    with open(seed_path(out, seed)) as f:
+        record = json.load(f)
+    y_score = np.asarray(record.pop("y_score"), dtype=record.pop("y_score_dtype"))
+    return record, y_score
+
+
+def epoch_line(record):
+    """One printed line per epoch: loss, validation AUC (or loss) and the best epoch so far."""
+    phase = f" {record['phase']}" if record.get("phase") else ""
+    val = f"val AUC {record['val_auc']:.4f}" if record.get("val_auc") is not None else \
+        f"val loss {record['val_loss']:.4f} (AUC undefined)"
+    return (f"seed {record['seed']}{phase} epoch {record['epoch'] + 1}/{record['epochs']}: loss {record['loss']:.4f}, "
+            f"{val}, best epoch {record['best_epoch'] + 1}")
+
+
+def run_seeds(out, seeds, run_seed, y_true, task, header, title, epochs_per_seed=0):
+    """The seeded repeats: run_seed(seed, log) -> SeedRun for every seed not finished in `out`, each
+    seed's test metrics and scores saved to seed_<N>.json as it ends, then metrics.json,
+    predictions.npz and the plots from the saved files (metrics.write_results; metrics.json last).
+    log(record) appends to log.jsonl, prints epoch_line and advances a progress bar over seeds and
+    epochs (epochs_per_seed of them; 0 for probes without epochs). Returns the metrics.json dict."""
+    log_path = os.path.join(out, "log.jsonl")
+    for path in glob.glob(os.path.join(glob.escape(out), ".tmp-*")):  # left by a kill during an atomic write
+        os.remove(path)
+    done = _finished_seeds(out, seeds)
+    _cut_log(log_path, set(done))
+    if done:
+        tqdm.write(f"resuming {out}: seed{'s' if len(done) > 1 else ''} {', '.join(map(str, done))} finished",
+                   file=sys.stdout)
+    per = max(1, epochs_per_seed)
+    # disable=None: the bar is drawn on a terminal only, so logs and captured stderr stay clean
+    bar = tqdm(total=len(seeds) * per, initial=len(done) * per, unit="epoch", desc="seeds x epochs", disable=None,
+               dynamic_ncols=True)
+
+    def log(record):
+        rundir.append_jsonl(log_path, record)
+        if "epoch" in record:
+            tqdm.write(epoch_line(record), file=sys.stdout)
+            bar.update(1)
+
+    try:
+        for i, seed in enumerate(seeds):
+            if seed in done:
+                continue
+            result = run_seed(seed, log)
+            test = metrics.classification_metrics(y_true, result.y_score, task)
+            if result.info.get("selected_on") == "val_loss":
+                tqdm.write(f"note: seed {seed}: the validation split lacks a class, so its AUC is undefined; "
+                           f"the lowest validation loss chose", file=sys.stdout)
+            y_score = np.asarray(result.y_score)
+            record = {"seed": seed, "test": test, **result.info, "y_score": y_score.tolist(),
+                      "y_score_dtype": str(y_score.dtype)}
+            rundir.atomic_write_text(seed_path(out, seed), json.dumps(record))
+            bar.n = (i + 1) * per
+            bar.refresh()
+            tqdm.write(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()), file=sys.stdout)
+    finally:
+        bar.close()
+    loaded = [_load_seed(out, seed) for seed in seeds]
+    return metrics.write_results(out, header, [r for r, _ in loaded], y_true, [s for _, s in loaded], task,
+                                 seeds[0], title=title)
+
+
+def default_batch_size(n_train):
+    """128, or the whole training subset if smaller (at least 2: BatchNorm trains)."""
+    return max(2, min(128, n_train))
+
+
+def check_batch_size(batch_size, n_train):
+    if batch_size > n_train:
+        raise UserError(f"--batch-size {batch_size} is larger than the {n_train} training images; "
+                        f"use --batch-size {n_train} or less")
