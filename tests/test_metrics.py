@@ -382,3 +382,49 @@ def test_plot_confusion_writes_png_of_consistent_counts(task, tmp_path):
     assert len(data) > 1000 and data[:8] == PNG_MAGIC
     with pytest.raises(ValueError):
         M.plot_confusion(np.zeros((2, 3)), tmp_path / "bad.png")
+
+
+def test_log_axis_only_when_values_span_orders_of_magnitude():
+    assert M.log_scale_needed([2.1, 1.4, 560, 380])          # BYOL and Barlow Twins losses on one axis
+    assert not M.log_scale_needed([2.1, 1.4, 1.2])
+    assert not M.log_scale_needed([-1.0, 500.0])             # a log axis cannot show non-positive values
+    assert not M.log_scale_needed([])
+
+
+def test_training_curves_tick_whole_epochs_and_go_log_for_mixed_scales(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    seen = {}
+    real_save = M._save
+
+    def record(fig, path):
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        seen[os.path.basename(path)] = (ax.get_yscale(), [t for t in ax.get_xticks() if 0 <= t <= 2],
+                                        ax.get_legend() is not None)
+        real_save(fig, path)
+    monkeypatch.setattr(M, "_save", record)
+    M.plot_training_curves({"BYOL": ([0, 1, 2], [2.1, 1.6, 1.4]), "Barlow Twins": ([0, 1, 2], [560, 420, 380])},
+                           tmp_path / "both.png", title="pretraining loss")
+    M.plot_training_curves({"BYOL": ([0, 1, 2], [2.1, 1.6, 1.4])}, tmp_path / "one.png")
+    assert seen["both.png"][0] == "log" and seen["one.png"][0] == "linear"
+    for scale, ticks, legend in seen.values():
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        assert legend
+    assert (tmp_path / "both.png").read_bytes()[:8] == PNG_MAGIC
+    plt.close("all")
+
+
+def test_confusion_plot_shows_class_names_and_row_percentages(tmp_path, monkeypatch):
+    texts = {}
+    real_save = M._save
+
+    def record(fig, path):
+        ax = fig.axes[0]
+        texts["cells"] = [t.get_text() for t in ax.texts]
+        texts["x"] = [t.get_text() for t in ax.get_xticklabels()]
+        texts["colorbar"] = len(fig.axes) == 2
+        real_save(fig, path)
+    monkeypatch.setattr(M, "_save", record)
+    M.plot_confusion(np.array([[30, 10], [5, 15]]), tmp_path / "cm.png", class_names=["malignant", "normal, benign"])
+    assert texts["cells"] == ["30\n75%", "10\n25%", "5\n25%", "15\n75%"]
+    assert texts["x"] == ["malignant", "normal, benign"] and texts["colorbar"]
