@@ -308,7 +308,7 @@ def plot_roc(y_true, y_score, task, path, title="", class_names=None, positive_c
     if task == BINARY:
         names = _names(class_names, 2, task)
         pos = positive_class
-        curves = [(f"positive: {names[pos]}", y == pos, s if pos == 1 else 1 - s)]
+        curves = [(f"{names[pos]} (positive class)", y == pos, s if pos == 1 else 1 - s)]
     else:
         names = _names(class_names, s.shape[1], task)
         target = (lambda j: y[:, j]) if task == MULTI_LABEL else (lambda j: y == j)

@@ -428,3 +428,16 @@ def test_confusion_plot_shows_class_names_and_row_percentages(tmp_path, monkeypa
     M.plot_confusion(np.array([[30, 10], [5, 15]]), tmp_path / "cm.png", class_names=["malignant", "normal, benign"])
     assert texts["cells"] == ["30\n75%", "10\n25%", "5\n25%", "15\n75%"]
     assert texts["x"] == ["malignant", "normal, benign"] and texts["colorbar"]
+
+
+def test_binary_roc_is_the_positive_class_curve_with_the_same_auc(tmp_path, monkeypatch):
+    y, s = make(BIN, n=150, seed=15)
+    labels = {}
+    real_save = M._save
+    monkeypatch.setattr(M, "_save", lambda fig, path: (labels.setdefault(os.path.basename(path), [
+        t.get_text() for t in fig.axes[0].get_legend().get_texts()]), real_save(fig, path)))
+    one = M.plot_roc(y, s, BIN, tmp_path / "one.png", class_names=["malignant", "normal, benign"])
+    zero = M.plot_roc(y, s, BIN, tmp_path / "zero.png", class_names=["malignant", "normal, benign"], positive_class=0)
+    assert one == zero == pytest.approx(roc_auc_score(y, s[:, 1]))  # AUC of class 0 on 1 - score is the same
+    assert labels["zero.png"] == [f"malignant (positive class): AUC {one:.3f}"]
+    assert labels["one.png"] == [f"normal, benign (positive class): AUC {one:.3f}"]
