@@ -2,10 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Use the MedMNIST files beside the project when they are there (offline machines, CI);
-# otherwise MEDMNIST_ROOT or medmnist's default folder, downloading what is missing.
-ifneq ($(wildcard ../shared/data/medmnist/pneumoniamnist.npz),)
-export MEDMNIST_ROOT ?= $(abspath ../shared/data/medmnist)
+# MedMNIST files: $MEDMNIST_ROOT when set; else an offline copy at OFFLINE_MEDMNIST when it holds the
+# files (scripts/demo.sh looks in the same place); else medmnist's ~/.medmnist, downloading what is missing.
+OFFLINE_MEDMNIST ?= ../shared/data/medmnist
+ifneq ($(wildcard $(OFFLINE_MEDMNIST)/pneumoniamnist.npz),)
+export MEDMNIST_ROOT ?= $(abspath $(OFFLINE_MEDMNIST))
 endif
 
 .PHONY: demo test bench

@@ -113,19 +113,85 @@ def acc(y_true, y_score, task, threshold=0.5):
     return float(accuracy_score(y, pred))
 
 
-def classification_metrics(y_true, y_score, task):
-    """Dict of auc, acc, precision, recall, f1 (positive class / macro), weighted_f1."""
+def class_names_from_info(label):
+    """medmnist INFO's `label` mapping ({"0": "malignant", "1": "normal, benign"}) -> names by index."""
+    return [label[str(i)] for i in range(len(label))]
+
+
+def positive_index(value, class_names=None):
+    """The positive class of a binary task as an index: an int, an int as text, or a class name
+    (matched case-insensitively). Raises ValueError naming the accepted values."""
+    names = list(class_names) if class_names else ["0", "1"]
+    text = str(value).strip()
+    if text in ("0", "1"):
+        return int(text)
+    matches = [i for i, n in enumerate(names) if n.lower() == text.lower()]
+    if len(matches) != 1:
+        choices = ", ".join(f"{i} ({n!r})" for i, n in enumerate(names))
+        raise ValueError(f"positive class {value!r} is not a class of this binary task; choose {choices}")
+    return matches[0]
+
+
+def _names(class_names, n, task):
+    if class_names is not None:
+        if len(class_names) != n:
+            raise ValueError(f"{len(class_names)} class names given for {n} classes/labels")
+        return [str(c) for c in class_names]
+    return [f"label {j}" if task == MULTI_LABEL else str(j) for j in range(n)]
+
+
+def classification_metrics(y_true, y_score, task, positive_class=1):
+    """Flat dict of floats: auc, acc, precision, recall, f1, weighted_f1; binary tasks add
+    sensitivity and specificity. Binary precision / recall / F1 / sensitivity are those of
+    `positive_class` (default 1, medmnist's last column: in BreastMNIST that is "normal, benign",
+    so pass 0 to read them for malignancy); specificity is the recall of the other class. AUC and
+    ACC do not depend on the choice. Multi-class / multi-label: macro averages (per_class_metrics
+    gives each class's)."""
     task, y, s = _prepare(y_true, y_score, task)
     pred = hard_labels(s, task)
-    average = "binary" if task == BINARY else "macro"
+    if task != BINARY:
+        return {
+            "auc": _auc(y, s, task),
+            "acc": acc(y, s, task),
+            "precision": float(precision_score(y, pred, average="macro", zero_division=0)),
+            "recall": float(recall_score(y, pred, average="macro", zero_division=0)),
+            "f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+            "weighted_f1": float(f1_score(y, pred, average="weighted", zero_division=0)),
+        }
+    if positive_class not in (0, 1):
+        raise ValueError(f"positive_class of a binary task must be 0 or 1, got {positive_class!r}")
+    negative = 1 - positive_class
     return {
         "auc": _auc(y, s, task),
         "acc": acc(y, s, task),
-        "precision": float(precision_score(y, pred, average=average, zero_division=0)),
-        "recall": float(recall_score(y, pred, average=average, zero_division=0)),
-        "f1": float(f1_score(y, pred, average=average, zero_division=0)),
+        "precision": float(precision_score(y, pred, pos_label=positive_class, zero_division=0)),
+        "recall": float(recall_score(y, pred, pos_label=positive_class, zero_division=0)),
+        "f1": float(f1_score(y, pred, pos_label=positive_class, zero_division=0)),
         "weighted_f1": float(f1_score(y, pred, average="weighted", zero_division=0)),
+        # sensitivity = recall of the positive class, specificity = recall of the negative one
+        "sensitivity": float(recall_score(y, pred, pos_label=positive_class, zero_division=0)),
+        "specificity": float(recall_score(y, pred, pos_label=negative, zero_division=0)),
     }
+
+
+def per_class_metrics(y_true, y_score, task, class_names=None):
+    """{class or label name: {precision, recall, f1, support}} at the same hard labels as
+    classification_metrics (binary: both classes, so the minority class is visible too)."""
+    task, y, s = _prepare(y_true, y_score, task)
+    pred = hard_labels(s, task)
+    n = _n_classes(s, task)
+    names = _names(class_names, n, task)
+    if task == MULTI_LABEL:
+        cols = [(y[:, j], pred[:, j], 1) for j in range(n)]
+    else:
+        cols = [(y, pred, c) for c in range(n)]
+    out = {}
+    for name, (yt, pr, c) in zip(names, cols):
+        out[name] = {"precision": float(precision_score(yt, pr, labels=[c], average="macro", zero_division=0)),
+                     "recall": float(recall_score(yt, pr, labels=[c], average="macro", zero_division=0)),
+                     "f1": float(f1_score(yt, pr, labels=[c], average="macro", zero_division=0)),
+                     "support": int(np.sum(yt == c))}
+    return out
 
 
 def confusion(y_true, y_score, task):
@@ -136,6 +202,21 @@ def confusion(y_true, y_score, task):
         return multilabel_confusion_matrix(y, pred)
     # Fixed labels keep the shape (C, C) even if a class is never predicted or never present.
     return confusion_matrix(y, pred, labels=list(range(_n_classes(s, task))))
+
+
+def confusion_table(cm, class_names=None):
+    """A (C, C) confusion matrix as Markdown lines: counts with the row percentage (the share of
+    that true class given each prediction, so the diagonal reads as each class's recall)."""
+    cm = np.asarray(cm)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"confusion_table needs a (C, C) matrix, got {cm.shape}")
+    names = _names(class_names, len(cm), MULTI_CLASS)
+    rows = cm.sum(axis=1, keepdims=True)
+    pct = np.divide(100.0 * cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+    lines = ["| true \\ predicted | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i, name in enumerate(names):
+        lines.append(f"| {name} | " + " | ".join(f"{cm[i, j]} ({pct[i, j]:.0f}%)" for j in range(len(names))) + " |")
+    return lines
 
 
 def _auc_defined(y, task, n_classes):
@@ -178,10 +259,16 @@ def mean_std(values):
     return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else 0.0)
 
 
-def _new_axes(title):
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+def wrap(text, width=48):
+    """A title broken into lines of at most `width` characters, so it fits above a small plot."""
+    import textwrap
+    return "\n".join(textwrap.wrap(str(text), width)) if text else ""
+
+
+def _new_axes(title, size=(4.5, 4.2)):
+    fig, ax = plt.subplots(figsize=size, dpi=110)
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(wrap(title, int(11 * size[0])), fontsize=9)
     return fig, ax
 
 
@@ -189,68 +276,101 @@ def _save(fig, path):
     folder = os.path.dirname(os.fspath(path))
     if folder:
         os.makedirs(folder, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
+    # "tight" grows the canvas to what is drawn: a long title or a legend below the axes is kept whole
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)  # figures are not freed otherwise; long runs would leak memory
 
 
-def plot_roc(y_true, y_score, task, path, title=""):
-    """Write a ROC-curve PNG (one curve, or one per class / label); returns the plotted AUC."""
+def legend_below(ax, n_entries, fontsize=7):
+    """A legend under the axes, off the curves, in up to 3 columns."""
+    ncol = 1 if n_entries <= 3 else (2 if n_entries <= 8 else 3)
+    return ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol, fontsize=fontsize,
+                     frameon=False)
+
+
+def integer_epochs(ax):
+    """Epoch axes tick at whole epochs only (a 3-epoch run otherwise gets 0.5, 1.5, ...)."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def log_scale_needed(values, ratio=30.0):
+    """True when positive values span more than `ratio` (BYOL ~2 and Barlow Twins ~560 on one axis)."""
+    v = np.asarray([x for x in np.ravel(values) if np.isfinite(x)], dtype=float)
+    return bool(v.size and v.min() > 0 and v.max() / v.min() > ratio)
+
+
+def plot_roc(y_true, y_score, task, path, title="", class_names=None, positive_class=1):
+    """Write a ROC-curve PNG (the positive class's curve for a binary task, else one per class /
+    label with its name); returns the plotted AUC. The legend sits below the axes."""
     task, y, s = _prepare(y_true, y_score, task)
     fig, ax = _new_axes(title)
     if task == BINARY:
-        curves = [("", y, s)]
-    elif task == MULTI_CLASS:
-        curves = [(f"class {c}", y == c, s[:, c]) for c in range(s.shape[1])]
+        names = _names(class_names, 2, task)
+        pos = positive_class
+        curves = [(f"{names[pos]} (positive class)", y == pos, s if pos == 1 else 1 - s)]
     else:
-        curves = [(f"label {j}", y[:, j], s[:, j]) for j in range(s.shape[1])]
+        names = _names(class_names, s.shape[1], task)
+        target = (lambda j: y[:, j]) if task == MULTI_LABEL else (lambda j: y == j)
+        curves = [(names[j], target(j), s[:, j]) for j in range(s.shape[1])]
+    if len(curves) > 10:  # matplotlib's default cycle repeats after 10 colours
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for name, yt, sc in curves:
         fpr, tpr, _ = roc_curve(yt, sc)
-        label = f"{name} AUC={roc_auc_score(yt, sc):.3f}".strip()
-        ax.plot(fpr, tpr, lw=1, label=label)
+        ax.plot(fpr, tpr, lw=1.2, label=f"{name}: AUC {roc_auc_score(yt, sc):.3f}")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set_xlabel("False positive rate")
-    ax.set_ylabel("True positive rate")
+    ax.set_xlabel("False positive rate (1 - specificity)")
+    ax.set_ylabel("True positive rate (sensitivity)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
+    ax.set_aspect("equal")
     overall = _auc(y, s, task)
-    # Many labels (e.g. ChestMNIST's 14) need a small legend font to stay readable.
-    legend_title = None if task == BINARY else f"macro AUC={overall:.3f}"
-    ax.legend(loc="lower right", fontsize=6 if len(curves) > 4 else 8, title=legend_title,
-              title_fontsize=7)
+    if task != BINARY:
+        ax.text(0.98, 0.02, f"macro AUC {overall:.3f}", ha="right", va="bottom", fontsize=8, transform=ax.transAxes)
+    legend_below(ax, len(curves))
     _save(fig, path)
     return overall
 
 
 def plot_confusion(cm, path, class_names=None, title=""):
-    """Write a confusion-matrix heatmap PNG with counts in the cells.
+    """Write a confusion-matrix heatmap PNG: each cell shows its count and its row percentage
+    (true class = row, so the diagonal is each class's recall), coloured by that percentage so a
+    small class's errors are as visible as a large one's; class names on both axes.
 
     A (L, 2, 2) multi-label stack is drawn as one L x 4 table, a row per label with the
     columns TN, FP, FN, TP (sklearn's [[TN, FP], [FN, TP]] order flattened), which keeps a
     single readable heatmap instead of a grid of tiny plots.
     """
+    import textwrap
     cm = np.asarray(cm)
     if cm.ndim == 3:
         data = cm.reshape(len(cm), 4)
-        rows = class_names or [f"label {j}" for j in range(len(cm))]
-        cols, xlabel, ylabel = ["TN", "FP", "FN", "TP"], "", "Label"
+        rows = _names(class_names, len(cm), MULTI_LABEL)
+        cols, xlabel, ylabel = ["TN", "FP", "FN", "TP"], "", "label"
     elif cm.ndim == 2 and cm.shape[0] == cm.shape[1]:
         data = cm
-        rows = cols = class_names or [str(c) for c in range(len(cm))]
-        xlabel, ylabel = "Predicted", "True"
+        rows = cols = _names(class_names, len(cm), MULTI_CLASS)
+        xlabel, ylabel = "predicted class", "true class"
     else:
         raise ValueError(f"cm must be (C, C) or (L, 2, 2), got {cm.shape}")
-    fig, ax = _new_axes(title)
-    ax.imshow(data, cmap="Blues")
-    ax.set_xticks(range(len(cols)), cols, fontsize=7, rotation=45 if len(cols) > 4 else 0)
-    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    totals = data.sum(axis=1, keepdims=True)
+    pct = np.divide(100.0 * data, totals, out=np.zeros(data.shape), where=totals > 0)
+    side = max(4.0, 0.75 * max(len(cols), len(rows)) + 2)
+    fig, ax = _new_axes(title, size=(side + 0.8, side))
+    image = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("% of the true class (row)", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    short = lambda names: ["\n".join(textwrap.wrap(n, 14, break_long_words=False)) for n in names]  # noqa: E731
+    ax.set_xticks(range(len(cols)), short(cols), fontsize=7, rotation=45 if len(cols) > 4 else 0,
+                  ha="right" if len(cols) > 4 else "center")
+    ax.set_yticks(range(len(rows)), short(rows), fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    # White text on dark cells so the counts stay legible.
-    dark = data.max() / 2 if data.size else 0
-    for (i, j), v in np.ndenumerate(data):
-        ax.text(j, i, f"{v:g}", ha="center", va="center", fontsize=7,
-                color="white" if v > dark else "black")
+    small = 6 if len(cols) > 6 else 8
+    for (i, j), v in np.ndenumerate(data):  # white text on dark cells so the numbers stay legible
+        ax.text(j, i, f"{v:g}\n{pct[i, j]:.0f}%", ha="center", va="center", fontsize=small,
+                color="white" if pct[i, j] > 55 else "black")
     _save(fig, path)
 
 
@@ -278,9 +398,30 @@ def plot_lr_range(lrs, losses, chosen, path, title="LR range test"):
     ax.plot(lrs, losses, lw=1)
     ax.axvline(chosen, color="r", ls="--", lw=0.8, label=f"chosen lr {chosen:.2e}")
     ax.set_xscale("log")
+    if log_scale_needed(losses):
+        ax.set_yscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss (smoothed)")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    legend_below(ax, 1, fontsize=8)
+    _save(fig, path)
+
+
+def plot_training_curves(series, path, title="", ylabel="loss", xlabel="epoch"):
+    """Write curves of per-epoch values: series = {label: (epochs, values)}, e.g. a pretraining
+    run's loss and its kNN monitor AUC on two calls. Whole-epoch ticks; a log axis when the values
+    span more than 30x; the legend below the axes."""
+    fig, ax = _new_axes(title)
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, ms=3, lw=1.2, label=label)
+    integer_epochs(ax)
+    if log_scale_needed([v for _, ys in series.values() for v in ys]):
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(series) > 1 or any(series):
+        legend_below(ax, len(series))
     _save(fig, path)
 
 
@@ -304,28 +445,44 @@ def compare_samples(a, b):
 
 
 # ---------------------------------------------------------------- one evaluation's outputs
-def write_results(out, header, per_seed, y_true, scores, task, first_seed, title):
+def write_results(out, header, per_seed, y_true, scores, task, first_seed, title, class_names=None,
+                  positive_class=1):
     """What evaluate.py and finetune_beit.py leave in `out`: metrics.json (header, mean / std over
-    seeds, per-seed results), predictions.npz (test labels and scores of every seed), roc.png and
-    confusion.png of the first seed, and a printed summary; metrics.json is written last (a directory
-    holding it is a finished run). Returns the metrics.json dict."""
+    seeds, per-seed results, the first seed's per-class metrics and confusion matrix with the class
+    names, and for binary tasks which class is positive), predictions.npz (test labels and scores of
+    every seed), roc.png and confusion.png of the first seed, and a printed summary. per_seed[i]["test"]
+    should come from classification_metrics(..., positive_class) with the same positive_class.
+    metrics.json is written last (a directory holding it is a finished run). Returns the metrics.json dict."""
     import json
 
     from common.rundir import atomic_write_text
     names = list(per_seed[0]["test"])
     summary = {k: mean_std([r["test"][k] for r in per_seed]) for k in names}
     ci = bootstrap_auc_ci(y_true, scores[0], task, seed=first_seed)
+    cm = confusion(y_true, scores[0], task)
+    n = len(cm) if task == MULTI_LABEL else cm.shape[0]
+    labels = _names(class_names, n, task)
     result = {**header, "task": task, "n": len(per_seed), "mean": {k: m for k, (m, s) in summary.items()},
               "std": {k: s for k, (m, s) in summary.items()}, "auc_ci95_first_seed": list(ci),
+              "class_names": labels,
+              **({"positive_class": {"index": positive_class, "name": labels[positive_class]}} if task == BINARY else {}),
+              "per_class_first_seed": per_class_metrics(y_true, scores[0], task, labels),
+              "confusion_first_seed": cm.tolist(),
               "per_seed": per_seed}
     np.savez(os.path.join(out, "predictions.npz"), y_true=y_true, y_score=scores[0],
              y_score_per_seed=np.stack(scores), seeds=np.array([r["seed"] for r in per_seed]))
-    plot_roc(y_true, scores[0], task, os.path.join(out, "roc.png"), title=title)
-    plot_confusion(confusion(y_true, scores[0], task), os.path.join(out, "confusion.png"), title=title)
-    print(f"\n{title} test, n={len(per_seed)} seeds")
+    plot_roc(y_true, scores[0], task, os.path.join(out, "roc.png"), title=title, class_names=labels,
+             positive_class=positive_class)
+    plot_confusion(cm, os.path.join(out, "confusion.png"), class_names=labels, title=title)
+    print(f"\n{title} test, n={len(per_seed)} seeds"
+          + (f"; positive class: {labels[positive_class]}" if task == BINARY else ""))
     for k in names:
         print(f"  {k:12s} {summary[k][0]:.4f} ± {summary[k][1]:.4f}")
     print(f"  AUC 95% CI (bootstrap, seed {first_seed}): [{ci[0]:.4f}, {ci[1]:.4f}]")
+    if cm.ndim == 2:
+        print("  confusion matrix (first seed; rows: true class):")
+        for line in confusion_table(cm, labels):
+            print("    " + line)
     # last, atomically: a directory holding metrics.json is a finished run
     atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(result, indent=2))
     print(f"wrote {out}/metrics.json")

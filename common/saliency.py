@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from captum.attr import LayerAttribution, LayerGradCam, Occlusion
 
-from common import metrics  # noqa: F401  (sets matplotlib's headless backend before pyplot loads)
+from common import metrics  # also sets matplotlib's headless backend before pyplot loads
 import matplotlib.pyplot as plt  # noqa: E402
 
 
@@ -112,35 +112,50 @@ def _display(image):
     return (img - low) / (high - low) if high > low else np.zeros_like(img)
 
 
-def plot_overlay_grid(images, maps, path, title="", alpha=0.5):
+def plot_overlay_grid(images, maps, path, title="", alpha=0.5, row_labels=None, predicted=None):
     """Write a PNG grid: a row per image; columns: the input, then each model's map laid over it
-    (jet colour map, `alpha` opaque). images: N images (any layout _display takes); maps: an
-    ordered dict {column label: (N, H, W) array in [0, 1]}, e.g. {"Barlow Twins": a, "random init": b}."""
+    (jet colour map, `alpha` opaque), with one colorbar for the map scale. images: N images (any
+    layout _display takes); maps: an ordered dict {column label: (N, H, W) array in [0, 1]}, e.g.
+    {"Barlow Twins": a, "random init": b}. row_labels: N strings under each input, e.g. the true
+    class; predicted: {column label: N strings}, e.g. each model's predicted class, shown under
+    that model's map."""
     n = len(images)
     for label, m in maps.items():
         if len(m) != n or tuple(np.shape(m)[-2:]) != _display(images[0]).shape[:2]:
             raise ValueError(f"maps of {label!r} are {tuple(np.shape(m))}; expected ({n}, H, W) like the images")
+    for what, given in (("row_labels", row_labels), *((f"predicted[{k!r}]", v) for k, v in (predicted or {}).items())):
+        if given is not None and len(given) != n:
+            raise ValueError(f"{what} has {len(given)} entries for {n} images")
     cols = 1 + len(maps)
-    fig, axes = plt.subplots(n, cols, figsize=(1.8 * cols, 1.8 * n), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols + 0.6, 2.0 * n + 0.5), dpi=100, squeeze=False)
+    shown_map = None
     for i in range(n):
         shown = _display(images[i])
         gray = "gray" if shown.ndim == 2 else None
         axes[i, 0].imshow(shown, cmap=gray)
-        for j, m in enumerate(maps.values(), start=1):
+        if row_labels is not None:
+            axes[i, 0].set_xlabel(f"true: {row_labels[i]}", fontsize=7)
+        for j, (label, m) in enumerate(maps.items(), start=1):
             axes[i, j].imshow(shown, cmap=gray)
             m = m[i].detach().cpu().numpy() if torch.is_tensor(m) else np.asarray(m[i])
-            axes[i, j].imshow(m, cmap="jet", alpha=alpha, vmin=0, vmax=1)
+            shown_map = axes[i, j].imshow(m, cmap="jet", alpha=alpha, vmin=0, vmax=1)
+            if predicted and label in predicted:
+                axes[i, j].set_xlabel(f"predicted: {predicted[label][i]}", fontsize=7)
     for j, label in enumerate(["input", *maps]):
         axes[0, j].set_title(label, fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(metrics.wrap(title, int(14 * cols)), fontsize=9)
+    fig.tight_layout()
+    if shown_map is not None:
+        bar = fig.colorbar(shown_map, ax=axes[:, 1:].ravel().tolist(), fraction=0.04, pad=0.03)
+        bar.set_label("evidence for the class (1 = strongest in the image)", fontsize=7)
+        bar.ax.tick_params(labelsize=7)
     folder = os.path.dirname(os.fspath(path))
     if folder:
         os.makedirs(folder, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path

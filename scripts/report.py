@@ -13,7 +13,7 @@ directories or of the files themselves):
     tables:
       - title: "PneumoniaMNIST, fine-tuning (test)"
         metrics: [auc, acc]                  # keys of metrics.json's per_seed[].test
-        source: "../shared/REFERENCE.md (paper 001)"   # where the published numbers are quoted from
+        source: "paper 001, Table 2"         # where the published numbers are quoted from
         rows:
           - {label: ImageNet init, runs: "runs/p001/pneu-ft-imagenet", published: {auc: 0.82, acc: 0.86}}
           - {label: BYOL+, runs: "runs/p001/pneu-ft-byolplus-s*", not_run: "needs a GPU", published: {auc: 0.86}}
@@ -22,9 +22,9 @@ directories or of the files themselves):
       - {kind: roc, title: "PneumoniaMNIST ROC", rows: [...]}    # overlaid, from predictions.npz
       - {kind: confusion, title: ..., rows: [...], class_names: [normal, pneumonia]}  # a PNG per row
       - {kind: curve, title: ..., rows: [...], x: label_fraction, metric: auc, log_x: true}
-      - {kind: loss, title: ..., rows: [...], log_y: false}      # from log.jsonl
+      - {kind: loss, title: ..., rows: [...], log_y: auto}       # from log.jsonl; auto: log when losses span >30x
       - {kind: lr_range, title: ..., rows: [...]}                # lr_range*.json, a PNG per row
-      - {kind: saliency, title: ..., rows: [...], map: gradcam}  # or occlusion; saliency.npz, a column per row
+      - {kind: saliency, title: ..., rows: [...], map: gradcam, class_names: [...]}  # or occlusion; saliency.npz
 
 The reason of a missing row is, in order: the text of `not_run.txt` in its run directories (a
 reproduce script writes the failing step's error line there, e.g. a dataset that cannot be
@@ -82,6 +82,18 @@ def find(row, pattern):
     return files, None
 
 
+def read_json(path):
+    """A JSON file, or a one-line error naming it (a run killed while writing leaves a torn file)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): its run may have been interrupted "
+                        f"while writing it; re-run that run or remove it from the spec")
+
+
 def load_runs(row, used, where, pattern="metrics.json"):
     """find(), plus the metrics.json beside each file, recorded in `used` (path -> [contents, places])
     for runs.csv. Returns (runs, files, gap)."""
@@ -90,8 +102,10 @@ def load_runs(row, used, where, pattern="metrics.json"):
     for f in files:
         path = os.path.join(os.path.dirname(f), "metrics.json")
         if path not in used:
-            with open(path) as fh:
-                used[path] = [json.load(fh), []]
+            run = read_json(path)
+            if not isinstance(run, dict) or not isinstance(run.get("per_seed"), list):
+                raise UserError(f"{path} has no per-seed results: is it a metrics.json of evaluate.py?")
+            used[path] = [run, []]
         used[path][1].append(f"{where} / {row['label']}")
         runs.append(used[path][0])
     return runs, files, gap
@@ -192,7 +206,7 @@ def roc_points(y_true, y_score, task):
 
 def axes(title, xlabel, ylabel):
     fig, ax = plt.subplots(figsize=(5, 4), dpi=110)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(metrics.wrap(title, 55), fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -200,10 +214,10 @@ def axes(title, xlabel, ylabel):
 
 
 def save(fig, ax, path):
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    handles = ax.get_legend_handles_labels()[0]
+    if handles:  # below the axes, where it covers no curve
+        metrics.legend_below(ax, len(handles), fontsize=8)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return os.path.basename(path)
 
@@ -238,8 +252,10 @@ def confusion_figure(fig, path, found):
     for png, (row, runs, files) in zip(pngs, found):
         p = np.load(files[0])
         metrics.plot_confusion(metrics.confusion(p["y_true"], p["y_score"], runs[0]["task"]), png,
-                               class_names=fig.get("class_names"), title=f"{fig['title']}: {row['label']}")
-    return [os.path.basename(p) for p in pngs], "Test split, first seed of each row's first run; rows are true classes."
+                               class_names=fig.get("class_names") or runs[0].get("class_names"),
+                               title=f"{fig['title']}: {row['label']}")
+    return [os.path.basename(p) for p in pngs], ("Test split, first seed of each row's first run; rows are true "
+                                                 "classes, each cell its count and its share of the row.")
 
 
 def curve_figure(fig, path, found):
@@ -261,10 +277,23 @@ def loss_series(path):
     """[{epoch: loss}, ...], one per seed, of one log.jsonl. evaluate.py logs all its seeds in one file,
     and head-only epochs (phase: head), which are left out; a resumed run's re-logged epoch wins."""
     series = {}
-    with open(path) as f:
-        for record in map(json.loads, filter(str.strip, f)):
-            if "loss" in record and "epoch" in record and "phase" not in record:
-                series.setdefault(record.get("seed"), {})[record["epoch"]] = record["loss"]
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # a run killed mid-write tears only its last line: the epochs before it stand
+                print(f"note: {path}: the last line is incomplete and was left out", file=sys.stderr)
+                continue
+            raise UserError(f"{path} line {number} is not valid JSON; the log is damaged: re-run that run")
+        if isinstance(record, dict) and "loss" in record and "epoch" in record and "phase" not in record:
+            series.setdefault(record.get("seed"), {})[record["epoch"]] = record["loss"]
     return list(series.values())
 
 
@@ -277,7 +306,11 @@ def loss_figure(fig, path, found):
             empty.append(row["label"])
             continue
         band(ax, epochs, [[s[e] for s in series if e in s] for e in epochs], f"{row['label']} (n={len(series)})")
-    if fig.get("log_y"):
+    metrics.integer_epochs(ax)
+    drawn = [v for line in ax.get_lines() for v in line.get_ydata()]
+    # the spec's log_y, or a log axis by itself when the rows' losses differ by orders of magnitude
+    log_y = fig.get("log_y", "auto")
+    if log_y is True or (log_y == "auto" and metrics.log_scale_needed(drawn)):
         ax.set_yscale("log")
     return [save(plot, ax, path)], ("Mean ± std (band) over the row's runs and seeds, per epoch."
                                     + (f" No epoch logged yet: {', '.join(empty)}." if empty else ""))
@@ -286,8 +319,7 @@ def loss_figure(fig, path, found):
 def lr_range_figure(fig, path, found):
     pngs = numbered(path, len(found))
     for png, (row, _, files) in zip(pngs, found):
-        with open(files[0]) as f:
-            r = json.load(f)
+        r = read_json(files[0])
         metrics.plot_lr_range(r["lrs"], r["losses"], r["chosen"], png, title=f"{fig['title']}: {row['label']}")
     return [os.path.basename(p) for p in pngs], "Loss against learning rate in the range test; dashed: the lr chosen."
 
@@ -297,7 +329,13 @@ def saliency_figure(fig, path, found):
     for label, s in grids[1:]:
         if "index" in s and not np.array_equal(s["index"], grids[0][1]["index"]):
             raise UserError(f"saliency maps of {label!r} are of other test images than those of {grids[0][0]!r}")
-    saliency.plot_overlay_grid(grids[0][1]["images"], {label: s[key] for label, s in grids}, path, title=fig["title"])
+    names = fig.get("class_names")
+    name = (lambda c: names[int(c)] if names and 0 <= int(c) < len(names) else str(int(c)))  # noqa: E731
+    first = grids[0][1]
+    truth = [name(c) for c in first["class_idx"]] if "class_idx" in first else None
+    predicted = {label: [name(c) for c in s["predicted"]] for label, s in grids if "predicted" in s}
+    saliency.plot_overlay_grid(first["images"], {label: s[key] for label, s in grids}, path, title=fig["title"],
+                               row_labels=truth, predicted=predicted or None)
     where = ", ".join(f"{label}: {s['layer']}" for label, s in grids if "layer" in s and key == "gradcam")
     return [os.path.basename(path)], (f"{key} maps of each row's model on the same test images, scaled per image "
                                       f"(1 = strongest evidence)" + (f"; Grad-CAM layer {where}." if where else "."))
@@ -363,7 +401,12 @@ def build_report(spec, out):
     """Write report.md, runs.csv and the figures of `spec` (a dict, as in this module's docstring)
     into `out`; returns the report's path."""
     check_spec(spec)
-    os.makedirs(out, exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file; give a folder for report.md, runs.csv and the figures")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder --out {out}: {e.strerror}")
     used = {}  # metrics.json path -> [its contents, the tables / figures rows that use it]
     lines = [f"# {spec.get('title', 'Report')}", ""] + ([spec["intro"].strip(), ""] if spec.get("intro") else [])
     for table in spec.get("tables", []):
@@ -385,6 +428,8 @@ def main():
     parser.add_argument("--spec", required=True, help="YAML or JSON file describing the tables and figures")
     parser.add_argument("--out", required=True, help="folder for report.md, runs.csv and the PNGs")
     args = parser.parse_args()
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # before any figure is drawn
+        raise UserError(f"--out {args.out} is a file; give a folder for report.md, runs.csv and the figures")
     try:
         with open(args.spec) as f:
             spec = yaml.safe_load(f)  # JSON is YAML too

@@ -76,6 +76,9 @@ def test_metrics_match_direct_sklearn(task):
         "f1": f1_score(y, pred, average=avg, zero_division=0),
         "weighted_f1": f1_score(y, pred, average="weighted", zero_division=0),
     }
+    if task == BIN:
+        ref["sensitivity"] = recall_score(y, pred, pos_label=1)
+        ref["specificity"] = recall_score(y, pred, pos_label=0)
     assert set(got) == set(ref)
     for k in ref:
         assert isinstance(got[k], float)
@@ -241,6 +244,96 @@ def test_mean_std():
         M.mean_std([])
 
 
+# --- medical reporting: the positive class, sensitivity / specificity, per-class metrics ---------
+
+@pytest.mark.parametrize("positive", [0, 1])
+def test_binary_metrics_match_sklearn_for_the_chosen_positive_class(positive):
+    y, s = make(BIN, n=200, seed=11)
+    y = np.where(np.arange(200) < 150, 1, y)  # imbalanced, so the two choices of positive class differ
+    got = M.classification_metrics(y, s, BIN, positive_class=positive)
+    pred = (s[:, 1] > 0.5).astype(int)
+    assert got["precision"] == pytest.approx(precision_score(y, pred, pos_label=positive), abs=1e-12)
+    assert got["recall"] == pytest.approx(recall_score(y, pred, pos_label=positive), abs=1e-12)
+    assert got["f1"] == pytest.approx(f1_score(y, pred, pos_label=positive), abs=1e-12)
+    # AUC and ACC do not depend on which class is called positive
+    assert got["auc"] == pytest.approx(roc_auc_score(y, s[:, 1]), abs=1e-12)
+    assert got["acc"] == pytest.approx(accuracy_score(y, pred), abs=1e-12)
+    other = M.classification_metrics(y, s, BIN, positive_class=1 - positive)
+    assert other["precision"] != pytest.approx(got["precision"])
+    # sensitivity / specificity swap when the positive class does
+    assert other["sensitivity"] == got["specificity"] and other["specificity"] == got["sensitivity"]
+    with pytest.raises(ValueError):
+        M.classification_metrics(y, s, BIN, positive_class=2)
+
+
+def test_sensitivity_and_specificity_are_read_off_the_confusion_matrix():
+    y, s = make(BIN, n=157, seed=12)
+    (tn, fp), (fn, tp) = M.confusion(y, s, BIN)  # rows true 0 / 1, columns predicted 0 / 1
+    one = M.classification_metrics(y, s, BIN, positive_class=1)
+    assert one["sensitivity"] == pytest.approx(tp / (tp + fn)) and one["specificity"] == pytest.approx(tn / (tn + fp))
+    assert one["precision"] == pytest.approx(tp / (tp + fp))
+    zero = M.classification_metrics(y, s, BIN, positive_class=0)
+    assert zero["sensitivity"] == pytest.approx(tn / (tn + fp)) and zero["precision"] == pytest.approx(tn / (tn + fn))
+
+
+def test_positive_index_takes_an_index_or_a_class_name():
+    names = ["malignant", "normal, benign"]
+    assert M.positive_index("malignant", names) == 0 and M.positive_index("Normal, Benign", names) == 1
+    assert M.positive_index(0, names) == 0 and M.positive_index("1", names) == 1
+    with pytest.raises(ValueError, match="malignant"):
+        M.positive_index("tumour", names)
+    assert M.class_names_from_info({"0": "malignant", "1": "normal, benign"}) == names
+
+
+@pytest.mark.parametrize("task", [BIN, MC, ML])
+def test_per_class_metrics_match_sklearn_per_class(task):
+    y, s = make(task, n=240, seed=13)
+    got = M.per_class_metrics(y, s, task)
+    pred = M.predict(s, task)
+    if task == ML:
+        ref = [(precision_score(y[:, j], pred[:, j]), recall_score(y[:, j], pred[:, j]),
+                f1_score(y[:, j], pred[:, j]), int(y[:, j].sum())) for j in range(y.shape[1])]
+        assert list(got) == [f"label {j}" for j in range(y.shape[1])]
+    else:
+        n = s.shape[1]
+        p, r, f = (fn(y, pred, average=None, labels=list(range(n))) for fn in (precision_score, recall_score, f1_score))
+        ref = [(p[c], r[c], f[c], int(np.sum(y == c))) for c in range(n)]
+    for (name, m), (rp, rr, rf, support) in zip(got.items(), ref):
+        assert (m["precision"], m["recall"], m["f1"]) == pytest.approx((rp, rr, rf), abs=1e-12), name
+        assert m["support"] == support
+    if task == MC:  # the macro average is the mean of the per-class values
+        macro = M.classification_metrics(y, s, task)
+        assert macro["f1"] == pytest.approx(np.mean([m["f1"] for m in got.values()]))
+    with pytest.raises(ValueError):
+        M.per_class_metrics(y, s, task, class_names=["only one"])
+
+
+def test_confusion_table_has_names_counts_and_row_percentages():
+    cm = np.array([[30, 10], [5, 15]])
+    lines = M.confusion_table(cm, ["malignant", "normal, benign"])
+    assert "malignant" in lines[0] and "normal, benign" in lines[0]
+    assert lines[2] == "| malignant | 30 (75%) | 10 (25%) |"
+    assert lines[3] == "| normal, benign | 5 (25%) | 15 (75%) |"
+
+
+def test_write_results_names_the_positive_class_and_stores_per_class_metrics(tmp_path, capsys):
+    import json
+    y, s = make(BIN, n=80, seed=14)
+    names = ["malignant", "normal, benign"]
+    per_seed = [{"seed": 0, "test": M.classification_metrics(y, s, BIN, positive_class=0)}]
+    r = M.write_results(str(tmp_path), {"data": "x"}, per_seed, y, [s], BIN, 0, "t", class_names=names,
+                        positive_class=0)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["positive_class"] == {"index": 0, "name": "malignant"} == r["positive_class"]
+    assert saved["class_names"] == names and list(saved["per_class_first_seed"]) == names
+    assert saved["per_class_first_seed"]["malignant"]["recall"] == pytest.approx(per_seed[0]["test"]["sensitivity"])
+    assert np.sum(saved["confusion_first_seed"]) == 80
+    out = capsys.readouterr().out
+    assert "positive class: malignant" in out and "| malignant |" in out
+    for png in ("roc.png", "confusion.png"):
+        assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC
+
+
 # --- confusion matrices and plots ------------------------------------------------------
 
 def test_confusion_hand_counted():
@@ -289,3 +382,62 @@ def test_plot_confusion_writes_png_of_consistent_counts(task, tmp_path):
     assert len(data) > 1000 and data[:8] == PNG_MAGIC
     with pytest.raises(ValueError):
         M.plot_confusion(np.zeros((2, 3)), tmp_path / "bad.png")
+
+
+def test_log_axis_only_when_values_span_orders_of_magnitude():
+    assert M.log_scale_needed([2.1, 1.4, 560, 380])          # BYOL and Barlow Twins losses on one axis
+    assert not M.log_scale_needed([2.1, 1.4, 1.2])
+    assert not M.log_scale_needed([-1.0, 500.0])             # a log axis cannot show non-positive values
+    assert not M.log_scale_needed([])
+
+
+def test_training_curves_tick_whole_epochs_and_go_log_for_mixed_scales(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    seen = {}
+    real_save = M._save
+
+    def record(fig, path):
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        seen[os.path.basename(path)] = (ax.get_yscale(), [t for t in ax.get_xticks() if 0 <= t <= 2],
+                                        ax.get_legend() is not None)
+        real_save(fig, path)
+    monkeypatch.setattr(M, "_save", record)
+    M.plot_training_curves({"BYOL": ([0, 1, 2], [2.1, 1.6, 1.4]), "Barlow Twins": ([0, 1, 2], [560, 420, 380])},
+                           tmp_path / "both.png", title="pretraining loss")
+    M.plot_training_curves({"BYOL": ([0, 1, 2], [2.1, 1.6, 1.4])}, tmp_path / "one.png")
+    assert seen["both.png"][0] == "log" and seen["one.png"][0] == "linear"
+    for scale, ticks, legend in seen.values():
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        assert legend
+    assert (tmp_path / "both.png").read_bytes()[:8] == PNG_MAGIC
+    plt.close("all")
+
+
+def test_confusion_plot_shows_class_names_and_row_percentages(tmp_path, monkeypatch):
+    texts = {}
+    real_save = M._save
+
+    def record(fig, path):
+        ax = fig.axes[0]
+        texts["cells"] = [t.get_text() for t in ax.texts]
+        texts["x"] = [t.get_text() for t in ax.get_xticklabels()]
+        texts["colorbar"] = len(fig.axes) == 2
+        real_save(fig, path)
+    monkeypatch.setattr(M, "_save", record)
+    M.plot_confusion(np.array([[30, 10], [5, 15]]), tmp_path / "cm.png", class_names=["malignant", "normal, benign"])
+    assert texts["cells"] == ["30\n75%", "10\n25%", "5\n25%", "15\n75%"]
+    assert texts["x"] == ["malignant", "normal, benign"] and texts["colorbar"]
+
+
+def test_binary_roc_is_the_positive_class_curve_with_the_same_auc(tmp_path, monkeypatch):
+    y, s = make(BIN, n=150, seed=15)
+    labels = {}
+    real_save = M._save
+    monkeypatch.setattr(M, "_save", lambda fig, path: (labels.setdefault(os.path.basename(path), [
+        t.get_text() for t in fig.axes[0].get_legend().get_texts()]), real_save(fig, path)))
+    one = M.plot_roc(y, s, BIN, tmp_path / "one.png", class_names=["malignant", "normal, benign"])
+    zero = M.plot_roc(y, s, BIN, tmp_path / "zero.png", class_names=["malignant", "normal, benign"], positive_class=0)
+    assert one == zero == pytest.approx(roc_auc_score(y, s[:, 1]))  # AUC of class 0 on 1 - score is the same
+    assert labels["zero.png"] == [f"malignant (positive class): AUC {one:.3f}"]
+    assert labels["one.png"] == [f"normal, benign (positive class): AUC {one:.3f}"]

@@ -190,3 +190,48 @@ def test_a_single_value_is_shown_without_a_spread():
     assert report.cell([0.91234]) == "0.912 (n=1)"
     assert report.cell([0.9, 0.8]) == f"0.850 ± {np.std([0.9, 0.8], ddof=1):.3f} (n=2)"
     assert report.cell([]) == "–"
+
+
+def test_torn_files_and_an_out_that_is_a_file_are_one_line_errors(tmp_path, monkeypatch):
+    spec = table_spec(tmp_path)
+    (tmp_path / "a" / "metrics.json").write_text('{"data": "breastmnist", "per_se')  # killed mid-write
+    with pytest.raises(UserError, match=r"a/metrics.json is not valid JSON"):
+        report.build_report(spec, str(tmp_path / "out"))
+    write_run(tmp_path / "a", A_AUC)
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(UserError, match="--out .*taken is a file"):
+        report.build_report(spec, str(tmp_path / "taken"))
+    assert (tmp_path / "taken").read_text() == "a file"
+    # the CLI: exit 2, one line, no traceback
+    from conftest import run_cli
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    r = run_cli("scripts/report.py", "--spec", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "taken"))
+    assert r.returncode == 2 and r.stderr.startswith("error: --out") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_torn_last_log_line_is_left_out_and_a_damaged_log_refused(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"epoch": 0, "loss": 2.0}) + "\n" + json.dumps({"epoch": 1, "loss": 1.5}) + "\n"
+                   + '{"epoch": 2, "lo')
+    assert report.loss_series(str(log)) == [{0: 2.0, 1: 1.5}]
+    assert "incomplete" in capsys.readouterr().err
+    log.write_text('{"epoch": 0, "lo\n' + json.dumps({"epoch": 1, "loss": 1.5}) + "\n")
+    with pytest.raises(UserError, match="line 1 is not valid JSON"):
+        report.loss_series(str(log))
+
+
+def test_loss_figure_uses_a_log_axis_when_losses_differ_by_orders_of_magnitude(tmp_path, monkeypatch):
+    import matplotlib.axes
+    scales = []
+    real = matplotlib.axes.Axes.set_yscale
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yscale", lambda ax, v, **kw: (scales.append(v), real(ax, v, **kw)))
+    for name, loss in (("byol", 2.0), ("barlow", 560.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": loss / (e + 1)}) + "\n"
+                                                           for e in range(3)))
+    rows = [{"label": n, "runs": str(tmp_path / n)} for n in ("byol", "barlow")]
+    report.build_report({"figures": [{"kind": "loss", "title": "losses", "rows": rows}]}, str(tmp_path / "o"))
+    assert scales == ["log"]
+    scales.clear()
+    report.build_report({"figures": [{"kind": "loss", "title": "losses", "rows": rows[:1]}]}, str(tmp_path / "o"))
+    assert scales == []

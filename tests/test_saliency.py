@@ -132,3 +132,17 @@ def test_overlay_grid_has_a_row_per_image_and_a_column_per_model(tmp_path):
     assert three.shape[0] > two.shape[0] and three.shape[1] > two.shape[1]  # 3 x 3 panels vs 2 x 2
     with pytest.raises(ValueError, match="random init"):
         saliency.plot_overlay_grid(gray, {"random init": np.zeros((2, 28, 28))}, str(tmp_path / "c.png"))
+
+
+def test_overlay_grid_labels_true_and_predicted_classes_and_checks_their_count(tmp_path):
+    gray = np.random.default_rng(1).integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    maps = {"pretrained": np.random.rand(2, 28, 28)}
+    plain = matplotlib.image.imread(saliency.plot_overlay_grid(gray, maps, str(tmp_path / "a.png")))
+    labelled = matplotlib.image.imread(saliency.plot_overlay_grid(
+        gray, maps, str(tmp_path / "b.png"), row_labels=["normal", "pneumonia"],
+        predicted={"pretrained": ["normal", "normal"]}))
+    assert labelled.shape[0] > plain.shape[0]  # the label lines under each row take room
+    with pytest.raises(ValueError, match="row_labels has 1 entries for 2 images"):
+        saliency.plot_overlay_grid(gray, maps, str(tmp_path / "c.png"), row_labels=["normal"])
+    with pytest.raises(ValueError, match="predicted"):
+        saliency.plot_overlay_grid(gray, maps, str(tmp_path / "d.png"), predicted={"pretrained": ["x"]})
