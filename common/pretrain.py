@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from common import cli, data, dist, models, rundir
+from common import cli, data, dist, metrics, models, rundir
 from common.cli import UserError
 
 
@@ -65,12 +65,16 @@ def setup(script, flags, device):
     draws its initial weights from the seed."""
     device = dist.init_distributed(cli.pick_device(device))
     flags["out"] = flags["out"] or dist.on_main(cli.default_out, script, flags["data"])
-    images = data.load_pretrain_images(flags["data"], flags["size"], flags["data_root"], device, flags["in_chans"])
-    n_steps = steps_per_epoch(len(images), flags["batch_size"], flags["max_steps"])
+    options = data.options_from(flags)
+    source, size, root, in_chans = flags["data"], flags["size"], flags["data_root"], flags["in_chans"]
     monitor = None
     if flags["eval_every"] and dist.is_main():
-        monitor = [data.load_split(flags["data"].split(",")[0], s, flags["size"], flags["data_root"], device,
-                                   flags["in_chans"]) for s in ("train", "val")]
+        monitor = data.monitor_splits(source, size, root, device, in_chans, options)
+    if monitor and "," not in source:  # the corpus is the monitor's train split: one copy, not two
+        images = monitor[0].images
+    else:
+        images = data.load_pretrain_images(source, size, root, device, in_chans, options)
+    n_steps = steps_per_epoch(len(images), flags["batch_size"], flags["max_steps"])
     state = rundir.open_run(flags["out"], flags)
     cli.seed_everything(flags["seed"])
     generator = torch.Generator(device).manual_seed(flags["seed"])
@@ -149,6 +153,20 @@ def tensorboard_writer(out, enabled):
     return SummaryWriter(os.path.join(out, "tensorboard"))
 
 
+def plot_log(out, method):
+    """loss.png (and knn_val_auc.png when the monitor is on) from the run's log.jsonl."""
+    import json
+    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    epochs = [r["epoch"] + 1 for r in records]
+    metrics.plot_training_curves({method: (epochs, [r["loss"] for r in records])}, os.path.join(out, "loss.png"),
+                                 title=f"{method} pretraining loss", ylabel="loss")
+    monitored = [(r["epoch"] + 1, r["knn_val_auc"]) for r in records if "knn_val_auc" in r]
+    if monitored:
+        metrics.plot_training_curves({"kNN (k = 20), validation split": tuple(zip(*monitored))},
+                                     os.path.join(out, "knn_val_auc.png"), title=f"{method}: kNN monitor",
+                                     ylabel="validation AUC")
+
+
 def train(method, run, epochs, batch_size, in_chans, save_every=0, save_seconds=0.0, eval_every=0,
           log_every=10, tensorboard=False, meta=None):
     """Train `method` from where `run.state` left it (or from the start) to `epochs` epochs of
@@ -181,7 +199,7 @@ def train(method, run, epochs, batch_size, in_chans, save_every=0, save_seconds=
         bar = tqdm(range(first, run.steps_per_epoch), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                    disable=not dist.is_main())
         for i in bar:
-            batch = run.images[order[i * batch_size:(i + 1) * batch_size]]
+            batch = data.batch(run.images, order[i * batch_size:(i + 1) * batch_size], run.device)
             loss, step_figures = method.step(batch, step)
             losses.append(loss)
             step += 1
@@ -199,7 +217,7 @@ def train(method, run, epochs, batch_size, in_chans, save_every=0, save_seconds=
         seconds = time.time() - start
         stats = {"epoch": epoch, "loss": mean_finite_loss(losses, step, epoch, run.out), **step_figures, **figures,
                  "images_per_sec": round((run.steps_per_epoch - first) * batch_size / seconds, 1)}
-        if eval_every and (epoch + 1) % eval_every == 0 and dist.is_main():
+        if eval_every and (epoch + 1) % eval_every == 0 and run.monitor_splits:
             stats["knn_val_auc"] = round(models.knn_val_auc(method.modules["encoder"], *run.monitor_splits,
                                                             in_chans), 4)
         if dist.is_main():
@@ -211,6 +229,8 @@ def train(method, run, epochs, batch_size, in_chans, save_every=0, save_seconds=
                 writer.flush()
         if epoch + 1 == epochs or time.time() - last_save >= save_seconds:
             save(epoch=epoch + 1, step=step)
+            if dist.is_main():  # the plots follow the checkpoint (matplotlib costs ~0.2 s)
+                plot_log(run.out, method.name)
             last_save = time.time()
         left = (time.time() - started) / (epoch + 1 - first_epoch) * (epochs - epoch - 1)
         print(epoch_line(stats, epochs, left), flush=True)
