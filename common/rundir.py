@@ -5,6 +5,7 @@ import fnmatch
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -290,7 +291,7 @@ def save_checkpoint(state, path):
     """Write `state` (tensors moved to the CPU) to `path` atomically; record it as the run's
     checkpoint (cli.progress) and, the new run having started, drop the run --overwrite set aside."""
     _atomic_replace(path, lambda f: _torch_save(_cpu(state), f))
-    progress.update(checkpoint=path)
+    progress.update(checkpoint=path, **{k: state[k] for k in ("epoch", "step") if isinstance(state.get(k), int)})
     commit_overwrite(os.path.dirname(path))
 
 
@@ -307,8 +308,9 @@ def load_checkpoint(path):
         raise _os_error(e, f"cannot read {path}", "check the file's permissions")
     except Exception as e:  # UnpicklingError for foreign objects, RuntimeError / EOFError for torn files
         text = str(e)
-        if "Weights only load failed" in text or "Unsupported global" in text:
-            found = text.split("Unsupported global: ")[-1].split()[1] if "Unsupported global: " in text else ""
+        if "Weights only load failed" in text:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            found = found.group(1) if found else ""
             raise UserError(f"refusing to load {path}: it holds pickled Python objects, not only tensors"
                             + (f" ({found})" if found else "") + "; it was not run. Load only checkpoints "
                             "of MedSSL or torchvision-layout state dicts")
