@@ -47,9 +47,12 @@ class Progress:
         if self.out is None:
             return "interrupted before the run directory was set up; nothing was written"
         at = f"interrupted at {where}" if where else "interrupted before training started"
-        if self.checkpoint and os.path.isfile(self.checkpoint):
+        # a signal between a checkpoint's rename and its record here: the file on disk is whole (atomic)
+        checkpoint = self.checkpoint or os.path.join(self.out, "checkpoint.pt")
+        if os.path.isfile(checkpoint):
+            at = at if self.checkpoint or where else "interrupted"
             again = "the same command without --overwrite" if self.overwrite else "the same command"
-            return (f"{at}; the checkpoint in {os.path.dirname(self.checkpoint) or '.'} is kept; "
+            return (f"{at}; the checkpoint in {os.path.dirname(checkpoint) or '.'} is kept; "
                     f"run {again} again to resume")
         return f"{at}; no checkpoint was written yet, so nothing of this run is kept in {self.out}"
 

@@ -224,7 +224,7 @@ def cut_log(path, keep):
 
 
 # ---------------------------------------------------------------- atomic files and checkpoints
-def _atomic_replace(path, write):
+def _atomic_replace(path, write, replaced=None):
     """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash at any
     moment leaves either the old file or the new one, never a torn one. The OS refusing (a full
     disk, no permission) is a UserError, with the old file in place."""
@@ -240,6 +240,8 @@ def _atomic_replace(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        if replaced:
+            replaced()
         dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -290,8 +292,9 @@ def _torch_save(state, f):
 def save_checkpoint(state, path):
     """Write `state` (tensors moved to the CPU) to `path` atomically; record it as the run's
     checkpoint (cli.progress) and, the new run having started, drop the run --overwrite set aside."""
-    _atomic_replace(path, lambda f: _torch_save(_cpu(state), f))
-    progress.update(checkpoint=path, **{k: state[k] for k in ("epoch", "step") if isinstance(state.get(k), int)})
+    position = {k: state[k] for k in ("epoch", "step") if isinstance(state.get(k), int)}
+    _atomic_replace(path, lambda f: _torch_save(_cpu(state), f),
+                    replaced=lambda: progress.update(checkpoint=path, **position))
     commit_overwrite(os.path.dirname(path))
 
 
