@@ -326,9 +326,7 @@ def main():
     # ---- encoder weights, loaded once (before the run directory: a bad --init changes nothing there)
     template = None if args.init == "random" else models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
 
-    # ---- run directory: an --overwrite re-run clears the old outputs before it writes anything
-    if args.overwrite:
-        supervised.clear_outputs(args.out)
+    # ---- run directory: an --overwrite re-run moves the old run aside until this one has started
     rundir.prepare_run_dir(args.out, vars(args), done_file="metrics.json")
 
     # ---- seeded runs, each saved as it ends; then metrics.json, predictions.npz and the plots

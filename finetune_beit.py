@@ -10,6 +10,7 @@ the next seed, as evaluate.py does (common/supervised.py).
     python finetune_beit.py --model ./beit-large-patch16-224 --data pneumoniamnist   # a downloaded copy
 """
 import argparse
+import json
 import os
 import sys
 
@@ -94,31 +95,83 @@ def _transformers():
     return transformers
 
 
-def load_model(name, n_out):
-    """The pretrained BEiT with a new n_out-way classifier, drawn from torch's current seed."""
-    transformers = _transformers()
+# Weight files of a save_pretrained folder, in the order transformers looks for them
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# Parameters a BEiT checkpoint may lack: the new classifier, and the pooler's LayerNorm (initialised to
+# the identity, not at random) that pretraining-only checkpoints have no use for
+NEW_PARAMETERS = ("classifier.", "beit.pooler.")
+
+
+def _check_folder(name):
+    """A --model folder is a BEiT saved with save_pretrained: a config.json of a BEiT and a weights
+    file. Without config.json transformers would build a default BEiT-base and fine-tune it from
+    random weights. Returns the weights file's name."""
+    config = os.path.join(name, "config.json")
+    if not os.path.isfile(config):
+        raise UserError(f"{name} has no config.json, so it is no model saved with save_pretrained; pass the "
+                        f"folder that holds config.json and model.safetensors")
     try:
-        return transformers.BeitForImageClassification.from_pretrained(name, num_labels=n_out,
-                                                                       ignore_mismatched_sizes=True)
+        with open(config) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{config} is unreadable or corrupt; copy the model folder again")
+    if model_type != "beit":
+        raise UserError(f"{name} holds a {model_type!r} model, not a BEiT; pass a BEiT folder or hub id")
+    weights = [w for w in WEIGHT_FILES if os.path.isfile(os.path.join(name, w))]
+    if not weights:
+        raise UserError(f"{name} has no weights ({' or '.join(WEIGHT_FILES[::2])}); copy the model folder again")
+    return weights[0]
+
+
+def _weights_error(name, weights, e):
+    text = str(e)
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        return UserError(f"refusing to load {os.path.join(name, weights)}: it holds pickled Python objects, not "
+                         f"only tensors (it was not run); use a model.safetensors copy of the model")
+    return UserError(f"{os.path.join(name, weights)} is truncated or corrupt ({type(e).__name__}); copy the model "
+                     f"folder again")
+
+
+def load_model(name, n_out):
+    """The pretrained BEiT with a new n_out-way classifier, drawn from torch's current seed; never a
+    different model than asked for: every pretrained weight but the classifier's must load."""
+    transformers = _transformers()
+    weights = _check_folder(name) if os.path.isdir(name) else None
+    try:
+        model, info = transformers.BeitForImageClassification.from_pretrained(
+            name, num_labels=n_out, ignore_mismatched_sizes=True, output_loading_info=True)
     except OSError as e:
-        if os.path.isdir(name):
-            raise UserError(f"{name} is not a BEiT saved with save_pretrained: {e}".replace("\n", " "))
+        if weights:
+            raise _weights_error(name, weights, e)
         raise _offline_error(name, e)
+    except Exception as e:  # SafetensorError, UnpicklingError, RuntimeError of a damaged file
+        if weights is None:
+            raise
+        raise _weights_error(name, weights, e)
+    not_loaded = [k for k in [*info["missing_keys"], *(m[0] for m in info["mismatched_keys"])]
+                  if not k.startswith(NEW_PARAMETERS)]
+    if not_loaded:
+        raise UserError(f"{name}'s weights do not fill its BEiT ({len(not_loaded)} tensors missing or of another "
+                        f"shape, first {sorted(not_loaded)[0]}): fine-tuning would start from random weights; "
+                        f"pass a complete BEiT")
+    return model
 
 
 def load_processor(name):
     """The model's BeitImageProcessor settings (resize, rescale, normalise) as plain values; a folder
     without preprocessor_config.json gets BeitImageProcessor's defaults at the model's resolution."""
     transformers = _transformers()
+    if os.path.isdir(name):
+        _check_folder(name)
     try:
         processor = transformers.BeitImageProcessor.from_pretrained(name)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         if not os.path.isdir(name):
             raise _offline_error(name, e)
-        try:
-            side = transformers.BeitConfig.from_pretrained(name).image_size
-        except OSError:
-            raise UserError(f"{name} is not a BEiT saved with save_pretrained (no config.json)")
+        if os.path.isfile(os.path.join(name, "preprocessor_config.json")):
+            raise UserError(f"{os.path.join(name, 'preprocessor_config.json')} is unreadable or corrupt; copy the "
+                            f"model folder again")
+        side = transformers.BeitConfig.from_pretrained(name).image_size
         print(f"note: {name} has no preprocessor_config.json; using BeitImageProcessor's defaults")
         processor = transformers.BeitImageProcessor(size={"height": side, "width": side})
     if processor.do_center_crop or processor.do_reduce_labels or not processor.do_resize:
@@ -247,9 +300,7 @@ def main():
     splits = {s: data.load_split(args.data, s, args.size, args.data_root, device) for s in ("train", "val", "test")}
     prep = load_processor(args.model)
 
-    # ---- run directory: an --overwrite re-run clears the old outputs before it writes anything
-    if args.overwrite:
-        supervised.clear_outputs(args.out)
+    # ---- run directory: an --overwrite re-run moves the old run aside until this one has started
     rundir.prepare_run_dir(args.out, vars(args), done_file="metrics.json")
 
     # ---- seeded runs, each saved as it ends; then metrics.json, predictions.npz and the plots

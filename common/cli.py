@@ -1,8 +1,12 @@
-"""Flags, YAML configs and one-line user errors: what every script's command line shares."""
+"""Flags, YAML configs, one-line user errors, and what a run reports when it is interrupted: what
+every script's command line shares."""
 import argparse
+import math
 import os
 import random
+import signal
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -14,22 +18,95 @@ class UserError(Exception):
     """Bad input the user can fix: printed as one line, exit code 2, no traceback."""
 
 
+# ---------------------------------------------------------------- progress and interruption
+class Progress:
+    """Where the running script is, for the line printed when it is interrupted. Loops call
+    `progress.update(epoch=..., step=...)` (and seed=... where there are seeds); rundir sets `out`
+    (prepare_run_dir), `checkpoint` (save_checkpoint, or the one a resumed run found) and
+    `overwrite`."""
+
+    FIELDS = ("out", "seed", "epoch", "step", "checkpoint", "overwrite")
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        for name in self.FIELDS:
+            setattr(self, name, None)
+
+    def update(self, **fields):
+        unknown = set(fields) - set(self.FIELDS)
+        if unknown:
+            raise TypeError(f"progress has no field {sorted(unknown)[0]!r}; fields: {', '.join(self.FIELDS)}")
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+    def interrupted_message(self):
+        where = ", ".join(f"{name} {getattr(self, name)}" for name in ("seed", "epoch", "step")
+                          if getattr(self, name) is not None)
+        if self.out is None:
+            return "interrupted before the run directory was set up; nothing was written"
+        at = f"interrupted at {where}" if where else "interrupted before training started"
+        # a signal between a checkpoint's rename and its record here: the file on disk is whole (atomic)
+        checkpoint = self.checkpoint or os.path.join(self.out, "checkpoint.pt")
+        if os.path.isfile(checkpoint):
+            at = at if self.checkpoint or where else "interrupted"
+            again = "the same command without --overwrite" if self.overwrite else "the same command"
+            return (f"{at}; the checkpoint in {os.path.dirname(checkpoint) or '.'} is kept; "
+                    f"run {again} again to resume")
+        return f"{at}; no checkpoint was written yet, so nothing of this run is kept in {self.out}"
+
+
+progress = Progress()
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def _raise_interrupt(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+    raise KeyboardInterrupt(signum)
+
+
 def run_main(main):
-    """Call main(); turn a UserError into `error: ...` on stderr and exit code 2."""
+    """Call main(). A UserError becomes `error: ...` on stderr and exit code 2; SIGINT (Ctrl-C) and
+    SIGTERM become one line saying where the run stopped and what is kept, exit code 130 / 143.
+    A run directory that --overwrite moved aside is put back unless the new run got going
+    (rundir.finish_overwrite)."""
+    from common import rundir  # rundir imports this module
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    ok = False
     try:
         main()
+        ok = True
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and e.args[0] in EXIT_SIGNAL else signal.SIGINT
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal: one line
+            print(progress.interrupted_message(), file=sys.stderr)
+        sys.exit(EXIT_SIGNAL[signum])
     finally:
+        rundir.finish_overwrite(ok)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- flags
+def one_line_errors(parser):
+    """argparse's own errors (a bad type or choice, an unknown flag) as one line, exit code 2,
+    without the usage block: `error: --epochs: invalid int value: 'ten'`."""
+    def error(message):
+        print(f"error: {message.removeprefix('argument ')}; see --help", file=sys.stderr)
+        sys.exit(2)
+    parser.error = error
+    return parser
 
 
 def add_common_flags(parser, data_help="MedMNIST 2D flag, e.g. pneumoniamnist", resnet=True):
     """The data / model / run flags every script shares (DESIGN.md); each script adds its own
     optimisation flags next to these so their help can quote its paper. resnet=False leaves out
     --arch / --stem / --in-chans (finetune_beit.py's model is named by --model)."""
+    one_line_errors(parser)
     g = parser.add_argument_group("data")
     g.add_argument("--data", default="pneumoniamnist", help=data_help)
     g.add_argument("--size", type=int, default=28, help="image side: 28, 64, 128 or 224 (MedMNIST+)")
@@ -49,7 +126,9 @@ def add_common_flags(parser, data_help="MedMNIST 2D flag, e.g. pneumoniamnist", 
     g.add_argument("--out", default=None, help="run directory (default runs/<script>-<data>-<time>)")
     g.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch, for smoke runs")
     g.add_argument("--config", default=None, help="YAML file of flag values; flags given on the command line win")
-    g.add_argument("--overwrite", action="store_true", help="replace a finished or different run in --out")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a finished or different run in --out (the old one is kept aside until the new "
+                        "one has written its first checkpoint or finished, and put back if it fails before)")
     return parser
 
 
@@ -80,34 +159,129 @@ def add_pretrain_flags(parser):
     return parser
 
 
-def parse_args(parser, argv=None):
-    """Parse flags, with --config YAML values as defaults, then validate the shared ones."""
+# ---------------------------------------------------------------- ranges of the numeric flags
+class Range(NamedTuple):
+    """Allowed values of a numeric flag: lo .. hi, each end open or closed, always finite."""
+    lo: float
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""
+    words: str = ""  # instead of the text made from the bounds
+
+    def holds(self, v):
+        return (math.isfinite(v) and (v > self.lo if self.lo_open else v >= self.lo)
+                and (v < self.hi if self.hi_open else v <= self.hi))
+
+    def text(self):
+        if self.words:
+            return self.words
+        if self.hi != math.inf:
+            text = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        elif self.lo == 0:
+            text = "positive and finite" if self.lo_open else "0 or more"
+        else:  # the flags starting at 1 are counts
+            text = "positive" if (self.lo, self.lo_open) == (1, False) else f"at least {self.lo:g}"
+        return text + (f" ({self.why})" if self.why else "")
+
+
+POSITIVE, AT_LEAST_0, AT_LEAST_1 = Range(0, lo_open=True), Range(0), Range(1)
+FRACTION = Range(0, 1)                 # decays and probabilities
+SHARE = Range(0, 1, lo_open=True)      # a share of something that must not be empty
+
+# Every numeric flag of every script, by argparse dest (a script without the flag skips it). Values
+# of flags with nargs (--crop-scale, --lr-range) are checked one by one, then by ORDERED below.
+RANGES = {
+    # data and run
+    "size": AT_LEAST_1, "resize": AT_LEAST_1,
+    "seed": Range(0, 2 ** 32, hi_open=True, words="in [0, 2**32) (numpy's seeds)"),
+    "seeds": AT_LEAST_1, "max_steps": AT_LEAST_1, "save_every": AT_LEAST_0, "eval_every": AT_LEAST_0,
+    "label_fraction": SHARE, "shots": AT_LEAST_1, "balance": Range(0, 0.5, lo_open=True),
+    # optimisation
+    "epochs": AT_LEAST_1, "lr": POSITIVE, "head_lr": POSITIVE, "freeze_lr": POSITIVE,
+    "batch_size": Range(2, why="BatchNorm needs 2 or more images to train"), "eval_batch_size": AT_LEAST_1,
+    "weight_decay": AT_LEAST_0, "warmup_epochs": AT_LEAST_0, "head_epochs": AT_LEAST_0,
+    "freeze_encoder_epochs": AT_LEAST_0, "lr_range": POSITIVE, "tta": AT_LEAST_0, "saliency": AT_LEAST_0,
+    # methods
+    "ema": FRACTION, "crop_scale": SHARE, "temperature": POSITIVE, "lambd": AT_LEAST_0, "sparsity": AT_LEAST_0,
+    "projector_hidden": AT_LEAST_1, "projector_out": AT_LEAST_1, "predictor_hidden": AT_LEAST_1,
+    "trainable_layers": AT_LEAST_0,
+}
+# Flags with several values that must come in order: (first, second) positions and the reason.
+ORDERED = {"crop_scale": (0, 1, "MIN <= MAX"), "lr_range": (0, 1, "START < END")}
+
+
+def check_ranges(args, ranges=None):
+    """Raise a UserError naming the first flag of `args` outside its range (RANGES, updated by
+    `ranges`); None values (defaults filled in later) and words such as --lr auto pass."""
+    table = {**RANGES, **(ranges or {})}
+    for name, allowed in table.items():
+        value = getattr(args, name, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        flag = "--" + name.replace("_", "-")
+        for v in values:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not allowed.holds(v):
+                raise UserError(f"{flag} must be {allowed.text()}, got {v}")
+        if name in ORDERED and isinstance(value, (list, tuple)):
+            i, j, rule = ORDERED[name]
+            a, b = value[i], value[j]
+            if a > b or (a == b and "<=" not in rule):
+                raise UserError(f"{flag} needs {rule}, got {' '.join(f'{v:g}' for v in value)}")
+    if getattr(args, "lr_range", None) and args.lr_range[2] < 2:
+        raise UserError(f"--lr-range STEPS must be 2 or more, got {args.lr_range[2]:g}")
+
+
+# ---------------------------------------------------------------- configs
+def _config_value(parser, action, value, path, key):
+    """A YAML value through exactly its flag's checks: as the command-line strings argparse would
+    get, through the action's type and choices."""
+    where = f"config {path}: {key}"
+    if value is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value  # the key is the flag's dest: its value, not whether the flag was given
+    strings = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    if isinstance(value, dict) or (action.nargs is None and len(strings) != 1):
+        raise UserError(f"{where}: expected one value, got {value!r}")
+    if isinstance(action.nargs, int) and len(strings) != action.nargs:
+        raise UserError(f"{where}: expected {action.nargs} values, got {value!r}")
+    try:
+        converted = parser._get_values(action, strings)  # the type and choices checks argparse runs
+    except argparse.ArgumentError as e:
+        raise UserError(f"{where}: {e.message}")
+    return converted
+
+
+def _read_config(parser, path):
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read config {path}: {first}; fix the file or drop --config")
+    if not isinstance(values, dict):
+        raise UserError(f"config {path} must be a mapping of flag: value")
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise UserError(f"config {path} has unknown keys {unknown}; "
+                        f"valid keys are the script's flags (see --help)")
+    return {k: _config_value(parser, actions[k], v, path, k) for k, v in values.items()}
+
+
+def parse_args(parser, argv=None, ranges=None):
+    """Parse flags, with --config YAML values as defaults (checked as the flags are), then check
+    every numeric value against its range (check_ranges; `ranges` overrides RANGES entries)."""
+    one_line_errors(parser)
     argv = sys.argv[1:] if argv is None else argv
     first, _ = parser.parse_known_args(argv)
     if first.config:
-        try:
-            with open(first.config) as f:
-                values = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"cannot read config {first.config}: {e}".replace("\n", " "))
-        if not isinstance(values, dict):
-            raise UserError(f"config {first.config} must be a mapping of flag: value")
-        known = {a.dest for a in parser._actions}
-        values = {k.replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"config {first.config} has unknown keys {unknown}; "
-                            f"valid keys are the script's flags (see --help)")
-        parser.set_defaults(**values)
+        parser.set_defaults(**_read_config(parser, first.config))
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "lr"):
-        value = getattr(args, name, None)
-        if isinstance(value, (int, float)) and value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise UserError(f"--max-steps must be positive, got {args.max_steps}")
-    if getattr(args, "save_every", 0) < 0:
-        raise UserError(f"--save-every must be 0 (epoch ends only) or positive, got {args.save_every}")
+    check_ranges(args, ranges)
     return args
 
 
@@ -138,8 +312,3 @@ def lr_or_auto(text):
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}")
-
-
-# The running loop's position (out, epoch, step, saved), kept up to date by the training loops so that an
-# interrupted run can say where it stopped.
-progress = {}

@@ -20,7 +20,11 @@ def init_distributed(device):
     if "RANK" not in os.environ:
         return device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        local_rank, visible = os.environ.get("LOCAL_RANK", "0"), torch.cuda.device_count()
+        if not local_rank.isdigit() or int(local_rank) >= visible:
+            raise UserError(f"LOCAL_RANK {local_rank} but torch sees {visible} CUDA GPU(s); start torchrun with "
+                            f"--nproc_per_node={visible} or fewer per machine, or check CUDA_VISIBLE_DEVICES")
+        device = torch.device("cuda", int(local_rank))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.get_rank() != 0:

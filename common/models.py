@@ -74,6 +74,10 @@ def load_encoder(init="random", arch="resnet18", stem="imagenet", in_chans=3):
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
             raise UserError(f"{init} is not a MedSSL checkpoint nor a ResNet state dict")
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # a diverged run's weights: training from them would stop at the NaN guard, or worse
+            raise UserError(f"{init} holds non-finite weights (NaN or inf, first in {bad[0]}); it cannot "
+                            f"initialise an encoder: use a checkpoint of a run that did not diverge")
     state = _adapt_state_dict(state, encoder, stem, in_chans)
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "conv1.weight" or "conv1.weight" in state]

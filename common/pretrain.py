@@ -89,10 +89,12 @@ def mean_finite_loss(losses, step, epoch, out):
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
         first = step - len(losses) + int(bad[0])
-        kept = (f"the last good checkpoint in {out} is kept" if os.path.exists(os.path.join(out, "checkpoint.pt"))
-                else "no checkpoint was written yet")
-        raise UserError(f"loss became {losses[bad[0]].item()} at step {first} (epoch {epoch}); {kept}; "
-                        f"lower --lr or check the data")
+        if cli.progress.checkpoint:
+            advice = (f"the last good checkpoint in {out} is kept; lower --lr or check the data, then start again "
+                      f"with --overwrite or another --out")
+        else:
+            advice = "no checkpoint was written; lower --lr or check the data"
+        raise UserError(f"loss became {losses[bad[0]].item()} at step {first} (epoch {epoch}); {advice}")
     return losses.mean().item()
 
 
@@ -191,7 +193,7 @@ def train(method, run, epochs, batch_size, in_chans, save_every=0, save_seconds=
     first_epoch = position["epoch"]
     for epoch in range(first_epoch, epochs):
         figures = method.start_epoch(epoch) if method.start_epoch else {}
-        cli.progress.update(out=run.out, epoch=epoch, step=step, saved=os.path.exists(checkpoint))
+        cli.progress.update(epoch=epoch, step=step)
         order, epoch_start, first, losses = start_epoch(len(run.index), run.generator,
                                                         position if epoch == first_epoch else None)
         order = run.index[order]

@@ -24,14 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import metrics, models, optim, rundir
+from common import cli, metrics, models, optim, rundir
 from common.cli import UserError
 
 # What a run of evaluate.py / finetune_beit.py writes in its directory; --overwrite clears these
 # before the new run writes anything (output.log, the reproduce scripts' capture, stays).
-OUTPUTS = ("metrics.json", "predictions.npz", "log.jsonl", "saliency.npz", "seed_*.json", "*.png",
-           "lr_range_seed*.json", "checkpoint_seed*.pt", ".tmp-*")
-
 
 # ---------------------------------------------------------------- loss and probabilities
 def classification_loss(logits, labels, task):
@@ -194,6 +191,7 @@ def train_select(model, optimizer, train, val, task, seed, schedule, forward, fo
     lr_set = schedule.lr
     best = {"score": -math.inf, "val_auc": None, "epoch": -1, "state": None}
     for epoch in range(schedule.epochs):
+        cli.progress.update(epoch=epoch)
         enter_training(model, schedule.frozen_bn)
         perm = torch.randperm(n, generator=gen, device=device)
         if train.index is not None:
@@ -240,15 +238,6 @@ class SeedRun:
     info: dict
 
 
-def clear_outputs(out):
-    """--overwrite: remove the previous run's outputs (OUTPUTS) before the new run writes any, so
-    that a directory killed mid-way through a re-run never reads as finished."""
-    for pattern in OUTPUTS:
-        for path in glob.glob(os.path.join(glob.escape(out), pattern)):
-            if os.path.isfile(path):
-                os.remove(path)
-
-
 def seed_path(out, seed):
     return os.path.join(out, f"seed_{seed}.json")
 
@@ -256,23 +245,6 @@ def seed_path(out, seed):
 def _finished_seeds(out, seeds):
     """The seeds whose seed_<N>.json exists (written atomically: a file there is complete)."""
     return [s for s in seeds if os.path.isfile(seed_path(out, s))]
-
-
-def _cut_log(path, keep_seeds):
-    """Keep the log lines of finished seeds only (an unfinished seed is redone and logs again), and
-    drop a torn last line."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("seed") in keep_seeds:
-                kept.append(json.dumps(record) + "\n")
-    rundir.atomic_write_text(path, "".join(kept))
 
 
 def _load_seed(out, seed):
@@ -301,7 +273,7 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, epochs_per_seed
     for path in glob.glob(os.path.join(glob.escape(out), ".tmp-*")):  # left by a kill during an atomic write
         os.remove(path)
     done = _finished_seeds(out, seeds)
-    _cut_log(log_path, set(done))
+    rundir.cut_log(log_path, lambda record: record.get("seed") in done)  # unfinished seeds log again
     if done:
         tqdm.write(f"resuming {out}: seed{'s' if len(done) > 1 else ''} {', '.join(map(str, done))} finished",
                    file=sys.stdout)
@@ -320,6 +292,7 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, epochs_per_seed
         for i, seed in enumerate(seeds):
             if seed in done:
                 continue
+            cli.progress.update(seed=seed, epoch=None)
             result = run_seed(seed, log)
             test = metrics.classification_metrics(y_true, result.y_score, task)
             if result.info.get("selected_on") == "val_loss":
@@ -329,6 +302,7 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, epochs_per_seed
             record = {"seed": seed, "test": test, **result.info, "y_score": y_score.tolist(),
                       "y_score_dtype": str(y_score.dtype)}
             rundir.atomic_write_text(seed_path(out, seed), json.dumps(record))
+            cli.progress.update(checkpoint=seed_path(out, seed))  # an interrupt now keeps this seed
             bar.n = (i + 1) * per
             bar.refresh()
             tqdm.write(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()), file=sys.stdout)

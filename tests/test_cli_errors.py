@@ -21,7 +21,7 @@ EVAL = ("evaluate.py", "--data", "breastmnist", "--mode", "linear_probe")
     (("--size", "32"), ["unsupported --size 32"]),
     (("--epochs", "0"), ["--epochs must be positive"]),
     (("--lr", "-1"), ["--lr must be positive"]),
-    (("--batch-size", "0"), ["--batch-size must be positive"]),
+    (("--batch-size", "0"), ["--batch-size must be at least 2"]),
     (("--batch-size", "5000"), ["larger than the 4708 training images"]),
     (("--data", "dermamnist", "--data-root", "/nonexistent"), ["dermamnist.npz not found in /nonexistent"]),
 ])
