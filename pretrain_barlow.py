@@ -256,10 +256,6 @@ def main():
                         f"with --epochs {args.epochs}")
     if args.init == "barlowtwins" and args.arch != "resnet50":
         raise UserError("--init barlowtwins is facebookresearch's ImageNet ResNet-50; add --arch resnet50")
-    try:
-        views = augment.views(args.aug, args.crop_scale)
-    except ValueError as e:
-        raise UserError(f"--aug: {e}")
     models.projector_sizes(args.projector)
     if args.oversample and "," in args.data:
         raise UserError("--oversample takes one --data flag (class numbers differ between datasets)")
@@ -275,10 +271,7 @@ def main():
     encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
     projector = models.projector(models.FEATURE_DIM[args.arch], args.projector)
     modules = {"encoder": encoder, "projector": projector}
-    for m in modules.values():
-        m.to(run.device, memory_format=torch.channels_last)
-        if args.sync_bn:
-            dist.sync_batchnorm(m)
+    pretrain.place(modules, run.device, args.sync_bn)
     forward_encoder = torch.compile(encoder) if args.compile else encoder
 
     # ---- learning rate: given, found by a range test now, or the one a resumed run found
@@ -297,13 +290,11 @@ def main():
 
     # ---- loop: common/pretrain.py (resume, checkpoints, log, kNN monitor)
     online = []  # built by start_phase, rebuilt when the trainable part changes
-    step = functools.partial(train_step, args, online, projector, optimizer, views, run.generator,
+    step = functools.partial(train_step, args, online, projector, optimizer, run.views, run.generator,
                              run.steps_per_epoch)
     phase = functools.partial(start_phase, args, encoder, projector, forward_encoder, online, run.device)
     method = pretrain.Method("barlow", modules, optimizer, step, start_epoch=phase, saved={"lr": args.lr})
-    pretrain.train(method, run, args.epochs, args.batch_size, args.in_chans, save_every=args.save_every,
-                   save_seconds=args.save_seconds, eval_every=args.eval_every, tensorboard=args.tensorboard,
-                   meta={"arch": args.arch, "stem": args.stem, "in_chans": args.in_chans, "args": vars(args)})
+    pretrain.train(method, run)
 
 
 if __name__ == "__main__":

@@ -117,10 +117,6 @@ def train_step(args, nets, optimizer, views, aug_gen, steps_per_epoch, batch, st
 
 def main():
     args = cli.parse_args(get_args_parser())
-    try:
-        views = augment.views(args.aug, args.crop_scale)
-    except ValueError as e:
-        raise cli.UserError(f"--aug: {e}")
 
     # ---- data: the train split(s), whole, as uint8 on the device; the run directory, resumed if unfinished
     run = pretrain.setup("pretrain_byol", vars(args), args.device)
@@ -132,13 +128,10 @@ def main():
     target_encoder, target_projector = copy.deepcopy(encoder), copy.deepcopy(projector)
     modules = {"encoder": encoder, "projector": projector, "predictor": predictor,
                "target_encoder": target_encoder, "target_projector": target_projector}
-    for m in modules.values():
-        m.to(run.device, memory_format=torch.channels_last)
+    # --sync-bn covers the target too: its BatchNorm layers also normalise with batch statistics
+    pretrain.place(modules, run.device, args.sync_bn)
     for p in [*target_encoder.parameters(), *target_projector.parameters()]:
         p.requires_grad_(False)
-    if args.sync_bn:  # the target too: its BatchNorm layers also normalise with batch statistics
-        for m in modules.values():
-            dist.sync_batchnorm(m)
     forward_encoder = torch.compile(encoder) if args.compile else encoder
     online = dist.distributed(torch.nn.Sequential(forward_encoder, projector, predictor), run.device)
     nets = Networks(online, encoder, projector, target_encoder, target_projector)
@@ -151,11 +144,9 @@ def main():
           + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
 
     # ---- loop: common/pretrain.py (resume, checkpoints, log, kNN monitor)
-    step = functools.partial(train_step, args, nets, optimizer, views, run.generator, run.steps_per_epoch)
+    step = functools.partial(train_step, args, nets, optimizer, run.views, run.generator, run.steps_per_epoch)
     method = pretrain.Method("byol", modules, optimizer, step)
-    pretrain.train(method, run, args.epochs, args.batch_size, args.in_chans, save_every=args.save_every,
-                   save_seconds=args.save_seconds, eval_every=args.eval_every, tensorboard=args.tensorboard,
-                   meta={"arch": args.arch, "stem": args.stem, "in_chans": args.in_chans, "args": vars(args)})
+    pretrain.train(method, run)
 
 
 if __name__ == "__main__":

@@ -88,10 +88,6 @@ def train_step(args, online, optimizer, views, aug_gen, steps_per_epoch, batch, 
 
 def main():
     args = cli.parse_args(get_args_parser())
-    try:
-        views = augment.views(args.aug, args.crop_scale)
-    except ValueError as e:
-        raise cli.UserError(f"--aug: {e}")
 
     # ---- data: the train split(s), whole, as uint8 on the device; the run directory, resumed if unfinished
     run = pretrain.setup("pretrain_simclr", vars(args), args.device)
@@ -100,10 +96,7 @@ def main():
     encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
     projector = models.mlp(models.FEATURE_DIM[args.arch], args.projector_hidden, args.projector_out)
     modules = {"encoder": encoder, "projector": projector}
-    for m in modules.values():
-        m.to(run.device, memory_format=torch.channels_last)
-        if args.sync_bn:
-            dist.sync_batchnorm(m)
+    pretrain.place(modules, run.device, args.sync_bn)
     forward_encoder = torch.compile(encoder) if args.compile else encoder
     online = dist.distributed(torch.nn.Sequential(forward_encoder, projector), run.device)
 
@@ -114,11 +107,9 @@ def main():
           f"per view" + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
 
     # ---- loop: common/pretrain.py (resume, checkpoints, log, kNN monitor)
-    step = functools.partial(train_step, args, online, optimizer, views, run.generator, run.steps_per_epoch)
+    step = functools.partial(train_step, args, online, optimizer, run.views, run.generator, run.steps_per_epoch)
     method = pretrain.Method("simclr", modules, optimizer, step)
-    pretrain.train(method, run, args.epochs, args.batch_size, args.in_chans, save_every=args.save_every,
-                   save_seconds=args.save_seconds, eval_every=args.eval_every, tensorboard=args.tensorboard,
-                   meta={"arch": args.arch, "stem": args.stem, "in_chans": args.in_chans, "args": vars(args)})
+    pretrain.train(method, run)
 
 
 if __name__ == "__main__":

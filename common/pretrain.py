@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from common import cli, data, dist, metrics, models, rundir
+from common import augment, cli, data, dist, metrics, models, rundir
 from common.cli import UserError
 
 
@@ -34,15 +34,25 @@ class Method:
 
 @dataclass
 class Run:
-    """Where a pretraining run reads and writes, set up by `setup` before the model is built."""
+    """A pretraining run: where it reads and writes and how long it goes, set up by `setup` before the
+    model is built."""
     device: torch.device
     out: str
-    images: torch.Tensor             # uint8 (N, C, H, W): the corpus, on the device
+    images: torch.Tensor             # uint8 (N, C, H, W): the corpus, on the device (or in pinned host memory)
     index: torch.Tensor              # the corpus indices one epoch visits (a class repeated to oversample it)
     steps_per_epoch: int
     generator: torch.Generator       # the one generator of the permutation and the augmentations
     state: Optional[dict]            # the checkpoint of the unfinished run in `out`, or None
     monitor_splits: Optional[list]   # [train, val] of the first dataset for the kNN monitor, or None
+    views: tuple = None              # the augmentation (augment.views of --aug, --crop-scale)
+    epochs: int = 1
+    batch_size: int = 2
+    in_chans: int = 3
+    save_every: int = 0              # optimiser steps between mid-epoch checkpoints (0: none)
+    save_seconds: float = 0.0        # at least this long between epoch-end checkpoints (0: every epoch)
+    eval_every: int = 0              # epochs between kNN-monitor evaluations (0: never)
+    tensorboard: bool = False
+    meta: dict = field(default_factory=dict)   # plain values the checkpoint's "meta" records
 
 
 def steps_per_epoch(n_images, batch_size, max_steps=None):
@@ -59,10 +69,14 @@ def steps_per_epoch(n_images, batch_size, max_steps=None):
 
 
 def setup(script, flags, device):
-    """Join torchrun's processes, name the run directory, load the corpus, and open the run: everything a
-    pretraining script does before it builds its model. `flags` is the dict of the script's resolved flags
+    """Check --aug, join torchrun's processes, name the run directory, load the corpus, and open the run:
+    everything a pretraining script does before it builds its model. `flags` is the dict of the script's resolved flags
     (written to args.yaml; its "out" is filled in here). Seeds every RNG last, so that the model built next
     draws its initial weights from the seed."""
+    try:
+        views = augment.views(flags["aug"], flags["crop_scale"])
+    except ValueError as e:
+        raise UserError(f"--aug: {e}")
     device = dist.init_distributed(cli.pick_device(device))
     flags["out"] = flags["out"] or dist.on_main(cli.default_out, script, flags["data"])
     options = data.options_from(flags)
@@ -78,8 +92,19 @@ def setup(script, flags, device):
     state = rundir.open_run(flags["out"], flags)
     cli.seed_everything(flags["seed"])
     generator = torch.Generator(device).manual_seed(flags["seed"])
+    meta = {"arch": flags["arch"], "stem": flags["stem"], "in_chans": in_chans, "args": flags}
     return Run(device, flags["out"], images, torch.arange(len(images), device=device), n_steps, generator, state,
-               monitor)
+               monitor, views, flags["epochs"], flags["batch_size"], in_chans, flags["save_every"],
+               flags["save_seconds"], flags["eval_every"], flags["tensorboard"], meta)
+
+
+def place(modules, device, sync_bn=False):
+    """Every module on the training device in channels_last (faster convolutions on GPUs); with
+    --sync-bn, BatchNorm over the global batch under torchrun (dist.sync_batchnorm)."""
+    for module in modules.values():
+        module.to(device, memory_format=torch.channels_last)
+        if sync_bn:
+            dist.sync_batchnorm(module)
 
 
 def mean_finite_loss(losses, step, epoch, out):
@@ -169,25 +194,25 @@ def plot_log(out, method):
                                      ylabel="validation AUC")
 
 
-def train(method, run, epochs, batch_size, in_chans, save_every=0, save_seconds=0.0, eval_every=0,
-          log_every=10, tensorboard=False, meta=None):
-    """Train `method` from where `run.state` left it (or from the start) to `epochs` epochs of
-    `run.steps_per_epoch` steps of `batch_size` images. Writes log.jsonl (one JSON line per epoch) and
-    checkpoint.pt (overwritten atomically every `save_every` steps inside an epoch, and at an epoch's end
-    when `save_seconds` have passed since the last one, always after the last epoch) into run.out; every
-    `eval_every` epochs logs the kNN AUC of the encoder on the validation split. Returns the checkpoint's
+def train(method, run, log_every=10):
+    """Train `method` from where `run.state` left it (or from the start) to run.epochs epochs of
+    run.steps_per_epoch steps of run.batch_size images. Writes log.jsonl (one JSON line per epoch) and
+    checkpoint.pt (overwritten atomically every run.save_every steps inside an epoch, and at an epoch's end
+    when run.save_seconds have passed since the last one, always after the last epoch) into run.out; every
+    run.eval_every epochs logs the kNN AUC of the encoder on the validation split. Returns the checkpoint's
     path."""
+    epochs, batch_size = run.epochs, run.batch_size
     objects = {**method.modules, "optimizer": method.optimizer}
     position = rundir.restore_run(run.state, objects, run.generator)
     if run.state:
         print(f"resuming {run.out} at epoch {position['epoch']}, step {position['step_in_epoch']} of it")
     checkpoint = os.path.join(run.out, "checkpoint.pt")
-    meta = {"format": "medssl", "method": method.name, **(meta or {})}
+    meta = {"format": "medssl", "method": method.name, **run.meta}
 
     def save(**where):
         save_run(checkpoint, objects, run.generator, meta=meta, **method.saved, **where)
 
-    writer = tensorboard_writer(run.out, tensorboard)
+    writer = tensorboard_writer(run.out, run.tensorboard)
     step, last_save, started = position["step"], time.time(), time.time()
     step_figures = {}
     first_epoch = position["epoch"]
@@ -213,15 +238,15 @@ def train(method, run, epochs, batch_size, in_chans, save_every=0, save_seconds=
                     writer.add_scalar("step/loss", value, step)
                     for key, figure in step_figures.items():
                         writer.add_scalar(f"step/{key}", figure, step)
-            if save_every and step % save_every == 0 and i + 1 < run.steps_per_epoch:
+            if run.save_every and step % run.save_every == 0 and i + 1 < run.steps_per_epoch:
                 save(epoch=epoch, step=step, step_in_epoch=i + 1, epoch_start=epoch_start, losses=losses)
                 last_save = time.time()
         seconds = time.time() - start
         stats = {"epoch": epoch, "loss": mean_finite_loss(losses, step, epoch, run.out), **step_figures, **figures,
                  "images_per_sec": round((run.steps_per_epoch - first) * batch_size / seconds, 1)}
-        if eval_every and (epoch + 1) % eval_every == 0 and run.monitor_splits:
+        if run.eval_every and (epoch + 1) % run.eval_every == 0 and run.monitor_splits:
             stats["knn_val_auc"] = round(models.knn_val_auc(method.modules["encoder"], *run.monitor_splits,
-                                                            in_chans), 4)
+                                                            run.in_chans), 4)
         if dist.is_main():
             rundir.append_jsonl(os.path.join(run.out, "log.jsonl"), stats)
             if writer:
@@ -229,7 +254,7 @@ def train(method, run, epochs, batch_size, in_chans, save_every=0, save_seconds=
                     if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
                         writer.add_scalar(f"epoch/{key}", value, epoch)
                 writer.flush()
-        if epoch + 1 == epochs or time.time() - last_save >= save_seconds:
+        if epoch + 1 == epochs or time.time() - last_save >= run.save_seconds:
             save(epoch=epoch + 1, step=step)
             if dist.is_main():  # the plots follow the checkpoint (matplotlib costs ~0.2 s)
                 plot_log(run.out, method.name)

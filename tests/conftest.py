@@ -75,11 +75,11 @@ def run_cli(*args, env=None, cwd=REPO):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True)
 
 
-def tiny_run(out, images, steps_per_epoch, seed=0):
+def tiny_run(out, images, steps_per_epoch, seed=0, **settings):
     """A pretraining Run over in-memory uint8 images on the CPU, for driving a method's step through
-    common/pretrain.py's loop without a dataset file."""
+    common/pretrain.py's loop without a dataset file; `settings`: Run's fields (epochs, batch_size, ...)."""
     import torch
     from common import pretrain
     os.makedirs(out, exist_ok=True)
     return pretrain.Run(torch.device("cpu"), str(out), images, torch.arange(len(images)), steps_per_epoch,
-                        torch.Generator().manual_seed(seed), None, None)
+                        torch.Generator().manual_seed(seed), None, None, **settings)

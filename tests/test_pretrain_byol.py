@@ -38,7 +38,7 @@ def test_update_target_is_the_ema_formula():
     assert torch.allclose(target.weight, 0.99 * before + 0.01 * online.weight)
 
 
-def _byol(args, steps_per_epoch, tmp_path, loss_patch=None):
+def _byol(args, steps_per_epoch, tmp_path, epochs):
     """BYOL's step over tiny networks on random images, and a Run of them for the common loop."""
     encoder = models.build_encoder(in_chans=1)
     projector, predictor = models.mlp(512, 32, 16), models.mlp(16, 32, 16)
@@ -47,7 +47,7 @@ def _byol(args, steps_per_epoch, tmp_path, loss_patch=None):
     nets = pretrain_byol.Networks(online, encoder, projector, target_encoder, target_projector)
     optimizer = torch.optim.Adam([*encoder.parameters(), *projector.parameters(), *predictor.parameters()], lr=1e-3)
     images = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8)
-    run = tiny_run(tmp_path / "run", images, steps_per_epoch)
+    run = tiny_run(tmp_path / "run", images, steps_per_epoch, epochs=epochs, batch_size=4, in_chans=1)
     step = functools.partial(pretrain_byol.train_step, args, nets, optimizer, augment.views(args.aug), run.generator,
                              steps_per_epoch)
     modules = {"encoder": encoder, "projector": projector, "predictor": predictor,
@@ -61,11 +61,11 @@ def test_target_is_updated_once_per_optimiser_step(monkeypatch, tmp_path):
     calls = []
     real = pretrain_byol.update_target
     monkeypatch.setattr(pretrain_byol, "update_target", lambda t, o, tau: (calls.append(tau), real(t, o, tau)))
-    method, run = _byol(args, 3, tmp_path)
+    method, run = _byol(args, 3, tmp_path, epochs=1)
     steps = []
     real_step = method.optimizer.step
     method.optimizer.step = lambda *a, **k: (steps.append(1), real_step(*a, **k))[1]
-    pretrain.train(method, run, epochs=1, batch_size=4, in_chans=1)
+    pretrain.train(method, run)
     assert len(steps) == 3 and len(calls) == 2 * 3  # encoder + projector, once per step
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert len(log) == 1 and np.isfinite(log[0]["loss"]) and log[0]["images_per_sec"] > 0 and log[0]["ema"] == 0.99
@@ -131,7 +131,7 @@ def test_non_finite_loss_stops_with_the_step_named(monkeypatch, tmp_path):
         calls.append(1)
         return real(p, z) * (float("nan") if len(calls) in (9, 10) else 1.0)
     monkeypatch.setattr(pretrain_byol, "byol_loss", loss_with_nan)
-    method, run = _byol(args, 3, tmp_path)
+    method, run = _byol(args, 3, tmp_path, epochs=2)
     with pytest.raises(cli.UserError, match=r"loss became nan at step 4 \(epoch 1\).*last good checkpoint"):
-        pretrain.train(method, run, epochs=2, batch_size=4, in_chans=1)
+        pretrain.train(method, run)
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1   # epoch 0's, kept
