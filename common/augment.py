@@ -118,13 +118,13 @@ def _shift_hue(x, turns):
     r, g, b = y.unbind(1)                                       # (B, H, W) each
     v = y.amax(1)
     c = v - y.amin(1)
-    safe_c = torch.where(c > 0, c, torch.ones_like(c))          # gray pixels: hue 0, chroma 0
-    # Which channel is largest picks the sextant formula; red wins ties, then green (as torchvision).
-    h = torch.where(v == r, ((g - b) / safe_c).remainder(6),
-                    torch.where(v == g, (b - r) / safe_c + 2, (r - g) / safe_c + 4))
-    h = (h + 6 * turns.float().view(-1, 1, 1)).remainder(6)
-    k = (_const(_HSV_OFFSETS, y.device, y.dtype).view(1, 3, 1, 1) + h[:, None]).remainder(6)
-    out = v[:, None] - c[:, None] * torch.minimum(k, 4 - k).clamp_(0, 1)
+    # Hue in sextants: which channel is largest picks the formula; red wins ties, then green (as
+    # torchvision). Gray pixels (c = 0) get hue 0 and keep their value whatever the shift.
+    h = torch.where(v == r, g - b, torch.where(v == g, (b - r).add_(c, alpha=2), (r - g).add_(c, alpha=4)))
+    h = h.div_(torch.where(c > 0, c, 1.0))                      # in (-1, 5]
+    h.add_(6 * turns.float().view(-1, 1, 1) + 6)                # shifted, and > 0 for the remainder
+    k = (_const(_HSV_OFFSETS, y.device, y.dtype).view(1, 3, 1, 1) + h[:, None]).remainder_(6)
+    out = torch.addcmul(v[:, None], torch.minimum(k, 4 - k).clamp_(0, 1), c[:, None], value=-1)
     return out.to(x.dtype).clamp_(0, 1)
 
 
