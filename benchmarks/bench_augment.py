@@ -1,6 +1,7 @@
 """Augmentation throughput: images/s of augment.two_views for every --aug preset (and the whole
-paper 002 menu) at 28 and 224 px, and the hue shift alone, the exact HSV one against the YIQ
-rotation it replaced (which erred by about as much as the shift itself at hue 0.1).
+paper 002 menu) at 28 and 224 px, and the hue shift alone: augment's exact HSV shift (as
+torchvision's adjust_hue) against a cheaper YIQ chroma rotation, whose error at hue 0.1 is about
+as large as the shift itself.
 
     python benchmarks/bench_augment.py                     # CPU, 28 and 224 px
     python benchmarks/bench_augment.py --device cuda --batch-size 256
@@ -19,8 +20,8 @@ from common import augment  # noqa: E402
 
 
 def yiq_hue(x, turns):
-    """The approximate hue shift augment used before: a chroma rotation in YIQ, one 3x3 matrix per
-    image. Kept here only as the baseline of the timing."""
+    """An approximate hue shift, for comparison only: a chroma rotation in YIQ, one 3x3 matrix per
+    image (exact for luma, not for hue)."""
     rgb_to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
                               dtype=torch.float64, device=x.device)
     angle = -2 * math.pi * turns.double()
@@ -82,7 +83,7 @@ def main(argv=None):
         if args.channels == 3:
             x = images.float() / 255
             turns = torch.rand(args.batch_size, generator=g, device=device) * 0.2 - 0.1
-            for name, fn in [("yiq (before)", yiq_hue), ("hsv (exact)", augment._shift_hue)]:
+            for name, fn in [("yiq (approximate)", yiq_hue), ("hsv (exact)", augment._shift_hue)]:
                 rate = images_per_s(lambda: fn(x, turns), args.batch_size, device, args.repeats)
                 results["hue"][f"{name}@{side}"] = rate
                 print(f"hue alone {name:<58} {side:>4} px  {rate:>10,.0f} images/s")
