@@ -33,8 +33,9 @@ import torch.nn.functional as F
 _LUMA = (0.299, 0.587, 0.114)
 # Corners of an image in grid_sample's normalised coordinates (perspective).
 _CORNERS = ((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0))
-# HSV -> RGB: the offsets n of R, G, B in f(n) = v - c * clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6.
-_HSV_OFFSETS = (5.0, 3.0, 1.0)
+# HSV -> RGB: (hue + offset) mod 6 - 3 is the signed distance, in sextants, from the hue to the one
+# where channel R, G, B is the smallest (cyan 3, magenta 5, yellow 1).
+_HSV_OFFSETS = (0.0, 4.0, 2.0)
 
 
 # ----------------------------------------------------------------------------
@@ -111,21 +112,26 @@ def _shift_hue(x, turns):
     """Shift the hue of each RGB image by `turns` (B,) of a full turn, exactly as torchvision's
     adjust_hue (RGB -> HSV, hue + turns mod 1, HSV -> RGB), for the whole batch at once.
 
-    Value (the largest channel) and chroma (largest - smallest) are kept; the hue is handled in
-    sextants h in [0, 6). Computed in float32 whatever x's dtype: bf16 would misplace hues.
+    Value v (the largest channel) and chroma c (largest - smallest) are kept; the hue is handled in
+    sextants h in [0, 6). Computed in float32 whatever x's dtype: bf16 would misplace hues. The
+    in-place steps work on fresh tensors only; on the CPU they spare a page-faulting allocation each.
     """
     y = x.float()
     r, g, b = y.unbind(1)                                       # (B, H, W) each
     v = y.amax(1)
-    c = v - y.amin(1)
-    safe_c = torch.where(c > 0, c, torch.ones_like(c))          # gray pixels: hue 0, chroma 0
+    c = y.amin(1).neg_().add_(v)
     # Which channel is largest picks the sextant formula; red wins ties, then green (as torchvision).
-    h = torch.where(v == r, ((g - b) / safe_c).remainder(6),
-                    torch.where(v == g, (b - r) / safe_c + 2, (r - g) / safe_c + 4))
-    h = (h + 6 * turns.float().view(-1, 1, 1)).remainder(6)
-    k = (_const(_HSV_OFFSETS, y.device, y.dtype).view(1, 3, 1, 1) + h[:, None]).remainder(6)
-    out = v[:, None] - c[:, None] * torch.minimum(k, 4 - k).clamp_(0, 1)
-    return out.to(x.dtype).clamp_(0, 1)
+    # Gray pixels (c = 0) get h = 0 / tiny = 0 and keep their value whatever the shift.
+    h = (r - g).add_(c, alpha=4)
+    h = torch.where(v == g, (b - r).add_(c, alpha=2), h, out=h)
+    h = torch.where(v == r, g - b, h, out=h)
+    h.div_(c.clamp(min=1e-30)).add_(6 * turns.float().view(-1, 1, 1) + 6)   # shifted, and > 0
+    # HSV -> RGB: channel = v - c * clamp(2 - d, 0, 1), d the circular distance from h to the hue
+    # where the channel is the smallest: v - c within 1 sextant of it, v beyond 2, linear between.
+    d = (h[:, None] + _const(_HSV_OFFSETS, y.device, y.dtype).view(1, 3, 1, 1)).remainder_(6).sub_(3).abs_()
+    f = d.neg_().add_(2).clamp_(0, 1)
+    out = torch.addcmul(v[:, None], f, c[:, None], value=-1, out=f)
+    return out.clamp_(0, 1).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------

@@ -615,3 +615,20 @@ def test_views_run_under_cuda_sync_debug_mode_error(spec):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert v1.is_cuda and v2.shape == imgs.shape
+
+
+def test_bench_augment_times_every_preset_and_both_hue_shifts(tmp_path):
+    import json
+    import math
+    from benchmarks import bench_augment
+    out = tmp_path / "bench.json"
+    bench_augment.main(["--sizes", "8", "--batch-size", "4", "--repeats", "1", "--out", str(out)])
+    figures = json.loads(out.read_text())
+    assert set(figures["two_views"]) == {f"{spec}@8" for spec in list(A.NAMES) + ["+".join(A.MENU)]}
+    assert set(figures["hue"]) == {"yiq (approximate)@8", "hsv (exact)@8"}
+    assert all(math.isfinite(r) and r > 0 for r in [*figures["two_views"].values(), *figures["hue"].values()])
+    # the baseline is a real approximation: far from the exact shift
+    x = colour_batch().float() / 255
+    turns = torch.full((B,), 0.1)
+    err_old = (bench_augment.yiq_hue(x, turns) - A._shift_hue(x, turns)).abs().mean() * 255
+    assert err_old > 5
