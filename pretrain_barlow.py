@@ -58,8 +58,8 @@ def get_args_parser():
     g.add_argument("--aug", default=augment.PAPER002_MENU,
                    help=f"views: a menu of {'+'.join(augment.MENU)} joined by '+', applied in that order with "
                         f"paper 002's values (default: its final set), or a preset: paper002 (the same), "
-                        f"paper003 (Barlow Twins' asymmetric pair with a 0.7-1 crop and rotation), "
-                        f"{', '.join(sorted(augment.PRESETS))}")
+                        f"paper003 (Barlow Twins' asymmetric pair with a 0.7-1 crop and rotation), or any other of "
+                        f"{', '.join(n for n in augment.NAMES if n not in ('paper002', 'paper003'))}")
     g.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="random-resized-crop area range (default: the preset's; 0.08 1 in paper 002's base)")
     g.add_argument("--oversample", default=None, metavar="CLASS:FACTOR",
