@@ -69,3 +69,13 @@ def test_cli_pretrain_then_evaluate_on_real_data(real_root, tmp_path):
                 real_root, "--mode", "linear_probe", "--seeds", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert 0 <= json.load(open(out / "metrics.json"))["mean"]["auc"] <= 1
+
+
+@pytest.mark.parametrize("name", ["simclr", "cpu_simclr"])
+def test_configs_parse_and_name_valid_views(name):
+    from common import augment, cli
+    from conftest import REPO
+    args = cli.parse_args(pretrain_simclr.get_args_parser(), ["--config", f"{REPO}/configs/{name}.yaml"])
+    assert args.aug == "simclr" and args.temperature == 0.5
+    first, second = augment.views(args.aug, args.crop_scale)
+    assert first and second
