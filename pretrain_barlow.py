@@ -55,7 +55,7 @@ def get_args_parser():
     g.add_argument("--sparsity-norm", default="l1", choices=["l1", "l21"],
                    help="l1 = sum of |w| (paper 003's text); l21 = sum of the L2 norms of the weight's "
                         "columns, one per input unit (what paper 003's code computes)")
-    g.add_argument("--aug", default=augment.PAPER002_MENU,
+    g.add_argument("--aug", default=augment.PAPER002_MENU, type=augment.checked_spec,
                    help=f"views: a menu of {'+'.join(augment.MENU)} joined by '+', applied in that order with "
                         f"paper 002's values (default: its final set), or a preset: paper002 (the same), "
                         f"paper003 (Barlow Twins' asymmetric pair with a 0.7-1 crop and rotation), or any other of "

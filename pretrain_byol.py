@@ -27,7 +27,7 @@ def get_args_parser():
 
     # * BYOL
     g = parser.add_argument_group("BYOL")
-    g.add_argument("--aug", default="byol+",
+    g.add_argument("--aug", default="byol+", type=augment.checked_spec,
                    help="view augmentations, a preset or paper 002's menu string (default byol+): byol = Grill et "
                         "al.'s asymmetric pair, paper001 = what paper 001 used, byol+ = paper001 + cutout, "
                         "contrast, brightness (paper 001 §4.2)")

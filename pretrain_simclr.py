@@ -29,7 +29,7 @@ def get_args_parser():
     g.add_argument("--temperature", type=float, default=0.5,
                    help="NT-Xent temperature tau (default 0.5, Chen et al.'s CIFAR-10 setting; 0.1 for "
                         "ImageNet-scale batches of 4096)")
-    g.add_argument("--aug", default="simclr",
+    g.add_argument("--aug", default="simclr", type=augment.checked_spec,
                    help="view augmentations, a preset or paper 002's menu string (default simclr: random resized "
                         "crop, flip, colour jitter of strength 0.8 with p 0.8, grayscale p 0.2, blur; Chen et al. "
                         "App. A)")

@@ -578,3 +578,14 @@ def views(spec, crop_scale=None):
         raise ValueError(f"crop scale (MIN, MAX) must satisfy 0 < MIN <= MAX <= 1, got {lo:g} {hi:g}")
     return tuple([(fn, {**kw, "scale": (lo, hi)}) if fn is random_resized_crop else (fn, kw)
                   for fn, kw in steps] for steps in pair)
+
+
+def checked_spec(text):
+    """argparse type of --aug: the spec itself, refused at parse time (a config value too) unless views()
+    takes it."""
+    import argparse
+    try:
+        views(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return text

@@ -81,7 +81,7 @@ def fresh_state():
 # ---------------------------------------------------------------- configs and the command line
 @pytest.mark.parametrize("script, text, needles", [
     ("pretrain_byol", "epochs: 2.5", ["epochs: invalid int value: '2.5'"]),
-    ("pretrain_byol", "aug: nonsense", ["aug: invalid choice: 'nonsense'"]),
+    ("pretrain_byol", "aug: nonsense", ["aug: unknown augmentation 'nonsense'"]),
     ("pretrain_barlow", "crop_scale: [0.2]", ["crop_scale: expected 2 values"]),
     ("pretrain_barlow", "sync_bn: 3", ["sync_bn: expected true or false"]),
     ("evaluate", "device: tpu", ["device: invalid choice: 'tpu'"]),
@@ -184,7 +184,7 @@ def test_unwritable_out_and_a_folder_named_like_a_file(capsys, tmp_path, script)
     args = cli.parse_args(parser_of(script), ["--out", str(out)])
     undo = _make_unwritable(out)
     try:
-        line = one_line(capsys, lambda: rundir.prepare_run_dir(str(out), args, done_file="metrics.json"))
+        line = one_line(capsys, lambda: rundir.prepare_run_dir(str(out), vars(args), done_file="metrics.json"))
     finally:
         undo()
     assert f"cannot write in --out {out}" in line and "choose a folder you can write to" in line, line
@@ -247,15 +247,15 @@ def test_overwrite_that_fails_before_its_first_checkpoint_keeps_the_old_run(fini
 def test_overwrite_moves_aside_then_commits_or_restores(tmp_path, capsys):
     out = str(tmp_path / "run")
     parser = parser_of("evaluate")
-    rundir.prepare_run_dir(out, cli.parse_args(parser, ["--out", out]), done_file="metrics.json")
+    rundir.prepare_run_dir(out, vars(cli.parse_args(parser, ["--out", out])), done_file="metrics.json")
     rundir.atomic_write_text(os.path.join(out, "metrics.json"), "{}")
     before = digest(out)
     redo = cli.parse_args(parser, ["--out", out, "--lr", "0.5", "--overwrite"])
-    assert rundir.prepare_run_dir(out, redo, done_file="metrics.json") is False
+    assert rundir.prepare_run_dir(out, vars(redo), done_file="metrics.json") is False
     assert "metrics.json" not in os.listdir(out)       # the old result is out of the way at once ...
     rundir.finish_overwrite(ok=False)                  # ... and back when the new run fails
     assert digest(out) == before
-    rundir.prepare_run_dir(out, redo, done_file="metrics.json")
+    rundir.prepare_run_dir(out, vars(redo), done_file="metrics.json")
     rundir.save_checkpoint({"epoch": 1}, os.path.join(out, "checkpoint_seed0.pt"))  # the new run has started
     assert not [n for n in os.listdir(out) if n.startswith(".old-")] and "metrics.json" not in os.listdir(out)
     # a process killed between the two leaves .old-*: the next run puts the old run back first
@@ -263,7 +263,7 @@ def test_overwrite_moves_aside_then_commits_or_restores(tmp_path, capsys):
     os.mkdir(os.path.join(out, ".old-x"))
     os.rename(os.path.join(out, "new-args.yaml"), os.path.join(out, ".old-x", "args.yaml"))
     again = cli.parse_args(parser, ["--out", out, "--lr", "0.5"])
-    assert rundir.prepare_run_dir(out, again, done_file="metrics.json") is True
+    assert rundir.prepare_run_dir(out, vars(again), done_file="metrics.json") is True
     assert sorted(os.listdir(out)) == [".lock", "args.yaml"]
 
 
@@ -328,21 +328,21 @@ def _run_checkpoint(epoch):
 def test_resume_cuts_the_log_back_and_names_what_is_broken(capsys, tmp_path, script):
     out = tmp_path / "run"
     args = cli.parse_args(parser_of(script), ["--out", str(out), "--epochs", "5"])
-    assert rundir.open_run(args) is None
+    assert rundir.open_run(str(out), vars(args)) is None
     rundir.save_checkpoint(_run_checkpoint(2), str(out / "checkpoint.pt"))
     log = out / "log.jsonl"
     log.write_text("".join(json.dumps({"epoch": e, "loss": 1.0}) + "\n" for e in range(3)) + '{"epoch": 3, "lo')
-    assert rundir.open_run(args)["epoch"] == 2
+    assert rundir.open_run(str(out), vars(args))["epoch"] == 2
     assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [0, 1]  # epoch 2 is redone
 
     log.write_text('{"epoch": 0}\n{"epo\n{"epoch": 1}\n')
     before = digest(out)
-    assert f"{log} line 2 is not JSON" in one_line(capsys, lambda: rundir.open_run(args))
+    assert f"{log} line 2 is not JSON" in one_line(capsys, lambda: rundir.open_run(str(out), vars(args)))
     (out / "args.yaml").write_text("epochs: [5\n")
-    line = one_line(capsys, lambda: rundir.open_run(args))
+    line = one_line(capsys, lambda: rundir.open_run(str(out), vars(args)))
     assert "args.yaml is unreadable or corrupt" in line and "--overwrite" in line
     (out / "args.yaml").write_text("")
-    assert "args.yaml is unreadable or corrupt" in one_line(capsys, lambda: rundir.open_run(args))
+    assert "args.yaml is unreadable or corrupt" in one_line(capsys, lambda: rundir.open_run(str(out), vars(args)))
     before["args.yaml"] = digest(out)["args.yaml"]
     assert digest(out) == before
 
@@ -354,13 +354,13 @@ def test_resume_cuts_the_log_back_and_names_what_is_broken(capsys, tmp_path, scr
 def test_a_checkpoint_that_is_not_ours_is_named(capsys, tmp_path, content, needle):
     out = tmp_path / "run"
     args = cli.parse_args(parser_of("pretrain_byol"), ["--out", str(out)])
-    rundir.open_run(args)
+    rundir.open_run(str(out), vars(args))
     if content == "folder":
         (out / "checkpoint.pt").mkdir()
     else:
         rundir.save_checkpoint(content, str(out / "checkpoint.pt"))
     before = digest(out)
-    assert needle in one_line(capsys, lambda: rundir.open_run(args))
+    assert needle in one_line(capsys, lambda: rundir.open_run(str(out), vars(args)))
     assert digest(out) == before
 
 
