@@ -106,6 +106,7 @@ def get_args_parser():
                    help="weight decay (paper 002's code: 1e-5; Zbontar et al. with LARS: 1.5e-6)")
 
     cli.add_pretrain_flags(parser)
+    # what --compile covers differs between the methods: its help says it
     return parser
 
 
@@ -171,14 +172,10 @@ def set_train_mode(args, encoder, projector):
         models.frozen_bn_eval(encoder)
 
 
-def step_loss(args, online, projector, batch, views, aug_gen):
-    """Barlow Twins loss (plus the sparsity penalty on `projector`) of one uint8 global batch: two
-    augmented views, `online` (encoder + projector, in DDP under torchrun) on this rank's rows of each
-    (bf16 autocast on CUDA), the loss over the whole batch in float32, the same on every rank."""
-    # every rank augments the whole batch and keeps its own rows: an image's views do not depend on
-    # the number of processes, and aug_gen stays in step on every rank
-    x1, x2 = (data.to_input(dist.my_rows(v), args.in_chans).contiguous(memory_format=torch.channels_last)
-              for v in augment.two_views(batch, views, aug_gen))
+def forward_loss(args, online, projector, x1, x2):
+    """Barlow Twins loss (plus the sparsity penalty on `projector`) of two views (input tensors): `online`
+    (encoder + projector, in DDP under torchrun) on this rank's rows of each (bf16 autocast on CUDA), the
+    loss over the whole batch in float32, the same on every rank. What --compile compiles."""
     with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=x1.device.type == "cuda"):
         z1, z2 = online(x1), online(x2)
     # the loss standardises along the batch: gather the global batch's embeddings (gradients reach
@@ -187,6 +184,16 @@ def step_loss(args, online, projector, batch, views, aug_gen):
     if args.sparsity:
         loss = loss + args.sparsity * sparsity_penalty(projector[-1].weight, args.sparsity_norm)
     return loss
+
+
+def step_loss(args, online, projector, batch, views, aug_gen, loss_fn=forward_loss):
+    """The loss of one uint8 global batch: its two augmented views, then `loss_fn` (forward_loss, or its
+    compiled form) on them."""
+    # every rank augments the whole batch and keeps its own rows: an image's views do not depend on
+    # the number of processes, and aug_gen stays in step on every rank
+    x1, x2 = (data.to_input(dist.my_rows(v), args.in_chans).contiguous(memory_format=torch.channels_last)
+              for v in augment.two_views(batch, views, aug_gen))
+    return loss_fn(args, online, projector, x1, x2)
 
 
 def lr_at(args, optimizer, step, steps_per_epoch):
@@ -200,24 +207,26 @@ def lr_at(args, optimizer, step, steps_per_epoch):
                                args.warmup_epochs * steps_per_epoch)
 
 
-def train_step(args, online, projector, optimizer, views, aug_gen, steps_per_epoch, batch, step):
-    """One Barlow Twins step on a uint8 global batch. Returns its loss and the step's lr."""
+def train_step(args, online, projector, optimizer, views, aug_gen, steps_per_epoch, batch, step,
+               loss_fn=forward_loss):
+    """One Barlow Twins step on a uint8 global batch (`loss_fn`: forward_loss, or its compiled form under
+    --compile). Returns its loss and the step's lr."""
     lr = lr_at(args, optimizer, step, steps_per_epoch)
-    loss = step_loss(args, online[0], projector, batch, views, aug_gen)
+    loss = step_loss(args, online[0], projector, batch, views, aug_gen, loss_fn)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach(), {"lr": lr}  # the global batch's loss, the same on every rank
 
 
-def start_phase(args, encoder, projector, forward_encoder, online, device, epoch):
+def start_phase(args, encoder, projector, online, device, epoch):
     """Before each epoch: which part of the encoder trains (set_phase) and the train/eval modes. DDP
     syncs the gradients of the parameters trainable when it is built, so `online` (a one-item list) is
     rebuilt when that set changes, and only then. Returns the epoch's figures."""
     trainable = set_phase(args, encoder, epoch)
     set_train_mode(args, encoder, projector)
     if not online or epoch == args.freeze_encoder_epochs:
-        online[:] = [dist.distributed(torch.nn.Sequential(forward_encoder, projector), device)]
+        online[:] = [dist.distributed(torch.nn.Sequential(encoder, projector), device)]
     return {"frozen_encoder": epoch < args.freeze_encoder_epochs,
             "trainable_params": trainable + sum(p.numel() for p in projector.parameters())}
 
@@ -272,7 +281,6 @@ def main():
     projector = models.projector(models.FEATURE_DIM[args.arch], args.projector)
     modules = {"encoder": encoder, "projector": projector}
     pretrain.place(modules, run.device, args.sync_bn)
-    forward_encoder = torch.compile(encoder) if args.compile else encoder
 
     # ---- learning rate: given, found by a range test now, or the one a resumed run found
     if args.lr == "auto":
@@ -290,9 +298,11 @@ def main():
 
     # ---- loop: common/pretrain.py (resume, checkpoints, log, kNN monitor)
     online = []  # built by start_phase, rebuilt when the trainable part changes
+    # --compile: a new graph at the phase change (other parameters trainable, a new module), then none
+    loss_fn = pretrain.compile_loss(forward_loss, run.device) if args.compile else forward_loss
     step = functools.partial(train_step, args, online, projector, optimizer, run.views, run.generator,
-                             run.steps_per_epoch)
-    phase = functools.partial(start_phase, args, encoder, projector, forward_encoder, online, run.device)
+                             run.steps_per_epoch, loss_fn=loss_fn)
+    phase = functools.partial(start_phase, args, encoder, projector, online, run.device)
     method = pretrain.Method("barlow", modules, optimizer, step, start_epoch=phase, saved={"lr": args.lr})
     pretrain.train(method, run)
 

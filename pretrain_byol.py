@@ -58,6 +58,7 @@ def get_args_parser():
     g.add_argument("--warmup-epochs", type=int, default=0,
                    help="linear warm-up epochs for --lr-schedule cosine (default 0)")
     cli.add_pretrain_flags(parser)
+    # what --compile covers differs between the methods: its help says it
     return parser
 
 
@@ -87,9 +88,22 @@ class Networks(NamedTuple):
     target_projector: torch.nn.Module
 
 
-def train_step(args, nets, optimizer, views, aug_gen, steps_per_epoch, batch, step):
-    """One BYOL step on a uint8 global batch: lr and tau for this step, two views, the symmetric loss,
-    an Adam step, the target's EMA. Returns the global batch's loss and the step's figures."""
+def forward_loss(nets, x1, x2):
+    """The symmetric BYOL loss of two views (input tensors): both through the online network and, without
+    gradient, through the target (bf16 autocast on CUDA). What --compile compiles."""
+    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=x1.device.type == "cuda"):
+        p1, p2 = nets.online(x1), nets.online(x2)
+        with torch.no_grad():
+            z1 = nets.target_projector(nets.target_encoder(x1))
+            z2 = nets.target_projector(nets.target_encoder(x2))
+        # symmetric: each view's prediction regresses the other view's target (Grill et al. Eq. 2)
+        return byol_loss(p1, z2) + byol_loss(p2, z1)
+
+
+def train_step(args, nets, optimizer, views, aug_gen, steps_per_epoch, batch, step, loss_fn=forward_loss):
+    """One BYOL step on a uint8 global batch: lr and tau for this step, two views, the symmetric loss
+    (`loss_fn`: forward_loss, or its compiled form under --compile), an Adam step, the target's EMA.
+    Returns the global batch's loss and the step's figures."""
     total_steps = args.epochs * steps_per_epoch
     lr = optim.learning_rate(args.lr_schedule, step, total_steps, args.lr, args.warmup_epochs * steps_per_epoch)
     for group in optimizer.param_groups:
@@ -99,13 +113,7 @@ def train_step(args, nets, optimizer, views, aug_gen, steps_per_epoch, batch, st
     # depend on the number of processes, and aug_gen stays in step on every rank
     x1, x2 = (data.to_input(dist.my_rows(v), args.in_chans).contiguous(memory_format=torch.channels_last)
               for v in augment.two_views(batch, views, aug_gen))
-    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=x1.device.type == "cuda"):
-        p1, p2 = nets.online(x1), nets.online(x2)
-        with torch.no_grad():
-            z1 = nets.target_projector(nets.target_encoder(x1))
-            z2 = nets.target_projector(nets.target_encoder(x2))
-        # symmetric: each view's prediction regresses the other view's target (Grill et al. Eq. 2)
-        loss = byol_loss(p1, z2) + byol_loss(p2, z1)
+    loss = loss_fn(nets, x1, x2)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -132,8 +140,7 @@ def main():
     pretrain.place(modules, run.device, args.sync_bn)
     for p in [*target_encoder.parameters(), *target_projector.parameters()]:
         p.requires_grad_(False)
-    forward_encoder = torch.compile(encoder) if args.compile else encoder
-    online = dist.distributed(torch.nn.Sequential(forward_encoder, projector, predictor), run.device)
+    online = dist.distributed(torch.nn.Sequential(encoder, projector, predictor), run.device)
     nets = Networks(online, encoder, projector, target_encoder, target_projector)
 
     # ---- optimiser
@@ -144,7 +151,9 @@ def main():
           + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
 
     # ---- loop: common/pretrain.py (resume, checkpoints, log, kNN monitor)
-    step = functools.partial(train_step, args, nets, optimizer, run.views, run.generator, run.steps_per_epoch)
+    loss_fn = pretrain.compile_loss(forward_loss, run.device) if args.compile else forward_loss
+    step = functools.partial(train_step, args, nets, optimizer, run.views, run.generator, run.steps_per_epoch,
+                             loss_fn=loss_fn)
     method = pretrain.Method("byol", modules, optimizer, step)
     pretrain.train(method, run)
 

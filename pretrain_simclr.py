@@ -55,6 +55,7 @@ def get_args_parser():
     g.add_argument("--warmup-epochs", type=int, default=10,
                    help="linear warm-up epochs (default and Chen et al.: 10)")
     cli.add_pretrain_flags(parser)
+    # what --compile covers differs between the methods: its help says it
     return parser
 
 
@@ -69,17 +70,24 @@ def nt_xent_loss(z1, z2, temperature):
     return F.cross_entropy(logits, partner)
 
 
-def train_step(args, online, optimizer, views, aug_gen, steps_per_epoch, batch, step):
-    """One SimCLR step on a uint8 global batch. Returns its loss and the step's lr."""
-    lr = optim.schedule_step(optimizer, args.lr_schedule, step, args.epochs * steps_per_epoch, args.lr,
-                             args.warmup_epochs * steps_per_epoch)
-    x1, x2 = (data.to_input(dist.my_rows(v), args.in_chans).contiguous(memory_format=torch.channels_last)
-              for v in augment.two_views(batch, views, aug_gen))
+def forward_loss(args, online, x1, x2):
+    """NT-Xent of two views (input tensors) through `online` (encoder + projector, bf16 autocast on CUDA),
+    over the global batch. What --compile compiles."""
     with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=x1.device.type == "cuda"):
         z1, z2 = online(x1), online(x2)
     # every view of the global batch is a negative: gather all ranks' projections (autograd sees the
     # all-gather, so gradients reach each rank's own rows; DDP's mean then gives the one-process gradient)
-    loss = nt_xent_loss(dist.all_rows(z1), dist.all_rows(z2), args.temperature)
+    return nt_xent_loss(dist.all_rows(z1), dist.all_rows(z2), args.temperature)
+
+
+def train_step(args, online, optimizer, views, aug_gen, steps_per_epoch, batch, step, loss_fn=forward_loss):
+    """One SimCLR step on a uint8 global batch (`loss_fn`: forward_loss, or its compiled form under
+    --compile). Returns its loss and the step's lr."""
+    lr = optim.schedule_step(optimizer, args.lr_schedule, step, args.epochs * steps_per_epoch, args.lr,
+                             args.warmup_epochs * steps_per_epoch)
+    x1, x2 = (data.to_input(dist.my_rows(v), args.in_chans).contiguous(memory_format=torch.channels_last)
+              for v in augment.two_views(batch, views, aug_gen))
+    loss = loss_fn(args, online, x1, x2)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -97,8 +105,7 @@ def main():
     projector = models.mlp(models.FEATURE_DIM[args.arch], args.projector_hidden, args.projector_out)
     modules = {"encoder": encoder, "projector": projector}
     pretrain.place(modules, run.device, args.sync_bn)
-    forward_encoder = torch.compile(encoder) if args.compile else encoder
-    online = dist.distributed(torch.nn.Sequential(forward_encoder, projector), run.device)
+    online = dist.distributed(torch.nn.Sequential(encoder, projector), run.device)
 
     # ---- optimiser
     optimizer = optim.make_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
@@ -107,7 +114,9 @@ def main():
           f"per view" + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
 
     # ---- loop: common/pretrain.py (resume, checkpoints, log, kNN monitor)
-    step = functools.partial(train_step, args, online, optimizer, run.views, run.generator, run.steps_per_epoch)
+    loss_fn = pretrain.compile_loss(forward_loss, run.device) if args.compile else forward_loss
+    step = functools.partial(train_step, args, online, optimizer, run.views, run.generator, run.steps_per_epoch,
+                             loss_fn=loss_fn)
     method = pretrain.Method("simclr", modules, optimizer, step)
     pretrain.train(method, run)
 

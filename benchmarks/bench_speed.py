@@ -26,7 +26,8 @@ only the switches a variant names differ. Images are random uint8 gray images (t
 "images/s" counts source images: a pretraining step on a batch of B images makes 2B views.
 
 Variants: a device (cpu | cuda) joined by '+' to any of bf16 (torch.autocast bf16), cl
-(channels_last model and inputs) and compile (torch.compile of the encoder, as --compile does).
+(channels_last model and inputs) and compile (the pretraining steps: --compile's compiled forward and
+loss, CUDA graphs on CUDA; the evaluation workloads: torch.compile of the encoder).
 What the scripts run: cpu+cl on a CPU, cuda+bf16+cl on a GPU (evaluate.py: cuda+cl, no autocast).
 """
 import argparse
@@ -201,8 +202,12 @@ def build_step(cfg, variant, device, images):
         for m in modules:
             m.to(device, memory_format=memory_format)
 
-    def compiled(module):  # VARIANT: --compile compiles the encoder alone
+    def compiled(module):  # VARIANT: the evaluation workloads compile the encoder
         return torch.compile(module) if variant["compile"] else module
+
+    def loss_fn(script):  # VARIANT: the pretraining scripts' --compile, their forward_loss compiled
+        from common import pretrain
+        return pretrain.compile_loss(script.forward_loss, device) if variant["compile"] else script.forward_loss
 
     encoder = models.build_encoder(cfg["arch"], cfg["stem"], in_chans)
     feature_dim = models.FEATURE_DIM[cfg["arch"]]
@@ -219,13 +224,13 @@ def build_step(cfg, variant, device, images):
         place(encoder, projector, predictor, target_encoder, target_projector)
         for p in [*target_encoder.parameters(), *target_projector.parameters()]:
             p.requires_grad_(False)
-        online = torch.nn.Sequential(compiled(encoder), projector, predictor)
+        online = torch.nn.Sequential(encoder, projector, predictor)
         nets = pretrain_byol.Networks(online, encoder, projector, target_encoder, target_projector)
         optimizer = optim.adam([*encoder.parameters(), *projector.parameters(), *predictor.parameters()],
                                args.lr, args.weight_decay, device)
-        views = augment.views(args.aug, args.crop_scale)
+        views, forward_loss = augment.views(args.aug, args.crop_scale), loss_fn(pretrain_byol)
         return lambda i: pretrain_byol.train_step(args, nets, optimizer, views, gen, n_batches,
-                                                  images[batch_at(i)], i)[0]
+                                                  images[batch_at(i)], i, loss_fn=forward_loss)[0]
 
     if workload == "barlow":  # pretrain_barlow.main's model, its start_phase and train_step
         import pretrain_barlow
@@ -238,11 +243,11 @@ def build_step(cfg, variant, device, images):
         optimizer = optim.make_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
                                          args.lr, args.weight_decay, device)
         online = []
-        pretrain_barlow.start_phase(args, encoder, projector, compiled(encoder), online, device,
+        pretrain_barlow.start_phase(args, encoder, projector, online, device,
                                     args.freeze_encoder_epochs)  # the whole encoder trains
-        views = augment.views(args.aug, args.crop_scale)
+        views, forward_loss = augment.views(args.aug, args.crop_scale), loss_fn(pretrain_barlow)
         return lambda i: pretrain_barlow.train_step(args, online, projector, optimizer, views, gen, n_batches,
-                                                    images[batch_at(i)], i)[0]
+                                                    images[batch_at(i)], i, loss_fn=forward_loss)[0]
 
     if workload == "simclr":  # pretrain_simclr.main's model, its train_step
         import pretrain_simclr
@@ -250,12 +255,12 @@ def build_step(cfg, variant, device, images):
         args = script_args(pretrain_simclr.get_args_parser(), cfg, {})
         projector = models.mlp(feature_dim, args.projector_hidden, args.projector_out)
         place(encoder, projector)
-        online = torch.nn.Sequential(compiled(encoder), projector)
+        online = torch.nn.Sequential(encoder, projector)
         optimizer = optim.make_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
                                          args.lr, args.weight_decay, device)
-        views = augment.views(args.aug, args.crop_scale)
+        views, forward_loss = augment.views(args.aug, args.crop_scale), loss_fn(pretrain_simclr)
         return lambda i: pretrain_simclr.train_step(args, online, optimizer, views, gen, n_batches,
-                                                    images[batch_at(i)], i)[0]
+                                                    images[batch_at(i)], i, loss_fn=forward_loss)[0]
 
     if workload == "features":  # models.features, as evaluate.py's linear probe and kNN call it
         place(encoder)

@@ -151,7 +151,11 @@ def add_pretrain_flags(parser):
                         "always after the last epoch (default 0: every epoch); on a GPU a 28 px epoch takes "
                         "seconds and the checkpoint's write about as long, so e.g. 300 saves most of that time "
                         "and loses at most 5 minutes to a kill")
-    g.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA; default off)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the step's forward_loss (both views through the networks, heads and loss) "
+                        "and its backward, with CUDA graphs (mode reduce-overhead) on one GPU; the first steps "
+                        "compile (a minute or more), later epochs reuse the graph; pretrain_barlow.py compiles once "
+                        "more after --freeze-encoder-epochs, when other parameters become trainable (default off)")
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun, BatchNorm normalises with the statistics of the global batch, as one "
                         "process does (the papers trained on one GPU), instead of each rank's rows "

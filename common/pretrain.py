@@ -107,6 +107,23 @@ def place(modules, device, sync_bn=False):
             dist.sync_batchnorm(module)
 
 
+def compile_loss(loss_fn, device):
+    """--compile: `loss_fn` (a method's forward of both views through its networks and its loss, the
+    augmentation's random draws left outside) under torch.compile; backward runs the graph AOTAutograd
+    compiles with it, the optimiser step stays eager. One process on CUDA: mode "reduce-overhead" (the step
+    replays as CUDA graphs); the CPU, and torchrun (DDP's gradient hooks run between the graph's pieces):
+    the default mode. The same shapes every step (full batches) compile once; the returned loss is a copy,
+    since a CUDA graph's outputs are overwritten by its next replay."""
+    graphs = device.type == "cuda" and dist.world_size() == 1
+    compiled = torch.compile(loss_fn, mode="reduce-overhead" if graphs else None)
+
+    def run(*args):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args).clone()
+    return run
+
+
 def mean_finite_loss(losses, step, epoch, out):
     """Mean of an epoch's per-step losses (tensors, kept on the device so the loop never syncs);
     a non-finite one stops the run naming its step, before the epoch's checkpoint is written."""

@@ -67,12 +67,28 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def cli_env(**extra):
+    """The environment of a script a test starts: no downloads, no warnings, one thread (the workloads are
+    tiny, where thread start-up costs more than it gains), and no GPU: the tests compare runs bit for bit
+    and start several processes, which the CPU does deterministically and a one-GPU machine could not
+    (two torchrun ranks would ask for cuda:1; cuDNN is not bit-exact by default)."""
+    return {**os.environ, "MEDSSL_NO_DOWNLOAD": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+@pytest.fixture(autouse=True)
+def cpu_by_default(monkeypatch):
+    """--device auto means the CPU in a script's main() run inside a test, for the reasons of cli_env; a
+    test that asks for --device cuda still gets it."""
+    from common import cli
+    pick = cli.pick_device
+    monkeypatch.setattr(cli, "pick_device", lambda name: pick("cpu" if name == "auto" else name))
+
+
 def run_cli(*args, env=None, cwd=REPO):
-    """Run a script as a user would; returns the CompletedProcess (text)."""
-    # one thread: the CLI tests run tiny workloads, where thread start-up costs more than it gains
-    full_env = {**os.environ, "MEDSSL_NO_DOWNLOAD": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
-                **(env or {})}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True)
+    """Run a script as a user would (on the CPU: cli_env); returns the CompletedProcess (text)."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=cli_env(**(env or {})), capture_output=True,
+                          text=True)
 
 
 def tiny_run(out, images, steps_per_epoch, seed=0, **settings):

@@ -130,7 +130,7 @@ def _run_epoch(args, encoder, epoch, in_chans=1, tmp="/tmp/medssl-test-barlow"):
     before = {k: v.clone() for k, v in projector.state_dict().items()}
     online, views = [], augment.views(args.aug)
     step = functools.partial(pretrain_barlow.train_step, args, online, projector, optimizer, views, run.generator, 2)
-    phase = functools.partial(pretrain_barlow.start_phase, args, encoder, projector, encoder, online, run.device)
+    phase = functools.partial(pretrain_barlow.start_phase, args, encoder, projector, online, run.device)
     figures = phase(epoch)
     losses = [step(run.images[:8], 2 * epoch + i)[0] for i in range(2)]
     assert all(np.isfinite(loss.item()) for loss in losses)

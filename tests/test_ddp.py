@@ -28,9 +28,9 @@ import pytest
 import torch
 
 from common import dist
-from conftest import REPO
+from conftest import REPO, cli_env
 
-ENV = {**os.environ, "MEDSSL_NO_DOWNLOAD": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+ENV = cli_env()  # the CPU: bit-exact comparisons, and several processes on any machine
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
 SMALL = ["--data", "breastmnist", "--epochs", "2", "--max-steps", "1", "--batch-size", "32", "--sync-bn"]
 COMMANDS = {

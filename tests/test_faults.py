@@ -236,7 +236,8 @@ def test_overwrite_that_fails_before_its_first_checkpoint_keeps_the_old_run(fini
     if fault == "disk full":  # Python ignores SIGXFSZ: a write past RLIMIT_FSIZE fails with EFBIG
         limit = 2 ** 20
         r = subprocess.run([sys.executable, *command, "--overwrite"], cwd=REPO, capture_output=True, text=True,
-                           env={**os.environ, "MEDSSL_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1"},
+                           env={**os.environ, "MEDSSL_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1",
+                                "CUDA_VISIBLE_DEVICES": ""},
                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     else:
         r = run_cli(*command, *fault, "--overwrite")
@@ -283,7 +284,7 @@ def test_signal_is_one_line_the_lock_refuses_a_second_run_and_the_same_command_r
     out = tmp_path / "run"
     command = [sys.executable, f"{script}.py", "--data", "breastmnist", "--data-root", real_root, "--epochs", "3",
                "--max-steps", "4", "--batch-size", "4", "--save-every", "1", *TINY_RUN[script], "--out", str(out)]
-    env = {**os.environ, "MEDSSL_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MEDSSL_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(out / "checkpoint.pt", first)
     first.send_signal(signal.SIGSTOP)  # holds its lock while stopped

@@ -18,9 +18,9 @@ import time
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, cli_env
 
-ENV = {**os.environ, "MEDSSL_NO_DOWNLOAD": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+ENV = cli_env()  # the CPU: bit-exact comparisons, and several processes on any machine
 SMALL = ["--data", "breastmnist", "--epochs", "2", "--max-steps", "3", "--batch-size", "8"]
 COMMANDS = {
     "byol": ["pretrain_byol.py", *SMALL, "--projector-hidden", "32", "--predictor-hidden", "32", "--aug", "byol",

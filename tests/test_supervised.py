@@ -15,7 +15,7 @@ import yaml
 
 from common import data, metrics, models, supervised
 from common.cli import UserError
-from conftest import REPO, run_cli
+from conftest import REPO, cli_env, run_cli
 
 
 def _encoder():
@@ -168,8 +168,7 @@ SGD = ["evaluate.py", "--data", "breastmnist", "--mode", "linear_probe", "--prob
 
 
 def _start(*args):
-    env = {**os.environ, "MEDSSL_NO_DOWNLOAD": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
