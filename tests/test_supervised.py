@@ -173,10 +173,18 @@ def _start(*args):
                             stderr=subprocess.PIPE, text=True)
 
 
+def _ready(ready):
+    try:
+        return ready()
+    except FileNotFoundError:  # e.g. args.yaml between --overwrite moving the old run aside and the new one
+        return False
+
+
 def _kill_when(proc, ready, timeout=240):
-    """SIGKILL `proc` as soon as ready() holds; fails if it ended first."""
+    """SIGKILL `proc` as soon as ready() holds (a file it reads not there yet: not yet); fails if it
+    ended first."""
     deadline = time.time() + timeout
-    while not ready():
+    while not _ready(ready):
         assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-1000:]}"
         assert time.time() < deadline, "timed out waiting"
         time.sleep(0.02)
