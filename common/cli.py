@@ -119,7 +119,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def add_common_flags(parser, data_help="a MedMNIST 2D flag, an .npz, a folder or a CSV manifest (see docs/DATA.md)",
                      resnet=True):
-    """The data / model / run flags every script shares (DESIGN.md), the flags of own images among
+    """The data / model / run flags every script shares, the flags of own images among
     them (common.data.add_data_flags), and the help formatter that shows every default; each script
     adds its own optimisation flags next to these so their help can quote its paper. resnet=False
     leaves out --arch / --stem / --in-chans (finetune_beit.py's model is named by --model)."""
@@ -128,7 +128,8 @@ def add_common_flags(parser, data_help="a MedMNIST 2D flag, an .npz, a folder or
     parser.formatter_class = HelpFormatter
     g = parser.add_argument_group("data")
     g.add_argument("--data", default="pneumoniamnist", help=data_help)
-    g.add_argument("--size", type=int, default=28, help="image side; MedMNIST: 28, 64, 128 or 224; own images: any side")
+    g.add_argument("--size", type=int, default=28,
+                   help="image side; MedMNIST: 28, 64, 128 or 224; own images: any side")
     g.add_argument("--data-root", default=None,
                    help="folder with <flag>[_<size>].npz; default $MEDMNIST_ROOT, else ~/.medmnist")
     data.add_data_flags(g)
@@ -229,7 +230,8 @@ RANGES = {
     # data and run
     "size": AT_LEAST_1, "resize": AT_LEAST_1,
     "seed": Range(0, 2 ** 32, hi_open=True, words="in [0, 2**32) (numpy's seeds)"),
-    "seeds": AT_LEAST_1, "max_steps": AT_LEAST_1, "save_every": AT_LEAST_0, "eval_every": AT_LEAST_0,
+    "seeds": AT_LEAST_1, "max_steps": AT_LEAST_1, "save_every": AT_LEAST_0, "save_seconds": AT_LEAST_0,
+    "eval_every": AT_LEAST_0,
     "label_fraction": SHARE, "shots": AT_LEAST_1, "balance": Range(0, 0.5, lo_open=True),
     # optimisation
     "epochs": AT_LEAST_1, "lr": POSITIVE, "head_lr": POSITIVE, "freeze_lr": POSITIVE,

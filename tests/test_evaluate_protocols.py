@@ -215,7 +215,8 @@ class HostOnly:
 
 
 @pytest.mark.parametrize("flags", [["--mode", "finetune", "--precise-bn", "on", "--saliency", "2"],
-                                   ["--mode", "fewshot", "--shots", "4", "--lr", "auto", "--lr-range", "1e-4", "1", "5"],
+                                   ["--mode", "fewshot", "--shots", "4", "--lr", "auto",
+                                    "--lr-range", "1e-4", "1", "5"],
                                    ["--mode", "linear_probe", "--probe", "sgd"], ["--mode", "linear_probe"],
                                    ["--mode", "knn"]], ids=lambda f: f[1] + (f"-{f[3]}" if len(f) > 3 else ""))
 def test_every_batch_and_feature_pass_goes_through_data_batch(tmp_path, monkeypatch, flags):

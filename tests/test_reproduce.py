@@ -18,7 +18,8 @@ EXPECTED = {
          "configs/medmnist_resnet50_224.yaml", "--resize 64"],
         ["configs/medmnist_resnet18_28.yaml --data pneumoniamnist --out", "--size 224 --balance 0.4 --seeds 3"]),
     "reproduce_byol.sh": (
-        ["pretrain_byol.py", "--aug paper001", "--aug byol+", "--init random --epochs 3 --max-steps 25 --data pneumoniamnist --aug paper001",
+        ["pretrain_byol.py", "--aug paper001", "--aug byol+",
+         "--init random --epochs 3 --max-steps 25 --data pneumoniamnist --aug paper001",
          "--init imagenet --data dermamnist --mode finetune", "--mode fewshot --shots 20", "--mode linear_probe"],
         ["--config configs/paper001_byol.yaml --aug byol+", "--probe sgd --seeds 3"]),
     "reproduce_barlow_chest.sh": (
