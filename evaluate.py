@@ -1,4 +1,5 @@
-"""Evaluate an encoder on a labelled MedMNIST dataset: linear probe, fine-tune, few-shot or kNN.
+"""Evaluate an encoder on a labelled dataset (a MedMNIST flag or your own images, docs/DATA.md): linear
+probe, fine-tune, few-shot or kNN.
 
 The encoder comes from a pretraining checkpoint (--ckpt) or a baseline init (--init random|imagenet|
 <.pth>). Training uses the train split (or a seeded subset of it), the epoch (or probe strength, or
@@ -36,9 +37,10 @@ KNN_K = (5, 10, 20, 50)
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_flags(parser, data_help="labelled MedMNIST 2D flag to evaluate on")
+    parser = argparse.ArgumentParser("evaluate", description=__doc__)
+    cli.add_common_flags(parser, data_help="the labelled dataset to evaluate on: a MedMNIST 2D flag, an .npz, a "
+                                           "folder or a CSV manifest (see docs/DATA.md)")
+    cli.add_evaluation_flags(parser)
 
     # * What to evaluate
     g = parser.add_argument_group("encoder and protocol")
@@ -85,11 +87,13 @@ def get_args_parser():
                    help="first train the head alone for N epochs on the frozen encoder, Adam at --head-lr "
                         "(paper 003 §3.4: 1), then the main phase")
     g.add_argument("--head-lr", type=float, default=2e-3,
-                   help="Adam lr of the head-only epochs (fastai's fine_tune default 2e-3; paper 003's value is "
-                        "a fixed Adam lr)")
+                   help="Adam lr of the head-only epochs (default 2e-3, fastai's fine_tune value; paper 003 "
+                        "names a fixed Adam lr without its value)")
     g.add_argument("--lr-schedule", default="constant", choices=list(optim.LR_SCHEDULES),
-                   help="lr schedule of the main phase: constant (paper 001), cosine (paper 002), 1cycle (paper 003), "
-                        "step (x0.1 at 50%% and 75%% of the epochs: MedMNIST v2's protocol)")
+                   help="lr schedule of the main phase: constant (paper 001); cosine = cosine decay to 0 (paper "
+                        "002); 1cycle = fastai's one-cycle, up to --lr and down again, momentum inversely (paper "
+                        "003); step = x0.1 at 50%% and 75%% of the epochs (MedMNIST v2's protocol); linear = linear "
+                        "decay to 0 (the Hugging Face Trainer's)")
     g.add_argument("--lr-range", type=float, nargs=3, default=[1e-7, 10.0, 100], metavar=("START", "END", "STEPS"),
                    help="sweep of --lr auto (fastai's lr_find: 1e-7 10 100)")
     g.add_argument("--train-aug", default="none", choices=sorted(augment.FINETUNE_AUG),
@@ -190,12 +194,15 @@ def finetune(args, encoder, train, val, test, task, n_out, seed, device, log):
     aug_gen = torch.Generator(device).manual_seed(seed)
     steps_aug = augment.FINETUNE_AUG[args.train_aug]
 
-    def forward(x):
-        return model(data.to_input(x, args.in_chans, args.resize).contiguous(memory_format=torch.channels_last))
+    def forward(x):  # bf16 autocast on CUDA (supervised.autocast), float32 logits
+        with supervised.autocast(device):
+            return model(data.to_input(x, args.in_chans, args.resize).contiguous(
+                memory_format=torch.channels_last)).float()
 
     def forward_aug(x):  # uint8 -> [0, 1] floats, augmented per image, then normalised
         x = data.to_input(augment.apply_steps(x.float().div_(255), steps_aug, aug_gen), args.in_chans, args.resize)
-        return model(x.contiguous(memory_format=torch.channels_last))
+        with supervised.autocast(device):
+            return model(x.contiguous(memory_format=torch.channels_last)).float()
     forward_train = forward_aug if steps_aug else forward
     val = supervised.Examples(val.images, val.labels)
     info = {}
@@ -234,12 +241,15 @@ def range_test_lr(args, model, train, forward_train, task, seed):
     supervised.enter_training(model, args.frozen_bn)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr_range[0], weight_decay=args.weight_decay)
-    gen = torch.Generator(train.inputs.device).manual_seed(seed + 1)
+    device = supervised.model_device(model)
+    gen = torch.Generator(device).manual_seed(seed + 1)
     batch = min(args.batch_size, len(train))
 
     def batch_loss():
-        idx = torch.randint(len(train), (batch,), generator=gen, device=train.inputs.device)
-        return supervised.classification_loss(forward_train(train.inputs[idx]), train.labels[idx], task)
+        idx = torch.randint(len(train), (batch,), generator=gen, device=device)
+        idx = idx if train.index is None else train.index[idx]
+        return supervised.classification_loss(forward_train(data.batch(train.inputs, idx, device)), train.labels[idx],
+                                              task)
     start, end, steps = args.lr_range
     lrs, losses, lr = optim.lr_range_test(batch_loss, optimizer, [model], start, end, int(steps))
     name = os.path.join(args.out, f"lr_range_seed{seed}")
@@ -251,8 +261,10 @@ def range_test_lr(args, model, train, forward_train, task, seed):
 def write_saliency(args, model, test):
     """--saliency N: where the fine-tuned model looks on the first N test images (the same images in
     every run, so scripts/report.py can put two models' maps side by side), for each image's true
-    class (its first positive label when multi-label). Maps are stored at the stored image size."""
-    images, labels = test.images[:args.saliency], test.labels[:args.saliency]
+    class (its first positive label when multi-label), with the model's prediction (`predicted`: the
+    argmax of its class probabilities). Maps are stored at the stored image size."""
+    device = supervised.model_device(model)
+    images, labels = data.batch(test.images, slice(0, args.saliency), device), test.labels[:args.saliency]
     target = labels.argmax(dim=1) if labels.ndim == 2 else labels
     x = data.to_input(images, args.in_chans, args.resize)
     side, layer = x.shape[-1], saliency.deepest_spatial_stage(model[0], x)
@@ -261,8 +273,11 @@ def write_saliency(args, model, test):
                                                         stride=max(1, side // 14))}
     maps = {k: torch.nn.functional.interpolate(m[:, None], size=images.shape[-2:], mode="bilinear")[:, 0]
             for k, m in maps.items()}
+    predicted = supervised.probabilities(model, images, test.task, lambda b: model(
+        data.to_input(b, args.in_chans, args.resize).contiguous(memory_format=torch.channels_last))).argmax(axis=1)
     np.savez(os.path.join(args.out, "saliency.npz"), images=images.cpu().numpy(), index=np.arange(len(images)),
-             class_idx=target.cpu().numpy(), layer=layer, **{k: m.cpu().numpy() for k, m in maps.items()})
+             class_idx=target.cpu().numpy(), predicted=predicted, layer=layer,
+             **{k: m.cpu().numpy() for k, m in maps.items()})
 
 
 # ---------------------------------------------------------------- one seeded run
@@ -277,7 +292,7 @@ def run_seed(args, seed, splits, template, device, log):
     cli.seed_everything(seed)
     train, val, test = splits["train"], splits["val"], splits["test"]
     idx = torch.as_tensor(training_indices(args, train.labels, seed), device=device)
-    x_train, y_train = train.images[idx], train.labels[idx]
+    y_train = train.labels[idx]  # the images stay where they are (maybe host memory): batches are gathered
     # a random init must differ per seed; a loaded one is the same weights every time
     encoder = models.build_encoder(args.arch, args.stem, args.in_chans) if args.init == "random" \
         else copy.deepcopy(template)
@@ -286,14 +301,15 @@ def run_seed(args, seed, splits, template, device, log):
 
     if args.mode in ("finetune", "fewshot"):
         supervised.check_batch_size(args.batch_size, len(idx))
-        result, model = finetune(args, encoder, supervised.Examples(x_train, y_train), val, test, task, n_out, seed,
-                                 device, log)
+        result, model = finetune(args, encoder, supervised.Examples(train.images, train.labels, idx), val, test, task,
+                                 n_out, seed, device, log)
         if args.saliency and seed == args.seed:
             write_saliency(args, model, test)
         return result
 
-    feats = {name: models.features(encoder, x, args.in_chans, resize=args.resize)
-             for name, x in (("train", x_train), ("val", val.images), ("test", test.images))}
+    with supervised.autocast(device):  # bf16 on CUDA; features come back as float32
+        feats = {name: models.features(encoder, split.images, args.in_chans, resize=args.resize, index=index)
+                 for name, split, index in (("train", train, idx), ("val", val, None), ("test", test, None))}
     if args.mode == "knn":
         return knn_probe((feats["train"], y_train), (feats["val"], val.labels), feats["test"], task, n_out)
     if args.probe == "logreg":
@@ -317,9 +333,13 @@ def main():
     args = resolve_args(cli.parse_args(get_args_parser()))
     device = cli.pick_device(args.device)
 
-    # ---- data: the three splits, whole, on the device
-    splits = {s: data.load_split(args.data, s, args.size, args.data_root, device, args.in_chans)
+    # ---- data: the three splits, whole, on the device (or in pinned host memory when too large);
+    # task and class names from the dataset's own description
+    options = data.options_from(vars(args))
+    splits = {s: data.load_split(args.data, s, args.size, args.data_root, device, args.in_chans, options=options)
               for s in ("train", "val", "test")}
+    info = splits["test"].info
+    positive = supervised.positive_class(args.positive_class, info)
     if args.batch_size is None and uses_batches(args):  # from the subset drawn (its size is the same every seed)
         args.batch_size = supervised.default_batch_size(len(training_indices(args, splits["train"].labels, args.seed)))
 
@@ -332,11 +352,13 @@ def main():
     # ---- seeded runs, each saved as it ends; then metrics.json, predictions.npz and the plots
     full = args.mode in ("finetune", "fewshot")
     epochs = args.epochs + args.head_epochs if full else (args.epochs if uses_batches(args) else 0)
-    header = {"data": args.data, "size": args.size, "mode": args.mode, "encoder": args.init, "args": vars(args)}
+    header = {"data": args.data, "data_hash": info.hash, "size": args.size, "mode": args.mode, "encoder": args.init,
+              "class_names": list(info.class_names), "args": vars(args)}
     supervised.run_seeds(args.out, list(range(args.seed, args.seed + args.seeds)),
                          lambda seed, log: run_seed(args, seed, splits, template, device, log),
-                         splits["test"].labels.cpu().numpy(), splits["test"].task, header,
-                         title=f"{args.data} {args.mode}, encoder {args.init}", epochs_per_seed=epochs)
+                         splits["test"].labels.cpu().numpy(), info.task, header,
+                         title=f"{args.data} {args.mode}, encoder {args.init}", epochs_per_seed=epochs,
+                         class_names=info.class_names, positive_class=positive, tensorboard=args.tensorboard)
 
 
 if __name__ == "__main__":

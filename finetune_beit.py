@@ -1,4 +1,5 @@
-"""Fine-tune the top layers of a pretrained BEiT on a MedMNIST dataset (paper 000).
+"""Fine-tune the top layers of a pretrained BEiT on a labelled dataset (paper 000: MedMNIST; your own
+images too, docs/DATA.md).
 
 The BEiT is Hugging Face's BeitForImageClassification. Only its top --trainable-layers transformer
 layers, the pooler and a new classifier train (paper 000: 5 layers, ~63M of BEiT-large's 304M
@@ -28,10 +29,11 @@ RESAMPLE = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("finetune_beit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_flags(parser, data_help="labelled MedMNIST 2D flag (paper 000: breastmnist, pneumoniamnist)",
-                           resnet=False)
+    parser = argparse.ArgumentParser("finetune_beit", description=__doc__)
+    cli.add_common_flags(parser, data_help="the labelled dataset: a MedMNIST 2D flag (paper 000: breastmnist, "
+                                           "pneumoniamnist), an .npz, a folder or a CSV manifest (see docs/DATA.md)",
+                         resnet=False)
+    cli.add_evaluation_flags(parser)
 
     # * Model
     g = parser.add_argument_group("model")
@@ -59,8 +61,10 @@ def get_args_parser():
     g.add_argument("--weight-decay", type=float, default=0.0,
                    help="AdamW weight decay (paper 000 tuned it per dataset without giving the value)")
     g.add_argument("--lr-schedule", default="linear", choices=list(optim.LR_SCHEDULES),
-                   help="linear decay to 0 = the Hugging Face Trainer's default, which paper 000's Hugging Face "
-                        "pipeline presumably used (it does not say)")
+                   help="linear (default) = linear decay to 0, as the Hugging Face Trainer does by default and paper "
+                        "000's Hugging Face pipeline presumably did (it does not say); constant; cosine = cosine decay to 0; "
+                        "1cycle = fastai's one-cycle (up to --lr and down again); step = x0.1 at 50%% and 75%% of "
+                        "the epochs")
     g.add_argument("--seeds", type=int, default=1, help="seeded repeats (seed, seed+1, ...), reported as mean ± std")
     g.add_argument("--eval-batch-size", type=int, default=128, help="images per forward pass when scoring")
     return parser
@@ -250,8 +254,7 @@ def run_seed(args, seed, splits, prep, device, log):
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()
     # bf16 autocast on CUDA (paper-scale BEiT-large); full precision on the CPU
-    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")  # noqa: E731
-    forward = beit_forward(model, prep, autocast)
+    forward = beit_forward(model, prep, lambda: supervised.autocast(device))
 
     idx = np.arange(len(train.labels))
     if args.balance is not None:
@@ -297,7 +300,11 @@ def main():
     device = cli.pick_device(args.device)
 
     # ---- data: the three splits, whole, as uint8 on the device; resized batch by batch
-    splits = {s: data.load_split(args.data, s, args.size, args.data_root, device) for s in ("train", "val", "test")}
+    options = data.options_from(vars(args))
+    splits = {s: data.load_split(args.data, s, args.size, args.data_root, device, options=options)
+              for s in ("train", "val", "test")}
+    info = splits["test"].info  # task and class names: the dataset's own description
+    positive = supervised.positive_class(args.positive_class, info)
     prep = load_processor(args.model)
 
     # ---- run directory: an --overwrite re-run moves the old run aside until this one has started
@@ -305,12 +312,13 @@ def main():
 
     # ---- seeded runs, each saved as it ends; then metrics.json, predictions.npz and the plots
     name = f"BEiT ({args.size})" + (" balanced" if args.balance is not None else "")
-    header = {"data": args.data, "size": args.size, "mode": "finetune_beit", "encoder": name, "model": args.model,
-              "args": vars(args)}
+    header = {"data": args.data, "data_hash": info.hash, "size": args.size, "mode": "finetune_beit", "encoder": name,
+              "model": args.model, "class_names": list(info.class_names), "args": vars(args)}
     supervised.run_seeds(args.out, list(range(args.seed, args.seed + args.seeds)),
                          lambda seed, log: run_seed(args, seed, splits, prep, device, log),
-                         splits["test"].labels.cpu().numpy(), splits["test"].task, header,
-                         title=f"{args.data} {name}", epochs_per_seed=args.epochs)
+                         splits["test"].labels.cpu().numpy(), info.task, header,
+                         title=f"{args.data} {name}", epochs_per_seed=args.epochs,
+                         class_names=info.class_names, positive_class=positive, tensorboard=args.tensorboard)
 
 
 if __name__ == "__main__":

@@ -102,16 +102,37 @@ def one_line_errors(parser):
     return parser
 
 
-def add_common_flags(parser, data_help="MedMNIST 2D flag, e.g. pneumoniamnist", resnet=True):
-    """The data / model / run flags every script shares (DESIGN.md); each script adds its own
-    optimisation flags next to these so their help can quote its paper. resnet=False leaves out
-    --arch / --stem / --in-chans (finetune_beit.py's model is named by --model)."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with every flag's default: " (default: X)" appended unless the help already names its
+    default, or there is none to show (None, off, an empty list). Descriptions keep their layout."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default is None or default is False or default == argparse.SUPPRESS
+                or (isinstance(default, (list, tuple)) and not default) or not action.option_strings):
+            return text
+        shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) \
+            if isinstance(default, (list, tuple)) else (f"{default:g}" if isinstance(default, float) else default)
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
+def add_common_flags(parser, data_help="a MedMNIST 2D flag, an .npz, a folder or a CSV manifest (see docs/DATA.md)",
+                     resnet=True):
+    """The data / model / run flags every script shares, the flags of own images among
+    them (common.data.add_data_flags), and the help formatter that shows every default; each script
+    adds its own optimisation flags next to these so their help can quote its paper. resnet=False
+    leaves out --arch / --stem / --in-chans (finetune_beit.py's model is named by --model)."""
+    from common import data  # data imports this module
     one_line_errors(parser)
+    parser.formatter_class = HelpFormatter
     g = parser.add_argument_group("data")
     g.add_argument("--data", default="pneumoniamnist", help=data_help)
-    g.add_argument("--size", type=int, default=28, help="image side: 28, 64, 128 or 224 (MedMNIST+)")
+    g.add_argument("--size", type=int, default=28,
+                   help="image side; MedMNIST: 28, 64, 128 or 224; own images: any side")
     g.add_argument("--data-root", default=None,
                    help="folder with <flag>[_<size>].npz; default $MEDMNIST_ROOT, else ~/.medmnist")
+    data.add_data_flags(g)
     if resnet:
         g = parser.add_argument_group("model")
         g.add_argument("--arch", default=None, choices=["resnet18", "resnet50"], help="backbone (default resnet18)")
@@ -160,6 +181,20 @@ def add_pretrain_flags(parser):
                    help="under torchrun, BatchNorm normalises with the statistics of the global batch, as one "
                         "process does (the papers trained on one GPU), instead of each rank's rows "
                         "(torch.nn.SyncBatchNorm on CUDA, an equivalent on the CPU); no effect in one process")
+    return parser
+
+
+def add_evaluation_flags(parser):
+    """The flags evaluate.py and finetune_beit.py share: which class of a binary task is positive,
+    and TensorBoard."""
+    g = parser.add_argument_group("reporting")
+    g.add_argument("--positive-class", default="1", metavar="INDEX|NAME",
+                   help="binary tasks: the class whose precision, recall (sensitivity), F1 and ROC curve are "
+                        "reported, as an index or a class name (default 1, medmnist's convention; e.g. for "
+                        "BreastMNIST 0 = malignant, 1 = normal, benign); specificity is the other class's recall")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the per-epoch records (train loss, validation AUC, lr) as TensorBoard "
+                        "scalars in <out>/tensorboard, tagged by seed (e.g. seed0/val_auc)")
     return parser
 
 
@@ -285,6 +320,11 @@ def parse_args(parser, argv=None, ranges=None):
     if first.config:
         parser.set_defaults(**_read_config(parser, first.config))
     args = parser.parse_args(argv)
+    # tuples (e.g. --split-ratio) as lists: args.yaml reads them back as lists, and a resumed run
+    # compares its flags with those
+    for name, value in vars(args).items():
+        if isinstance(value, tuple):
+            setattr(args, name, list(value))
     check_ranges(args, ranges)
     return args
 

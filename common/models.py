@@ -98,14 +98,18 @@ def check_meta(meta, path, arch, stem, in_chans):
 
 
 @torch.no_grad()
-def features(encoder, images, in_chans, batch_size=512, resize=None):
-    """Frozen-encoder features of a whole uint8 split, in eval mode (BN running statistics);
-    resize: see data.to_input."""
-    from common.data import to_input
+def features(encoder, images, in_chans, batch_size=512, resize=None, index=None):
+    """Frozen-encoder features (float32, on the encoder's device) of a whole uint8 split, or of its
+    rows `index`, in eval mode (BN running statistics); the images may be in pinned host memory
+    (data.batch brings each batch over); resize: see data.to_input."""
+    from common.data import batch, to_input
     was_training = encoder.training
     encoder.eval()
-    out = torch.cat([encoder(to_input(images[i:i + batch_size], in_chans, resize).contiguous(
-        memory_format=torch.channels_last)).float() for i in range(0, len(images), batch_size)])
+    device = next(encoder.parameters()).device
+    n = len(images) if index is None else len(index)
+    rows = (lambda i: slice(i, i + batch_size)) if index is None else (lambda i: index[i:i + batch_size])
+    out = torch.cat([encoder(to_input(batch(images, rows(i), device), in_chans, resize).contiguous(
+        memory_format=torch.channels_last)).float() for i in range(0, n, batch_size)])
     encoder.train(was_training)
     return out
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import cli, metrics, models, optim, rundir
+from common import cli, data, metrics, models, optim, rundir
 from common.cli import UserError
 
 # What a run of evaluate.py / finetune_beit.py writes in its directory; --overwrite clears these
@@ -53,13 +53,27 @@ def _activate(logits, task):
     return logits.softmax(dim=1)
 
 
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, as the pretraining steps run; off (full precision, unchanged) elsewhere.
+    Outputs are cast to float32 before losses and metrics."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 @torch.no_grad()
 def probabilities(model, inputs, task, forward=None, batch_size=512):
     """Class probabilities (numpy, N x C) of a whole split in eval mode; forward(batch) -> logits
-    (default model(batch)), e.g. with the model's own preprocessing or augmentation."""
+    (default model(batch)), e.g. with the model's own preprocessing or augmentation. `inputs` may be
+    in pinned host memory (data.batch brings each batch to the model's device)."""
     forward = forward or model
     model.eval()
-    logits = torch.cat([forward(inputs[i:i + batch_size]).float() for i in range(0, len(inputs), batch_size)])
+    device = model_device(model)
+    logits = torch.cat([forward(data.batch(inputs, slice(i, i + batch_size), device)).float()
+                        for i in range(0, len(inputs), batch_size)])
     return _activate(logits, task).cpu().numpy()
 
 
@@ -100,22 +114,23 @@ def enter_training(model, frozen_bn="eval"):
 
 
 @torch.no_grad()
-def recompute_bn_stats(model, images, forward, batch_size, frozen_bn="eval"):
+def recompute_bn_stats(model, images, forward, batch_size, frozen_bn="eval", index=None):
     """Precise BN: replace the running statistics of every BatchNorm that trains with their average
-    over `images` under the current weights (momentum None: the plain mean over the batches);
-    forward(batch) runs the model. A lone last image joins the batch before it: training-mode BN
-    cannot normalise one image at layer4's 1x1 maps."""
+    over `images` (its rows `index`, None: all) under the current weights (momentum None: the plain
+    mean over the batches); forward(batch) runs the model. A lone last image joins the batch before
+    it: training-mode BN cannot normalise one image at layer4's 1x1 maps."""
     enter_training(model, frozen_bn)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
-    starts = list(range(0, len(images), batch_size))
-    if len(starts) > 1 and len(images) - starts[-1] == 1:
+    n, device = len(images) if index is None else len(index), model_device(model)
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
         starts.pop()
-    for start, end in zip(starts, starts[1:] + [len(images)]):
-        forward(images[start:end])
+    for start, end in zip(starts, starts[1:] + [n]):
+        forward(data.batch(images, slice(start, end) if index is None else index[start:end], device))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
 
@@ -123,8 +138,9 @@ def recompute_bn_stats(model, images, forward, batch_size, frozen_bn="eval"):
 # ---------------------------------------------------------------- training with selection
 @dataclass(frozen=True)
 class Examples:
-    """Labelled inputs on the device: images or features. `index`: the rows that train (None: all),
-    so a subset of a large split is drawn batch by batch instead of copied."""
+    """Labelled inputs: images or features, on the device or in pinned host memory (labels on the
+    device). `index`: the rows that train (None: all), so a subset of a large split is drawn batch by
+    batch instead of copied."""
     inputs: torch.Tensor
     labels: torch.Tensor
     index: Optional[torch.Tensor] = None
@@ -184,7 +200,7 @@ def train_select(model, optimizer, train, val, task, seed, schedule, forward, fo
     Batches are drawn from a generator seeded with `seed`; losses stay on the device until the epoch
     ends (one host sync per epoch). log(record) gets one record per epoch. Returns a Selection."""
     forward_train = forward_train or forward
-    device = train.inputs.device
+    device = model_device(model)
     gen = torch.Generator(device).manual_seed(seed)
     y_val = val.labels.cpu().numpy()
     n, steps = len(train), schedule.steps(len(train))
@@ -201,7 +217,7 @@ def train_select(model, optimizer, train, val, task, seed, schedule, forward, fo
             if lr_set is not None:
                 optim.schedule_step(optimizer, schedule.lr_schedule, epoch * steps + i, schedule.epochs * steps, lr_set)
             idx = perm[i * schedule.batch_size:(i + 1) * schedule.batch_size]
-            loss = classification_loss(forward_train(train.inputs[idx]), train.labels[idx], task)
+            loss = classification_loss(forward_train(data.batch(train.inputs, idx, device)), train.labels[idx], task)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -210,8 +226,7 @@ def train_select(model, optimizer, train, val, task, seed, schedule, forward, fo
         mean_loss = check_finite_loss(losses, seed, epoch, lr)
         seen = min(steps * schedule.batch_size, n)
         if schedule.precise_bn:
-            recompute_bn_stats(model, train.inputs if train.index is None else train.inputs[train.index],
-                               forward, schedule.batch_size, schedule.frozen_bn)
+            recompute_bn_stats(model, train.inputs, forward, schedule.batch_size, schedule.frozen_bn, train.index)
         y_score = probabilities(model, val.inputs, task, forward, schedule.eval_batch_size)
         if not np.isfinite(y_score).all():
             raise UserError(f"the validation outputs became non-finite at seed {seed}, epoch {epoch}; lower --lr "
@@ -263,12 +278,34 @@ def epoch_line(record):
             f"{val}, best epoch {record['best_epoch'] + 1}")
 
 
-def run_seeds(out, seeds, run_seed, y_true, task, header, title, epochs_per_seed=0):
+# the per-epoch records that become TensorBoard scalars
+SCALARS = ("loss", "val_auc", "val_loss", "lr")
+
+
+def tensorboard_writer(out):
+    """A SummaryWriter into <out>/tensorboard (--tensorboard)."""
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(os.path.join(out, "tensorboard"))
+
+
+def write_scalars(writer, record):
+    """One per-epoch record as scalars at step `epoch`, tagged seed<N>/<key> (a phase before the
+    main one, e.g. the head-only epochs: seed<N>/<phase>/<key>)."""
+    prefix = f"seed{record['seed']}/" + (f"{record['phase']}/" if record.get("phase") else "")
+    for key in SCALARS:
+        if record.get(key) is not None:
+            writer.add_scalar(prefix + key, record[key], record["epoch"])
+
+
+def run_seeds(out, seeds, run_seed, y_true, task, header, title, epochs_per_seed=0, class_names=None,
+              positive_class=1, tensorboard=False):
     """The seeded repeats: run_seed(seed, log) -> SeedRun for every seed not finished in `out`, each
-    seed's test metrics and scores saved to seed_<N>.json as it ends, then metrics.json,
-    predictions.npz and the plots from the saved files (metrics.write_results; metrics.json last).
-    log(record) appends to log.jsonl, prints epoch_line and advances a progress bar over seeds and
-    epochs (epochs_per_seed of them; 0 for probes without epochs). Returns the metrics.json dict."""
+    seed's test metrics (classification_metrics with `positive_class`, binary tasks) and scores saved
+    to seed_<N>.json as it ends, then metrics.json, predictions.npz and the plots from the saved files
+    (metrics.write_results with `class_names`; metrics.json last). log(record) appends to log.jsonl,
+    prints epoch_line, advances a progress bar over seeds and epochs (epochs_per_seed of them; 0 for
+    probes without epochs) and, with `tensorboard`, writes the record's SCALARS into <out>/tensorboard.
+    Returns the metrics.json dict."""
     log_path = os.path.join(out, "log.jsonl")
     for path in glob.glob(os.path.join(glob.escape(out), ".tmp-*")):  # left by a kill during an atomic write
         os.remove(path)
@@ -281,12 +318,15 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, epochs_per_seed
     # disable=None: the bar is drawn on a terminal only, so logs and captured stderr stay clean
     bar = tqdm(total=len(seeds) * per, initial=len(done) * per, unit="epoch", desc="seeds x epochs", disable=None,
                dynamic_ncols=True)
+    writer = tensorboard_writer(out) if tensorboard else None
 
     def log(record):
         rundir.append_jsonl(log_path, record)
         if "epoch" in record:
             tqdm.write(epoch_line(record), file=sys.stdout)
             bar.update(1)
+            if writer:
+                write_scalars(writer, record)
 
     try:
         for i, seed in enumerate(seeds):
@@ -294,7 +334,7 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, epochs_per_seed
                 continue
             cli.progress.update(seed=seed, epoch=None)
             result = run_seed(seed, log)
-            test = metrics.classification_metrics(y_true, result.y_score, task)
+            test = metrics.classification_metrics(y_true, result.y_score, task, positive_class=positive_class)
             if result.info.get("selected_on") == "val_loss":
                 tqdm.write(f"note: seed {seed}: the validation split lacks a class, so its AUC is undefined; "
                            f"the lowest validation loss chose", file=sys.stdout)
@@ -308,9 +348,24 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, epochs_per_seed
             tqdm.write(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()), file=sys.stdout)
     finally:
         bar.close()
+        if writer:
+            writer.close()
     loaded = [_load_seed(out, seed) for seed in seeds]
     return metrics.write_results(out, header, [r for r, _ in loaded], y_true, [s for _, s in loaded], task,
-                                 seeds[0], title=title)
+                                 seeds[0], title=title, class_names=class_names, positive_class=positive_class)
+
+
+def positive_class(value, info):
+    """--positive-class as a class index of the dataset `info` (data.DatasetInfo): a binary task's
+    index or class name (metrics.positive_index); other tasks have none (1, the default, is ignored)."""
+    if info.task != metrics.BINARY:
+        if str(value).strip() != "1":
+            raise UserError(f"--positive-class applies to binary tasks; {info.source} is {info.task!r}: drop it")
+        return 1
+    try:
+        return metrics.positive_index(value, info.class_names)
+    except ValueError as e:
+        raise UserError(f"--positive-class: {e}")
 
 
 def default_batch_size(n_train):

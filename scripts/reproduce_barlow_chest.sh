@@ -9,6 +9,13 @@
 #   bash scripts/reproduce_barlow_chest.sh            # paper scale (GPU, configs/paper002_*.yaml): -> runs/barlow_chest
 #   QUICK=1 bash scripts/reproduce_barlow_chest.sh    # CPU scale (~25 min on 2 cores): -> runs/quick/barlow_chest
 #   bash scripts/reproduce_barlow_chest.sh --dry-run  # (or DRY_RUN=1) list the runs, write the spec, train nothing
+#   DATA=COVID-19_Radiography_Dataset/covid.csv bash scripts/reproduce_barlow_chest.sh   # the paper's own X-rays
+#
+# DATA= (the paper's COVID-19 Radiography database or CheXpert as a CSV manifest or folder, or any
+# labelled chest X-ray source; docs/DATA.md) replaces both the pretraining corpus (ChestMNIST; QUICK:
+# PneumoniaMNIST's train images) and the downstream task (PneumoniaMNIST); DATA_FLAGS="..." adds data
+# flags, e.g. DATA_FLAGS='--label-columns "Atelectasis,Cardiomegaly,Pleural Effusion" --uncertain-label one'
+# for CheXpert.
 #
 # Reports go to results/[quick/]barlow_chest. Finished runs are skipped, so re-running continues an
 # interrupted reproduction; what cannot be had makes "not run: <reason>" rows. RUNS=, RESULTS=, PY=
@@ -29,6 +36,7 @@ if [[ $QUICK == 1 ]]; then
   # PneumoniaMNIST's train images (labels unused) stand in for the chest X-ray corpus, at 28 px;
   # 2 epochs of 10 batches of 128 per pretraining run, so that the 12 scan points fit in ~10 min
   PRETRAIN=(--config configs/cpu_barlow.yaml --in-chans 1 --epochs 2 --max-steps 10 --eval-every 0)
+  PRETRAIN_DATA=()   # the config's pneumoniamnist
   EVAL_DATA=(--data pneumoniamnist)
   PROBE=(--mode linear_probe --seeds 1)   # logistic regression on frozen features: deterministic
   # --precise-bn on: after 16 steps BN's running averages lag the weights and a random-init network
@@ -42,6 +50,7 @@ else
   RUNS=${RUNS:-runs/barlow_chest}
   RESULTS=${RESULTS:-results/barlow_chest}
   PRETRAIN=(--config configs/paper002_barlow.yaml)
+  PRETRAIN_DATA=()   # the config's chestmnist
   EVAL_DATA=(--data pneumoniamnist --size 224)   # the pretraining resolution
   PROBE=(--mode linear_probe --seeds 3)
   FINETUNE=(--config configs/paper002_barlow_finetune.yaml --seeds 3)
@@ -52,8 +61,13 @@ else
   SEARCH_TRIALS=55
   SALIENCY=16
 fi
+DATA_REPLACES="the pretraining corpus and the downstream task (PneumoniaMNIST)"
 source scripts/reproduce_lib.sh
 parse_args "$@"
+if [[ -n $DATA ]]; then
+  PRETRAIN_DATA=(--data "$DATA" "${DATA_ARGS[@]}")
+  EVAL_DATA=(--data "$DATA" "${DATA_ARGS[@]}" "${EVAL_DATA[@]:2}")   # the same --size
+fi
 DEFAULT=$RUNS/pretrain-default   # final augmentations, projector 512, lambda 5e-3
 
 # ---------------------------------------------------------------- pretraining scans
@@ -62,7 +76,8 @@ DEFAULT=$RUNS/pretrain-default   # final augmentations, projector 512, lambda 5e
 pretrain() {
   local name=$1
   shift
-  step "$RUNS/pretrain-$name" "$PY" pretrain_barlow.py "${PRETRAIN[@]}" "$@" --out "$RUNS/pretrain-$name"
+  step "$RUNS/pretrain-$name" "$PY" pretrain_barlow.py "${PRETRAIN[@]}" "${PRETRAIN_DATA[@]}" "$@" \
+    --out "$RUNS/pretrain-$name"
   step "$RUNS/probe-$name" "$PY" evaluate.py --ckpt "$RUNS/pretrain-$name/checkpoint.pt" "${EVAL_DATA[@]}" \
     "${PROBE[@]}" --out "$RUNS/probe-$name"
 }
@@ -123,6 +138,11 @@ else
   INTRO="Paper scale: configs/paper002_barlow.yaml (ChestMNIST 224 px, 300 epochs) and
 configs/paper002_barlow_finetune.yaml on PneumoniaMNIST 224 px, 3 seeds; 55 random-search trials. At 1% of
 the labels (47 images) the batch is 32 instead of the recipe's 96."
+fi
+if [[ -n $DATA ]]; then
+  INTRO="$INTRO
+Own data: $DATA is both the pretraining corpus (its train split, labels unused) and the downstream task,
+in place of the MedMNIST stand-ins."
 fi
 row() { echo "      - {label: \"$1\", runs: \"$RUNS/$2\"}"; }
 table() {  # table TITLE: the header of a table of test AUC / ACC (rows follow)

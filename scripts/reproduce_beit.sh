@@ -8,6 +8,12 @@
 #   bash scripts/reproduce_beit.sh            # paper scale (GPU): -> runs/beit, results/beit
 #   QUICK=1 bash scripts/reproduce_beit.sh    # CPU scale (~20 min on 2 busy cores): -> runs/quick/beit, results/quick/beit
 #   bash scripts/reproduce_beit.sh --dry-run  # (or DRY_RUN=1) list the runs, write the spec, train nothing
+#   DATA=path/to/labelled bash scripts/reproduce_beit.sh   # the same rows on your own labelled images
+#
+# DATA= (any labelled source: a folder of class folders, a CSV manifest or an .npz; docs/DATA.md)
+# replaces BreastMNIST and PneumoniaMNIST in every row; DATA_BALANCE= is its balanced rows' minority
+# share (default 0.5) and DATA_FLAGS="..." adds data flags. Published numbers are MedMNIST's, so its
+# rows have none.
 #
 # Finished runs are skipped, so re-running continues an interrupted reproduction. BEiT needs
 # microsoft/beit-large-patch16-224 from the Hugging Face hub (or BEIT=<local folder>); without it the
@@ -41,8 +47,16 @@ else
   RESNET_FLAGS=()          # configs/medmnist_resnet*.yaml as they are: 100 epochs, 3 seeds
   RESNET_224_FLAGS=()
 fi
+DATA_REPLACES="BreastMNIST and PneumoniaMNIST in every row"
 source scripts/reproduce_lib.sh
 parse_args "$@"
+declare -A SOURCE=([breastmnist]=breastmnist [pneumoniamnist]=pneumoniamnist)   # run name -> --data
+if [[ -n $DATA ]]; then
+  name=$(data_name "$DATA")
+  DATASETS=("$name")
+  SOURCE[$name]=$DATA
+  BALANCE[$name]=${DATA_BALANCE:-0.5}
+fi
 
 # ---------------------------------------------------------------- runs
 if [[ $QUICK == 1 && $DRY_RUN == 0 && ! -f $TINY_BEIT/config.json ]]; then
@@ -57,22 +71,23 @@ BeitImageProcessor(size={"height": 32, "width": 32}).save_pretrained(sys.argv[1]
 EOF2
 fi
 for data in "${DATASETS[@]}"; do
+  data_src=(--data "${SOURCE[$data]}" "${DATA_ARGS[@]}")
   for net in resnet18 resnet50; do
-    step "$RUNS/$data-$net-28" "$PY" evaluate.py --config "configs/medmnist_${net}_28.yaml" --data "$data" \
+    step "$RUNS/$data-$net-28" "$PY" evaluate.py --config "configs/medmnist_${net}_28.yaml" "${data_src[@]}" \
       "${RESNET_FLAGS[@]}" --out "$RUNS/$data-$net-28"
-    step "$RUNS/$data-$net-224" "$PY" evaluate.py --config "configs/medmnist_${net}_224.yaml" --data "$data" \
+    step "$RUNS/$data-$net-224" "$PY" evaluate.py --config "configs/medmnist_${net}_224.yaml" "${data_src[@]}" \
       "${RESNET_FLAGS[@]}" "${RESNET_224_FLAGS[@]}" --out "$RUNS/$data-$net-224"
   done
   for size in 28 224; do
-    step "$RUNS/$data-beit-$size" "$PY" finetune_beit.py --model "$BEIT" --data "$data" --size "$size" \
+    step "$RUNS/$data-beit-$size" "$PY" finetune_beit.py --model "$BEIT" "${data_src[@]}" --size "$size" \
       "${BEIT_FLAGS[@]}" --out "$RUNS/$data-beit-$size"
-    step "$RUNS/$data-beit-$size-balanced" "$PY" finetune_beit.py --model "$BEIT" --data "$data" --size "$size" \
+    step "$RUNS/$data-beit-$size-balanced" "$PY" finetune_beit.py --model "$BEIT" "${data_src[@]}" --size "$size" \
       --balance "${BALANCE[$data]}" "${BEIT_FLAGS[@]}" --out "$RUNS/$data-beit-$size-balanced"
   done
   if [[ $QUICK == 1 ]]; then
-    step "$RUNS/$data-tinybeit-28" "$PY" finetune_beit.py --model "$TINY_BEIT" --data "$data" --size 28 \
+    step "$RUNS/$data-tinybeit-28" "$PY" finetune_beit.py --model "$TINY_BEIT" "${data_src[@]}" --size 28 \
       "${TINY_BEIT_FLAGS[@]}" --out "$RUNS/$data-tinybeit-28"
-    step "$RUNS/$data-tinybeit-28-balanced" "$PY" finetune_beit.py --model "$TINY_BEIT" --data "$data" --size 28 \
+    step "$RUNS/$data-tinybeit-28-balanced" "$PY" finetune_beit.py --model "$TINY_BEIT" "${data_src[@]}" --size 28 \
       --balance "${BALANCE[$data]}" "${TINY_BEIT_FLAGS[@]}" --out "$RUNS/$data-tinybeit-28-balanced"
   fi
 done
@@ -91,7 +106,12 @@ else
   INTRO="Paper scale: finetune_beit.py's paper defaults (5 epochs, AdamW 3e-4, top 5 layers of BEiT-large)
 with 3 seeds; the ResNet rows follow MedMNIST v2's protocol (configs/medmnist_resnet*.yaml)."
 fi
-# published AUC / ACC from REFERENCE.md: MedMNIST v2 Table 3 (ResNets, AutoML) and paper 000 (BEiT);
+if [[ -n $DATA ]]; then
+  INTRO="$INTRO
+Every row ran on $DATA instead of BreastMNIST and PneumoniaMNIST (balanced rows: minority share
+${BALANCE[${DATASETS[0]}]}); the published numbers are MedMNIST's and are not shown."
+fi
+# published AUC / ACC: MedMNIST v2 Table 3 (ResNets, AutoML) and paper 000's table (BEiT);
 # written as strings so that 0.910 keeps its last digit in the report
 declare -A PUB=(
   [breastmnist-resnet18-28]="0.901 0.863" [breastmnist-resnet18-224]="0.891 0.833"
@@ -107,9 +127,13 @@ declare -A PUB=(
   [pneumoniamnist-auto-sklearn]="0.942 0.855" [pneumoniamnist-AutoKeras]="0.947 0.878"
   [pneumoniamnist-Google AutoML Vision]="0.991 0.946"
 )
-row() {  # row DATA RUN LABEL: one table row, with its published AUC / ACC
-  local pub=(${PUB[$1-$2]})
-  echo "      - {label: \"$3\", runs: \"$RUNS/$1-$2\", published: {auc: \"${pub[0]}\", acc: \"${pub[1]}\"}}"
+row() {  # row DATA RUN LABEL: one table row, with its published AUC / ACC (own data: none)
+  local pub=(${PUB[$1-$2]:-})
+  if [[ ${#pub[@]} == 2 ]]; then
+    echo "      - {label: \"$3\", runs: \"$RUNS/$1-$2\", published: {auc: \"${pub[0]}\", acc: \"${pub[1]}\"}}"
+  else
+    echo "      - {label: \"$3\", runs: \"$RUNS/$1-$2\"}"
+  fi
 }
 rows() {  # the measured rows of one dataset (tables and ROC figures share them)
   row "$1" resnet18-28 "ResNet-18 (28)"; row "$1" resnet18-224 "ResNet-18 (224)"
@@ -126,10 +150,11 @@ rows() {  # the measured rows of one dataset (tables and ROC figures share them)
   for data in "${DATASETS[@]}"; do
     echo "  - title: \"$data (test)\""
     echo "    metrics: [auc, acc]"
-    echo "    source: \"../shared/REFERENCE.md (MedMNIST v2 Table 3; paper 000)\""
+    [[ -n $DATA ]] || echo "    source: \"the papers' published tables (MedMNIST v2 Table 3; paper 000)\""
     echo "    rows:"
     rows "$data"
-    for automl in auto-sklearn AutoKeras "Google AutoML Vision"; do
+    [[ -n $DATA ]] && automls=() || automls=(auto-sklearn AutoKeras "Google AutoML Vision")
+    for automl in "${automls[@]}"; do
       pub=(${PUB[$data-$automl]})
       echo "      - {label: \"$automl\", runs: [], not_run: \"AutoML systems are not re-run here; published numbers quoted\"," \
            "published: {auc: \"${pub[0]}\", acc: \"${pub[1]}\"}}"

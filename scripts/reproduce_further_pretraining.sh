@@ -9,6 +9,12 @@
 #   bash scripts/reproduce_further_pretraining.sh            # paper scale (GPU, configs/paper003_*.yaml)
 #   QUICK=1 bash scripts/reproduce_further_pretraining.sh    # CPU scale (~20 min on 2 cores)
 #   bash scripts/reproduce_further_pretraining.sh --dry-run  # (or DRY_RUN=1) list the runs, write the spec
+#   DATA=isic2019.csv UNLABELED=path/to/unlabeled bash scripts/reproduce_further_pretraining.sh   # the paper's data
+#
+# DATA= (the paper's ISIC 2019 as a CSV manifest, or any labelled folder, CSV or .npz; docs/DATA.md)
+# replaces the fine-tuning set "I" (DermaMNIST; QUICK: BreastMNIST) in further pretraining and in every
+# evaluation; UNLABELED= (a folder or CSV, labels unused) is added to it as the larger set "I+U" in place
+# of ChestMNIST (QUICK: PneumoniaMNIST); DATA_FLAGS="..." adds data flags to the runs that read DATA.
 #
 # Runs go to runs/[quick/]further_pretraining, the report to results/[quick/]further_pretraining.
 # Finished runs are skipped, so re-running continues an interrupted reproduction; what cannot be had
@@ -29,28 +35,38 @@ if [[ $QUICK == 1 ]]; then
   RESULTS=${RESULTS:-results/quick/further_pretraining}
   # BreastMNIST (546 train images) is the small fine-tuning set "I"; its train images plus
   # PneumoniaMNIST's are the larger unlabeled set "I+U"; ResNet-18 at 28 px throughout
-  DATA=breastmnist
-  declare -A CORPUS=([I]=breastmnist [IU]=breastmnist,pneumoniamnist)
+  FT_DATA=breastmnist
+  EXTRA_DATA=pneumoniamnist   # what "I+U" adds to "I"
   BASES=(sl ssl random sslq)  # the paper's two (not available offline) and two stand-ins
   ARCH=(--arch resnet50)      # only the paper's bases, whose weights are ResNet-50s
   FURTHER=(--config configs/cpu_further.yaml --epochs 3 --max-steps 10)
   # 1 head epoch + 4 epochs at a fixed lr instead of 40 at a range-tested one; 3 seeds, not 35
   # --precise-bn on: 16 steps leave BN's running averages behind the weights (evaluate.py --precise-bn)
-  EVAL=(--config configs/paper003_further_finetune.yaml --data "$DATA" --epochs 4 --lr 1e-3 --precise-bn on --seeds 3)
+  EVAL=(--config configs/paper003_further_finetune.yaml --epochs 4 --lr 1e-3 --precise-bn on --seeds 3)
 else
   RUNS=${RUNS:-runs/further_pretraining}
   RESULTS=${RESULTS:-results/further_pretraining}
   # DermaMNIST 224 px (HAM10000) stands in for ISIC2019*; MedMNIST has no second skin set, so the
   # larger unlabeled set adds ChestMNIST's 78k images: more images, not more of the same domain
-  DATA=dermamnist
-  declare -A CORPUS=([I]=dermamnist [IU]=dermamnist,chestmnist)
+  FT_DATA=dermamnist
+  EXTRA_DATA=chestmnist
   BASES=(sl ssl)
   ARCH=(--arch resnet50)
   FURTHER=(--config configs/paper003_further.yaml)
-  EVAL=(--config configs/paper003_further_finetune.yaml --data "$DATA" --size 224 --seeds 35)
+  EVAL=(--config configs/paper003_further_finetune.yaml --size 224 --seeds 35)
 fi
+UNLABELED=${UNLABELED:-}
+DATA_REPLACES="the fine-tuning set I ($FT_DATA) in further pretraining and evaluation"
 source scripts/reproduce_lib.sh
 parse_args "$@"
+if [[ -n $DATA ]]; then
+  FT_DATA=$DATA
+  [[ -z $UNLABELED || -e $UNLABELED ]] || die "UNLABELED=$UNLABELED: no such file or folder"
+  [[ -z $UNLABELED ]] || echo "# UNLABELED=$UNLABELED replaces $EXTRA_DATA in the larger set I+U"
+  EXTRA_DATA=${UNLABELED:-$EXTRA_DATA}
+fi
+declare -A CORPUS=([I]=$FT_DATA [IU]=$FT_DATA,$EXTRA_DATA)
+EVAL+=(--data "$FT_DATA" "${DATA_ARGS[@]}")
 
 # ---------------------------------------------------------------- runs
 # init_of BASE: the --init of a further-pretraining run; base_flags BASE: the encoder flags of evaluate.py
@@ -81,7 +97,7 @@ for base in "${BASES[@]}"; do
       arch=()
       [[ $base == sl || $base == ssl ]] && arch=("${ARCH[@]}")
       step "$RUNS/$name" "$PY" pretrain_barlow.py "${FURTHER[@]}" "${arch[@]}" --init "$(init_of "$base")" \
-        --data "${CORPUS[$corpus]}" --trainable "$part" --out "$RUNS/$name"
+        --data "${CORPUS[$corpus]}" "${DATA_ARGS[@]}" --trainable "$part" --out "$RUNS/$name"
       ENCODERS+=("$name|--ckpt $RUNS/$name/checkpoint.pt")
     done
   done
@@ -111,8 +127,12 @@ else
   INTRO="Paper scale: configs/paper003_further.yaml and configs/paper003_further_finetune.yaml on
 DermaMNIST 224 px (standing in for ISIC2019*), ResNet-50, 35 seeded runs per row."
 fi
+if [[ -n $DATA ]]; then
+  INTRO="$INTRO
+Own data: $DATA is the fine-tuning set I (and part of I+U, with $EXTRA_DATA) in place of the stand-in."
+fi
 declare -A CORPUS_LABEL=([I]="fine-tuning images" [IU]="larger unlabeled set")
-# published linear-probe accuracy (paper 003 on ISIC2019*, from REFERENCE.md)
+# published linear-probe accuracy (paper 003 on ISIC2019*, its linear-probe table)
 declare -A PUB=([linear_probe-sl]="acc: \"0.593\"" [linear_probe-ssl]="acc: \"0.663\""
                 [linear_probe-ssl-further-I-last-block]="acc: \"0.694\"")
 label_of() {  # label_of NAME: a row label from an encoder's name
@@ -125,9 +145,9 @@ label_of() {  # label_of NAME: a row label from an encoder's name
   spec_head "reproduction"
   for mode in "${MODES[@]}"; do
     for base in "${BASES[@]}"; do
-      echo "  - title: \"$DATA, ${mode/_/ }, ${BASE_LABEL[$base]} (test)\""
+      echo "  - title: \"$(data_name "$FT_DATA"), ${mode/_/ }, ${BASE_LABEL[$base]} (test)\""
       echo "    metrics: [acc, weighted_f1, auc]"
-      echo "    source: \"../shared/REFERENCE.md (paper 003, ISIC2019*)\""
+      echo "    source: \"paper 003's published linear-probe table (ISIC2019*)\""
       echo "    rows:"
       compare=()
       for encoder in "${ENCODERS[@]}"; do

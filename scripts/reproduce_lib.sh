@@ -1,6 +1,10 @@
 # Shared by scripts/reproduce_*.sh (sourced, not run): argument parsing, the run-or-skip step and the
-# report. Each reproduce script sets PAPER and INTRO, then calls parse_args "$@", step ... for every
-# run, writes $RESULTS/spec.yaml (starting with spec_head) and finally calls make_report.
+# report. Each reproduce script sets PAPER, DATA_REPLACES and INTRO, then calls parse_args "$@", step ...
+# for every run, writes $RESULTS/spec.yaml (starting with spec_head) and finally calls make_report.
+#
+# DATA=path: the paper's own dataset (a folder, a CSV manifest or an .npz; docs/DATA.md) in place of
+# the MedMNIST stand-in(s) named by DATA_REPLACES; DATA_FLAGS="..." adds data flags (e.g. --label-columns
+# or --split-ratio, quoted as in a shell) to every command that reads DATA.
 #
 # Why a step never stops the script: a paper has dozens of runs, and one that cannot be done here
 # (a dataset or weights that cannot be downloaded, a GPU-sized run) must become a "not run: <reason>"
@@ -9,6 +13,8 @@
 PY=${PY:-.venv/bin/python}
 QUICK=${QUICK:-0}
 DRY_RUN=${DRY_RUN:-0}
+DATA=${DATA:-}
+DATA_FLAGS=${DATA_FLAGS:-}
 
 die() {  # one line on stderr, exit 2: the convention of every Python tool here
   echo "error: $*" >&2
@@ -30,13 +36,33 @@ parse_args() {
   if [[ $QUICK == 1 ]]; then
     # QUICK only ever reads the real files offline: nothing is downloaded behind the report's back
     export MEDSSL_NO_DOWNLOAD=1
-    if [[ -z ${MEDMNIST_ROOT:-} && -d ../shared/data/medmnist ]]; then
-      MEDMNIST_ROOT=$(cd ../shared/data/medmnist && pwd)
+    # without MEDMNIST_ROOT: the offline copy the Makefile reads (its OFFLINE_MEDMNIST), when there is one
+    local offline=${OFFLINE_MEDMNIST:-$(sed -n 's/^OFFLINE_MEDMNIST ?= *//p' Makefile 2>/dev/null)}
+    if [[ -z ${MEDMNIST_ROOT:-} && -n $offline && -d $offline ]]; then
+      MEDMNIST_ROOT=$(cd "$offline" && pwd)
       export MEDMNIST_ROOT
     fi
   fi
+  DATA_ARGS=()
+  if [[ -n $DATA ]]; then
+    # a path must exist; a bare name (a MedMNIST flag such as chestmnist) is checked by the Python tools
+    [[ -e $DATA || ( $DATA != */* && $DATA != *.* ) ]] ||
+      die "DATA=$DATA: no such file or folder; give the dataset as a folder, a CSV manifest or an .npz (docs/DATA.md)"
+    eval "DATA_ARGS=($DATA_FLAGS)" 2>/dev/null || die "DATA_FLAGS is not a valid list of flags: $DATA_FLAGS"
+  fi
   echo "# $PAPER: $([[ $QUICK == 1 ]] && echo QUICK \(CPU-scale\) || echo paper-scale) mode," \
        "runs in $RUNS, report in $RESULTS$([[ $DRY_RUN == 1 ]] && echo ', dry run: nothing is trained')"
+  if [[ -n $DATA ]]; then
+    echo "# DATA=$DATA${DATA_FLAGS:+ ($DATA_FLAGS)} replaces $DATA_REPLACES"
+  fi
+}
+
+# data_name SOURCE: a run-directory name for a --data value (a path's file or folder name)
+data_name() {
+  local name=${1%/}
+  name=${name##*/}
+  name=${name%.*}
+  echo "${name//[^A-Za-z0-9_-]/_}"
 }
 
 # finished DIR: true when DIR holds a finished evaluation or a pretraining checkpoint whose epoch has

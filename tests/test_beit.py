@@ -116,12 +116,16 @@ def test_cli_fine_tunes_a_tiny_beit_on_real_breastmnist(real_root, tiny_beit, tm
     out = tmp_path / "run"
     r = run_cli("finetune_beit.py", "--model", tiny_beit, "--data", "breastmnist", "--data-root", real_root,
                 "--trainable-layers", "2", "--epochs", "2", "--batch-size", "64", "--max-steps", "2",
-                "--balance", "0.4", "--out", str(out))
+                "--balance", "0.4", "--positive-class", "0", "--tensorboard", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     for name in ("metrics.json", "predictions.npz", "roc.png", "confusion.png", "log.jsonl", "args.yaml",
                  "checkpoint_seed0.pt"):
         assert (out / name).is_file(), name
     result = json.loads((out / "metrics.json").read_text())
+    # the dataset's own description: names, hash, and the positive class asked for
+    assert result["class_names"] == ["malignant", "normal, benign"] and len(result["data_hash"]) == 32
+    assert result["positive_class"] == {"index": 0, "name": "malignant"}
+    assert (out / "tensorboard").is_dir() and os.listdir(out / "tensorboard")
     run = result["per_seed"][0]
     assert run["train_images"] == 147 + 220  # 60/40 of BreastMNIST's 147 malignant, 399 benign
     assert run["trainable_params"] == expected_trainable(TINY, 2, 1)

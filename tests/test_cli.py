@@ -22,3 +22,35 @@ def test_config_values_are_defaults_and_flags_win(tmp_path):
     config.write_text("epochs: 3\nepoch: 4\n")
     with pytest.raises(UserError, match=r"unknown keys \['epoch'\]"):
         cli.parse_args(_parser(), ["--config", str(config)])
+
+
+def test_every_script_gets_the_data_flags_and_tuples_come_back_as_lists():
+    args = cli.parse_args(_parser(), ["--split-ratio", "70/15/15", "--label-columns", "A,B"])
+    # lists, as args.yaml reads them back: a resumed run compares its flags with those
+    assert args.split_ratio == pytest.approx([0.7, 0.15, 0.15]) and args.label_columns == ["A", "B"]
+    assert type(args.split_ratio) is list and cli.parse_args(_parser(), []).label_columns == []
+    from common import data
+    assert data.options_from(vars(args)).label_columns == ("A", "B")
+
+
+def test_help_shows_each_default_once():
+    parser = _parser()
+    parser.add_argument("--ratio", type=float, nargs=2, default=[1e-7, 10.0], help="a range")
+    parser.add_argument("--named", default="x", help="already says its default x")
+    parser.add_argument("--pct", type=float, default=0.5, help="50%% of it")
+    parser.add_argument("--flag", action="store_true", help="a switch")
+    text = " ".join(parser.format_help().split())
+    assert "a range (default: 1e-07 10)" in text and "(default: 28)" in text
+    assert "50% of it (default: 0.5)" in text
+    assert "already says its default x" in text and "default x (default" not in text
+    assert "a switch" in text and "a switch (default" not in text  # off: nothing to show
+    assert "cap on steps per epoch, for smoke runs" in text and "smoke runs (default" not in text  # None
+    assert "(default: pneumoniamnist)" in text and "--label-columns A,B,..." in text
+    assert "CheXpert-style)" in text and "CheXpert-style) (default" not in text  # an empty list
+
+
+def test_evaluation_flags_are_one_definition():
+    parser = cli.add_evaluation_flags(_parser())
+    args = cli.parse_args(parser, ["--positive-class", "malignant", "--tensorboard"])
+    assert args.positive_class == "malignant" and args.tensorboard
+    assert cli.parse_args(parser, []).positive_class == "1"

@@ -155,6 +155,10 @@ def test_saliency_maps_of_the_fine_tuned_model_are_saved_for_the_first_test_imag
     assert np.array_equal(maps["images"], test.images[:3].numpy())
     assert np.array_equal(maps["class_idx"], test.labels[:3].numpy())
     assert str(maps["layer"]) == "layer4"  # the small stem keeps layer4 at 4x4: deep enough to locate
+    # the model's prediction beside the true class, for the grid's labels (scripts/report.py)
+    expected = supervised.probabilities(model, test.images[:3], "binary-class",
+                                        lambda x: model(data.to_input(x, 3))).argmax(axis=1)
+    assert np.array_equal(maps["predicted"], expected)
     assert 0 <= maps["gradcam"].min() and maps["gradcam"].max() <= 1 + 1e-6
     with pytest.raises(UserError, match="--saliency applies to --mode finetune"):
         evaluate.resolve_args(evaluate.get_args_parser().parse_args(["--saliency", "2", "--out", str(tmp_path)]))
@@ -193,3 +197,40 @@ def test_precise_bn_runs_before_each_validation(tmp_path, monkeypatch):
     assert len(calls) == 2
     _finetune(_args(tmp_path, "--epochs", "2"), _encoder())
     assert len(calls) == 2
+
+
+# ---------------------------------------------------------------- splits in pinned host memory
+class HostOnly:
+    """A split's images that only data.batch may read, as with a split in pinned host memory: indexing
+    them directly (a slice or gather on the wrong device) fails."""
+
+    def __init__(self, images):
+        self.images, self.shape = images, images.shape
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        raise AssertionError("split images indexed directly instead of through data.batch")
+
+
+@pytest.mark.parametrize("flags", [["--mode", "finetune", "--precise-bn", "on", "--saliency", "2"],
+                                   ["--mode", "fewshot", "--shots", "4", "--lr", "auto",
+                                    "--lr-range", "1e-4", "1", "5"],
+                                   ["--mode", "linear_probe", "--probe", "sgd"], ["--mode", "linear_probe"],
+                                   ["--mode", "knn"]], ids=lambda f: f[1] + (f"-{f[3]}" if len(f) > 3 else ""))
+def test_every_batch_and_feature_pass_goes_through_data_batch(tmp_path, monkeypatch, flags):
+    real_batch, calls = data.batch, []
+
+    def batch(images, index, device):
+        calls.append(index)
+        return real_batch(images.images if isinstance(images, HostOnly) else images, index, device)
+    monkeypatch.setattr(data, "batch", batch)
+    args = evaluate.resolve_args(evaluate.get_args_parser().parse_args(
+        ["--epochs", "1", "--batch-size", "8", "--max-steps", "2", "--stem", "small", "--out", str(tmp_path),
+         *flags]))
+    splits = dict(zip(("train", "val", "test"), _splits()))
+    for split in splits.values():
+        split.images = HostOnly(split.images)
+    result = evaluate.run_seed(args, 0, splits, None, torch.device("cpu"), lambda record: None)
+    assert result.y_score.shape == (16, 2) and np.isfinite(result.y_score).all() and calls

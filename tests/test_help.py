@@ -29,3 +29,23 @@ def test_help_exits_0_prints_usage_and_writes_nothing(script):
     assert h.new_in_cwd == [], "wrote into the working directory"
     assert h.new_in_repo == [], "created files in the repository"
     assert h.changed_in_repo == [], "changed files in the repository"
+
+
+@pytest.mark.parametrize("script", ["pretrain_byol.py", "pretrain_barlow.py", "pretrain_simclr.py", "evaluate.py",
+                                    "finetune_beit.py"])
+def test_every_script_shows_its_defaults_and_the_data_flags(script):
+    text = " ".join(run_help(script).stdout.split())
+    assert "(default: 0)" in text  # --seed, through the shared formatter
+    for flag in ("--split-ratio", "--label-columns", "--crop", "--cache-dir", "--host-memory"):
+        assert flag in text
+    assert "own images: any side" in text
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "finetune_beit.py"])
+def test_every_lr_schedule_is_described(script):
+    """The choices come from optim.LR_SCHEDULES: each must be explained, not only listed."""
+    text = " ".join(run_help(script).stdout.split())
+    for described in ("cosine = cosine decay to 0", "1cycle = fastai's one-cycle", "step = x0.1 at 50% and 75%",
+                      "linear decay to 0", "constant"):
+        assert described in text, (script, described)
+    assert "--positive-class" in text and "0 = malignant" in text and "--tensorboard" in text

@@ -390,7 +390,12 @@ def test_evaluate_on_a_png_folder_matches_the_medmnist_flag(real_root, layouts, 
     for name, source in (("flag", "breastmnist"), ("folder", layouts / "split")):
         assert run_script(evaluate, "--data", source, "--data-root", real_root, "--init", "random",
                           "--mode", "linear_probe", "--out", tmp_path / name) == 0
-        aucs[name] = json.load(open(tmp_path / name / "metrics.json"))["mean"]["auc"]
+        result = json.load(open(tmp_path / name / "metrics.json"))
+        aucs[name] = result["mean"]["auc"]
+        # names and hash from the dataset itself: medmnist's names for the flag, the folders' for the PNGs
+        info = data.describe(str(source), 28, real_root)
+        assert result["class_names"] == list(info.class_names) and result["data_hash"] == info.hash
+    assert result["class_names"] == list(CLASSES) and result["positive_class"]["name"] == "1_benign"
     assert 0 <= aucs["flag"] <= 1
     # the same images and labels, read class by class: the same probe up to the solver's summation order
     assert aucs["folder"] == pytest.approx(aucs["flag"], abs=1e-3)

@@ -126,7 +126,21 @@ def check_python_command(script, args, where):
     assert not unknown, f"{where}: {script} has no flag {unknown}"
 
 
+def placeholders(env, tmp_path):
+    """DATA= / UNLABELED= of a documented command (the user's own dataset) as an empty file or folder of
+    that name in tmp_path, so that its dry run lists the commands that read it."""
+    env = dict(env)
+    for key in ("DATA", "UNLABELED"):
+        if key in env:
+            path = tmp_path / "own" / env[key]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch() if os.path.splitext(env[key])[1] else path.mkdir(exist_ok=True)
+            env[key] = str(path)
+    return env
+
+
 def dry_run(script, env, tmp_path):
+    env = placeholders(env, tmp_path)
     full = {**os.environ, **env, "PY": sys.executable, "RUNS": str(tmp_path / "runs"),
             "RESULTS": str(tmp_path / "results"), "MEDSSL_NO_DOWNLOAD": "1"}
     return subprocess.run(["bash", os.path.join(REPO, script), "--dry-run"], cwd=REPO, env=full,
@@ -166,3 +180,5 @@ def test_every_command_runs_its_help_or_dry_run_with_flags_the_script_accepts(do
             check_python_command(os.path.relpath(tokens[py], REPO) if os.path.isabs(tokens[py]) else tokens[py],
                                  tokens[py + 1:], f"{script} --dry-run: {line}")
     assert listed > 0, r.stdout
+    if "DATA" in env:  # the user's dataset is what the listed commands read
+        assert f"--data {tmp_path / 'own' / env['DATA']}" in r.stdout, r.stdout

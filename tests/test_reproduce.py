@@ -18,7 +18,8 @@ EXPECTED = {
          "configs/medmnist_resnet50_224.yaml", "--resize 64"],
         ["configs/medmnist_resnet18_28.yaml --data pneumoniamnist --out", "--size 224 --balance 0.4 --seeds 3"]),
     "reproduce_byol.sh": (
-        ["pretrain_byol.py", "--aug paper001", "--aug byol+", "--data pneumoniamnist --init random",
+        ["pretrain_byol.py", "--aug paper001", "--aug byol+",
+         "--init random --epochs 3 --max-steps 25 --data pneumoniamnist --aug paper001",
          "--init imagenet --data dermamnist --mode finetune", "--mode fewshot --shots 20", "--mode linear_probe"],
         ["--config configs/paper001_byol.yaml --aug byol+", "--probe sgd --seeds 3"]),
     "reproduce_barlow_chest.sh": (
@@ -84,3 +85,70 @@ def test_a_bad_quick_value_is_refused(tmp_path):
     result = subprocess.run(["bash", "scripts/reproduce_beit.sh", "--dry-run"], cwd=REPO, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip() == "error: QUICK must be 0 or 1, got 'yes'"
+
+
+# ---------------------------------------------------------------- DATA=: the paper's own dataset
+def _runs(stdout, script):
+    """The listed commands of one Python script, as their argument lists after the script's name."""
+    return [line.split(f" {script} ", 1)[1] for line in stdout.splitlines()
+            if line.startswith("run ") and f" {script} " in line]
+
+
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "paper"])
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_data_replaces_the_stand_ins_of_each_paper(name, quick, tmp_path):
+    own = tmp_path / "own data" / "covid.csv"  # a space in the path: every command must quote it
+    own.parent.mkdir()
+    own.write_text("path,label\n")
+    extra = tmp_path / "unlabeled"
+    extra.mkdir()
+    env = {**os.environ, "DATA": str(own), "UNLABELED": str(extra),
+           "DATA_FLAGS": '--label-columns "A,Pleural Effusion" --split-ratio 70/15/15'}
+    result = subprocess.run(["bash", os.path.join("scripts", name), "--dry-run"], cwd=REPO, capture_output=True,
+                            text=True, env={**env, "QUICK": "1" if quick else "0", "PY": sys.executable,
+                                            "RUNS": str(tmp_path / "runs"), "RESULTS": str(tmp_path / "results")})
+    assert result.returncode == 0, result.stderr
+    assert f"# DATA={own} " in result.stdout and " replaces " in result.stdout
+    flags = f"--data {own} --label-columns A,Pleural Effusion --split-ratio 70/15/15"
+    pretrain = _runs(result.stdout, "pretrain_byol.py") + _runs(result.stdout, "pretrain_barlow.py")
+    evaluate = _runs(result.stdout, "evaluate.py") + _runs(result.stdout, "finetune_beit.py")
+    assert pretrain or name == "reproduce_beit.sh"
+    if name == "reproduce_byol.sh":  # the corpus only: the evaluations stay on the paper's MedMNIST sets
+        assert all(flags in run for run in pretrain)
+        assert all(f"--data {own}" not in run for run in evaluate) and "--data breastmnist" in result.stdout
+    elif name == "reproduce_further_pretraining.sh":  # "I" everywhere, "I+U" = I + UNLABELED
+        further = [run for run in pretrain if "base-sslq" not in run]  # QUICK's stand-in base
+        assert further and all(f"--data {own}" in run for run in further)
+        assert any(f"--data {own},{extra} " in run for run in further)
+        assert all(flags in run for run in evaluate)
+    else:  # paper 002: corpus and downstream task; BEiT: every row
+        assert all(flags in run for run in pretrain + evaluate)
+    medmnist = ("pneumoniamnist", "breastmnist", "dermamnist", "chestmnist")
+    if name != "reproduce_byol.sh":
+        replaced = [run for run in pretrain + evaluate if "base-sslq" not in run]
+        assert not [run for run in replaced if any(f"--data {m}" in run or f",{m}" in run for m in medmnist)]
+    with open(tmp_path / "results" / "spec.yaml") as f:
+        spec = yaml.safe_load(f)
+    assert str(own) in spec["intro"]
+    if name == "reproduce_beit.sh":  # MedMNIST's published numbers do not apply to other data
+        assert not [row for table in spec["tables"] for row in table["rows"] if row.get("published")]
+
+
+def test_a_missing_data_path_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run(["bash", "scripts/reproduce_barlow_chest.sh", "--dry-run"], cwd=REPO, capture_output=True,
+                            text=True, env={**os.environ, "QUICK": "1", "PY": sys.executable,
+                                            "DATA": str(tmp_path / "nowhere.csv"), "RUNS": str(tmp_path / "runs"),
+                                            "RESULTS": str(tmp_path / "results")})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: DATA={tmp_path / 'nowhere.csv'}: no such file or folder")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+def test_report_specs_name_the_published_source_not_a_private_folder(tmp_path):
+    for name in sorted(EXPECTED):
+        for quick in (True, False):
+            assert run_script(name, "--dry-run", quick=quick, tmp_path=tmp_path).returncode == 0
+            text = (tmp_path / "results" / "spec.yaml").read_text()
+            assert "shared" not in text and "REFERENCE.md" not in text, name
+    for name in [*EXPECTED, "reproduce_lib.sh"]:
+        assert "../shared" not in open(os.path.join(REPO, "scripts", name)).read(), name

@@ -172,10 +172,18 @@ def _start(*args):
                             stderr=subprocess.PIPE, text=True)
 
 
+def _ready(ready):
+    try:
+        return ready()
+    except FileNotFoundError:  # e.g. args.yaml between --overwrite moving the old run aside and the new one
+        return False
+
+
 def _kill_when(proc, ready, timeout=240):
-    """SIGKILL `proc` as soon as ready() holds; fails if it ended first."""
+    """SIGKILL `proc` as soon as ready() holds (a file it reads not there yet: not yet); fails if it
+    ended first."""
     deadline = time.time() + timeout
-    while not ready():
+    while not _ready(ready):
         assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-1000:]}"
         assert time.time() < deadline, "timed out waiting"
         time.sleep(0.02)
@@ -258,3 +266,68 @@ def test_run_seeds_saves_each_seed_and_cuts_back_the_log_of_an_unfinished_one(tm
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [(e["seed"], e["loss"]) for e in log] == [(0, 0.5), (1, 0.5)]
     assert np.load(tmp_path / "predictions.npz")["y_score"].dtype == np.float32
+
+
+# ---------------------------------------------------------------- reporting: positive class, TensorBoard
+def test_positive_class_by_name_and_tensorboard_scalars_equal_the_log(real_root, tmp_path):
+    from sklearn.metrics import f1_score, precision_score, recall_score
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "r"
+    r = run_cli("evaluate.py", "--data", "breastmnist", "--data-root", real_root, "--mode", "finetune", "--stem",
+                "small", "--epochs", "2", "--max-steps", "2", "--head-epochs", "1", "--seeds", "2",
+                "--positive-class", "Malignant", "--tensorboard", "--device", "cpu", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-1000:]
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["class_names"] == ["malignant", "normal, benign"]  # the dataset's own names
+    assert result["data_hash"] == data.describe("breastmnist", 28, real_root).hash
+    assert result["positive_class"] == {"index": 0, "name": "malignant"}
+    predictions = np.load(out / "predictions.npz")
+    for record, scores in zip(result["per_seed"], predictions["y_score_per_seed"]):
+        y, pred = predictions["y_true"].reshape(-1), scores.argmax(axis=1)
+        assert record["test"]["precision"] == pytest.approx(precision_score(y, pred, pos_label=0, zero_division=0))
+        assert record["test"]["sensitivity"] == pytest.approx(recall_score(y, pred, pos_label=0))
+        assert record["test"]["specificity"] == pytest.approx(recall_score(y, pred, pos_label=1))
+        assert record["test"]["f1"] == pytest.approx(f1_score(y, pred, pos_label=0, zero_division=0))
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    records = [rec for rec in records if "epoch" in rec]
+    assert len(records) == 2 * (2 + 1)  # 2 seeds x (1 head epoch + 2 epochs)
+    expected = {}
+    for rec in records:
+        prefix = f"seed{rec['seed']}/" + (f"{rec['phase']}/" if rec.get("phase") else "")
+        for key in ("loss", "val_auc", "lr"):
+            expected.setdefault(prefix + key, []).append((rec["epoch"], rec[key]))
+    assert set(expected) <= set(events.Tags()["scalars"]) and "seed1/val_auc" in expected
+    for tag, values in expected.items():
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in values], tag
+        assert [v for _, v in got] == pytest.approx([v for _, v in values], rel=1e-6), tag  # float32 events
+
+
+@pytest.mark.parametrize("value, needle", [("benign", "positive class 'benign' is not a class"),
+                                           ("2", "choose 0 ('malignant'), 1 ('normal, benign')")])
+def test_a_positive_class_the_task_lacks_is_one_line_and_writes_nothing(real_root, tmp_path, value, needle):
+    r = run_cli("evaluate.py", "--data", "breastmnist", "--data-root", real_root, "--mode", "knn",
+                "--positive-class", value, "--out", str(tmp_path / "r"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
+    assert r.stderr.startswith("error: --positive-class: ") and not (tmp_path / "r").exists()
+
+
+def test_positive_class_is_for_binary_tasks_only():
+    info = data.DatasetInfo("x", "npz", "multi-class", ("a", "b", "c"), 1, 28, "h", "x.npz")
+    assert supervised.positive_class("1", info) == 1  # the default: ignored
+    with pytest.raises(UserError, match="--positive-class applies to binary tasks"):
+        supervised.positive_class("a", info)
+    binary = data.DatasetInfo("x", "npz", "binary-class", ("malignant", "benign"), 1, 28, "h", "x.npz")
+    assert supervised.positive_class("0", binary) == 0 and supervised.positive_class("BENIGN", binary) == 1
+
+
+def test_autocast_is_bf16_on_cuda_and_off_on_the_cpu():
+    with supervised.autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    if torch.cuda.is_available():
+        with supervised.autocast(torch.device("cuda")):
+            assert (torch.ones(2, 2, device="cuda") @ torch.ones(2, 2, device="cuda")).dtype == torch.bfloat16
