@@ -37,8 +37,9 @@ def number(text):
 def get_args_parser():
     parser = argparse.ArgumentParser("Barlow Twins pretraining", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_flags(parser, data_help="dataset flag(s) whose train images are the unlabeled corpus; "
-                           "several joined by commas (paper 002: chest X-rays, e.g. chestmnist)")
+    cli.add_common_flags(parser, data_help="dataset(s) whose train images are the unlabeled corpus: MedMNIST 2D "
+                         "flags, .npz files, folders or CSV manifests (docs/DATA.md), several joined by commas "
+                         "(paper 002: chest X-rays, e.g. chestmnist)")
     parser.set_defaults(data="chestmnist", arch="resnet18", stem="imagenet", in_chans=3)
 
     # * Barlow Twins
@@ -98,8 +99,9 @@ def get_args_parser():
     g.add_argument("--lr-range", type=float, nargs=3, default=[1e-7, 10.0, 100], metavar=("START", "END", "STEPS"),
                    help="sweep of --lr auto: lr from START to END over STEPS steps (fastai's lr_find: 1e-7 10 100)")
     g.add_argument("--lr-schedule", default="cosine", choices=list(optim.LR_SCHEDULES),
-                   help="cosine annealing (paper 002), 1cycle (paper 003), or constant; over the epochs after "
-                        "the frozen ones")
+                   help="cosine = cosine annealing to 0 (paper 002); 1cycle = fastai's one-cycle, up to --lr and "
+                        "down again (paper 003); constant; step = x0.1 at 50%% and 75%% of the epochs; linear = "
+                        "linear decay to 0; over the epochs after the frozen ones")
     g.add_argument("--warmup-epochs", type=int, default=0,
                    help="linear warm-up epochs for --lr-schedule cosine (Zbontar et al.: 10)")
     g.add_argument("--weight-decay", type=float, default=1e-5,

@@ -21,8 +21,9 @@ from common import augment, cli, data, dist, models, optim, pretrain
 def get_args_parser():
     parser = argparse.ArgumentParser("BYOL pretraining", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_flags(parser, data_help="dataset(s) whose train images are the unlabeled corpus; several "
-                         "joined by commas (paper 001: chestmnist)")
+    cli.add_common_flags(parser, data_help="dataset(s) whose train images are the unlabeled corpus: MedMNIST 2D "
+                         "flags, .npz files, folders or CSV manifests (docs/DATA.md), several joined by commas "
+                         "(paper 001: chestmnist)")
     parser.set_defaults(data="chestmnist", arch="resnet18", stem="imagenet", in_chans=3)
 
     # * BYOL

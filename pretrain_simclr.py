@@ -20,8 +20,9 @@ from common import augment, cli, data, dist, models, optim, pretrain
 def get_args_parser():
     parser = argparse.ArgumentParser("SimCLR pretraining", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_flags(parser, data_help="dataset(s) whose train images are the unlabeled corpus; several "
-                         "joined by commas (default pneumoniamnist)")
+    cli.add_common_flags(parser, data_help="dataset(s) whose train images are the unlabeled corpus: MedMNIST 2D "
+                         "flags, .npz files, folders or CSV manifests (docs/DATA.md), several joined by commas "
+                         "(default pneumoniamnist)")
     parser.set_defaults(arch="resnet18", stem="imagenet", in_chans=3)
 
     # * SimCLR

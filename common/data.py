@@ -2,7 +2,7 @@
 converted once by common.convert), each with its own description (DatasetInfo), and seeded subsets.
 
 A split is one (N, C, H, W) uint8 tensor plus its labels; batches are index slices of it, so there
-is no per-sample Python and no DataLoader (DESIGN.md, data flow 1-2). A split too large for the GPU
+is no per-sample Python and no DataLoader. A split too large for the GPU
 stays in pinned host memory and batch() gathers each batch there (docs/DATA.md)."""
 import functools
 import hashlib

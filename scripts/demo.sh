@@ -27,7 +27,7 @@ MODES=${MODES:-linear_probe finetune}
 RUN=${RUN:-runs/demo-$(date +%Y%m%d-%H%M%S)}
 CKPT=${CKPT:-}
 TAG=$(basename "$EVAL" .yaml)
-OFFLINE_MEDMNIST=${OFFLINE_MEDMNIST:-../shared/data/medmnist}  # the same default as the Makefile's
+OFFLINE_MEDMNIST=${OFFLINE_MEDMNIST:-$(sed -n 's/^OFFLINE_MEDMNIST ?= *//p' Makefile 2>/dev/null)}  # the Makefile's default
 if [[ -z ${MEDMNIST_ROOT:-} && -f $OFFLINE_MEDMNIST/pneumoniamnist.npz ]]; then
   MEDMNIST_ROOT=$(cd "$OFFLINE_MEDMNIST" && pwd)
   export MEDMNIST_ROOT
