@@ -267,10 +267,14 @@ def test_cli_pretrain_then_evaluate_on_real_data(real_root, tmp_path):
     assert r.returncode == 2 and "finished run" in r.stderr
 
 
-def test_bad_flags_are_one_line_errors(real_root, tmp_path, monkeypatch):
+def test_bad_flags_are_one_line_errors(real_root, tmp_path, monkeypatch, capsys):
     base = ["pretrain_barlow.py", "--data", "pneumoniamnist", "--data-root", real_root, "--out", str(tmp_path / "r")]
-    for flags, needle in ((["--aug", "base+vlfip"], "unknown augmentation 'vlfip'"),
-                          (["--init", "barlowtwins"], "--arch resnet50"),
+    monkeypatch.setattr("sys.argv", base + ["--aug", "base+vlfip"])   # refused while parsing, as argparse does
+    with pytest.raises(SystemExit) as stop:
+        pretrain_barlow.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--aug: unknown augmentation 'vlfip'" in err and len(err.strip().splitlines()) == 1
+    for flags, needle in ((["--init", "barlowtwins"], "--arch resnet50"),
                           (["--freeze-encoder-epochs", "3", "--epochs", "3"], "--freeze-encoder-epochs must be"),
                           (["--projector", "512-x"], "not a list of layer widths")):
         monkeypatch.setattr("sys.argv", base + flags)
