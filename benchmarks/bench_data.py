@@ -71,11 +71,33 @@ def gather_rate(images, device, host, batch=256, steps=20):
     return batch * steps / (time.perf_counter() - start)
 
 
+def training_rate(images, device, steps, batch=64):
+    """images/s of pretrain_byol's own train_step (built as benchmarks/bench_speed.py builds it) on a
+    uint8 corpus, best of two timed runs of `steps` steps after one warm-up step."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_speed
+    batch = min(batch, len(images))
+    cfg = {"workload": "byol", "batch": batch, "in_chans": images.shape[1], "arch": "resnet18", "stem": "imagenet",
+           "byol_aug": "byol"}
+    step = bench_speed.build_step(cfg, bench_speed.parse_variant(f"{device.type}+cl"), device, images.to(device))
+    step(0).item()
+    best = 0.0
+    for _ in range(2):
+        start = time.perf_counter()
+        for i in range(steps):
+            loss = step(i + 1)
+        loss.item()
+        best = max(best, steps * batch / (time.perf_counter() - start))
+    return best
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=4000, help="images per source folder (default 4000)")
     parser.add_argument("--source-size", type=int, default=256, help="side of the large PNGs (default 256)")
     parser.add_argument("--processes", type=int, default=None, help="conversion processes (default: every core)")
+    parser.add_argument("--train-steps", type=int, default=3,
+                        help="BYOL steps timed on the own-data split and on the MedMNIST flag (default 3; 0 = skip)")
     parser.add_argument("--out", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     every_core = convert.workers
@@ -98,6 +120,16 @@ def run(args):
             for size in ((28,) if side == 28 else (28, 224)):
                 took, info = timed_conversion(folder, size, cache)
                 figures[f"convert_{side}px_png_to_{size}px_images_per_s"] = args.n / took
+            if side == 28 and args.train_steps:  # training from an own-data split vs a MedMNIST flag, same shape
+                options = data.DataOptions(cache_dir=cache)
+                own = data.load_pretrain_images(folder, 28, device="cpu", in_chans=1, options=options)
+                figures["byol_train_own_folder_28px_images_per_s"] = training_rate(own, device, args.train_steps)
+                try:
+                    flag = data.load_pretrain_images("breastmnist", 28, device="cpu", in_chans=1)
+                    figures["byol_train_breastmnist_flag_28px_images_per_s"] = training_rate(
+                        flag, device, args.train_steps)
+                except Exception as e:  # no MedMNIST file here: the own-data figure stands alone
+                    print(f"note: no breastmnist file for the comparison ({e})")
         start = time.perf_counter()
         data._resolve.cache_clear()
         train = data.load_split(folder, "train", 224, options=data.DataOptions(cache_dir=cache), device="cpu")

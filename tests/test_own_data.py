@@ -427,8 +427,9 @@ def test_data_benchmark_runs_and_reports_positive_figures(tmp_path):
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import bench_data
-    figures = bench_data.main(["--n", "40", "--source-size", "32", "--processes", "1",
+    figures = bench_data.main(["--n", "40", "--source-size", "32", "--processes", "1", "--train-steps", "1",
                                "--out", str(tmp_path / "d.json")])
     rates = [v for k, v in figures.items() if k.endswith(("_per_s", "_s"))]
-    assert len(rates) >= 5 and all(math.isfinite(v) and v > 0 for v in rates)
+    assert len(rates) >= 7 and all(math.isfinite(v) and v > 0 for v in rates)
+    assert {"byol_train_own_folder_28px_images_per_s", "byol_train_breastmnist_flag_28px_images_per_s"} <= set(figures)
     assert figures["cached_224px_train_split_images"] == 32 and json.load(open(tmp_path / "d.json")) == figures
