@@ -1,5 +1,5 @@
 """Paper 002's resources study: time per epoch and peak memory of Barlow Twins pretraining over a
-grid of image resolution x batch size, drawn as two colour maps (issue 6).
+grid of image resolution x batch size, drawn as two colour maps.
 
 Paper 002 (Barlow Twins on chest X-rays, "Self Supervised - Resources study") trained a ResNet-18
 with 1 input channel and a 512-unit projector for one epoch on the COVID-19 Radiography dataset

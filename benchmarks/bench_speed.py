@@ -1,4 +1,4 @@
-"""Speed and memory of the training steps the scripts run (issue 6): images/s and peak memory of
+"""Speed and memory of the training steps the scripts run: images/s and peak memory of
 the BYOL, Barlow Twins and SimCLR pretraining steps, of feature extraction (the linear probe's input) and
 of a fine-tune step, at several image sizes, on the CPU and on CUDA with and without bf16 autocast,
 channels_last and torch.compile.
@@ -47,7 +47,7 @@ WORKLOADS = ("byol", "barlow", "simclr", "features", "finetune")
 VARIANT_FLAGS = {"bf16": "bf16", "cl": "channels_last", "channels_last": "channels_last", "compile": "compile"}
 CPU_BATCH = {28: 64, 224: 8}      # small at 224 px: a ResNet-18 BYOL step on 8 images takes seconds on 2 cores
 CUDA_BATCH = {28: 256, 224: 128}  # paper 001's BYOL batch (256) and paper 002's Barlow batch (128)
-CHESTMNIST_TRAIN = 78_468         # ChestMNIST train images: issue 6's goal is a 28 px BYOL epoch < 4 s on one H100
+CHESTMNIST_TRAIN = 78_468         # ChestMNIST train images: the goal is a 28 px BYOL epoch < 4 s on one H100
 GOAL_SECONDS = 4.0
 
 
@@ -520,7 +520,7 @@ def main():
         if "projected_chestmnist_epoch_s" in r and r["size"] == 28:
             print(f"ChestMNIST 28 px BYOL epoch ({CHESTMNIST_TRAIN:,} images = {CHESTMNIST_TRAIN // r['batch']} "
                   f"steps of {r['batch']}) projected from {r['variant']} ({r['device_name']}): "
-                  f"{r['projected_chestmnist_epoch_s']:.1f} s (issue 6 goal on one H100: < {GOAL_SECONDS:g} s"
+                  f"{r['projected_chestmnist_epoch_s']:.1f} s (goal on one H100: < {GOAL_SECONDS:g} s"
                   + (f": {'met' if r['projected_chestmnist_epoch_s'] < GOAL_SECONDS else 'NOT met'})"
                      if "H100" in r["device_name"] else ")"))
     if args.out:

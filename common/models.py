@@ -114,7 +114,7 @@ def features(encoder, images, in_chans, batch_size=512, resize=None, index=None)
     return out
 
 
-# ---------------------------------------------------------------- Barlow Twins (issue 3)
+# ---------------------------------------------------------------- Barlow Twins
 # facebookresearch/barlowtwins' ImageNet ResNet-50 (Zbontar et al. 2021, 1000 epochs; paper 003's
 # "SSL" base model). torch.hub fetches its hubconf, which downloads this file.
 BARLOWTWINS_HUB = "facebookresearch/barlowtwins:main"
