@@ -23,6 +23,7 @@ directories or of the files themselves):
       - {kind: confusion, title: ..., rows: [...], class_names: [normal, pneumonia]}  # a PNG per row
       - {kind: curve, title: ..., rows: [...], x: label_fraction, metric: auc, log_x: true}
       - {kind: loss, title: ..., rows: [...], log_y: auto}       # from log.jsonl; auto: log when losses span >30x
+      - {kind: loss, title: ..., rows: [...], key: knn_val_auc}  # any logged per-epoch value, e.g. the kNN monitor
       - {kind: lr_range, title: ..., rows: [...]}                # lr_range*.json, a PNG per row
       - {kind: saliency, title: ..., rows: [...], map: gradcam, class_names: [...]}  # or occlusion; saliency.npz
 
@@ -273,9 +274,10 @@ def curve_figure(fig, path, found):
     return [save(plot, ax, path)], f"Mean ± std (band) of the test {NAMES.get(metric, metric)} over seeds at each {x}."
 
 
-def loss_series(path):
-    """[{epoch: loss}, ...], one per seed, of one log.jsonl. evaluate.py logs all its seeds in one file,
-    and head-only epochs (phase: head), which are left out; a resumed run's re-logged epoch wins."""
+def loss_series(path, key="loss"):
+    """[{epoch: value of `key`}, ...], one per seed, of one log.jsonl (`key`: loss, or e.g. knn_val_auc,
+    which only monitored epochs carry). evaluate.py logs all its seeds in one file, and head-only epochs
+    (phase: head), which are left out; a resumed run's re-logged epoch wins."""
     series = {}
     try:
         with open(path) as f:
@@ -292,15 +294,16 @@ def loss_series(path):
                 print(f"note: {path}: the last line is incomplete and was left out", file=sys.stderr)
                 continue
             raise UserError(f"{path} line {number} is not valid JSON; the log is damaged: re-run that run")
-        if isinstance(record, dict) and "loss" in record and "epoch" in record and "phase" not in record:
-            series.setdefault(record.get("seed"), {})[record["epoch"]] = record["loss"]
+        if isinstance(record, dict) and key in record and "epoch" in record and "phase" not in record:
+            series.setdefault(record.get("seed"), {})[record["epoch"]] = record[key]
     return list(series.values())
 
 
 def loss_figure(fig, path, found):
-    plot, ax, empty = *axes(fig["title"], "epoch", "training loss"), []
+    key = fig.get("key", "loss")
+    plot, ax, empty = *axes(fig["title"], "epoch", "training loss" if key == "loss" else key.replace("_", " ")), []
     for row, _, files in found:
-        series = [s for f in files for s in loss_series(f)]
+        series = [s for f in files for s in loss_series(f, key)]
         epochs = sorted({e for s in series for e in s})
         if not epochs:  # a run stopped before its first epoch ended
             empty.append(row["label"])

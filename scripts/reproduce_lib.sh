@@ -50,7 +50,7 @@ parse_args() {
       die "DATA=$DATA: no such file or folder; give the dataset as a folder, a CSV manifest or an .npz (docs/DATA.md)"
     eval "DATA_ARGS=($DATA_FLAGS)" 2>/dev/null || die "DATA_FLAGS is not a valid list of flags: $DATA_FLAGS"
   fi
-  echo "# $PAPER: $([[ $QUICK == 1 ]] && echo QUICK \(CPU-scale\) || echo paper-scale) mode," \
+  echo "# $PAPER: ${SCALE_NAME:-$([[ $QUICK == 1 ]] && echo QUICK \(CPU-scale\) || echo paper-scale)} mode," \
        "runs in $RUNS, report in $RESULTS$([[ $DRY_RUN == 1 ]] && echo ', dry run: nothing is trained')"
   if [[ -n $DATA ]]; then
     echo "# DATA=$DATA${DATA_FLAGS:+ ($DATA_FLAGS)} replaces $DATA_REPLACES"

@@ -136,6 +136,20 @@ def test_loss_series_splits_seeds_and_skips_head_only_epochs(tmp_path):
     assert report.loss_series(str(tmp_path / "log.jsonl")) == [{0: 1.0, 1: 0.4}, {0: 2.0}]
 
 
+def test_a_loss_figure_draws_any_logged_key_from_the_epochs_that_have_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"epoch": 0, "loss": 3.0}, {"epoch": 1, "loss": 2.0, "knn_val_auc": 0.7},
+               {"epoch": 2, "loss": 1.0}, {"epoch": 3, "loss": 0.5, "knn_val_auc": 0.8}]
+    (run / "log.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
+    assert report.loss_series(str(run / "log.jsonl"), "knn_val_auc") == [{1: 0.7, 3: 0.8}]
+    spec = {"figures": [{"kind": "loss", "title": "kNN monitor", "key": "knn_val_auc",
+                         "rows": [{"label": "BYOL", "runs": str(run)}]}]}
+    report.build_report(spec, str(tmp_path / "out"))
+    import matplotlib.image
+    assert matplotlib.image.imread(tmp_path / "out" / "knn_monitor.png").shape[0] > 100
+
+
 def test_every_figure_kind_is_drawn_and_a_missing_row_is_named(tmp_path, monkeypatch):
     for fraction, aucs in ((0.1, [0.6, 0.64]), (0.5, [0.7, 0.74]), (1.0, [0.8, 0.8])):
         write_run(tmp_path / f"lf{fraction}", aucs, label_fraction=fraction)

@@ -28,6 +28,13 @@ EXPECTED = {
          *(f"--label-fraction {f} " for f in ("0.01", "0.05", "0.1", "0.25", "0.5", "1")),
          "--freeze layer3", "--saliency 8", "--init imagenet", "/search-2\n"],
         ["--config configs/paper002_barlow.yaml", "--size 224", "/search-54\n"]),
+    "reproduce_label_efficiency.sh": (
+        ["pretrain_byol.py", "pretrain_barlow.py", "pretrain_simclr.py", "--crop-scale 0.08 1 --lr 3e-3",
+         "--in-chans 1 --batch-size 64", "--max-steps 3", "--seeds 2", "--label-fraction 0.01 --epochs 2 --batch-size 32",
+         "--data breastmnist --mode finetune"],
+        ["--batch-size 256", "--epochs 150 --warmup-epochs 10", "--crop-scale <chosen> 1 --lr <chosen>",
+         "--seeds 5", "--label-fraction 0.01 --epochs 100", "--label-fraction 0.1 --epochs 40 --batch-size 128",
+         "--epochs 30 --batch-size 128 --out", "/transfer-probe-simclr\n"]),
     "reproduce_further_pretraining.sh": (
         ["--init barlowtwins --arch resnet50", "--trainable last-block", "--trainable all",
          "--data breastmnist,pneumoniamnist", "--freeze layer4", "--seeds 3"],
@@ -110,12 +117,16 @@ def test_data_replaces_the_stand_ins_of_each_paper(name, quick, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"# DATA={own} " in result.stdout and " replaces " in result.stdout
     flags = f"--data {own} --label-columns A,Pleural Effusion --split-ratio 70/15/15"
-    pretrain = _runs(result.stdout, "pretrain_byol.py") + _runs(result.stdout, "pretrain_barlow.py")
+    pretrain = [run for s in ("pretrain_byol.py", "pretrain_barlow.py", "pretrain_simclr.py") for run in _runs(result.stdout, s)]
     evaluate = _runs(result.stdout, "evaluate.py") + _runs(result.stdout, "finetune_beit.py")
     assert pretrain or name == "reproduce_beit.sh"
     if name == "reproduce_byol.sh":  # the corpus only: the evaluations stay on the paper's MedMNIST sets
         assert all(flags in run for run in pretrain)
         assert all(f"--data {own}" not in run for run in evaluate) and "--data breastmnist" in result.stdout
+    elif name == "reproduce_label_efficiency.sh":  # corpus and main task; the transfer task stays BreastMNIST
+        transfer = [run for run in evaluate if "/transfer-" in run]
+        assert transfer and all("--data breastmnist" in run for run in transfer)
+        assert all(flags in run for run in pretrain + evaluate if run not in transfer)
     elif name == "reproduce_further_pretraining.sh":  # "I" everywhere, "I+U" = I + UNLABELED
         further = [run for run in pretrain if "base-sslq" not in run]  # QUICK's stand-in base
         assert further and all(f"--data {own}" in run for run in further)
@@ -124,7 +135,7 @@ def test_data_replaces_the_stand_ins_of_each_paper(name, quick, tmp_path):
     else:  # paper 002: corpus and downstream task; BEiT: every row
         assert all(flags in run for run in pretrain + evaluate)
     medmnist = ("pneumoniamnist", "breastmnist", "dermamnist", "chestmnist")
-    if name != "reproduce_byol.sh":
+    if name not in ("reproduce_byol.sh", "reproduce_label_efficiency.sh"):
         replaced = [run for run in pretrain + evaluate if "base-sslq" not in run]
         assert not [run for run in replaced if any(f"--data {m}" in run or f",{m}" in run for m in medmnist)]
     with open(tmp_path / "results" / "spec.yaml") as f:
@@ -152,3 +163,56 @@ def test_report_specs_name_the_published_source_not_a_private_folder(tmp_path):
             assert "shared" not in text and "REFERENCE.md" not in text, name
     for name in [*EXPECTED, "reproduce_lib.sh"]:
         assert "../shared" not in open(os.path.join(REPO, "scripts", name)).read(), name
+
+
+# ---------------------------------------------------------------- the label-efficiency study's recipe choice
+def _sweep_run(path, crop, lr, knn_aucs, torn=False):
+    """A fake sweep run directory: args.yaml and a log.jsonl with one kNN monitor value per epoch."""
+    path.mkdir(parents=True)
+    (path / "args.yaml").write_text(yaml.safe_dump({"crop_scale": [crop, 1.0], "lr": lr, "batch_size": 256}))
+    lines = [f'{{"epoch": {e}, "loss": 1.0, "knn_val_auc": {v}}}' for e, v in enumerate(knn_aucs)]
+    (path / "log.jsonl").write_text("\n".join(lines) + ("\n{\"epoch\": 9, \"knn" if torn else "\n"))
+
+
+def test_select_recipe_takes_the_last_monitor_value_and_writes_what_was_tried(tmp_path):
+    runs = tmp_path / "runs"
+    # the best value along the way (0.9) does not count: the run's last one does
+    _sweep_run(runs / "sweep-byol-crop0.08-lr1e-3", 0.08, 1e-3, [0.9, 0.70])
+    _sweep_run(runs / "sweep-byol-crop0.35-lr1e-3", 0.35, 1e-3, [0.6, 0.80], torn=True)
+    _sweep_run(runs / "sweep-byol-crop0.35-lr3e-3", 0.35, 3e-3, [0.5, 0.75])
+    (runs / "sweep-byol-crop0.08-lr3e-3").mkdir()  # a candidate that failed: no log
+    table = tmp_path / "sweep.md"
+    result = subprocess.run([sys.executable, "scripts/select_recipe.py", *sorted(map(str, runs.iterdir())),
+                             "--table", str(table)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "sweep-byol-crop0.35-lr1e-3"
+    lines = table.read_text().splitlines()
+    assert lines[0].startswith("| candidate | crop scale | batch size | lr | kNN val AUC (epoch) |")
+    chosen = [line for line in lines if line.endswith("| yes |")]
+    assert chosen == ["| sweep-byol-crop0.35-lr1e-3 | 0.35 1.0 | 256 | 0.001 | 0.8000 (2) | yes |"]
+    assert any(line.startswith("| sweep-byol-crop0.08-lr3e-3 |") and "not run" in line for line in lines)
+
+
+def test_select_recipe_without_any_monitor_value_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "a").mkdir()
+    result = subprocess.run([sys.executable, "scripts/select_recipe.py", str(tmp_path / "a")], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "--eval-every" in result.stderr
+
+
+def test_the_study_pretrains_each_method_with_the_recipe_its_sweep_chose(tmp_path):
+    runs = tmp_path / "runs"
+    for m, best in (("byol", ("0.35", "3e-3")), ("barlow", ("0.08", "1e-3")), ("simclr", ("0.08", "3e-3"))):
+        for crop in ("0.08", "0.35"):
+            for lr in ("1e-3", "3e-3"):
+                _sweep_run(runs / f"sweep-{m}-crop{crop}-lr{lr}", float(crop), float(lr),
+                           [0.9 if (crop, lr) == best else 0.6])
+    result = run_script("reproduce_label_efficiency.sh", "--dry-run", quick=False, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    pretrain = [line for line in result.stdout.splitlines() if "/pretrain-" in line.split()[-1]]
+    assert len(pretrain) == 3
+    for m, (crop, lr) in (("byol", ("0.35", "3e-3")), ("barlow", ("0.08", "1e-3")), ("simclr", ("0.08", "3e-3"))):
+        line, = [line for line in pretrain if line.endswith(f"/pretrain-{m}")]
+        assert f"--crop-scale {crop} 1 --lr {lr} --epochs 150" in line, line
+    assert not list(runs.glob("*.md"))  # a dry run writes no sweep table

@@ -1,0 +1,224 @@
+#!/usr/bin/env bash
+# The label-efficiency study: does self-supervised pretraining pay when labels are scarce? BYOL,
+# Barlow Twins and SimCLR each pretrain a 1-channel ResNet-18 on PneumoniaMNIST's train images (labels
+# unused) with the same budget (epochs, batch, 28 px), after a recipe sweep judged on the kNN monitor
+# of the validation split alone. Every encoder and a random init are then fine-tuned and linearly
+# probed on 1%, 10% and 100% of PneumoniaMNIST's labels, and transferred to BreastMNIST, 5 seeds each;
+# the report has test AUC / ACC as mean ± std (n), Welch and Mann-Whitney p against random init, and
+# the test AUC against the label fraction with ±1 std bands.
+#
+#   bash scripts/reproduce_label_efficiency.sh              # the study (150 epochs each; ~7 h on 2 CPU cores)
+#   EPOCHS=1000 bash scripts/reproduce_label_efficiency.sh  # the same at 1000 epochs (a GPU)
+#   QUICK=1 bash scripts/reproduce_label_efficiency.sh      # a check of the whole pipeline in minutes: -> runs/quick/...
+#   bash scripts/reproduce_label_efficiency.sh --dry-run    # (or DRY_RUN=1) list the runs, write the spec, train nothing
+#   DATA=path/to/xrays TRANSFER=path/to/other bash scripts/reproduce_label_efficiency.sh   # your own images
+#
+# DATA= (a labelled folder, CSV manifest or .npz, or a MedMNIST flag; docs/DATA.md) replaces
+# PneumoniaMNIST as both the pretraining corpus (its train split) and the downstream task; TRANSFER=
+# (the same kinds, e.g. dermamnist) replaces BreastMNIST;
+# DATA_FLAGS="..." adds data flags to the runs that read DATA.
+#
+# Finished runs are skipped, and an interrupted pretraining resumes from its checkpoint, so re-running
+# continues the study. RUNS=, RESULTS=, PY= override the folders and the Python.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PAPER="Label efficiency"
+SCALE_NAME=$([[ ${QUICK:-0} == 1 ]] && echo "QUICK (pipeline check)" || echo "study")
+QUICK=${QUICK:-0}
+METHODS=(byol barlow simclr)
+INITS=(random "${METHODS[@]}")
+FRACTIONS=(0.01 0.1 1)
+declare -A PERCENT=([0.01]=1% [0.1]=10% [1]=100%)
+declare -A METHOD_NAMES=([random]="random init" [byol]=BYOL [barlow]="Barlow Twins" [simclr]=SimCLR)
+# each method's own views (byol: Grill et al.'s set; paper002: the chest X-ray paper's final set;
+# simclr: Chen et al.'s) and loss settings, from its CPU config; the sweep varies what the configs
+# chose by hand for other batch sizes: the crop floor and the Adam lr
+declare -A CONFIG=([byol]=configs/cpu_byol.yaml [barlow]=configs/cpu_barlow.yaml [simclr]=configs/cpu_simclr.yaml)
+CROP_FLOORS=(0.08 0.35)   # 0.08: the methods' ImageNet value; 0.35: what keeps a lesion in a 28 px crop
+LRS=(1e-3 3e-3)
+BATCH=256                 # one batch for every method: the same images per step and per epoch
+if [[ $QUICK == 1 ]]; then
+  RUNS=${RUNS:-runs/quick/label_efficiency}
+  RESULTS=${RESULTS:-results/quick/label_efficiency}
+  EPOCHS=${EPOCHS:-2}
+  SWEEP=(--epochs 1 --max-steps 3 --warmup-epochs 0 --eval-every 1)
+  LIMIT=(--max-steps 3)     # QUICK caps every pretraining and fine-tuning epoch at 3 batches
+  MONITOR=1
+  SEEDS=2
+  BATCH=64
+else
+  RUNS=${RUNS:-runs/label_efficiency}
+  RESULTS=${RESULTS:-results/label_efficiency}
+  EPOCHS=${EPOCHS:-150}
+  # 5 epochs per candidate: a short proxy of the long run, the same for every method
+  SWEEP=(--epochs 5 --warmup-epochs 1 --eval-every 5)
+  LIMIT=()
+  MONITOR=10                # the kNN monitor every 10 epochs of the long runs
+  SEEDS=5
+fi
+[[ $EPOCHS =~ ^[1-9][0-9]*$ ]] || { echo "error: EPOCHS must be a positive whole number, got '$EPOCHS'" >&2; exit 2; }
+WARMUP=$((EPOCHS >= 100 ? 10 : 1))
+TRANSFER=${TRANSFER:-}
+DATA_REPLACES="PneumoniaMNIST (the pretraining corpus and the downstream task)"
+source scripts/reproduce_lib.sh
+parse_args "$@"
+MAIN=(--data pneumoniamnist)
+OTHER=(--data breastmnist)
+[[ -n $DATA ]] && MAIN=(--data "$DATA" "${DATA_ARGS[@]}")
+if [[ -n $TRANSFER ]]; then
+  # as DATA=: a path must exist; a bare name (a MedMNIST flag such as dermamnist) is checked by evaluate.py
+  [[ -e $TRANSFER || ( $TRANSFER != */* && $TRANSFER != *.* ) ]] ||
+    die "TRANSFER=$TRANSFER: no such file or folder; give a MedMNIST flag, a folder, a CSV manifest or an .npz (docs/DATA.md)"
+  OTHER=(--data "$TRANSFER")
+  echo "# TRANSFER=$TRANSFER replaces BreastMNIST"
+fi
+COMMON=(--in-chans 1 --batch-size "$BATCH" --seed 0)
+
+# ---------------------------------------------------------------- recipe sweep (validation only)
+for m in "${METHODS[@]}"; do
+  for floor in "${CROP_FLOORS[@]}"; do
+    for lr in "${LRS[@]}"; do
+      dir=$RUNS/sweep-$m-crop$floor-lr$lr
+      step "$dir" "$PY" "pretrain_$m.py" --config "${CONFIG[$m]}" "${MAIN[@]}" "${COMMON[@]}" "${SWEEP[@]}" \
+        --crop-scale "$floor" 1 --lr "$lr" "${LIMIT[@]}" --out "$dir"
+    done
+  done
+done
+
+# chosen METHOD: the sweep run of METHOD with the best kNN validation AUC (scripts/select_recipe.py),
+# its table written to $RUNS/sweep-METHOD.md; a dry run writes no table, and names the winner only
+# when the sweep has run
+chosen() {
+  local table=(--table "$RUNS/sweep-$1.md")
+  [[ $DRY_RUN == 1 ]] && table=()
+  "$PY" scripts/select_recipe.py "$RUNS"/sweep-"$1"-crop*-lr* "${table[@]}" 2>/dev/null
+}
+
+# ---------------------------------------------------------------- pretraining, one budget for all
+for m in "${METHODS[@]}"; do
+  winner=$(chosen "$m") || winner=""
+  if [[ -z $winner && $DRY_RUN == 1 ]]; then
+    recipe=(--crop-scale "<chosen>" 1 --lr "<chosen>")
+  elif [[ -z $winner ]]; then
+    mkdir -p "$RUNS/pretrain-$m"
+    echo "error: no sweep run of $m has a kNN monitor value" >"$RUNS/pretrain-$m/not_run.txt"
+    echo "not run $RUNS/pretrain-$m: $(cat "$RUNS/pretrain-$m/not_run.txt")"
+    continue
+  else
+    [[ $winner =~ crop([0-9.]+)-lr([0-9.e-]+)$ ]]
+    recipe=(--crop-scale "${BASH_REMATCH[1]}" 1 --lr "${BASH_REMATCH[2]}")
+  fi
+  step "$RUNS/pretrain-$m" "$PY" "pretrain_$m.py" --config "${CONFIG[$m]}" "${MAIN[@]}" "${COMMON[@]}" \
+    "${recipe[@]}" --epochs "$EPOCHS" --warmup-epochs "$WARMUP" --eval-every "$MONITOR" "${LIMIT[@]}" \
+    --out "$RUNS/pretrain-$m"
+done
+
+# ---------------------------------------------------------------- downstream, 5 seeds each
+# fine-tuning: about the same number of optimiser steps at every fraction (PneumoniaMNIST: 1% = 47
+# images, 1 batch of 32 per epoch x 100; 10% = 471, 3 batches x 40; 100% = 4,708, 36 batches x 10);
+# BatchNorm statistics recomputed before each validation, as a few steps per epoch leave them behind
+declare -A FT_EPOCHS=([0.01]=100 [0.1]=40 [1]=10)
+TRANSFER_EPOCHS=30
+if [[ $QUICK == 1 ]]; then
+  FT_EPOCHS=([0.01]=2 [0.1]=2 [1]=2)
+  TRANSFER_EPOCHS=2
+fi
+declare -A FT_BATCH=([0.01]=32 [0.1]=128 [1]=128)
+FINETUNE=(--mode finetune --precise-bn on --seeds "$SEEDS" "${LIMIT[@]}")
+PROBE=(--mode linear_probe --seeds "$SEEDS")
+init_flags() { [[ $1 == random ]] && echo "--init random --in-chans 1" || echo "--ckpt $RUNS/pretrain-$1/checkpoint.pt"; }
+for init in "${INITS[@]}"; do
+  read -ra from <<<"$(init_flags "$init")"
+  for f in "${FRACTIONS[@]}"; do
+    step "$RUNS/probe-lf$f-$init" "$PY" evaluate.py "${from[@]}" "${MAIN[@]}" "${PROBE[@]}" --label-fraction "$f" \
+      --out "$RUNS/probe-lf$f-$init"
+    step "$RUNS/ft-lf$f-$init" "$PY" evaluate.py "${from[@]}" "${MAIN[@]}" "${FINETUNE[@]}" --label-fraction "$f" \
+      --epochs "${FT_EPOCHS[$f]}" --batch-size "${FT_BATCH[$f]}" --out "$RUNS/ft-lf$f-$init"
+  done
+  # transfer: BreastMNIST's 546 training images, 5 batches x 30 epochs
+  step "$RUNS/transfer-probe-$init" "$PY" evaluate.py "${from[@]}" "${OTHER[@]}" "${PROBE[@]}" \
+    --out "$RUNS/transfer-probe-$init"
+  step "$RUNS/transfer-ft-$init" "$PY" evaluate.py "${from[@]}" "${OTHER[@]}" "${FINETUNE[@]}" --epochs "$TRANSFER_EPOCHS" \
+    --batch-size 128 --out "$RUNS/transfer-ft-$init"
+done
+
+# ---------------------------------------------------------------- report spec
+mkdir -p "$RESULTS"
+sweeps=""
+for m in "${METHODS[@]}"; do
+  if [[ -f $RUNS/sweep-$m.md ]]; then
+    sweeps+=$'\n'"${METHOD_NAMES[$m]}:"$'\n\n'"$(cat "$RUNS/sweep-$m.md")"$'\n'
+  fi
+done
+INTRO=""
+if [[ $QUICK == 1 ]]; then
+  INTRO="QUICK mode: a check of the pipeline (1-epoch sweep runs and $EPOCHS-epoch pretraining of at most 3
+batches of 64, 2 fine-tuning epochs of at most 3 batches, $SEEDS seeds), not the study's numbers.
+"
+fi
+INTRO="${INTRO}Pretraining: BYOL, Barlow Twins and SimCLR on ${DATA:-PneumoniaMNIST}'s train images (labels unused),
+1-channel ResNet-18, 28 px, batch $BATCH, $EPOCHS epochs each (warm-up $WARMUP, cosine), seed 0, each with its own
+views (byol, paper002, simclr presets). Recipe: for each method, crop floor {${CROP_FLOORS[*]}} x Adam lr
+{${LRS[*]}}, each a short run (${SWEEP[*]}), judged on the kNN monitor (k = 20) of the validation split; the
+best went on to the full budget. Downstream: $SEEDS seeds (seed 0 ...), each drawing its own stratified label subset; the
+linear probe is a logistic regression whose L2 strength is chosen on validation; fine-tuning is Adam 1e-3
+with weight decay 1e-6, BatchNorm statistics recomputed before each validation, the epoch with the best
+validation AUC kept (${FT_EPOCHS[0.01]} epochs of batch ${FT_BATCH[0.01]} at 1%, ${FT_EPOCHS[0.1]} of ${FT_BATCH[0.1]} at 10%, ${FT_EPOCHS[1]} of ${FT_BATCH[1]} at 100%; transfer: $TRANSFER_EPOCHS of 128).
+The seeds vary the label subset, the head and the order of the batches, not the pretraining: each method
+is one pretraining run, so a pretrained encoder's linear probe on all labels has no spread.
+Welch's t-test and the two-sided Mann-Whitney U test compare each pretrained encoder with random init.
+With 5 values a side the smallest two-sided Mann-Whitney p is 0.008; a difference counts where both p < 0.05.
+Recipe sweep, kNN AUC on the validation split:
+${sweeps:-(not run yet)}"
+if [[ -n $DATA || -n $TRANSFER ]]; then
+  INTRO="$INTRO
+Own data: ${DATA:-PneumoniaMNIST} is the corpus and the downstream task, ${TRANSFER:-BreastMNIST} the transfer task."
+fi
+row() { echo "      - {label: \"$1\", runs: \"$RUNS/$2\"}"; }
+compare() {  # the compare line of a table whose rows are "<prefix><init name>"
+  local pairs=() m
+  for m in "${METHODS[@]}"; do pairs+=("[\"$1${METHOD_NAMES[random]}\", \"$1${METHOD_NAMES[$m]}\"]"); done
+  local IFS=,
+  echo "    compare: [${pairs[*]}]"
+}
+table() {  # table TITLE RUN-PREFIX ROW-PREFIX
+  echo "  - title: \"$1\""
+  echo "    metrics: [auc, acc]"
+  echo "    rows:"
+  for init in "${INITS[@]}"; do row "$3${METHOD_NAMES[$init]}" "$2$init"; done
+  compare "$3"
+}
+figure() {  # figure TITLE RUN-PREFIX
+  echo "  - kind: curve"
+  echo "    title: \"$1\""
+  echo "    x: label_fraction"
+  echo "    metric: auc"
+  echo "    log_x: true"
+  echo "    rows:"
+  for init in "${INITS[@]}"; do row "${METHOD_NAMES[$init]}" "$2*-$init"; done
+}
+{
+  spec_head "does self-supervised pretraining pay when labels are scarce?"
+  for f in "${FRACTIONS[@]}"; do
+    table "${DATA:-PneumoniaMNIST}, fine-tuning on ${PERCENT[$f]} of the labels (test)" "ft-lf$f-" "fine-tune, "
+    table "${DATA:-PneumoniaMNIST}, linear probe on ${PERCENT[$f]} of the labels (test)" "probe-lf$f-" "probe, "
+  done
+  table "Transfer to ${TRANSFER:-BreastMNIST}, fine-tuning (test)" "transfer-ft-" "fine-tune, "
+  table "Transfer to ${TRANSFER:-BreastMNIST}, linear probe (test)" "transfer-probe-" "probe, "
+  echo "figures:"
+  figure "Fine-tuning: test AUC against the label fraction" "ft-lf"
+  figure "Linear probe: test AUC against the label fraction" "probe-lf"
+  for m in "${METHODS[@]}"; do  # one plot each: the three losses differ by orders of magnitude
+    echo "  - kind: loss"
+    echo "    title: \"${METHOD_NAMES[$m]} pretraining loss\""
+    echo "    rows:"
+    row "${METHOD_NAMES[$m]}" "pretrain-$m"
+  done
+  echo "  - kind: loss"
+  echo "    title: \"Pretraining: kNN AUC on the validation split\""
+  echo "    key: knn_val_auc"
+  echo "    log_y: false"
+  echo "    rows:"
+  for m in "${METHODS[@]}"; do row "${METHOD_NAMES[$m]}" "pretrain-$m"; done
+} >"$RESULTS/spec.yaml"
+make_report

@@ -1,0 +1,78 @@
+"""Pick a pretraining recipe on the kNN monitor of the validation split: each run directory given is
+one candidate recipe (a short pretraining run with --eval-every on); the one whose last logged
+`knn_val_auc` is highest wins. Prints the winner's directory name; --table writes every candidate's
+flags and monitor value as a Markdown table, so the report says what was tried.
+
+    python scripts/select_recipe.py runs/label_efficiency/sweep-byol-* --table sweep-byol.md
+
+Only the validation split is read (through the runs' own logs): the test split plays no part in
+the choice. Ties go to the first candidate given."""
+import argparse
+import json
+import os
+import sys
+
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.cli import UserError, run_main  # noqa: E402
+from common.rundir import atomic_write_text  # noqa: E402
+
+# the flags a recipe sweep varies, shown in the table in this order when a run has them
+RECIPE_FLAGS = ("aug", "crop_scale", "batch_size", "lr", "optimizer", "epochs")
+
+
+def last_monitor(run):
+    """(epoch, knn_val_auc) of the last monitored epoch in run/log.jsonl, or None when there is none."""
+    path = os.path.join(run, "log.jsonl")
+    found = None
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a torn last line of a killed run
+                    continue
+                if isinstance(record, dict) and "knn_val_auc" in record:
+                    found = (record["epoch"] + 1, record["knn_val_auc"])
+    except OSError:
+        return None
+    return found
+
+
+def recipe(run):
+    try:
+        with open(os.path.join(run, "args.yaml")) as f:
+            args = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {k: args[k] for k in RECIPE_FLAGS if k in args}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories of the candidate recipes")
+    parser.add_argument("--table", default=None, help="write the candidates as a Markdown table to this file")
+    args = parser.parse_args()
+    scored = [(run, last_monitor(run)) for run in args.runs]
+    measured = [(run, m) for run, m in scored if m is not None]
+    if not measured:
+        raise UserError(f"none of the {len(args.runs)} runs has a kNN monitor value (knn_val_auc) in its log.jsonl: "
+                        f"pretrain them with --eval-every N first")
+    best = max(measured, key=lambda item: item[1][1])[0]  # max keeps the first of equals
+    if args.table:
+        flags = list(dict.fromkeys(k for run, _ in scored for k in recipe(run)))
+        lines = ["| candidate | " + " | ".join(f.replace("_", " ") for f in flags) + " | kNN val AUC (epoch) | chosen |",
+                 "|---" * (len(flags) + 3) + "|"]
+        for run, m in scored:
+            r = recipe(run)
+            cells = [" ".join(map(str, r[f])) if isinstance(r.get(f), list) else str(r.get(f, "")) for f in flags]
+            value = f"{m[1]:.4f} ({m[0]})" if m else "not run"
+            lines.append(f"| {os.path.basename(os.path.normpath(run))} | " + " | ".join(cells) +
+                         f" | {value} | {'yes' if run == best else ''} |")
+        atomic_write_text(args.table, "\n".join(lines) + "\n")
+    print(os.path.basename(os.path.normpath(best)))
+
+
+if __name__ == "__main__":
+    run_main(main)
