@@ -30,8 +30,8 @@ if [[ $QUICK == 1 ]]; then
   PRETRAIN=(--config configs/cpu_demo_byol.yaml --init random --epochs 3 --max-steps 25)
   PRETRAIN_DATA=(--data pneumoniamnist)
   # --precise-bn on: with 30 steps BN's running averages lag the weights (see evaluate.py --precise-bn).
-  # --weight-decay 0: the committed QUICK numbers were made with it (evaluate.py's default is now paper
-  # 001's 1e-6), so that QUICK=1 regenerates them exactly
+  # --weight-decay 0: the committed QUICK numbers were made without weight decay (evaluate.py's default
+  # is paper 001's 1e-6); the same machine and thread count regenerate them exactly
   declare -A EVAL=([finetune]="--epochs 3 --max-steps 10 --precise-bn on --weight-decay 0 --seeds 2"
                    [linear_probe]="--seeds 2" [fewshot]="--shots 20 --epochs 15 --weight-decay 0 --seeds 2")
   # the ImageNet-init base model cannot be had offline: a random-init encoder stands beside it
