@@ -147,8 +147,9 @@ def plot_overlay_grid(images, maps, path, title="", alpha=0.5, row_labels=None, 
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
-        fig.suptitle(metrics.wrap(title, int(14 * cols)), fontsize=9)
-    fig.tight_layout()
+        fig.suptitle(metrics.wrap(title, int(22 * cols)), fontsize=9)
+    # keep the top 0.45 inch for the title: tight_layout alone lets it sit on the column headings
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.45 if title else 0) / fig.get_figheight()))
     if shown_map is not None:
         bar = fig.colorbar(shown_map, ax=axes[:, 1:].ravel().tolist(), fraction=0.04, pad=0.03)
         bar.set_label("evidence for the class (1 = strongest in the image)", fontsize=7)

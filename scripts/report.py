@@ -327,12 +327,18 @@ def lr_range_figure(fig, path, found):
     return [os.path.basename(p) for p in pngs], "Loss against learning rate in the range test; dashed: the lr chosen."
 
 
+def class_names_beside(path):
+    """The class names in the metrics.json next to `path` (evaluate.py writes both), or None."""
+    beside = os.path.join(os.path.dirname(path), "metrics.json")
+    return read_json(beside).get("class_names") if os.path.isfile(beside) else None
+
+
 def saliency_figure(fig, path, found):
     key, grids = fig.get("map", "gradcam"), [(row["label"], np.load(files[0])) for row, _, files in found]
     for label, s in grids[1:]:
         if "index" in s and not np.array_equal(s["index"], grids[0][1]["index"]):
             raise UserError(f"saliency maps of {label!r} are of other test images than those of {grids[0][0]!r}")
-    names = fig.get("class_names")
+    names = fig.get("class_names") or class_names_beside(found[0][2][0])
     name = (lambda c: names[int(c)] if names and 0 <= int(c) < len(names) else str(int(c)))  # noqa: E731
     first = grids[0][1]
     truth = [name(c) for c in first["class_idx"]] if "class_idx" in first else None

@@ -198,7 +198,7 @@ table() {  # table TITLE: the header of a table of test AUC / ACC (rows follow)
   row "random init" ft-lf1-random
   echo "  - kind: loss"
   echo "    title: \"Barlow Twins loss, lambda scan\""
-  echo "    log_y: true"
+  echo "    log_y: auto"  # log only when the lambdas' losses differ by orders of magnitude
   echo "    rows:"
   for l in "${LAMBDAS[@]}"; do row "lambda $l" "pretrain-$(lambda_dir "$l")"; done
 } >"$RESULTS/spec.yaml"

@@ -249,3 +249,21 @@ def test_loss_figure_uses_a_log_axis_when_losses_differ_by_orders_of_magnitude(t
     scales.clear()
     report.build_report({"figures": [{"kind": "loss", "title": "losses", "rows": rows[:1]}]}, str(tmp_path / "o"))
     assert scales == []
+
+
+def test_saliency_grids_name_the_classes_from_the_runs_metrics(tmp_path, monkeypatch):
+    folder = write_run(tmp_path / "pre", [0.8])
+    run = json.loads((folder / "metrics.json").read_text())
+    (folder / "metrics.json").write_text(json.dumps({**run, "class_names": ["normal", "pneumonia"]}))
+    np.savez(folder / "saliency.npz", images=np.zeros((2, 8, 8), np.uint8), index=np.array([3, 7]),
+             gradcam=np.random.rand(2, 8, 8), class_idx=np.array([1, 0]), predicted=np.array([1, 1]))
+    seen = {}
+    monkeypatch.setattr(report.saliency, "plot_overlay_grid",
+                        lambda images, maps, path, **kw: seen.update(kw))
+    spec = {"figures": [{"kind": "saliency", "title": "G", "rows": [{"label": "pre", "runs": str(folder)}]}]}
+    report.build_report(spec, str(tmp_path / "out"))
+    assert seen["row_labels"] == ["pneumonia", "normal"]
+    assert seen["predicted"] == {"pre": ["pneumonia", "pneumonia"]}
+    spec["figures"][0]["class_names"] = ["no", "yes"]  # the spec's names win
+    report.build_report(spec, str(tmp_path / "out"))
+    assert seen["row_labels"] == ["yes", "no"]
