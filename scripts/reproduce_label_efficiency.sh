@@ -37,9 +37,9 @@ declare -A CONFIG=([byol]=configs/cpu_byol.yaml [barlow]=configs/cpu_barlow.yaml
 CROP_FLOORS=(0.08 0.35)   # 0.08: the methods' ImageNet value; 0.35: what keeps a lesion in a 28 px crop
 LRS=(1e-3 3e-3)
 BATCH=256                 # one batch for every method: the same images per step and per epoch
+TRANSFER=${TRANSFER:-}
 if [[ $QUICK == 1 ]]; then
-  RUNS=${RUNS:-runs/quick/label_efficiency}
-  RESULTS=${RESULTS:-results/quick/label_efficiency}
+  FOLDER=quick/label_efficiency
   EPOCHS=${EPOCHS:-2}
   SWEEP=(--epochs 1 --max-steps 3 --warmup-epochs 0 --eval-every 1)
   LIMIT=(--max-steps 3)     # QUICK caps every pretraining and fine-tuning epoch at 3 batches
@@ -47,8 +47,7 @@ if [[ $QUICK == 1 ]]; then
   SEEDS=2
   BATCH=64
 else
-  RUNS=${RUNS:-runs/label_efficiency}
-  RESULTS=${RESULTS:-results/label_efficiency}
+  FOLDER=label_efficiency
   EPOCHS=${EPOCHS:-150}
   # 5 epochs per candidate: a short proxy of the long run, the same for every method
   SWEEP=(--epochs 5 --warmup-epochs 1 --eval-every 5)
@@ -58,9 +57,14 @@ else
 fi
 [[ $EPOCHS =~ ^[1-9][0-9]*$ ]] || { echo "error: EPOCHS must be a positive whole number, got '$EPOCHS'" >&2; exit 2; }
 WARMUP=$((EPOCHS >= 100 ? 10 : 1))
-TRANSFER=${TRANSFER:-}
 DATA_REPLACES="PneumoniaMNIST (the pretraining corpus and the downstream task)"
 source scripts/reproduce_lib.sh
+# another budget or dataset gets folders of its own: a finished run is skipped whatever its flags were
+[[ $EPOCHS == 150 || $QUICK == 1 ]] || FOLDER+=-e$EPOCHS
+[[ -z ${DATA:-} ]] || FOLDER+=-$(data_name "$DATA")
+[[ -z $TRANSFER ]] || FOLDER+=-to-$(data_name "$TRANSFER")
+RUNS=${RUNS:-runs/$FOLDER}
+RESULTS=${RESULTS:-results/$FOLDER}
 parse_args "$@"
 MAIN=(--data pneumoniamnist)
 OTHER=(--data breastmnist)
@@ -75,38 +79,47 @@ fi
 COMMON=(--in-chans 1 --batch-size "$BATCH" --seed 0)
 
 # ---------------------------------------------------------------- recipe sweep (validation only)
+declare -A CANDIDATES
 for m in "${METHODS[@]}"; do
   for floor in "${CROP_FLOORS[@]}"; do
     for lr in "${LRS[@]}"; do
       dir=$RUNS/sweep-$m-crop$floor-lr$lr
+      CANDIDATES[$m]+="$dir"$'\n'
       step "$dir" "$PY" "pretrain_$m.py" --config "${CONFIG[$m]}" "${MAIN[@]}" "${COMMON[@]}" "${SWEEP[@]}" \
         --crop-scale "$floor" 1 --lr "$lr" "${LIMIT[@]}" --out "$dir"
     done
   done
 done
 
-# chosen METHOD: the sweep run of METHOD with the best kNN validation AUC (scripts/select_recipe.py),
-# its table written to $RUNS/sweep-METHOD.md; a dry run writes no table, and names the winner only
-# when the sweep has run
+# chosen METHOD: the flags (--crop-scale, --lr) of the sweep run of METHOD with the best kNN
+# validation AUC (scripts/select_recipe.py), its table written to $RUNS/sweep-METHOD.md and its
+# error, if any, to $RUNS/sweep-METHOD.err; a dry run writes neither and names the winner only when
+# the sweep has run
 chosen() {
-  local table=(--table "$RUNS/sweep-$1.md")
-  [[ $DRY_RUN == 1 ]] && table=()
-  "$PY" scripts/select_recipe.py "$RUNS"/sweep-"$1"-crop*-lr* "${table[@]}" 2>/dev/null
+  local candidates
+  mapfile -t candidates <<<"${CANDIDATES[$1]%$'\n'}"
+  if [[ $DRY_RUN == 1 ]]; then
+    "$PY" scripts/select_recipe.py "${candidates[@]}" --print-flags 2>/dev/null
+  else
+    "$PY" scripts/select_recipe.py "${candidates[@]}" --print-flags --table "$RUNS/sweep-$1.md" 2>"$RUNS/sweep-$1.err"
+  fi
 }
 
 # ---------------------------------------------------------------- pretraining, one budget for all
 for m in "${METHODS[@]}"; do
-  winner=$(chosen "$m") || winner=""
-  if [[ -z $winner && $DRY_RUN == 1 ]]; then
+  flags=$(chosen "$m") || flags=""
+  if finished "$RUNS/pretrain-$m"; then  # trained with the recipe chosen then: the sweep runs are finished too
+    echo "skip    $RUNS/pretrain-$m (finished)"
+    continue
+  elif [[ -z $flags && $DRY_RUN == 1 ]]; then
     recipe=(--crop-scale "<chosen>" 1 --lr "<chosen>")
-  elif [[ -z $winner ]]; then
+  elif [[ -z $flags ]]; then
     mkdir -p "$RUNS/pretrain-$m"
-    echo "error: no sweep run of $m has a kNN monitor value" >"$RUNS/pretrain-$m/not_run.txt"
+    echo "needs the recipe sweep, not run: $(cat "$RUNS/sweep-$m.err")" >"$RUNS/pretrain-$m/not_run.txt"
     echo "not run $RUNS/pretrain-$m: $(cat "$RUNS/pretrain-$m/not_run.txt")"
     continue
   else
-    [[ $winner =~ crop([0-9.]+)-lr([0-9.e-]+)$ ]]
-    recipe=(--crop-scale "${BASH_REMATCH[1]}" 1 --lr "${BASH_REMATCH[2]}")
+    read -ra recipe <<<"$flags"
   fi
   step "$RUNS/pretrain-$m" "$PY" "pretrain_$m.py" --config "${CONFIG[$m]}" "${MAIN[@]}" "${COMMON[@]}" \
     "${recipe[@]}" --epochs "$EPOCHS" --warmup-epochs "$WARMUP" --eval-every "$MONITOR" "${LIMIT[@]}" \
@@ -114,8 +127,9 @@ for m in "${METHODS[@]}"; do
 done
 
 # ---------------------------------------------------------------- downstream, 5 seeds each
-# fine-tuning: about the same number of optimiser steps at every fraction (PneumoniaMNIST: 1% = 47
-# images, 1 batch of 32 per epoch x 100; 10% = 471, 3 batches x 40; 100% = 4,708, 36 batches x 10);
+# fine-tuning: 100 to 360 optimiser steps at every fraction, where epochs alone would give 10 steps
+# at 1% (PneumoniaMNIST: 1% = 47 images, 1 full batch of 32 per epoch x 100 = 100 steps; 10% = 470,
+# 3 batches x 40 = 120; 100% = 4,708, 36 batches x 10 = 360);
 # BatchNorm statistics recomputed before each validation, as a few steps per epoch leave them behind
 declare -A FT_EPOCHS=([0.01]=100 [0.1]=40 [1]=10)
 TRANSFER_EPOCHS=30
@@ -126,16 +140,16 @@ fi
 declare -A FT_BATCH=([0.01]=32 [0.1]=128 [1]=128)
 FINETUNE=(--mode finetune --precise-bn on --seeds "$SEEDS" "${LIMIT[@]}")
 PROBE=(--mode linear_probe --seeds "$SEEDS")
-init_flags() { [[ $1 == random ]] && echo "--init random --in-chans 1" || echo "--ckpt $RUNS/pretrain-$1/checkpoint.pt"; }
 for init in "${INITS[@]}"; do
-  read -ra from <<<"$(init_flags "$init")"
+  from=(--ckpt "$RUNS/pretrain-$init/checkpoint.pt")
+  [[ $init == random ]] && from=(--init random --in-chans 1)
   for f in "${FRACTIONS[@]}"; do
     step "$RUNS/probe-lf$f-$init" "$PY" evaluate.py "${from[@]}" "${MAIN[@]}" "${PROBE[@]}" --label-fraction "$f" \
       --out "$RUNS/probe-lf$f-$init"
     step "$RUNS/ft-lf$f-$init" "$PY" evaluate.py "${from[@]}" "${MAIN[@]}" "${FINETUNE[@]}" --label-fraction "$f" \
       --epochs "${FT_EPOCHS[$f]}" --batch-size "${FT_BATCH[$f]}" --out "$RUNS/ft-lf$f-$init"
   done
-  # transfer: BreastMNIST's 546 training images, 5 batches x 30 epochs
+  # transfer: BreastMNIST's 546 training images, 4 full batches x 30 epochs
   step "$RUNS/transfer-probe-$init" "$PY" evaluate.py "${from[@]}" "${OTHER[@]}" "${PROBE[@]}" \
     --out "$RUNS/transfer-probe-$init"
   step "$RUNS/transfer-ft-$init" "$PY" evaluate.py "${from[@]}" "${OTHER[@]}" "${FINETUNE[@]}" --epochs "$TRANSFER_EPOCHS" \
@@ -164,10 +178,13 @@ best went on to the full budget. Downstream: $SEEDS seeds (seed 0 ...), each dra
 linear probe is a logistic regression whose L2 strength is chosen on validation; fine-tuning is Adam 1e-3
 with weight decay 1e-6, BatchNorm statistics recomputed before each validation, the epoch with the best
 validation AUC kept (${FT_EPOCHS[0.01]} epochs of batch ${FT_BATCH[0.01]} at 1%, ${FT_EPOCHS[0.1]} of ${FT_BATCH[0.1]} at 10%, ${FT_EPOCHS[1]} of ${FT_BATCH[1]} at 100%; transfer: $TRANSFER_EPOCHS of 128).
-The seeds vary the label subset, the head and the order of the batches, not the pretraining: each method
-is one pretraining run, so a pretrained encoder's linear probe on all labels has no spread.
-Welch's t-test and the two-sided Mann-Whitney U test compare each pretrained encoder with random init.
-With 5 values a side the smallest two-sided Mann-Whitney p is 0.008; a difference counts where both p < 0.05.
+The seeds vary the label subset, the head and the order of the batches (and a random init's weights), not
+the pretraining: each method is one pretraining run (seed 0), so the spread is the downstream one and a
+pretrained encoder's linear probe on all labels has none. Welch's t-test and the two-sided Mann-Whitney U
+test compare each pretrained encoder with random init, without correction for the number of comparisons;
+with $SEEDS values a side the smallest two-sided Mann-Whitney p is $(awk -v n="$SEEDS" 'BEGIN { c = 1; for (i = 1; i <= n; i++) c *= (n + i) / i; printf "%.3f", 2 / c }'), and a difference counts where both p < 0.05.
+Labels outside the fraction are used twice, for choices not for training: the kNN monitor's memory is the
+whole train split, and every run selects its epoch (or L2 strength) on the whole validation split.
 Recipe sweep, kNN AUC on the validation split:
 ${sweeps:-(not run yet)}"
 if [[ -n $DATA || -n $TRANSFER ]]; then

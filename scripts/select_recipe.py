@@ -1,7 +1,8 @@
 """Pick a pretraining recipe on the kNN monitor of the validation split: each run directory given is
-one candidate recipe (a short pretraining run with --eval-every on); the one whose last logged
-`knn_val_auc` is highest wins. Prints the winner's directory name; --table writes every candidate's
-flags and monitor value as a Markdown table, so the report says what was tried.
+one candidate recipe (a short pretraining run with --eval-every on); of those that finished, the one
+whose last logged `knn_val_auc` is highest wins. Prints the winner's directory name (--print-flags:
+its --crop-scale and --lr instead); --table writes every candidate's flags and monitor value as a
+Markdown table, so the report says what was tried.
 
     python scripts/select_recipe.py runs/label_efficiency/sweep-byol-* --table sweep-byol.md
 
@@ -9,6 +10,7 @@ Only the validation split is read (through the runs' own logs): the test split p
 the choice. Ties go to the first candidate given."""
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -23,7 +25,8 @@ RECIPE_FLAGS = ("aug", "crop_scale", "batch_size", "lr", "optimizer", "epochs")
 
 
 def last_monitor(run):
-    """(epoch, knn_val_auc) of the last monitored epoch in run/log.jsonl, or None when there is none."""
+    """(epoch, knn_val_auc) of the last monitored epoch in run/log.jsonl, or None when there is none
+    or it is not a finite number."""
     path = os.path.join(run, "log.jsonl")
     found = None
     try:
@@ -37,6 +40,8 @@ def last_monitor(run):
                     found = (record["epoch"] + 1, record["knn_val_auc"])
     except OSError:
         return None
+    if found is None or not isinstance(found[1], (int, float)) or not math.isfinite(found[1]):
+        return None
     return found
 
 
@@ -46,19 +51,29 @@ def recipe(run):
             args = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError):
         return {}
-    return {k: args[k] for k in RECIPE_FLAGS if k in args}
+    return {k: args[k] for k in RECIPE_FLAGS if k in args} if isinstance(args, dict) else {}
+
+
+def score(run):
+    """The run's last monitor value, counted only when it was logged at the run's last epoch: a run
+    stopped half-way is not a candidate."""
+    m = last_monitor(run)
+    epochs = recipe(run).get("epochs")
+    return m if m and (epochs is None or m[0] >= epochs) else None
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories of the candidate recipes")
     parser.add_argument("--table", default=None, help="write the candidates as a Markdown table to this file")
+    parser.add_argument("--print-flags", action="store_true",
+                        help="print the winner's --crop-scale and --lr (from its args.yaml) instead of its name")
     args = parser.parse_args()
-    scored = [(run, last_monitor(run)) for run in args.runs]
+    scored = [(run, score(run)) for run in args.runs]
     measured = [(run, m) for run, m in scored if m is not None]
     if not measured:
-        raise UserError(f"none of the {len(args.runs)} runs has a kNN monitor value (knn_val_auc) in its log.jsonl: "
-                        f"pretrain them with --eval-every N first")
+        raise UserError(f"none of the {len(args.runs)} runs finished with a kNN monitor value (knn_val_auc) in its "
+                        f"log.jsonl: pretrain them to their last epoch with --eval-every N")
     best = max(measured, key=lambda item: item[1][1])[0]  # max keeps the first of equals
     if args.table:
         flags = list(dict.fromkeys(k for run, _ in scored for k in recipe(run)))
@@ -67,11 +82,17 @@ def main():
         for run, m in scored:
             r = recipe(run)
             cells = [" ".join(map(str, r[f])) if isinstance(r.get(f), list) else str(r.get(f, "")) for f in flags]
-            value = f"{m[1]:.4f} ({m[0]})" if m else "not run"
+            value = f"{m[1]:.4f} ({m[0]})" if m else "not run or not finished"
             lines.append(f"| {os.path.basename(os.path.normpath(run))} | " + " | ".join(cells) +
                          f" | {value} | {'yes' if run == best else ''} |")
         atomic_write_text(args.table, "\n".join(lines) + "\n")
-    print(os.path.basename(os.path.normpath(best)))
+    if args.print_flags:
+        r = recipe(best)
+        if "crop_scale" not in r or "lr" not in r:
+            raise UserError(f"{best}/args.yaml names no crop_scale and lr: is it a run of a pretraining script?")
+        print(f"--crop-scale {r['crop_scale'][0]} {r['crop_scale'][1]} --lr {r['lr']}")
+    else:
+        print(os.path.basename(os.path.normpath(best)))
 
 
 if __name__ == "__main__":

@@ -166,10 +166,11 @@ def test_report_specs_name_the_published_source_not_a_private_folder(tmp_path):
 
 
 # ---------------------------------------------------------------- the label-efficiency study's recipe choice
-def _sweep_run(path, crop, lr, knn_aucs, torn=False):
+def _sweep_run(path, crop, lr, knn_aucs, torn=False, epochs=None):
     """A fake sweep run directory: args.yaml and a log.jsonl with one kNN monitor value per epoch."""
     path.mkdir(parents=True)
-    (path / "args.yaml").write_text(yaml.safe_dump({"crop_scale": [crop, 1.0], "lr": lr, "batch_size": 256}))
+    (path / "args.yaml").write_text(yaml.safe_dump({"crop_scale": [crop, 1.0], "lr": lr, "batch_size": 256,
+                                                    "epochs": epochs or len(knn_aucs)}))
     lines = [f'{{"epoch": {e}, "loss": 1.0, "knn_val_auc": {v}}}' for e, v in enumerate(knn_aucs)]
     (path / "log.jsonl").write_text("\n".join(lines) + ("\n{\"epoch\": 9, \"knn" if torn else "\n"))
 
@@ -181,16 +182,22 @@ def test_select_recipe_takes_the_last_monitor_value_and_writes_what_was_tried(tm
     _sweep_run(runs / "sweep-byol-crop0.35-lr1e-3", 0.35, 1e-3, [0.6, 0.80], torn=True)
     _sweep_run(runs / "sweep-byol-crop0.35-lr3e-3", 0.35, 3e-3, [0.5, 0.75])
     (runs / "sweep-byol-crop0.08-lr3e-3").mkdir()  # a candidate that failed: no log
+    _sweep_run(runs / "sweep-byol-crop0.5-lr1e-3", 0.5, 1e-3, [0.99], epochs=5)  # stopped after 1 of 5 epochs
+    _sweep_run(runs / "sweep-byol-crop0.6-lr1e-3", 0.6, 1e-3, [float("nan")])
     table = tmp_path / "sweep.md"
     result = subprocess.run([sys.executable, "scripts/select_recipe.py", *sorted(map(str, runs.iterdir())),
                              "--table", str(table)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "sweep-byol-crop0.35-lr1e-3"
     lines = table.read_text().splitlines()
-    assert lines[0].startswith("| candidate | crop scale | batch size | lr | kNN val AUC (epoch) |")
+    assert lines[0].startswith("| candidate | crop scale | batch size | lr | epochs | kNN val AUC (epoch) |")
     chosen = [line for line in lines if line.endswith("| yes |")]
-    assert chosen == ["| sweep-byol-crop0.35-lr1e-3 | 0.35 1.0 | 256 | 0.001 | 0.8000 (2) | yes |"]
-    assert any(line.startswith("| sweep-byol-crop0.08-lr3e-3 |") and "not run" in line for line in lines)
+    assert chosen == ["| sweep-byol-crop0.35-lr1e-3 | 0.35 1.0 | 256 | 0.001 | 2 | 0.8000 (2) | yes |"]
+    for name in ("crop0.08-lr3e-3", "crop0.5-lr1e-3", "crop0.6-lr1e-3"):
+        assert any(line.startswith(f"| sweep-byol-{name} |") and "not run" in line for line in lines), name
+    flags = subprocess.run([sys.executable, "scripts/select_recipe.py", *sorted(map(str, runs.iterdir())),
+                            "--print-flags"], cwd=REPO, capture_output=True, text=True)
+    assert flags.stdout.strip() == "--crop-scale 0.35 1.0 --lr 0.001"
 
 
 def test_select_recipe_without_any_monitor_value_is_one_line_and_exit_2(tmp_path):
@@ -198,7 +205,7 @@ def test_select_recipe_without_any_monitor_value_is_one_line_and_exit_2(tmp_path
     result = subprocess.run([sys.executable, "scripts/select_recipe.py", str(tmp_path / "a")], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "--eval-every" in result.stderr
+    assert "--eval-every" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_the_study_pretrains_each_method_with_the_recipe_its_sweep_chose(tmp_path):
@@ -212,7 +219,20 @@ def test_the_study_pretrains_each_method_with_the_recipe_its_sweep_chose(tmp_pat
     assert result.returncode == 0, result.stderr
     pretrain = [line for line in result.stdout.splitlines() if "/pretrain-" in line.split()[-1]]
     assert len(pretrain) == 3
-    for m, (crop, lr) in (("byol", ("0.35", "3e-3")), ("barlow", ("0.08", "1e-3")), ("simclr", ("0.08", "3e-3"))):
+    for m, (crop, lr) in (("byol", ("0.35", "0.003")), ("barlow", ("0.08", "0.001")), ("simclr", ("0.08", "0.003"))):
         line, = [line for line in pretrain if line.endswith(f"/pretrain-{m}")]
-        assert f"--crop-scale {crop} 1 --lr {lr} --epochs 150" in line, line
+        assert f"--crop-scale {crop} 1.0 --lr {lr} --epochs 150" in line, line
     assert not list(runs.glob("*.md"))  # a dry run writes no sweep table
+
+
+def test_another_budget_or_dataset_gets_run_folders_of_its_own(tmp_path):
+    # a finished run is skipped whatever its flags were, so EPOCHS= / DATA= / TRANSFER= must not share folders
+    for env, folder in (({}, "runs/label_efficiency,"), ({"EPOCHS": "1000"}, "runs/label_efficiency-e1000,"),
+                        ({"DATA": "chestmnist", "TRANSFER": "dermamnist"},
+                         "runs/label_efficiency-chestmnist-to-dermamnist,")):
+        result = subprocess.run(["bash", "scripts/reproduce_label_efficiency.sh", "--dry-run"], cwd=REPO,
+                                capture_output=True, text=True,
+                                env={**os.environ, "PY": sys.executable, "RESULTS": str(tmp_path / "res"), **env})
+        assert result.returncode == 0, result.stderr
+        assert f"runs in {folder}" in result.stdout.splitlines()[0], result.stdout.splitlines()[0]
+        assert "--epochs 1000 " in result.stdout if env.get("EPOCHS") else "--epochs 150 " in result.stdout
