@@ -289,8 +289,14 @@ def legend_below(ax, n_entries, fontsize=7):
 
 
 def integer_epochs(ax):
-    """Epoch axes tick at whole epochs only (a 3-epoch run otherwise gets 0.5, 1.5, ...)."""
+    """Epoch axes tick at whole epochs only (a 3-epoch run otherwise gets 0.5, 1.5, ...). Call it
+    after plotting: a single epoch is widened to one epoch each side, where MaxNLocator alone would
+    fall back to fractional ticks."""
     from matplotlib.ticker import MaxNLocator
+    lo, hi = ax.get_xlim()
+    if hi - lo < 2:
+        middle = round((lo + hi) / 2)
+        ax.set_xlim(middle - 1, middle + 1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 

@@ -411,6 +411,13 @@ def test_training_curves_tick_whole_epochs_and_go_log_for_mixed_scales(tmp_path,
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
         assert legend
     assert (tmp_path / "both.png").read_bytes()[:8] == PNG_MAGIC
+    # one monitored epoch (a 5-epoch run with --eval-every 5): whole-epoch ticks around it, not 4.74 ... 5.22
+    seen.clear()
+    monkeypatch.setattr(M, "_save", lambda fig, path: seen.update(ticks=list(fig.axes[0].get_xticks()),
+                                                                   xlim=fig.axes[0].get_xlim()))
+    M.plot_training_curves({"kNN": ([5], [0.96])}, tmp_path / "knn.png")
+    inside = [t for t in seen["ticks"] if seen["xlim"][0] <= t <= seen["xlim"][1]]
+    assert 5 in inside and all(float(t).is_integer() for t in inside), seen
     plt.close("all")
 
 
