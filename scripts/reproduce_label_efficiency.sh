@@ -98,6 +98,12 @@ done
 chosen() {
   local candidates
   mapfile -t candidates <<<"${CANDIDATES[$1]%$'\n'}"
+  local c logs=0
+  for c in "${candidates[@]}"; do [[ -f $c/log.jsonl ]] && logs=1; done
+  if [[ $logs == 0 ]]; then  # nothing to choose from (e.g. a dry run before the sweep): no Python to start
+    [[ $DRY_RUN == 1 ]] || { mkdir -p "$RUNS"; echo "no sweep run of $1 has logged anything" >"$RUNS/sweep-$1.err"; }
+    return 1
+  fi
   if [[ $DRY_RUN == 1 ]]; then
     "$PY" scripts/select_recipe.py "${candidates[@]}" --print-flags 2>/dev/null
   else

@@ -285,7 +285,10 @@ def test_signal_is_one_line_the_lock_refuses_a_second_run_and_the_same_command_r
     command = [sys.executable, f"{script}.py", "--data", "breastmnist", "--data-root", real_root, "--epochs", "3",
                "--max-steps", "4", "--batch-size", "4", "--save-every", "1", *TINY_RUN[script], "--out", str(out)]
     env = {**os.environ, "MEDSSL_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a suite started in the background (`pytest &`) ignores it,
+    # the child would inherit that, and Python then installs no Ctrl-C handler (as for `nohup ... &`)
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(out / "checkpoint.pt", first)
     first.send_signal(signal.SIGSTOP)  # holds its lock while stopped
     if lock_and_resume:
@@ -308,6 +311,9 @@ def test_signal_is_one_line_the_lock_refuses_a_second_run_and_the_same_command_r
 
 
 def test_interrupt_before_any_checkpoint_says_nothing_was_kept(capsys, tmp_path):
+    # Python's Ctrl-C handler, which a suite started in the background (SIGINT ignored) lacks
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def main():
         cli.progress.update(out=str(tmp_path), epoch=0, step=3)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -316,7 +322,10 @@ def test_interrupt_before_any_checkpoint_says_nothing_was_kept(capsys, tmp_path)
     assert line == f"interrupted at epoch 0, step 3; no checkpoint was written yet, so nothing of this run is " \
                    f"kept in {tmp_path}"
     cli.progress.reset()
-    assert one_line(capsys, lambda: os.kill(os.getpid(), signal.SIGINT), code=130).startswith("interrupted before")
+    try:
+        assert one_line(capsys, lambda: os.kill(os.getpid(), signal.SIGINT), code=130).startswith("interrupted before")
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------- what a kill leaves behind
