@@ -9,7 +9,6 @@ Markdown table, so the report says what was tried.
 Only the validation split is read (through the runs' own logs): the test split plays no part in
 the choice. Ties go to the first candidate given."""
 import argparse
-import json
 import math
 import os
 import sys
@@ -18,7 +17,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.cli import UserError, run_main  # noqa: E402
-from common.rundir import atomic_write_text  # noqa: E402
+from common.rundir import atomic_write_text, read_log  # noqa: E402
 
 # the flags a recipe sweep varies, shown in the table in this order when a run has them
 RECIPE_FLAGS = ("aug", "crop_scale", "batch_size", "lr", "optimizer", "epochs")
@@ -26,23 +25,14 @@ RECIPE_FLAGS = ("aug", "crop_scale", "batch_size", "lr", "optimizer", "epochs")
 
 def last_monitor(run):
     """(epoch, knn_val_auc) of the last monitored epoch in run/log.jsonl, or None when there is none
-    or it is not a finite number."""
-    path = os.path.join(run, "log.jsonl")
-    found = None
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a torn last line of a killed run
-                    continue
-                if isinstance(record, dict) and "knn_val_auc" in record:
-                    found = (record["epoch"] + 1, record["knn_val_auc"])
-    except OSError:
+    or it is not a finite number. A torn last line is dropped; other damage is a UserError."""
+    monitored = [r for r in read_log(os.path.join(run, "log.jsonl")) if isinstance(r, dict) and "knn_val_auc" in r]
+    if not monitored:
         return None
-    if found is None or not isinstance(found[1], (int, float)) or not math.isfinite(found[1]):
+    epoch, value = monitored[-1].get("epoch"), monitored[-1]["knn_val_auc"]
+    if not isinstance(epoch, int) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
-    return found
+    return epoch + 1, value
 
 
 def recipe(run):

@@ -1,6 +1,7 @@
 """Tests of scripts/reproduce_*.sh without training: --dry-run lists the paper's runs, creates no run
 directory, and writes a spec that scripts/report.py turns into a report whose every row says "not run";
 a bad argument is one line on stderr and exit 2."""
+import json
 import os
 import subprocess
 import sys
@@ -171,7 +172,7 @@ def _sweep_run(path, crop, lr, knn_aucs, torn=False, epochs=None):
     path.mkdir(parents=True)
     (path / "args.yaml").write_text(yaml.safe_dump({"crop_scale": [crop, 1.0], "lr": lr, "batch_size": 256,
                                                     "epochs": epochs or len(knn_aucs)}))
-    lines = [f'{{"epoch": {e}, "loss": 1.0, "knn_val_auc": {v}}}' for e, v in enumerate(knn_aucs)]
+    lines = [json.dumps({"epoch": e, "loss": 1.0, "knn_val_auc": v}) for e, v in enumerate(knn_aucs)]  # NaN as logged
     (path / "log.jsonl").write_text("\n".join(lines) + ("\n{\"epoch\": 9, \"knn" if torn else "\n"))
 
 
@@ -206,6 +207,16 @@ def test_select_recipe_without_any_monitor_value_is_one_line_and_exit_2(tmp_path
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "--eval-every" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_select_recipe_refuses_a_log_damaged_before_its_last_line(tmp_path):
+    _sweep_run(tmp_path / "a", 0.35, 1e-3, [0.6, 0.8])
+    log = tmp_path / "a" / "log.jsonl"
+    log.write_text("garbage\n" + log.read_text())
+    result = subprocess.run([sys.executable, "scripts/select_recipe.py", str(tmp_path / "a")], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"{log} line 1 is not JSON" in result.stderr
 
 
 def test_the_study_pretrains_each_method_with_the_recipe_its_sweep_chose(tmp_path):
