@@ -12,11 +12,14 @@
 #   QUICK=1 bash scripts/reproduce_label_efficiency.sh      # a check of the whole pipeline in minutes: -> runs/quick/...
 #   bash scripts/reproduce_label_efficiency.sh --dry-run    # (or DRY_RUN=1) list the runs, write the spec, train nothing
 #   DATA=path/to/xrays TRANSFER=path/to/other bash scripts/reproduce_label_efficiency.sh   # your own images
+#   METHODS=barlow bash scripts/reproduce_label_efficiency.sh   # one method (or two) against random init
 #
 # DATA= (a labelled folder, CSV manifest or .npz, or a MedMNIST flag; docs/DATA.md) replaces
 # PneumoniaMNIST as both the pretraining corpus (its train split) and the downstream task; TRANSFER=
 # (the same kinds, e.g. dermamnist) replaces BreastMNIST;
-# DATA_FLAGS="..." adds data flags to the runs that read DATA.
+# DATA_FLAGS="..." adds data flags to the runs that read DATA. METHODS= (a space-separated subset of
+# "byol barlow simclr") sweeps, pretrains and evaluates those methods only: their runs are the same
+# commands as in the whole study, so they share its folders and a later full run skips them.
 #
 # Finished runs are skipped, and an interrupted pretraining resumes from its checkpoint, so re-running
 # continues the study. RUNS=, RESULTS=, PY= override the folders and the Python.
@@ -25,8 +28,7 @@ cd "$(dirname "$0")/.."
 PAPER="Label efficiency"
 SCALE_NAME=$([[ ${QUICK:-0} == 1 ]] && echo "QUICK (pipeline check)" || echo "study")
 QUICK=${QUICK:-0}
-METHODS=(byol barlow simclr)
-INITS=(random "${METHODS[@]}")
+read -ra METHODS <<<"${METHODS:-byol barlow simclr}"
 FRACTIONS=(0.01 0.1 1)
 declare -A PERCENT=([0.01]=1% [0.1]=10% [1]=100%)
 declare -A METHOD_NAMES=([random]="random init" [byol]=BYOL [barlow]="Barlow Twins" [simclr]=SimCLR)
@@ -59,6 +61,11 @@ fi
 WARMUP=$((EPOCHS >= 100 ? 10 : 1))
 DATA_REPLACES="PneumoniaMNIST (the pretraining corpus and the downstream task)"
 source scripts/reproduce_lib.sh
+((${#METHODS[@]})) || die "METHODS is empty; give one or more of: byol barlow simclr"
+for m in "${METHODS[@]}"; do
+  [[ -v "CONFIG[$m]" ]] || die "METHODS: unknown method '$m'; give one or more of: byol barlow simclr"
+done
+INITS=(random "${METHODS[@]}")
 # another budget or dataset gets folders of its own: a finished run is skipped whatever its flags were
 [[ $EPOCHS == 150 || $QUICK == 1 ]] || FOLDER+=-e$EPOCHS
 [[ -z ${DATA:-} ]] || FOLDER+=-$(data_name "$DATA")
@@ -176,9 +183,12 @@ if [[ $QUICK == 1 ]]; then
 batches of 64, 2 fine-tuning epochs of at most 3 batches, $SEEDS seeds), not the study's numbers.
 "
 fi
-INTRO="${INTRO}Pretraining: BYOL, Barlow Twins and SimCLR on ${DATA:-PneumoniaMNIST}'s train images (labels unused),
+listed() { paste -sd, - | sed 's/,\([^,]*\)$/ and \1/; s/,/, /g'; }  # "a, b and c"
+names=$(for m in "${METHODS[@]}"; do echo "${METHOD_NAMES[$m]}"; done | listed)
+views=$(for m in "${METHODS[@]}"; do sed -n 's/^aug: *//p' "${CONFIG[$m]}"; done | listed)
+INTRO="${INTRO}Pretraining: $names on ${DATA:-PneumoniaMNIST}'s train images (labels unused),
 1-channel ResNet-18, 28 px, batch $BATCH, $EPOCHS epochs each (warm-up $WARMUP, cosine), seed 0, each with its own
-views (byol, paper002, simclr presets). Recipe: for each method, crop floor {${CROP_FLOORS[*]}} x Adam lr
+views (preset${METHODS[1]:+s} $views). Recipe: for each method, crop floor {${CROP_FLOORS[*]}} x Adam lr
 {${LRS[*]}}, each a short run (${SWEEP[*]}), judged on the kNN monitor (k = 20) of the validation split; the
 best went on to the full budget. Downstream: $SEEDS seeds (seed 0 ...), each drawing its own stratified label subset; the
 linear probe is a logistic regression whose L2 strength is chosen on validation; fine-tuning is Adam 1e-3

@@ -247,3 +247,27 @@ def test_another_budget_or_dataset_gets_run_folders_of_its_own(tmp_path):
         assert result.returncode == 0, result.stderr
         assert f"runs in {folder}" in result.stdout.splitlines()[0], result.stdout.splitlines()[0]
         assert "--epochs 1000 " in result.stdout if env.get("EPOCHS") else "--epochs 150 " in result.stdout
+
+
+def test_methods_runs_the_study_for_a_subset_with_the_same_commands(tmp_path):
+    def dry_run(**env):
+        result = subprocess.run(["bash", "scripts/reproduce_label_efficiency.sh", "--dry-run"], cwd=REPO,
+                                capture_output=True, text=True,
+                                env={**os.environ, "PY": sys.executable, "RUNS": str(tmp_path / "runs"),
+                                     "RESULTS": str(tmp_path / "results"), **env})
+        return result, [line for line in result.stdout.splitlines() if line.startswith("run ")]
+
+    _, everything = dry_run()
+    result, barlow = dry_run(METHODS="barlow")
+    assert result.returncode == 0, result.stderr
+    # the subset's commands are exactly the whole study's that concern random init and Barlow Twins
+    assert barlow == [line for line in everything if "byol" not in line and "simclr" not in line]
+    assert len(barlow) == 4 + 1 + 2 * 8  # 4 sweep runs, 1 pretraining, 8 evaluations of each init
+    spec = yaml.safe_load((tmp_path / "results" / "spec.yaml").read_text())
+    labels = {row["label"] for table in spec["tables"] for row in table["rows"]}
+    assert labels == {"fine-tune, random init", "fine-tune, Barlow Twins", "probe, random init", "probe, Barlow Twins"}
+    assert spec["intro"].startswith("Pretraining: Barlow Twins on PneumoniaMNIST")
+    for bad, word in (("barlow dino", "'dino'"), (" ", "empty")):
+        result, runs = dry_run(METHODS=bad)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and word in result.stderr
+        assert not runs and not (tmp_path / "runs").exists()
