@@ -52,6 +52,18 @@ def test_the_docs_exist_and_the_readme_is_a_guide_not_a_notebook():
             assert word not in text.lower(), (doc, word)
 
 
+def test_code_comments_and_configs_speak_to_users_too():
+    # a user reads the configs' and scripts' comments as documentation
+    patterns = ("*.py", "common/*.py", "scripts/*", "configs/*.yaml", "benchmarks/*.py")
+    files = sorted({f for p in patterns for f in glob.glob(os.path.join(REPO, p))})
+    assert len(files) > 40
+    for path in files:
+        with open(path) as f:
+            text = f.read().lower()
+        for word in ("../shared", "issue ", "quality bar", "was lent"):
+            assert word not in text, (os.path.relpath(path, REPO), word)
+
+
 @pytest.mark.parametrize("doc", DOCS)
 def test_every_relative_link_points_at_an_existing_file_and_heading(doc):
     found = links(doc)
