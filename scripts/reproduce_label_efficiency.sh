@@ -7,7 +7,7 @@
 # the report has test AUC / ACC as mean ± std (n), Welch and Mann-Whitney p against random init, and
 # the test AUC against the label fraction with ±1 std bands.
 #
-#   bash scripts/reproduce_label_efficiency.sh              # the study (150 epochs each; ~7 h on 2 CPU cores)
+#   bash scripts/reproduce_label_efficiency.sh              # the study (150 epochs each; docs/REPRODUCING.md gives times)
 #   EPOCHS=1000 bash scripts/reproduce_label_efficiency.sh  # the same at 1000 epochs (a GPU)
 #   QUICK=1 bash scripts/reproduce_label_efficiency.sh      # a check of the whole pipeline in minutes: -> runs/quick/...
 #   bash scripts/reproduce_label_efficiency.sh --dry-run    # (or DRY_RUN=1) list the runs, write the spec, train nothing
