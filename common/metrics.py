@@ -5,6 +5,7 @@ own ``getAUC`` / ``getACC`` definitions so numbers are comparable with the MedMN
 AUC is always computed from continuous scores, never from thresholded predictions.
 """
 import os
+import warnings
 
 import numpy as np
 import matplotlib
@@ -443,7 +444,11 @@ def compare_samples(a, b):
     if min(a.size, b.size) < 2:
         return out
     if np.ptp(a) + np.ptp(b) > 0:  # exactly constant samples have no t statistic
-        t = stats.ttest_ind(a, b, equal_var=False)
+        with warnings.catch_warnings():
+            # one exactly constant side (a fixed encoder's probe) has variance 0, which is exact; scipy's
+            # "precision loss" warning is meant for values that only nearly agree
+            warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+            t = stats.ttest_ind(a, b, equal_var=False)
         out["welch_t"], out["welch_p"] = float(t.statistic), float(t.pvalue)
     u = stats.mannwhitneyu(a, b, alternative="two-sided")
     out["mwu_u"], out["mwu_p"] = float(u.statistic), float(u.pvalue)

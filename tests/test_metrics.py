@@ -448,3 +448,14 @@ def test_binary_roc_is_the_positive_class_curve_with_the_same_auc(tmp_path, monk
     assert one == zero == pytest.approx(roc_auc_score(y, s[:, 1]))  # AUC of class 0 on 1 - score is the same
     assert labels["zero.png"] == [f"malignant (positive class): AUC {one:.3f}"]
     assert labels["one.png"] == [f"normal, benign (positive class): AUC {one:.3f}"]
+
+
+def test_compare_samples_against_a_constant_side_warns_nothing_and_matches_the_one_sample_test():
+    import warnings
+    from scipy import stats
+    varied, constant = [0.90, 0.91, 0.92, 0.905, 0.915], [0.965] * 5  # a fixed encoder's probe: std 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = M.compare_samples(varied, constant)
+    # Welch with one zero-variance side is the one-sample t-test of the other against that value
+    assert c["std_b"] < 1e-12 and c["welch_p"] == pytest.approx(stats.ttest_1samp(varied, 0.965).pvalue)
