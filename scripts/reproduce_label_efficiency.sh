@@ -28,7 +28,8 @@ cd "$(dirname "$0")/.."
 PAPER="Label efficiency"
 SCALE_NAME=$([[ ${QUICK:-0} == 1 ]] && echo "QUICK (pipeline check)" || echo "study")
 QUICK=${QUICK:-0}
-read -ra METHODS <<<"${METHODS:-byol barlow simclr}"
+ALL_METHODS="byol barlow simclr"
+read -ra METHODS <<<"${METHODS:-$ALL_METHODS}"
 FRACTIONS=(0.01 0.1 1)
 declare -A PERCENT=([0.01]=1% [0.1]=10% [1]=100%)
 declare -A METHOD_NAMES=([random]="random init" [byol]=BYOL [barlow]="Barlow Twins" [simclr]=SimCLR)
@@ -61,9 +62,9 @@ fi
 WARMUP=$((EPOCHS >= 100 ? 10 : 1))
 DATA_REPLACES="PneumoniaMNIST (the pretraining corpus and the downstream task)"
 source scripts/reproduce_lib.sh
-((${#METHODS[@]})) || die "METHODS is empty; give one or more of: byol barlow simclr"
+((${#METHODS[@]})) || die "METHODS is empty; give one or more of: $ALL_METHODS"
 for m in "${METHODS[@]}"; do
-  [[ -v "CONFIG[$m]" ]] || die "METHODS: unknown method '$m'; give one or more of: byol barlow simclr"
+  [[ -v "CONFIG[$m]" ]] || die "METHODS: unknown method '$m'; give one or more of: $ALL_METHODS"
 done
 INITS=(random "${METHODS[@]}")
 # another budget or dataset gets folders of its own: a finished run is skipped whatever its flags were
