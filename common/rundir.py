@@ -1,14 +1,13 @@
 """Run directories: a lock, atomic files, checkpoints, RNG state, the checkpoint of a training run
-and resuming it, and --overwrite that keeps the old run until the new one has started."""
+and resuming it, and --overwrite, which removes only a run's own files (RUN_FILES), keeps the old run
+until the new one has started, and leaves either of them whole after a kill at any point."""
 import errno
-import fnmatch
 import json
 import os
 import random
 import re
 import shutil
 import tempfile
-import time
 import types
 import zipfile
 
@@ -27,9 +26,6 @@ except ImportError:  # Windows: no advisory locks, run directories are not locke
 
 # Flags that may differ when the same run is re-launched (where it runs, how it is resumed).
 _RELAUNCH_FLAGS = {"device", "overwrite", "config", "out", "compile", "save_every", "save_seconds", "tensorboard"}
-# What scripts write into a run directory (a folder without args.yaml is only touched for these).
-RUN_FILES = ("args.yaml", "log.jsonl", "checkpoint*.pt", "metrics.json", "predictions.npz", "*.png",
-             "saliency.npz", "lr_range*.json")
 
 
 # ---------------------------------------------------------------- the OS says no
@@ -79,65 +75,228 @@ def lock_run_dir(out):
     _locks[key] = fd
 
 
+# ---------------------------------------------------------------- what a run writes
+# --overwrite removes what a MedSSL run wrote and nothing else, known by name: the exact names below
+# (numbered per seed at most, no wildcard that a user's own file could match), in a folder whose
+# args.yaml (which a run writes first, atomically) says a run owns it. A record of the run's files
+# kept beside them would need every writer to report to it (this module, but also NumPy, matplotlib
+# and TensorBoard write here), and a kill between a write and its entry would leave it out of step
+# with the folder; the names cannot drift. Anything else (a user's file, a data set's images, a
+# folder, a run nested inside) is never moved or removed: --overwrite refuses a folder holding it.
+RUN_FILES = (r"args\.yaml", r"log\.jsonl", r"metrics\.json", r"predictions\.npz", r"saliency\.npz",
+             r"checkpoint(_seed\d+)?\.pt", r"seed_\d+\.json", r"roc\.png", r"confusion\.png", r"loss\.png",
+             r"reliability\.png", r"knn_val_auc\.png", r"lr_range(_seed\d+)?\.(json|png)")
+TENSORBOARD = "tensorboard"  # a run's folder of TensorBoard event files (--tensorboard)
+_RUN_FILE = re.compile("|".join(RUN_FILES))
+_EVENTS = re.compile(r"events\.out\.tfevents\..+")
+# a checkpoint or a result, written atomically: once one is there the new run has started (see ASIDE)
+_STARTED = re.compile(r"checkpoint(_seed\d+)?\.pt|seed_\d+\.json|metrics\.json|lr_range(_seed\d+)?\.json")
+# written beside a run by scripts/reproduce_lib.sh (the shell holds output.log open): left where they are
+_BESIDE = ("output.log", "not_run.txt")
+# _atomic_replace's temporary files of run files (mkstemp adds 8 characters of [a-z0-9_])
+_TMP = re.compile(r"\.tmp-(?:%s)[a-z0-9_]{8}" % "|".join(RUN_FILES))
+
+
+def _is_tensorboard(path):
+    """A folder of TensorBoard event files only (in subfolders too, as add_scalars writes them)."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    for root, dirs, files in os.walk(path):
+        if any(os.path.islink(os.path.join(root, d)) for d in dirs):
+            return False
+        if not all(_EVENTS.fullmatch(f) and not os.path.islink(os.path.join(root, f)) for f in files):
+            return False
+    return True
+
+
+def _owned(out, name):
+    """Whether `name` in `out` is a file (or the TensorBoard folder) of a run, by its name."""
+    path = os.path.join(out, name)
+    if name == TENSORBOARD:
+        return _is_tensorboard(path)
+    return bool(_RUN_FILE.fullmatch(name)) and os.path.isfile(path) and not os.path.islink(path)
+
+
+def _started(out):
+    return any(_STARTED.fullmatch(name) and _owned(out, name) for name in os.listdir(out))
+
+
+def _foreign(out):
+    """What `out` holds that no run wrote, as the refusal names it. Hidden entries aside: they are
+    never moved or removed, so they are in no one's way (a desktop's .DS_Store, a .git)."""
+    found = []
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if name.startswith(".") or name in _BESIDE or _owned(out, name):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            nested = os.path.lexists(os.path.join(path, "args.yaml"))
+            found.append(f"{name}/" + (" (a run of its own)" if nested else ""))
+        else:
+            found.append(name)
+    return found
+
+
+def _listing(names, most=3):
+    if len(names) > most:
+        return ", ".join(names[:most]) + f" and {len(names) - most} more"
+    return f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
+
+
+def can_overwrite(out):
+    """Whether --overwrite would go ahead in `out`: it holds nothing that no run wrote. A message
+    suggests --overwrite only then."""
+    try:
+        return not _foreign(out)
+    except OSError:
+        return False
+
+
+def _or_overwrite(out, what=""):
+    """', or pass --overwrite<what>' for a refusal's fix, where --overwrite would do it (can_overwrite)."""
+    return f", or pass --overwrite{what}" if can_overwrite(out) else ""
+
+
 # ---------------------------------------------------------------- --overwrite: moved aside, then dropped
-_pending = {}  # out -> the folder its old run was moved to, until the new run has started
+# --overwrite goes in steps a kill may stop at any point; the name of the folder in `out` that holds
+# the old run says how far it got, and the next run in `out` (under the lock) finishes or undoes it:
+MOVING = ".old-run.moving"        # the old run's files are going into it: they all go back
+ASIDE = ".old-run"                # all of them are in it. The new run has started once it has written a
+#                                   checkpoint or a result (_STARTED, made whole by os.replace): then the
+#                                   old run is dropped; until then it goes back and the new run's files go
+RESTORING = ".old-run.restoring"  # the new run's files are gone, the old run's are going back: the rest follow
+DROPPED = ".old-run.dropped"      # the new run has started: it is deleted
+STAGES = (MOVING, ASIDE, RESTORING, DROPPED)
+_pending = {}  # realpath of out -> out, while this process's new run has not started
 
 
-def _entries(out):
-    return sorted(name for name in os.listdir(out) if not name.startswith("."))
+def _fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path):
+    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
+def _move_back(folder, out):
+    """Every entry of `folder` back into `out`, then `folder` removed; a name `out` holds already is
+    never replaced (a UserError, both kept)."""
+    for name in sorted(os.listdir(folder)):
+        if os.path.lexists(os.path.join(out, name)):
+            raise UserError(f"{out} holds {name}, and so does {folder}, the earlier run that an interrupted "
+                            f"--overwrite was putting back; move one of them away, then run again")
+        os.rename(os.path.join(folder, name), os.path.join(out, name))
+    os.rmdir(folder)
+    _fsync_dir(out)
 
 
 def _move_aside(out, names):
-    old = os.path.join(out, f".old-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    moving = os.path.join(out, MOVING)
     try:
-        os.mkdir(old)
+        os.mkdir(moving)
         for name in names:
-            os.rename(os.path.join(out, name), os.path.join(old, name))
+            os.rename(os.path.join(out, name), os.path.join(moving, name))
+        os.rename(moving, os.path.join(out, ASIDE))  # every file is aside: from here on the new run writes
+        _fsync_dir(out)
     except OSError as e:
+        try:
+            if os.path.isdir(moving):
+                _move_back(moving, out)
+        except OSError:
+            pass  # the next run in `out` puts them back
         raise _os_error(e, f"cannot move the old run in {out} aside for --overwrite")
-    _pending[out] = old
-    print(f"note: the old run in {out} is kept in {old} until this one has written its first checkpoint")
+    _pending[os.path.realpath(out)] = out
+    print(f"note: the old run in {out} is kept in {os.path.join(out, ASIDE)} until this one has written its "
+          f"first checkpoint or result")
 
 
 def restore_overwritten(out, old):
-    """Put a run that --overwrite moved into `old` back into `out`, dropping what the new run wrote."""
-    for name in _entries(out):
-        path = os.path.join(out, name)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    for name in os.listdir(old):
-        os.rename(os.path.join(old, name), os.path.join(out, name))
-    os.rmdir(old)
+    """Put a run that --overwrite moved into `old` back into `out`, removing the new run's own files
+    first (by their names: nothing of anyone else's). The new run has not started (_started): it has
+    no checkpoint or result to lose."""
+    for name in sorted(os.listdir(out)):
+        if _owned(out, name):
+            _remove(os.path.join(out, name))
+    restoring = os.path.join(out, RESTORING)
+    os.rename(old, restoring)  # the new run's files are gone: a kill from here on only goes on putting back
+    _move_back(restoring, out)
+
+
+def _drop(out):
+    aside, dropped = os.path.join(out, ASIDE), os.path.join(out, DROPPED)
+    if os.path.lexists(aside):
+        os.rename(aside, dropped)
+    if os.path.lexists(dropped):
+        shutil.rmtree(dropped)
 
 
 def commit_overwrite(out):
-    """The new run in `out` has started (its first checkpoint is written, or it finished): delete
-    the old run that --overwrite moved aside. save_checkpoint and cli.run_main call it."""
-    old = _pending.pop(out, None)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    """The new run in `out` has started (a checkpoint or a result is written, or it finished): delete
+    the old run that --overwrite moved aside. _atomic_replace and finish_overwrite call it."""
+    if _pending.pop(os.path.realpath(out), None) is None:
+        return
+    try:
+        _drop(out)
+    except OSError as e:
+        print(f"note: could not delete the old run in {os.path.join(out, DROPPED)} ({e.strerror}); the next run "
+              f"in {out} deletes it")
 
 
 def finish_overwrite(ok):
     """At the process's end (cli.run_main): drop the old runs of the runs that started or finished
-    (ok), put them back otherwise (bad input, an interrupt, a crash before the first checkpoint)."""
-    for out, old in list(_pending.items()):
-        if ok:
-            commit_overwrite(out)
-        else:
-            _pending.pop(out)
-            try:
-                restore_overwritten(out, old)
-            except OSError as e:
-                print(f"error: the old run is left in {old} ({e.strerror}); move its files back into {out}")
+    (ok), put them back otherwise (bad input, an interrupt, a crash before a checkpoint or result)."""
+    for key, out in list(_pending.items()):
+        try:
+            if ok or _started(out):
+                commit_overwrite(out)
+                continue
+            _pending.pop(key)
+            restore_overwritten(out, os.path.join(out, ASIDE))
+        except (OSError, UserError) as e:
+            _pending.pop(key, None)
+            print(f"error: the old run in {out} could not be put back yet ({getattr(e, 'strerror', None) or e}); "
+                  f"it is kept there in a folder named {ASIDE}*, and the next run in {out} puts it back")
 
 
-def _restore_leftovers(out):
-    """A run killed between --overwrite and its first checkpoint left the old run in .old-*: the
-    old run is the one worth keeping, so it goes back (we hold the lock: nobody else is using them)."""
+def _legacy(out):
+    """Folders .old-* that hold a run's files and nothing else (its args.yaml among them): what an
+    earlier MedSSL's --overwrite moved aside. A folder of a user's named so is none of them."""
     for name in sorted(os.listdir(out)):
-        if name.startswith(".old-") and os.path.join(out, name) not in _pending.values():
-            restore_overwritten(out, os.path.join(out, name))
+        old = os.path.join(out, name)
+        if name.startswith(".old-") and name not in STAGES and os.path.isdir(old) and not os.path.islink(old):
+            names = os.listdir(old)
+            if "args.yaml" in names and all(_owned(old, n) for n in names):
+                yield old
+
+
+def _recover(out):
+    """Finish or undo an --overwrite a kill stopped part-way (see MOVING...DROPPED; we hold the lock),
+    then put back a run that an earlier MedSSL's --overwrite left in .old-<time>-<pid> (_legacy)."""
+    _pending.pop(os.path.realpath(out), None)
+    at = {stage: os.path.join(out, stage) for stage in STAGES}
+    try:
+        if os.path.lexists(at[DROPPED]) or (os.path.lexists(at[ASIDE]) and _started(out)):
+            _drop(out)
+        for stage in (MOVING, RESTORING):
+            if os.path.lexists(at[stage]):
+                _move_back(at[stage], out)
+                print(f"note: put back the run in {out} that an interrupted --overwrite had moved aside")
+        if os.path.lexists(at[ASIDE]):
+            restore_overwritten(out, at[ASIDE])
             print(f"note: put back the run in {out} that an interrupted --overwrite had moved aside")
+        for old in _legacy(out):
+            # how far it got is unknown: it goes back only where nothing of a newer run is in its way
+            if _started(out) or any(os.path.lexists(os.path.join(out, n)) for n in os.listdir(old)):
+                raise UserError(f"{old} holds a run that an interrupted --overwrite moved aside, and {out} holds "
+                                f"files of a newer run; keep what you need from {old}, delete it, then run again")
+            _move_back(old, out)
+            print(f"note: put back the run in {out} that an interrupted --overwrite had moved aside")
+    except OSError as e:
+        raise _os_error(e, f"cannot finish the interrupted --overwrite in {out}")
 
 
 # ---------------------------------------------------------------- run directories
@@ -148,42 +307,47 @@ def _read_args(path):
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
         saved = e
     if not isinstance(saved, dict):
-        raise UserError(f"{path} is unreadable or corrupt, so this run cannot be checked or resumed; "
-                        f"pass --overwrite to start afresh, or choose another --out")
+        raise UserError(f"{path} is unreadable or corrupt, so this run cannot be checked or resumed; choose "
+                        f"another --out{_or_overwrite(os.path.dirname(path) or '.', ' to start afresh')}")
     return saved
 
 
 def prepare_run_dir(out, flags, done_file):
     """Create `out`, lock it for this process and check that it belongs to this command (`flags`: the
-    dict of its resolved flags, "overwrite" among them). Returns
-    True when the run was started before and is unfinished (the caller resumes); refuses finished
-    or foreign runs. With --overwrite the old run is moved aside (put back if this one fails before
-    its first checkpoint or its end; see commit_overwrite)."""
+    dict of its resolved flags, "overwrite" among them). Returns True when the run was started before
+    and is unfinished (the caller resumes); refuses finished or foreign runs. With --overwrite the old
+    run's own files (RUN_FILES) are moved aside, to be dropped once this run has written a checkpoint
+    or a result, put back if it ends before (commit_overwrite, finish_overwrite); a folder holding
+    anything else is refused as it is."""
     _make_dir(out)
     lock_run_dir(out)
     for name in os.listdir(out):  # left by a run killed while it wrote a file (we hold the lock)
-        if name.startswith(".tmp-"):
+        if _TMP.fullmatch(name):
             os.remove(os.path.join(out, name))
-    _restore_leftovers(out)
+    _recover(out)
     progress.update(out=out, overwrite=bool(flags["overwrite"]), checkpoint=None)
     args_path = os.path.join(out, "args.yaml")
     mine = {k: v for k, v in flags.items() if k not in _RELAUNCH_FLAGS}
-    ours = [n for n in _entries(out) if any(fnmatch.fnmatch(n, p) for p in RUN_FILES)]
     if os.path.exists(args_path) and not flags["overwrite"]:
         theirs = {k: v for k, v in _read_args(args_path).items() if k not in _RELAUNCH_FLAGS}
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
             k = diff[0]
             raise UserError(f"{out} holds a run of a different command ({k}: {theirs.get(k)!r} there, "
-                            f"{mine.get(k)!r} now); choose another --out or pass --overwrite")
+                            f"{mine.get(k)!r} now); choose another --out{_or_overwrite(out)}")
         if done_file and os.path.exists(os.path.join(out, done_file)):
-            raise UserError(f"{out} holds a finished run; choose another --out or pass --overwrite to redo it")
+            raise UserError(f"{out} holds a finished run; choose another --out{_or_overwrite(out, ' to redo it')}")
         return True
-    if ours and not flags["overwrite"]:
-        raise UserError(f"{out} holds {ours[0]} but no args.yaml, so it is no run this command can continue; "
-                        f"choose another --out or pass --overwrite")
+    ours = [name for name in sorted(os.listdir(out)) if _owned(out, name)]
+    if ours and not _owned(out, "args.yaml"):
+        raise UserError(f"{out} holds {ours[0]} but no args.yaml, so nothing shows that a MedSSL run wrote it; "
+                        f"choose another --out")
     if ours:
-        _move_aside(out, _entries(out) if os.path.exists(args_path) else ours)
+        foreign = _foreign(out)
+        if foreign:
+            raise UserError(f"{out} holds {_listing(foreign)}, which MedSSL did not write; --overwrite removes only "
+                            f"a run's own files, so it leaves this folder as it is: choose another --out")
+        _move_aside(out, ours)
     atomic_write_text(args_path, yaml.safe_dump(flags, sort_keys=True))
     return False
 
@@ -209,8 +373,8 @@ def read_log(path):
             records.append(json.loads(line))
         except ValueError:
             if n != lines[-1][0]:  # only the last line can be one a kill cut short
-                raise UserError(f"{path} line {n} is not JSON; delete that line, or pass --overwrite to "
-                                f"start afresh")
+                raise UserError(f"{path} line {n} is not JSON; delete that line"
+                                f"{_or_overwrite(os.path.dirname(path) or '.', ' to start afresh')}")
     return records
 
 
@@ -253,6 +417,8 @@ def _atomic_replace(path, write, replaced=None):
     finally:
         if tmp and os.path.exists(tmp):
             os.remove(tmp)
+    if _STARTED.fullmatch(os.path.basename(path)):  # a checkpoint or result of a new run: it has started
+        commit_overwrite(folder)
 
 
 def atomic_write_text(path, text):
@@ -292,11 +458,11 @@ def _torch_save(state, f):
 
 def save_checkpoint(state, path):
     """Write `state` (tensors moved to the CPU) to `path` atomically; record it as the run's
-    checkpoint (cli.progress) and, the new run having started, drop the run --overwrite set aside."""
+    checkpoint (cli.progress). A run's checkpoint (checkpoint[_seedN].pt) says that a new run has
+    started: the run --overwrite set aside is dropped (_atomic_replace)."""
     position = {k: state[k] for k in ("epoch", "step") if isinstance(state.get(k), int)}
     _atomic_replace(path, lambda f: _torch_save(_cpu(state), f),
                     replaced=lambda: progress.update(checkpoint=path, **position))
-    commit_overwrite(os.path.dirname(path))
 
 
 def load_checkpoint(path):
@@ -342,7 +508,7 @@ def _check_device(state, aug_generator):
     if saved != now:
         raise UserError(f"the checkpoint in {progress.out or '--out'} was written by a run on {saved} and this one "
                         f"runs on {now}: their random streams differ, so it cannot be continued exactly; pass "
-                        f"--device {saved}, or --overwrite to start afresh")
+                        f"--device {saved}{_or_overwrite(progress.out, ' to start afresh') if progress.out else ''}")
 
 
 def set_rng_state(state, aug_generator):
@@ -404,10 +570,11 @@ def open_run(out, flags):
         state = load_checkpoint(path)
         if not (isinstance(state, dict) and all(k in state for k in RUN_KEYS)
                 and isinstance(state["meta"], dict) and state["meta"].get("format") == "medssl"):
+            # not --overwrite, which removes a run's files by their names: this one is no run's
             raise UserError(f"{path} is not a checkpoint of a MedSSL training run; move it away to start this "
-                            f"run afresh, or pass --overwrite")
+                            f"run afresh")
         if state["epoch"] >= flags["epochs"]:
-            raise UserError(f"{out} holds a finished run; choose another --out or pass --overwrite")
+            raise UserError(f"{out} holds a finished run; choose another --out{_or_overwrite(out, ' to redo it')}")
         # an epoch's line is logged before its checkpoint: the lines of epochs to be redone go
         cut_log(log, lambda record: isinstance(record.get("epoch"), int) and record["epoch"] < state["epoch"])
         progress.update(checkpoint=path, epoch=state["epoch"], step=state["step"])

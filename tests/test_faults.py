@@ -260,6 +260,7 @@ def test_overwrite_moves_aside_then_commits_or_restores(tmp_path, capsys):
     rundir.save_checkpoint({"epoch": 1}, os.path.join(out, "checkpoint_seed0.pt"))  # the new run has started
     assert not [n for n in os.listdir(out) if n.startswith(".old-")] and "metrics.json" not in os.listdir(out)
     # a process killed between the two leaves .old-*: the next run puts the old run back first
+    os.remove(os.path.join(out, "checkpoint_seed0.pt"))  # between the two: before the new run's first checkpoint
     os.rename(os.path.join(out, "args.yaml"), os.path.join(out, "new-args.yaml"))
     os.mkdir(os.path.join(out, ".old-x"))
     os.rename(os.path.join(out, "new-args.yaml"), os.path.join(out, ".old-x", "args.yaml"))
