@@ -8,7 +8,7 @@ import functools
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import medmnist
 import numpy as np
@@ -32,6 +32,9 @@ class DataOptions:
     cache_dir: str = None                # default $MEDSSL_CACHE, else .medssl-cache beside the data
     host_memory: bool = False            # keep splits in pinned host memory, batches copied per step
     split_seed: int = 0                  # seed of the drawn split (fixed: the split never changes)
+    group_column: str = None             # CSV patient column, "folder" (DIR/<class>/<group>/), "none"; None:
+    #                                      a CSV column named like convert.GROUP_COLUMNS, if any
+    allow_group_leak: bool = False       # use a given split that puts a group in two splits (with a warning)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,10 @@ class DatasetInfo:
     size: int          # image side in pixels
     hash: str          # MD5 of a MedMNIST file, else the cache key / file stamp
     path: str          # the MedMNIST-layout npz the splits are read from
+    # None: images taken as independent (no group known); else {"by": the CSV column, "folder" or "npz",
+    # "groups": how many, "groups_in_several_splits": how many (0 unless --allow-group-leak), "split":
+    # "drawn" (by group) or "given"}: JSON, for metrics.json
+    grouping: dict = field(default=None, hash=False)
 
     @property
     def n_classes(self):
@@ -158,6 +165,14 @@ def add_data_flags(group):
                             "(CheXpert's U-Zeros / U-Ones)")
     group.add_argument("--blank-label", dest="blank", default="zero", choices=POLICIES,
                        help="CSV multi-label blank cells (not mentioned): zero (default), one or error")
+    group.add_argument("--group-column", default=None, metavar="NAME",
+                       help="keep each patient's images in one split. CSV manifest: the column of patient ids "
+                            "(default: a column named patient_id, patient, subject_id, subject or group, if any); "
+                            "class folders: 'folder' reads DIR/<class>/<patient>/...; an npz: its *_groups arrays; "
+                            "'none': image by image")
+    group.add_argument("--allow-group-leak", action="store_true",
+                       help="use a given split (split column, split folders, npz) even if it puts one patient in "
+                            "two splits; a warning says how many (default: refused)")
     group.add_argument("--crop", default="center", choices=CROPS,
                        help="own images to square before the resize: center crop (default), pad with black, stretch")
     group.add_argument("--cache-dir", default=None,
@@ -204,9 +219,9 @@ def _resolve(source, size, root, options):
         path, meta = convert.cached_npz(source, size, options)
         kind = "folder" if os.path.isdir(source) else "csv"
         return DatasetInfo(source, kind, meta["task"], tuple(meta["class_names"]), meta["channels"], size,
-                           meta["hash"], path)
+                           meta["hash"], path, meta.get("grouping"))
     if source.lower().endswith(".npz"):
-        return _describe_npz(source, size)
+        return _describe_npz(source, size, options)
     raise UserError(f"--data {source}: not a folder, .csv or .npz file; give one of these or a MedMNIST flag")
 
 
@@ -219,8 +234,10 @@ def _npz_header(npz, key):
     return shape, dtype
 
 
-def _describe_npz(path, size):
-    """A user's npz in MedMNIST's layout, checked; task and names from <file>.json or inferred."""
+def _describe_npz(path, size, options=None):
+    """A user's npz in MedMNIST's layout, checked; task and names from <file>.json or inferred; groups
+    from optional train_groups / val_groups / test_groups arrays (one id per image)."""
+    options = options or DataOptions()
     try:
         npz = np.load(path)
     except (OSError, ValueError) as e:
@@ -254,6 +271,7 @@ def _describe_npz(path, size):
         if len({labels[s].shape[1] for s in SPLITS_3}) > 1:
             raise UserError(f"{path}: the splits' labels differ in columns; every split needs the same label columns")
         channels = 3 if len(shape) == 4 else 1
+        grouping = _npz_grouping(npz, path, {s: len(labels[s]) for s in SPLITS_3}, options)
     all_labels = np.concatenate(list(labels.values()))
     sidecar = next((p for p in (path + ".json", os.path.splitext(path)[0] + ".json") if os.path.isfile(p)), None)
     if sidecar:
@@ -277,7 +295,35 @@ def _describe_npz(path, size):
               f"medmnist INFO's keys task and label to set them)", flush=True)
     stat = os.stat(path)
     stamp = hashlib.sha256(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    return DatasetInfo(path, "npz", task, names, channels, size, stamp[:16], path)
+    return DatasetInfo(path, "npz", task, names, channels, size, stamp[:16], path, grouping)
+
+
+def _npz_grouping(npz, path, counts, options):
+    """DatasetInfo.grouping of an npz from its *_groups arrays (None without them or with --group-column
+    none); its splits are given, so one that puts a group in two splits is refused or warned about."""
+    present = [f"{s}_groups" for s in SPLITS_3 if f"{s}_groups" in npz.files]
+    if not present or (options.group_column or "").lower() == "none":
+        return None
+    if len(present) < 3:
+        absent = [f"{s}_groups" for s in SPLITS_3 if f"{s}_groups" not in present]
+        raise UserError(f"{path} has {', '.join(present)} but no {', '.join(absent)}; give every split its "
+                        f"groups array (one group id per image) or none")
+    groups, splits = [], []
+    for split in SPLITS_3:
+        try:
+            g = npz[f"{split}_groups"]
+        except ValueError:  # an object array: numpy will not load it without pickle
+            g = None
+        if g is None or g.ndim != 1 or len(g) != counts[split] or g.dtype.kind not in "iuUS":
+            what = "an object array" if g is None else f"{g.dtype} of shape {g.shape}"
+            raise UserError(f"{path}: {split}_groups is {what}; expected one integer or string group id per "
+                            f"{split} image ({counts[split]}), e.g. numpy.asarray(ids, dtype=str)")
+        groups += g.astype(str).tolist()
+        splits += [split] * len(g)
+    from common import convert
+    n_leaking = convert.check_given_split(path, "groups (*_groups arrays)", groups, splits, options.allow_group_leak,
+                                          "move each group's images into one split")
+    return {"by": "npz", "groups": len(set(groups)), "groups_in_several_splits": n_leaking, "split": "given"}
 
 
 SPLITS_3 = ("train", "val", "test")

@@ -16,6 +16,7 @@ def test_real_files_load_with_right_shapes_and_labels(real_root):
         assert s.images.shape == (n, 1, 28, 28) and s.images.dtype == torch.uint8
         assert s.labels.shape == (n,) and set(s.labels.tolist()) == {0, 1}
         assert s.task == "binary-class" and s.n_classes == 2
+        assert s.info.grouping is None  # MedMNIST files hold no patient ids
     breast64 = data.load_split("breastmnist", "train", 64, real_root)
     assert breast64.images.shape == (546, 1, 64, 64)
     # labels as medmnist stores them: pneumonia is the majority class of the train split

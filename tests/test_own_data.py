@@ -290,10 +290,10 @@ def test_data_flags_become_options():
     parser = argparse.ArgumentParser()
     data.add_data_flags(parser.add_argument_group("data"))
     args = parser.parse_args(["--split-ratio", "70/15/15", "--label-columns", "A, B", "--uncertain-label", "zero",
-                              "--crop", "pad", "--host-memory"])
+                              "--crop", "pad", "--host-memory", "--group-column", "subject", "--allow-group-leak"])
     options = data.options_from(vars(args))
     assert options == data.DataOptions(split_ratio=(0.7, 0.15, 0.15), label_columns=("A", "B"), uncertain="zero",
-                                       crop="pad", host_memory=True)
+                                       crop="pad", host_memory=True, group_column="subject", allow_group_leak=True)
     assert data.options_from(vars(parser.parse_args([]))) == data.DataOptions()
     with pytest.raises(SystemExit):
         parser.parse_args(["--split-ratio", "80/20"])
