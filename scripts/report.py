@@ -17,7 +17,8 @@ directories or of the files themselves):
         rows:
           - {label: ImageNet init, runs: "runs/p001/pneu-ft-imagenet", published: {auc: 0.82, acc: 0.86}}
           - {label: BYOL+, runs: "runs/p001/pneu-ft-byolplus-s*", not_run: "needs a GPU", published: {auc: 0.86}}
-        compare: [[ImageNet init, BYOL+]]     # A vs B: B - A, Welch p, Mann-Whitney p per metric
+        compare: [[ImageNet init, BYOL+]]     # A vs B: B - A, its 95% CI, Welch p, Mann-Whitney p per metric
+        allow_mismatch: [mode]               # protocol fields the compared runs may differ in (or true: any)
     figures:                                  # rows as in tables (YAML anchors avoid repeating them)
       - {kind: roc, title: "PneumoniaMNIST ROC", rows: [...]}    # overlaid, from predictions.npz
       - {kind: confusion, title: ..., rows: [...], class_names: [normal, pneumonia]}  # a PNG per row
@@ -30,7 +31,15 @@ directories or of the files themselves):
 The reason of a missing row is, in order: the text of `not_run.txt` in its run directories (a
 reproduce script writes the failing step's error line there, e.g. a dataset that cannot be
 downloaded), the row's `not_run`, else "no <file> under <glob>". A row that is only partly there
-(2 of 3 seeds) is reported with what it has, and a "partly run" line under the table."""
+(2 of 3 seeds) is reported with what it has, and a "partly run" line under the table.
+
+A comparison needs runs of one protocol (data, split and grouping, size, mode, label fraction, shots,
+probe, resize, positive class: common.metrics.PROTOCOL_FIELDS); a pair that differs in a field the
+table's `allow_mismatch` does not list is not compared, and says why; an allowed difference is named
+under the table. Pairs whose runs scored the same test images (identical y_true in their
+predictions.npz) are also tested image by image on their seed-averaged scores: DeLong's test of the
+two AUCs (binary tasks) or a paired bootstrap. A note says when the numbers of seeds cannot give a
+Mann-Whitney p below 0.05."""
 import argparse
 import csv
 import fnmatch
@@ -144,12 +153,13 @@ def table_section(table, used):
         header += [NAMES.get(m, m)] + ([f"{NAMES.get(m, m)}, published"] if m in quoted else [])
     lines = [f"## {table['title']}", ""] + ([table["note"].strip(), ""] if table.get("note") else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    samples, gaps = {}, []
+    samples, groups, gaps = {}, {}, []
     for row in rows:
-        runs, _, reason = load_runs(row, used, table["title"])
+        runs, files, reason = load_runs(row, used, table["title"])
         if runs and reason:
             gaps.append(f"- {row['label']}: partly run: {reason}")
         samples[row["label"]] = {m: pooled(runs, m) for m in names} if runs else None
+        groups[row["label"]] = [(run, os.path.dirname(f)) for run, f in zip(runs, files)]
         cells = [row["label"]]
         for i, m in enumerate(names):
             if runs:
@@ -166,12 +176,34 @@ def table_section(table, used):
     if quoted:
         lines += [f"Published values are quoted from {table.get('source', 'the paper')}, not re-measured.", ""]
     if table.get("compare"):
-        lines += comparison_lines(table, names, samples)
+        lines += comparison_lines(table, names, samples, groups)
     return lines
 
 
-def comparison_lines(table, names, samples):
-    lines = ["| comparison | metric | A | B | B − A | p (Welch) | p (Mann-Whitney) |", "|---" * 7 + "|"]
+def allowed_fields(table):
+    """The protocol fields a table's comparisons may differ in (`allow_mismatch`: a list, or true for any)."""
+    allow = table.get("allow_mismatch") or []
+    if allow is True:
+        return set(metrics.PROTOCOL_FIELDS) | {"data_hash"}
+    fields = [allow] if isinstance(allow, str) else allow
+    known = set(metrics.PROTOCOL_FIELDS) | {"data_hash"}
+    if not isinstance(fields, list) or not set(fields) <= known:
+        raise UserError(f"table {table['title']!r}: allow_mismatch must be true or a list of "
+                        f"{', '.join(sorted(known))}; got {allow!r}")
+    return set(fields) | ({"data_hash"} if "data" in fields else set())
+
+
+def differences(found):
+    return "; ".join(f"{field} ({'(not set)' if a is None else a} vs {'(not set)' if b is None else b})"
+                     for field, a, b, _ in found)
+
+
+def comparison_lines(table, names, samples, groups=None):
+    groups = groups or {}
+    allowed = allowed_fields(table)
+    lines = ["| comparison | metric | A | B | B − A | 95% CI of B − A | p (Welch) | p (Mann-Whitney) |",
+             "|---" * 8 + "|"]
+    notes, paired, few = [], [], {}
     for pair in table["compare"]:
         a, b = pair
         for label in (a, b):
@@ -179,18 +211,57 @@ def comparison_lines(table, names, samples):
                 raise UserError(f"table {table['title']!r} compares {label!r}, which is not one of its rows")
         missing = [label for label in (a, b) if samples[label] is None]
         if missing:
-            lines.append(f"| {b} vs {a} | – | – | – | – | not run: {', '.join(missing)} | – |")
+            lines.append(f"| {b} vs {a} | – | – | – | – | – | not run: {', '.join(missing)} | – |")
             continue
+        found = metrics.group_mismatches([r for r, _ in groups.get(a, [])], [r for r, _ in groups.get(b, [])])
+        refused = [f for f in found if f[0] not in allowed]
+        if refused:
+            lines.append(f"| {b} vs {a} | – | – | – | – | – | not compared: the runs differ in "
+                         f"{refused[0][0]} | – |")
+            notes.append(f"- {b} vs {a}: not compared: the runs differ in {differences(refused)}; list the field in "
+                         f"the table's allow_mismatch to compare them anyway.")
+            continue
+        if found:
+            notes.append(f"- {b} vs {a}: the runs differ in {differences(found)}; compared as the table's "
+                         f"allow_mismatch permits.")
         for m in names:
             va, vb = samples[a][m], samples[b][m]
             if not va or not vb:
-                lines.append(f"| {b} vs {a} | {NAMES.get(m, m)} | {cell(va)} | {cell(vb)} | – | n/a | n/a |")
+                lines.append(f"| {b} vs {a} | {NAMES.get(m, m)} | {cell(va)} | {cell(vb)} | – | – | n/a | n/a |")
                 continue
             c = metrics.compare_samples(va, vb)
-            lines.append(f"| {b} vs {a} | {NAMES.get(m, m)} | {cell(va)} | {cell(vb)} | {c['diff']:+.3f} | "
+            ci = "n/a" if c["diff_ci95_low"] is None else f"[{c['diff_ci95_low']:+.3f}, {c['diff_ci95_high']:+.3f}]"
+            lines.append(f"| {b} vs {a} | {NAMES.get(m, m)} | {cell(va)} | {cell(vb)} | {c['diff']:+.3f} | {ci} | "
                          f"{p_text(c['welch_p'])} | {p_text(c['mwu_p'])} |")
-    return lines + ["", "Welch's t-test (unequal variances) and the two-sided Mann-Whitney U test over the "
-                        "per-seed test values; n/a with fewer than 2 values a side or no variance at all.", ""]
+            if c["mwu_min_p"] is not None and c["mwu_min_p"] >= 0.05:
+                few.setdefault((c["n_a"], c["n_b"], c["mwu_min_p"]), []).append(f"{b} vs {a}")
+        if groups.get(a) and groups.get(b):
+            result, _ = metrics.paired_runs_test(groups[a], groups[b])
+            if result is not None:
+                paired.append((f"{b} vs {a}", result))
+    lines += ["", "Welch's t-test (unequal variances) with its 95% interval of B − A, and the two-sided Mann-Whitney "
+                  "U test, over the per-seed test values; n/a with fewer than 2 values a side or no variance at all.",
+              ""]
+    for (n_a, n_b, p), pairs in few.items():
+        notes.append(f"- {', '.join(dict.fromkeys(pairs))}: with {n_a} and {n_b} values the exact Mann-Whitney test "
+                     f"cannot go below p = {p:.3f}, so p < 0.05 is out of its reach.")
+    if notes:
+        lines += notes + [""]
+    if paired:
+        lines += paired_lines(paired)
+    return lines
+
+
+def paired_lines(paired):
+    """The comparisons whose runs scored the same test images, image by image (common.metrics.paired_runs_test)."""
+    lines = ["Paired on the same test images: each row's test scores averaged over its seeds (an ensemble, so its AUC "
+             "is not the table's mean), DeLong's test of the two AUCs for a binary task, a paired bootstrap of the "
+             "images (1000 resamples) otherwise.", "",
+             "| comparison | test images | AUC A | AUC B | B − A | 95% CI | p | test |", "|---" * 8 + "|"]
+    for name, r in paired:
+        lines.append(f"| {name} | {r['n_images']} | {r['auc_a']:.3f} | {r['auc_b']:.3f} | {r['diff']:+.3f} | "
+                     f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {p_text(r['p'])} | {r['method']} |")
+    return lines + [""]
 
 
 # ---------------------------------------------------------------- figures
@@ -404,6 +475,8 @@ def check_spec(spec):
             for row in item["rows"]:
                 if not isinstance(row, dict) or "label" not in row:
                     raise UserError(f"{item['title']!r}: every row needs a `label` (and `runs`), got {row!r}")
+            if kind == "tables":
+                allowed_fields(item)
 
 
 def build_report(spec, out):

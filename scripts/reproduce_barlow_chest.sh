@@ -162,6 +162,7 @@ table() {  # table TITLE: the header of a table of test AUC / ACC (rows follow)
   row "linear head" probe-default
   row "full network" ft-lf1-barlow
   echo "    compare: [[\"linear head\", \"full network\"]]"
+  echo "    allow_mismatch: [mode]"  # the two modes are what this comparison is about
   table "Label fractions, fine-tuning (test)"
   for init in barlow random imagenet; do
     for f in "${FRACTIONS[@]}"; do row "$init init, $f of the labels" "ft-lf$f-$init"; done

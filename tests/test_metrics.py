@@ -459,3 +459,356 @@ def test_compare_samples_against_a_constant_side_warns_nothing_and_matches_the_o
         c = M.compare_samples(varied, constant)
     # Welch with one zero-variance side is the one-sample t-test of the other against that value
     assert c["std_b"] < 1e-12 and c["welch_p"] == pytest.approx(stats.ttest_1samp(varied, 0.965).pvalue)
+
+
+# --- imbalance and the decision threshold ---------------------------------------------------------
+
+@pytest.mark.parametrize("task", [BIN, MC, ML])
+def test_balanced_accuracy_matches_sklearn(task):
+    from sklearn.metrics import balanced_accuracy_score
+    y, s = make(task, n=400, seed=21)
+    if task == BIN:
+        y = np.where(np.arange(400) < 300, 1, y)  # imbalanced: plain accuracy and balanced accuracy part
+    pred = M.hard_labels(s, task)
+    if task == ML:
+        ref = np.mean([balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(y.shape[1])])
+    else:
+        ref = balanced_accuracy_score(y, pred)
+    assert M.balanced_accuracy(y, s, task) == pytest.approx(ref, abs=1e-12)
+    if task == BIN:
+        assert abs(ref - M.acc(y, s, task)) > 0.01
+        # calling every image the majority class: accuracy 0.75 or more, balanced accuracy 0.5
+        assert M.balanced_accuracy(y, np.ones(400), BIN) == 0.5
+
+
+def plain_youden(y, s):
+    """Brute force: every cut between neighbouring distinct scores (and below / above all of them), the
+    calls s > cut, the largest sensitivity + specificity - 1."""
+    values = np.unique(s)
+    cuts = np.concatenate([[values[0] - 1], (values[:-1] + values[1:]) / 2, [values[-1]]])
+    best = -np.inf
+    for cut in cuts:
+        pred = s > cut
+        best = max(best, pred[y == 1].mean() + (~pred[y == 0]).mean() - 1)
+    return best
+
+
+def test_youden_threshold_maximises_j_on_validation_and_breaks_ties_high():
+    for seed in range(3):
+        y, s = make(BIN, n=120, seed=30 + seed)
+        s1 = np.round(s[:, 1], 2)  # ties among the scores too
+        t = M.youden_threshold(y, s1)
+        pred = s1 > t  # the module's strict convention
+        j = pred[y == 1].mean() + (~pred[y == 0]).mean() - 1
+        assert j == pytest.approx(plain_youden(y, s1), abs=1e-12)
+        assert M.youden_threshold(y[:, None], np.stack([1 - s1, s1], axis=1)) == t  # (N, 1) labels, (N, 2) scores
+    # two cuts tie at J = 0.5 (above 0.3, above 0.1): the higher one, halfway to the next score
+    assert M.youden_threshold(np.array([0, 1, 0, 1]), np.array([0.1, 0.2, 0.3, 0.4])) == pytest.approx(0.35)
+    with pytest.raises(ValueError, match="one class"):
+        M.youden_threshold(np.zeros(5, int), np.linspace(0, 1, 5))
+
+
+@pytest.mark.parametrize("positive", [0, 1])
+def test_threshold_metrics_match_sklearn_at_the_threshold(positive):
+    y, s = make(BIN, n=250, seed=22)
+    t = 0.37
+    pred = (s[:, 1] > t).astype(int)
+    got = M.threshold_metrics(y, s, t, positive_class=positive)
+    sens, spec = recall_score(y, pred, pos_label=positive), recall_score(y, pred, pos_label=1 - positive)
+    assert got["sensitivity"] == pytest.approx(sens, abs=1e-12) and got["specificity"] == pytest.approx(spec, abs=1e-12)
+    assert got["balanced_accuracy"] == pytest.approx((sens + spec) / 2, abs=1e-12)
+    assert got["precision"] == pytest.approx(precision_score(y, pred, pos_label=positive), abs=1e-12)
+    assert got["f1"] == pytest.approx(f1_score(y, pred, pos_label=positive), abs=1e-12)
+    # at 0.5 the same as classification_metrics
+    half = M.threshold_metrics(y, s, 0.5, positive)
+    ref = M.classification_metrics(y, s, BIN, positive_class=positive)
+    assert (half["sensitivity"], half["specificity"]) == (ref["sensitivity"], ref["specificity"])
+
+
+def test_evaluation_metrics_extends_classification_metrics():
+    y, s = make(BIN, n=200, seed=23)
+    yv, sv = make(BIN, n=80, seed=24)
+    base = M.classification_metrics(y, s, BIN, positive_class=0)
+    got = M.evaluation_metrics(y, s, BIN, positive_class=0, y_val=yv, val_score=sv)
+    assert {k: got[k] for k in base} == base
+    assert set(got) - set(base) == {"balanced_accuracy", "ece", "brier", *M.THRESHOLD_KEYS}
+    assert all(isinstance(v, float) for v in got.values())
+    t = M.youden_threshold(yv, sv)
+    assert got["threshold"] == t
+    at = M.threshold_metrics(y, s, t, positive_class=0)
+    assert got["sensitivity_at_threshold"] == at["sensitivity"] and got["f1_at_threshold"] == at["f1"]
+    # J does not depend on which class is positive: the threshold is the same, sensitivity and specificity swap
+    other = M.evaluation_metrics(y, s, BIN, positive_class=1, y_val=yv, val_score=sv)
+    assert other["threshold"] == t and other["sensitivity_at_threshold"] == got["specificity_at_threshold"]
+    # no validation scores, or a validation split of one class: no threshold keys
+    assert not set(M.THRESHOLD_KEYS) & set(M.evaluation_metrics(y, s, BIN))
+    assert not set(M.THRESHOLD_KEYS) & set(M.evaluation_metrics(y, s, BIN, y_val=np.ones(80, int), val_score=sv))
+    ym, sm = make(MC, n=150, seed=25)
+    assert set(M.evaluation_metrics(ym, sm, MC, y_val=ym, val_score=sm)) == \
+        set(M.classification_metrics(ym, sm, MC)) | {"balanced_accuracy", "ece", "brier"}
+    with pytest.raises(ValueError, match="both"):
+        M.evaluation_metrics(y, s, BIN, y_val=yv)
+
+
+# --- calibration -------------------------------------------------------------------------------------
+
+def reference_ece(confidence, correct, n_bins):
+    """ECE from sklearn's calibration_curve (per non-empty bin: accuracy and mean confidence) weighted by
+    bin counts from np.histogram over the same equal-width bins."""
+    from sklearn.calibration import calibration_curve
+    accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=n_bins, strategy="uniform")
+    counts = np.histogram(confidence, bins=np.linspace(0, 1, n_bins + 1))[0]
+    counts = counts[counts > 0]
+    return float(np.sum(counts * np.abs(accuracy - mean_confidence)) / counts.sum())
+
+
+@pytest.mark.parametrize("task", [BIN, MC, ML])
+def test_ece_equals_calibration_curve_with_bin_counts(task):
+    y, s = make(task, n=500, seed=26, signal=2.0)
+    if task == BIN:
+        p = s[:, 1]
+        conf, correct = np.maximum(p, 1 - p), ((p > 0.5) == y)
+    elif task == MC:
+        conf, correct = s.max(axis=1), s.argmax(axis=1) == y
+    else:  # every (image, label) pair as one binary prediction
+        conf, correct = np.maximum(s, 1 - s).ravel(), ((s > 0.5) == y).ravel()
+    for bins in (15, 10):
+        ece = M.expected_calibration_error(y, s, task, n_bins=bins)
+        assert ece == pytest.approx(reference_ece(conf, correct.astype(int), bins), abs=1e-12)
+    assert M.expected_calibration_error(y, s, task) == M.expected_calibration_error(y, s, task, n_bins=15)
+    # perfectly confident and always right: 0
+    onehot = np.eye(s.shape[1])[y] if task == MC else (y if task == ML else np.eye(2)[y])
+    assert M.expected_calibration_error(y, onehot.astype(float), task) == 0.0
+
+
+def test_brier_matches_sklearn():
+    from sklearn.metrics import brier_score_loss
+    y, s = make(BIN, n=300, seed=27)
+    assert M.brier(y, s, BIN) == pytest.approx(brier_score_loss(y, s[:, 1]), abs=1e-12)
+    y, s = make(MC, n=300, seed=28)
+    direct = np.mean(np.sum((s - np.eye(s.shape[1])[y]) ** 2, axis=1))
+    assert M.brier(y, s, MC) == pytest.approx(direct, abs=1e-12)
+    try:  # scikit-learn 1.7 and later score multi-class probabilities the same way
+        assert M.brier(y, s, MC) == pytest.approx(brier_score_loss(y, s), abs=1e-12)
+    except ValueError:
+        pass
+    y, s = make(ML, n=300, seed=29)
+    assert M.brier(y, s, ML) == pytest.approx(np.mean([brier_score_loss(y[:, j], s[:, j]) for j in range(5)]))
+
+
+def test_reliability_diagram_is_written_and_shows_the_ece(tmp_path, monkeypatch):
+    y, s = make(MC, n=200, seed=31)
+    seen = {}
+    real_save = M._save
+    monkeypatch.setattr(M, "_save", lambda fig, path: (seen.update(texts=[t.get_text() for t in fig.axes[0].texts],
+                                                                     title=fig.axes[0].get_title()),
+                                                       real_save(fig, path)))
+    ece = M.plot_reliability(y, s, MC, tmp_path / "rel.png", title="seed 0")
+    assert ece == M.expected_calibration_error(y, s, MC)
+    assert seen["texts"] == [f"ECE {ece:.3f} (15 bins, n=200)"] and seen["title"] == "seed 0"
+    assert (tmp_path / "rel.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def nll(y, p):
+    return -np.mean(np.log(p[np.arange(len(y)), y]))
+
+
+def test_temperature_scaling_fits_over_confidence_and_leaves_calibrated_scores():
+    rng = np.random.default_rng(32)
+    logits = rng.normal(scale=1.5, size=(4000, 3))
+    p = softmax(logits)
+    y = np.array([rng.choice(3, p=row) for row in p])  # labels drawn from the scores: calibrated
+    assert M.fit_temperature(y, p, MC) == pytest.approx(1.0, abs=0.08)
+    sharp = softmax(3 * logits)  # over-confident: the same ranking, logits x3
+    t = M.fit_temperature(y, sharp, MC)
+    assert t == pytest.approx(3.0, rel=0.1)
+    scaled = M.apply_temperature(sharp, t, MC)
+    assert nll(y, scaled) < nll(y, sharp) - 0.1
+    grid = np.linspace(0.5, 6, 1101)  # the fitted T is the grid's minimum of the validation NLL
+    best = grid[np.argmin([nll(y, softmax(np.log(sharp) / g)) for g in grid])]
+    assert t == pytest.approx(best, abs=0.01)
+    np.testing.assert_array_equal(scaled.argmax(axis=1), sharp.argmax(axis=1))  # the calls do not change
+    # binary scores keep their shape; T = 1 gives the scores back
+    yb, sb = make(BIN, n=100, seed=33)
+    for form in (sb, sb[:, 1], sb[:, 1:]):
+        back = M.apply_temperature(form, 1.0, BIN)
+        assert back.shape == form.shape and np.allclose(back, form)
+    assert M.fit_temperature(yb, sb, BIN) > 0
+    with pytest.raises(ValueError):
+        M.apply_temperature(sb, 0.0, BIN)
+
+
+# --- paired comparisons of two classifiers on the same test images -------------------------------
+
+def plain_delong(y, sa, sb):
+    """DeLong et al. (1988) as written: psi(X, Y) = 1, 1/2, 0 for X >, =, < Y; placement values
+    V10(X_i) = mean_j psi(X_i, Y_j) over negatives, V01(Y_j) = mean_i psi(X_i, Y_j) over positives;
+    S10, S01 their sample covariance matrices over the two classifiers; S = S10 / m + S01 / n."""
+    v10, v01, aucs = [], [], []
+    for s in (sa, sb):
+        x, z = s[y == 1], s[y == 0]
+        psi = np.array([[1.0 if xi > zj else 0.5 if xi == zj else 0.0 for zj in z] for xi in x])
+        aucs.append(psi.mean())
+        v10.append(psi.mean(axis=1))
+        v01.append(psi.mean(axis=0))
+    m, n = len(v10[0]), len(v01[0])
+    s10 = np.array([[np.sum((v10[r] - aucs[r]) * (v10[c] - aucs[c])) / (m - 1) for c in range(2)] for r in range(2)])
+    s01 = np.array([[np.sum((v01[r] - aucs[r]) * (v01[c] - aucs[c])) / (n - 1) for c in range(2)] for r in range(2)])
+    cov = s10 / m + s01 / n
+    return aucs, cov
+
+
+def test_delong_equals_the_1988_placement_value_formulas():
+    from scipy.stats import norm
+    rng = np.random.default_rng(34)
+    y = rng.integers(0, 2, 90)
+    sa = np.round(rng.normal(size=90) + 0.8 * y, 1)  # rounded: ties within and between classes
+    sb = np.round(0.6 * sa + rng.normal(size=90) + 0.5 * y, 1)
+    got = M.delong_test(y, sa, sb)
+    (auc_a, auc_b), cov = plain_delong(y, sa, sb)
+    assert got["auc_a"] == pytest.approx(auc_a, abs=1e-12) and got["auc_b"] == pytest.approx(auc_b, abs=1e-12)
+    assert got["auc_a"] == pytest.approx(roc_auc_score(y, sa), abs=1e-12)
+    assert (got["var_a"], got["var_b"], got["cov_ab"]) == pytest.approx((cov[0, 0], cov[1, 1], cov[0, 1]), abs=1e-14)
+    se = np.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    assert got["se"] == pytest.approx(se, abs=1e-12)
+    assert got["p"] == pytest.approx(2 * norm.sf(abs(auc_b - auc_a) / se), rel=1e-9)
+    assert got["ci_low"] == pytest.approx(auc_b - auc_a - 1.959964 * se, abs=1e-6)
+    # (N, 2) scores and (N, 1) labels read the same; a classifier against itself: no difference
+    assert M.delong_test(y[:, None], np.stack([1 - sa, sa], 1), sb)["p"] == got["p"]
+    same = M.delong_test(y, sa, sa)
+    assert same["diff"] == 0 and same["p"] == 1.0
+    with pytest.raises(ValueError, match="at least 2"):
+        M.delong_test(np.array([0, 0, 0, 1]), np.arange(4.0), np.arange(4.0))
+
+
+def test_delong_variance_of_one_auc_and_the_mann_whitney_statistic():
+    from scipy import stats
+    rng = np.random.default_rng(35)
+    y = np.repeat([0, 1], [70, 50])
+    s = rng.normal(size=120) + 0.7 * y
+    got = M.delong_test(y, s, rng.normal(size=120))
+    m, n = 50, 70
+    # the AUC is the Mann-Whitney U of the positives over m * n
+    u = stats.mannwhitneyu(s[y == 1], s[y == 0]).statistic
+    assert got["auc_a"] == pytest.approx(u / (m * n), abs=1e-12)
+    # DeLong's variance is the two-sample jackknife variance of U / (m n) (one image left out at a time)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    jack = 0.0
+    for group in (pos, neg):
+        loo = np.array([roc_auc_score(np.delete(y, i), np.delete(s, i)) for i in group])
+        jack += (len(group) - 1) / len(group) * np.sum((loo - loo.mean()) ** 2)
+    assert got["var_a"] == pytest.approx(jack, rel=1e-9)
+    # with no signal its mean is Var(U) / (m n)^2 = (m + n + 1) / (12 m n), U's null variance
+    null = [M.delong_test(y, rng.normal(size=120), rng.normal(size=120))["var_a"] for _ in range(200)]
+    assert np.mean(null) == pytest.approx((m + n + 1) / (12 * m * n), rel=0.05)
+
+
+def test_paired_bootstrap_agrees_with_delong_and_is_seeded():
+    rng = np.random.default_rng(36)
+    y = rng.integers(0, 2, 400)
+    sa = rng.normal(size=400) + 0.8 * y
+    sb = 0.7 * sa + 0.7 * rng.normal(size=400) + 0.6 * y  # correlated with A, as two models on one test set
+    delong = M.delong_test(y, sa, sb)
+    boot = M.paired_bootstrap_auc(y, sa, sb, BIN, n_boot=500, seed=1)
+    assert boot["diff"] == pytest.approx(delong["diff"], abs=1e-12)
+    assert boot["ci_low"] < delong["diff"] < boot["ci_high"]  # the bootstrap interval covers DeLong's centre
+    assert (boot["ci_high"] - boot["ci_low"]) / 3.92 == pytest.approx(delong["se"], rel=0.25)
+    assert boot == M.paired_bootstrap_auc(y, sa, sb, BIN, n_boot=500, seed=1)
+    assert boot != M.paired_bootstrap_auc(y, sa, sb, BIN, n_boot=500, seed=2)
+    assert 2 / 501 <= boot["p"] <= 1
+    # a clear difference: every resample agrees on its sign, so p is at its floor
+    assert M.paired_bootstrap_auc(y, sa, rng.normal(size=400), BIN, n_boot=200)["p"] == pytest.approx(2 / 201)
+    ym, sm = make(MC, n=200, seed=37)
+    multi = M.paired_auc_test(ym, sm, softmax(np.log(sm) + rng.normal(size=sm.shape)), MC)
+    assert multi["method"] == "paired bootstrap" and multi["auc_a"] == M.auc(ym, sm, MC) and multi["diff"] < 0
+    assert M.paired_auc_test(y, sa, sb, BIN) == delong
+
+
+@pytest.mark.parametrize("task", [BIN, MC, ML])
+def test_the_bootstraps_rank_auc_is_the_auc(task):
+    y, s = make(task, n=150, seed=41)
+    s = np.round(s, 2)  # with ties
+    task_, yy, ss = M._prepare(y, s, task)
+    assert M._rank_auc(yy, ss, task_) == pytest.approx(M.auc(y, s, task), abs=1e-12)
+
+
+def test_mann_whitney_minimum_p_is_scipys_exact_p_of_separated_samples():
+    from scipy import stats
+    for n_a, n_b in ((2, 2), (3, 3), (3, 4), (3, 5), (4, 4), (5, 5), (2, 9)):
+        exact = stats.mannwhitneyu(np.arange(n_a), n_a + np.arange(n_b), method="exact").pvalue
+        assert M.mwu_min_p(n_a, n_b) == pytest.approx(exact, rel=1e-9), (n_a, n_b)
+    assert M.mwu_min_p(3, 3) == pytest.approx(0.1) and M.mwu_min_p(4, 4) < 0.05 and M.mwu_min_p(0, 3) is None
+
+
+def test_compare_samples_gives_welchs_interval_of_the_difference():
+    from scipy import stats
+    a, b = [0.70, 0.72, 0.69, 0.71], [0.75, 0.74, 0.78, 0.80, 0.77]
+    c = M.compare_samples(a, b)
+    ci = stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    assert (c["diff_ci95_low"], c["diff_ci95_high"]) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    assert c["diff_ci95_low"] < c["diff"] < c["diff_ci95_high"] and c["diff_ci95_low"] > 0
+    assert c["mwu_min_p"] == M.mwu_min_p(4, 5)
+    assert c["welch_p"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)  # the old keys stay
+    assert M.compare_samples([0.7], b)["diff_ci95_low"] is None
+
+
+# --- comparing runs ---------------------------------------------------------------------------------
+
+def run_dict(**changes):
+    run = {"data": "breastmnist", "data_hash": "h1", "size": 28, "mode": "linear_probe", "encoder": "random",
+           "task": BIN, "positive_class": {"index": 1, "name": "normal, benign"},
+           "args": {"label_fraction": 1.0, "shots": 20, "probe": "logreg", "resize": None}}
+    for key, value in changes.items():
+        (run["args"] if key in run["args"] else run)[key] = value
+    return run
+
+
+def test_protocol_mismatches_name_each_field_that_matters():
+    assert M.protocol_mismatches(run_dict(), run_dict(encoder="runs/byol/checkpoint.pt")) == []
+    assert M.protocol_mismatches(run_dict(), run_dict(size=64, probe="sgd")) == \
+        [("size", 28, 64), ("probe", "logreg", "sgd")]
+    assert M.protocol_mismatches(run_dict(), run_dict(data_hash="h2")) == [("data_hash", "h1", "h2")]
+    assert M.protocol_mismatches(run_dict(), run_dict(resize=224, positive_class={"index": 0})) == \
+        [("resize", None, 224), ("positive_class", 1, 0)]
+    # shots matter to few-shot only, the label fraction and the probe not to it
+    few = dict(mode="fewshot", label_fraction=0.1, probe="sgd")
+    assert M.protocol_mismatches(run_dict(**few), run_dict(**few, shots=5)) == [("shots", 20, 5)]
+    assert M.protocol_mismatches(run_dict(**few), run_dict(mode="fewshot")) == []
+    # a field only one run records (an older run) is not compared; split and grouping when both have them
+    old = run_dict()
+    del old["data_hash"]
+    assert M.protocol_mismatches(old, run_dict(data_hash="h2", split={"seed": 0})) == []
+    assert M.protocol_mismatches(run_dict(split="official"), run_dict(split="drawn 80/10/10")) == \
+        [("split", "official", "drawn 80/10/10")]
+    found = M.group_mismatches([run_dict(), run_dict(encoder="x")], [run_dict(size=64), run_dict(mode="finetune")])
+    assert found == [("size", 28, 64, 2), ("mode", "linear_probe", "finetune", 3)]
+
+
+def test_group_names_come_from_the_runs():
+    assert M.group_name([run_dict()]) == "random, linear_probe (logreg), breastmnist 28 px, label fraction 1.0"
+    seeds = [run_dict(encoder=f"runs/further-s{i}/checkpoint.pt", mode="fewshot") for i in range(3)]
+    assert M.group_name(seeds) == "further-s* (3 encoders), fewshot (20 shots), breastmnist 28 px"
+    assert M.group_name([{"per_seed": []}], ["runs/x/metrics.json"]) == "x"
+
+
+# --- write_results with the new metrics ---------------------------------------------------------------
+
+def test_write_results_reports_calibration_and_the_threshold_and_takes_old_records(tmp_path, capsys):
+    import json
+    y, s = make(BIN, n=120, seed=38)
+    _, s2 = make(BIN, n=120, seed=39)
+    s2 = softmax(np.log(s2) + 2 * np.eye(2)[y])
+    yv, sv = make(BIN, n=60, seed=40)
+    per_seed = [{"seed": 0, "test": M.evaluation_metrics(y, s, BIN, 1, yv, sv)},
+                {"seed": 1, "test": M.classification_metrics(y, s2, BIN)}]  # an older seed record
+    r = M.write_results(str(tmp_path), {"data": "x"}, per_seed, y, [s, s2], BIN, 0, "t")
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["mean"] == r["mean"]
+    eces = [M.expected_calibration_error(y, sc, BIN) for sc in (s, s2)]
+    assert saved["mean"]["ece"] == pytest.approx(np.mean(eces)) and saved["per_seed"][1]["test"]["ece"] == eces[1]
+    assert saved["mean"]["threshold"] == per_seed[0]["test"]["threshold"] and saved["std"]["threshold"] == 0.0
+    out = capsys.readouterr().out
+    assert "balanced_accuracy" in out and "ece" in out and "brier" in out
+    assert "chosen on validation by Youden's J" in out and "at that threshold: sensitivity" in out
+    assert "(n=1)" in out and "cannot reach p < 0.05" in out
+    assert (tmp_path / "reliability.png").read_bytes()[:8] == PNG_MAGIC

@@ -18,18 +18,22 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 A_AUC, B_AUC = [0.70, 0.72, 0.69], [0.75, 0.74, 0.78, 0.80, 0.77, 0.76]
 
 
-def write_run(folder, aucs, label_fraction=1.0, task="binary-class", seed=0):
-    """A run directory as evaluate.py leaves it: metrics.json (acc = auc - 0.1) and predictions.npz."""
+def write_run(folder, aucs, label_fraction=1.0, task="binary-class", seed=0, labels_seed=None, **changes):
+    """A run directory as evaluate.py leaves it: metrics.json (acc = auc - 0.1; `changes` replace its
+    fields) and predictions.npz (test labels drawn from `labels_seed` when given, else from `seed`)."""
     os.makedirs(folder, exist_ok=True)
     per_seed = [{"seed": i, "test": {"auc": a, "acc": a - 0.1}, "val_auc": 0.9, "best_epoch": 3}
                 for i, a in enumerate(aucs)]
     run = {"data": "breastmnist", "size": 28, "mode": "finetune", "encoder": "random", "task": task, "n": len(aucs),
            "per_seed": per_seed, "args": {"arch": "resnet18", "label_fraction": label_fraction, "epochs": 5,
                                           "device": "cpu"}}
+    run.update(changes)
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         json.dump(run, f)
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, 60)
+    if labels_seed is not None:
+        y = np.random.default_rng(labels_seed).integers(0, 2, 60)
     p1 = np.clip(0.3 * y + 0.7 * rng.random(60), 0, 1)
     np.savez(os.path.join(folder, "predictions.npz"), y_true=y[:, None], y_score=np.stack([1 - p1, p1], axis=1))
     return folder
@@ -62,7 +66,9 @@ def test_table_cells_are_mean_sample_std_and_n_and_p_values_are_scipys(tmp_path)
     welch = stats.ttest_ind(A_AUC, B_AUC, equal_var=False).pvalue
     mwu = stats.mannwhitneyu(A_AUC, B_AUC, alternative="two-sided").pvalue
     diff = np.mean(B_AUC) - np.mean(A_AUC)
-    assert line_of(text, "| B vs A | AUC |").endswith(f"| {diff:+.3f} | {welch:.3f} | {mwu:.3f} |")
+    ci = stats.ttest_ind(B_AUC, A_AUC, equal_var=False).confidence_interval(0.95)
+    assert line_of(text, "| B vs A | AUC |").endswith(f"| {diff:+.3f} | [{ci.low:+.3f}, {ci.high:+.3f}] | "
+                                                      f"{welch:.3f} | {mwu:.3f} |")
     assert "quoted from REFERENCE.md" in text
 
 
@@ -267,3 +273,41 @@ def test_saliency_grids_name_the_classes_from_the_runs_metrics(tmp_path, monkeyp
     spec["figures"][0]["class_names"] = ["no", "yes"]  # the spec's names win
     report.build_report(spec, str(tmp_path / "out"))
     assert seen["row_labels"] == ["yes", "no"]
+
+
+def test_comparisons_of_runs_of_another_protocol_need_the_tables_allow_mismatch(tmp_path):
+    write_run(tmp_path / "a", A_AUC)
+    write_run(tmp_path / "b", B_AUC[:3], seed=1, size=64, mode="linear_probe")
+    table = {"title": "T", "metrics": ["auc"], "compare": [["A", "B"]],
+             "rows": [{"label": "A", "runs": str(tmp_path / "a")}, {"label": "B", "runs": str(tmp_path / "b")}]}
+    text = open(report.build_report({"tables": [table]}, str(tmp_path / "out"))).read()
+    assert "not compared: the runs differ in size" in line_of(text, "| B vs A |")
+    assert ("- B vs A: not compared: the runs differ in size (28 vs 64); mode (finetune vs linear_probe); list the "
+            "field in the table's allow_mismatch to compare them anyway.") in text
+    table["allow_mismatch"] = ["size", "mode"]
+    text = open(report.build_report({"tables": [table]}, str(tmp_path / "out"))).read()
+    assert line_of(text, "| B vs A | AUC |").startswith(f"| B vs A | AUC | {np.mean(A_AUC):.3f}")
+    assert "- B vs A: the runs differ in size (28 vs 64); mode (finetune vs linear_probe); compared as the " \
+           "table's allow_mismatch permits." in text
+    # 3 values a side: the exact Mann-Whitney test cannot reach p < 0.05, and the report says so
+    assert "- B vs A: with 3 and 3 values the exact Mann-Whitney test cannot go below p = 0.100" in text
+    table["allow_mismatch"] = ["colour"]
+    with pytest.raises(UserError, match="allow_mismatch must be true or a list of"):
+        report.build_report({"tables": [table]}, str(tmp_path / "out"))
+
+
+def test_rows_scored_on_the_same_test_images_get_the_paired_test(tmp_path):
+    spec = table_spec(tmp_path)
+    text = open(report.build_report(spec, str(tmp_path / "out"))).read()
+    assert "Paired on the same test images" not in text  # table_spec's rows have other test labels
+    write_run(tmp_path / "a", A_AUC, seed=3, labels_seed=9)
+    for i, name in enumerate(("b-s0", "b-s1")):
+        write_run(tmp_path / name, B_AUC[3 * i:3 * i + 3], seed=4 + i, labels_seed=9)
+    text = open(report.build_report(spec, str(tmp_path / "out"))).read()
+    first = {name: np.load(tmp_path / name / "predictions.npz") for name in ("a", "b-s0", "b-s1")}
+    # one score per run here (no y_score_per_seed): B's two runs are averaged
+    ref = metrics.delong_test(first["a"]["y_true"], first["a"]["y_score"],
+                              (first["b-s0"]["y_score"] + first["b-s1"]["y_score"]) / 2)
+    assert line_of(text, "| B vs A | 60 |") == (f"| B vs A | 60 | {ref['auc_a']:.3f} | {ref['auc_b']:.3f} | "
+                                                f"{ref['diff']:+.3f} | [{ref['ci_low']:+.3f}, {ref['ci_high']:+.3f}] | "
+                                                f"{report.p_text(ref['p'])} | DeLong |")
