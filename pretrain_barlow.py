@@ -88,7 +88,7 @@ def get_args_parser():
     g = parser.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "lars"],
                    help="adam (paper 002); adamw (decoupled weight decay: fastai's Adam, as paper 003's code "
-                        "ran it); lars (Zbontar et al.: lr 0.2 x batch/256, weight decay 1.5e-6)")
+                        "ran it); lars (Zbontar et al.: lr 0.2 x batch/256, biases and BN at --lr-biases, weight decay 1.5e-6)")
     g.add_argument("--epochs", type=int, default=300,
                    help="epochs (paper 002: 300 on ~21k COVID X-rays; paper 003: 100 for the whole encoder)")
     g.add_argument("--batch-size", type=int, default=128,
@@ -96,6 +96,10 @@ def get_args_parser():
     g.add_argument("--lr", type=cli.lr_or_auto, default=2e-3,
                    help="peak learning rate (paper 002's scan: 2e-3), or auto: an LR range test picks it "
                         "(paper 003), writing lr_range.json and lr_range.png")
+    g.add_argument("--lr-biases", type=float, default=None, metavar="LR",
+                   help="peak lr of the biases and BatchNorm parameters under --optimizer lars, on --lr's schedule "
+                        "(Zbontar et al.: 0.0048 x batch/256 beside 0.2 x batch/256 for the weights; default: "
+                        f"{optim.BARLOW_BIAS_LR_RATIO:g} x --lr, their ratio)")
     g.add_argument("--lr-range", type=float, nargs=3, default=[1e-7, 10.0, 100], metavar=("START", "END", "STEPS"),
                    help="sweep of --lr auto: lr from START to END over STEPS steps (fastai's lr_find: 1e-7 10 100)")
     g.add_argument("--lr-schedule", default="cosine", choices=list(optim.LR_SCHEDULES),
@@ -242,7 +246,8 @@ def lr_from_range_test(args, encoder, projector, images, index, device):
     set_train_mode(args, encoder, projector)
     online = dist.distributed(torch.nn.Sequential(encoder, projector), device)
     params = [p for p in [*encoder.parameters(), *projector.parameters()] if p.requires_grad]
-    optimizer = optim.make_optimizer(args.optimizer, params, args.lr_range[0], args.weight_decay)
+    optimizer = optim.make_optimizer(args.optimizer, params, args.lr_range[0], args.weight_decay,
+                                     bias_lr_ratio=optim.lars_bias_lr_ratio(args.optimizer, args.lr, args.lr_biases))
     gen = torch.Generator(device).manual_seed(args.seed + 1)
     views = augment.views(args.aug, args.crop_scale)
 
@@ -268,6 +273,7 @@ def main():
     if args.init == "barlowtwins" and args.arch != "resnet50":
         raise UserError("--init barlowtwins is facebookresearch's ImageNet ResNet-50; add --arch resnet50")
     models.projector_sizes(args.projector)
+    optim.lars_bias_lr_ratio(args.optimizer, args.lr, args.lr_biases)  # refuses --lr-biases without LARS
     if args.oversample and "," in args.data:
         raise UserError("--oversample takes one --data flag (class numbers differ between datasets)")
 
@@ -292,10 +298,12 @@ def main():
         args.freeze_lr = args.lr
 
     # ---- optimiser: one over every parameter; frozen ones have no gradient and are skipped
+    bias_lr_ratio = optim.lars_bias_lr_ratio(args.optimizer, args.lr, args.lr_biases)
     optimizer = optim.make_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
-                                     args.lr, args.weight_decay, run.device)
+                                     args.lr, args.weight_decay, run.device, bias_lr_ratio)
     print(f"{len(run.index)} images per epoch, {run.steps_per_epoch} steps/epoch, encoder trainable: "
           f"{args.trainable} after {args.freeze_encoder_epochs} frozen epoch(s), lr {args.lr:.3g}"
+          + (f" (biases and BN: {args.lr * bias_lr_ratio:.3g})" if args.optimizer == "lars" else "")
           + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
 
     # ---- loop: common/pretrain.py (resume, checkpoints, log, kNN monitor)

@@ -1,7 +1,8 @@
 """Augmentation throughput: images/s of augment.two_views for every --aug preset (and the whole
-paper 002 menu) at 28 and 224 px, and the hue shift alone: augment's exact HSV shift (as
-torchvision's adjust_hue) against a cheaper YIQ chroma rotation, whose error at hue 0.1 is about
-as large as the shift itself.
+paper 002 menu) at 28 and 224 px (a preset's blur is off at 28 px: augment.blur_is_off), of the
+random resized crop and the colour jitter alone (BYOL's, p=1), and of the hue shift alone:
+augment's exact HSV shift (as torchvision's adjust_hue) against a cheaper YIQ chroma rotation,
+whose error at hue 0.1 is about as large as the shift itself.
 
     python benchmarks/bench_augment.py                     # CPU, 28 and 224 px
     python benchmarks/bench_augment.py --device cuda --batch-size 256
@@ -70,7 +71,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     specs = list(augment.NAMES) + ["+".join(augment.MENU)]
     results = {"device": str(device), "batch_size": args.batch_size, "channels": args.channels,
-               "threads": torch.get_num_threads(), "two_views": {}, "hue": {}}
+               "threads": torch.get_num_threads(), "two_views": {}, "ops": {}, "hue": {}}
     for side in (int(s) for s in args.sizes.split(",")):
         g = torch.Generator(device=device).manual_seed(0)
         shape = (args.batch_size, args.channels, side, side)
@@ -80,8 +81,13 @@ def main(argv=None):
             rate = images_per_s(lambda: augment.two_views(images, views, g), args.batch_size, device, args.repeats)
             results["two_views"][f"{spec}@{side}"] = rate
             print(f"two_views {spec:<58} {side:>4} px  {rate:>10,.0f} images/s (2 views each)")
+        x = images.float() / 255
+        for name, fn in [("random_resized_crop", lambda: augment.random_resized_crop(x, g)),
+                         ("color_jitter", lambda: augment.color_jitter(x, g, p=1.0))]:
+            rate = images_per_s(fn, args.batch_size, device, args.repeats)
+            results["ops"][f"{name}@{side}"] = rate
+            print(f"op alone  {name:<58} {side:>4} px  {rate:>10,.0f} images/s")
         if args.channels == 3:
-            x = images.float() / 255
             turns = torch.rand(args.batch_size, generator=g, device=device) * 0.2 - 0.1
             for name, fn in [("yiq (approximate)", yiq_hue), ("hsv (exact)", augment._shift_hue)]:
                 rate = images_per_s(lambda: fn(x, turns), args.batch_size, device, args.repeats)

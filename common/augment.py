@@ -6,8 +6,11 @@ of the same shape, dtype and device, clamped to [0, 1].
 
 EVERY IMAGE DRAWS ITS OWN RANDOM PARAMETERS. The authors' code of the papers we
 reproduce applied one crop to a whole batch; that is the bug this module must not
-repeat. Ops are vectorised torch code (affine_grid/grid_sample, grouped conv,
-broadcast masks); there are no per-image Python loops and no PIL.
+repeat. Ops are vectorised torch code (grid_sample, grouped conv, broadcast masks);
+there are no per-image Python loops and no PIL. Where torchvision has the op (random
+resized crop, colour jitter, grayscale, Gaussian blur, hue), it computes what
+torchvision.transforms.v2 computes for the same parameters, and draws them as
+torchvision does, per image (tests/test_augment.py checks both).
 
 All randomness comes from the explicit torch.Generator `g` (on x's device), never
 from the global RNG, so runs are reproducible and resumable.
@@ -24,13 +27,15 @@ linear solve) and constants are built once per device and dtype, so a CUDA step 
 Every script's --aug goes through views(spec): a preset name (NAMES) or a paper 002 menu string.
 """
 import functools
+import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 
-# ITU-R BT.601 luma weights, as torchvision's rgb_to_grayscale.
-_LUMA = (0.299, 0.587, 0.114)
+# ITU-R BT.601 luma weights as torchvision's rgb_to_grayscale rounds them for tensors (0.2989 for red;
+# PIL uses 0.299): its adjust_contrast / adjust_saturation and RandomGrayscale use these.
+_LUMA = (0.2989, 0.587, 0.114)
 # Corners of an image in grid_sample's normalised coordinates (perspective).
 _CORNERS = ((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0))
 # HSV -> RGB: (hue + offset) mod 6 - 3 is the signed distance, in sextants, from the hue to the one
@@ -92,20 +97,15 @@ def _gray_mean(x):
 
 
 def _scale_brightness(x, f):
-    """x * f, f a (B,) factor vector."""
+    """adjust_brightness, f a (B,) factor vector: x * f."""
     return (x * _per_image(f, x)).clamp_(0, 1)
 
 
 def _scale_contrast(x, f):
-    """Blend each image with the mean of its grayscale version: m + (x - m) * f."""
-    m = _per_image(_gray_mean(x), x)
-    return (m + (x - m) * _per_image(f, x)).clamp_(0, 1)
-
-
-def _scale_saturation(x, f):
-    """Blend each RGB image with its own per-pixel grayscale: gray + (x - gray) * f."""
-    gray = _luma(x)
-    return (gray + (x - gray) * _per_image(f, x)).clamp_(0, 1)
+    """adjust_contrast: x * f + m * (1 - f), m the mean of each image's grayscale version (torchvision's
+    _blend)."""
+    f = _per_image(f, x)
+    return (x * f).add_(_per_image(_gray_mean(x), x) * (1 - f)).clamp_(0, 1)
 
 
 def _shift_hue(x, turns):
@@ -138,31 +138,85 @@ def _shift_hue(x, turns):
 # ops: fn(x, g, **params) -> tensor
 # ----------------------------------------------------------------------------
 
+def _crop_boxes(n, height, width, g, scale, ratio, device):
+    """crop_boxes as (left, top) and (w, h), (n, 2) each (x before y, as grid_sample): one tensor
+    op for both sides wherever it can, a kernel launch fewer each on a GPU."""
+    u = torch.rand((n, 10, 2), generator=g, device=device)           # 10 candidates: area, log aspect
+    lo = _const((scale[0] * height * width, math.log(ratio[0])), device, torch.float32)
+    span = _const(((scale[1] - scale[0]) * height * width, math.log(ratio[1]) - math.log(ratio[0])), device,
+                  torch.float32)
+    area, log_aspect = torch.addcmul(lo, u, span).unbind(-1)
+    aspect = log_aspect.exp()
+    wh = torch.stack([area * aspect, area / aspect], dim=-1).sqrt_().round_()   # half to even, as round()
+    size = _const((float(width), float(height)), device, torch.float32)
+    fits = ((wh >= 1) & (wh <= size)).all(dim=-1)                    # (n, 10)
+    first = fits.int().argmax(dim=1, keepdim=True)                   # argmax: the first of equal maxima
+    found = fits.any(dim=1, keepdim=True)
+    wh = wh.gather(1, first[..., None].expand(n, 1, 2)).squeeze(1)
+    # torchvision's fallback: the central crop, its aspect clamped to `ratio` (the image's shape alone)
+    if width / height < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif width / height > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    wh = torch.where(found, wh, _const((float(fw), float(fh)), device, torch.float32))
+    # randint(0, side - box + 1): the floor of a uniform [0, side - box + 1), capped against rounding
+    room = size - wh
+    lt = torch.minimum((torch.rand((n, 2), generator=g, device=device) * (room + 1)).floor_(), room)
+    lt = torch.where(found, lt, _const((float((width - fw) // 2), float((height - fh) // 2)), device, torch.float32))
+    return lt, wh
+
+
+def crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), device="cpu"):
+    """n boxes drawn as torchvision's RandomResizedCrop.get_params draws one, all at once: up to 10
+    candidates of area ~ U(scale) x height x width and log aspect w/h ~ U(log ratio), sides rounded
+    to whole pixels; the first candidate that fits the image is kept, placed at a uniform integer
+    offset; if none fits, the central crop with the aspect clamped to `ratio`. Every box has its own
+    draws, all from g. Returns (top, left, h, w), float32 tensors of whole numbers, shape (n,)."""
+    (left, top), (w, h) = (t.unbind(1) for t in _crop_boxes(n, height, width, g, scale, ratio, device))
+    return top, left, h, w
+
+
+def _grid_coords(side, start, length):
+    """grid_sample coordinates (normalised, align_corners=False) of the pixels F.interpolate(mode=
+    "bilinear", align_corners=False) reads when it resizes `length` pixels from `start` to `side`
+    (start, length: (B, k); out: (B, k, side)): the centre of output pixel i maps to
+    (i + 0.5) x length / side - 0.5, clamped to the box's first and last pixel (interpolate never
+    reads past the crop; grid_sample's border padding alone would), then p -> (2p + 1) / side - 1."""
+    i = _const(tuple(j + 0.5 for j in range(side)), start.device, torch.float32)
+    src = ((length / side)[..., None] * i).sub_(0.5).clamp_(min=0)
+    src = torch.minimum(src, (length - 1)[..., None]).add_(start[..., None])
+    return src.mul_(2 / side).add_(1 / side - 1)
+
+
+def _resized_crop(x, lt, wh):
+    """resized_crop with boxes as _crop_boxes gives them."""
+    B, C, H, W = x.shape
+    if H == W:
+        gx, gy = _grid_coords(W, lt, wh).unbind(1)
+    else:
+        gx, gy = _grid_coords(W, lt[:, :1], wh[:, :1])[:, 0], _grid_coords(H, lt[:, 1:], wh[:, 1:])[:, 0]
+    grid = torch.stack([gx[:, None, :].expand(B, H, W), gy[:, :, None].expand(B, H, W)], dim=-1)
+    # float32 coordinates and samples: a bf16 grid would misplace them by up to a third of a pixel
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.to(x.dtype)
+
+
+def resized_crop(x, top, left, height, width):
+    """Crop box b (top, left, height, width: (B,) whole numbers) from image b and resize it to the
+    image's own size, bilinear: torchvision.transforms.v2.functional.resized_crop for every image at
+    once. Boxes never exceed the image, so every resize is an enlargement (or none), where
+    antialias=True (torchvision's default) and antialias=False give the same result."""
+    return _resized_crop(x, torch.stack([left, top], dim=1), torch.stack([width, height], dim=1))
+
+
 # Defaults: torchvision's RandomResizedCrop, as used by BYOL (Grill et al. 2020, Table 6).
 def random_resized_crop(x, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """Crop a random box per image (area fraction ~ U(scale), log-uniform aspect w/h) and resize it to H x W."""
+    """torchvision's RandomResizedCrop (bilinear) with every image's own box: crop_boxes, then
+    resized_crop back to the image's size."""
     B, C, H, W = x.shape
-    u = _rand(x, g, B, 4)                          # area, log-ratio, left, top
-    area = _lerp(u[:, 0], *scale) * (H * W)
-    r = _lerp(u[:, 1], math.log(ratio[0]), math.log(ratio[1])).exp()
-    # Box sides in pixels, clipped to the image (torchvision would re-draw up to 10
-    # times and then fall back to a centre crop; clipping keeps one batched pass).
-    w = (area * r).sqrt().clamp(1, W)
-    h = (area / r).sqrt().clamp(1, H)
-    left = u[:, 2] * (W - w)                       # box placed uniformly inside the image
-    top = u[:, 3] * (H - h)
-    # affine_grid maps output coords in [-1, 1] to input coords; with
-    # align_corners=False, -1 and 1 are the outer pixel edges, so the box
-    # [left, left + w] becomes centre (2 * left + w) / W - 1 and half-width w / W.
-    theta = torch.zeros(B, 2, 3, device=x.device)
-    theta[:, 0, 0] = w / W
-    theta[:, 0, 2] = (2 * left + w) / W - 1
-    theta[:, 1, 1] = h / H
-    theta[:, 1, 2] = (2 * top + h) / H - 1
-    grid = F.affine_grid(theta.to(x.dtype), (B, C, H, W), align_corners=False)
-    # "border" so that samples within half a pixel of the image edge do not fade to 0.
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.clamp_(0, 1)
+    return _resized_crop(x, *_crop_boxes(B, H, W, g, scale, ratio, x.device))
 
 
 # Default p=0.5: BYOL (Grill et al. 2020, Table 6) and torchvision.
@@ -173,26 +227,85 @@ def horizontal_flip(x, g, p=0.5):
     return _where_p(x, g, p, x.flip(-1))
 
 
+# torchvision's fn_idx numbering of the colour-jitter ops.
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+
+
+def jitter(x, order, brightness=None, contrast=None, saturation=None, hue=None):
+    """torchvision's ColorJitter with given parameters, for every image at once: image b gets
+    adjust_brightness, adjust_contrast, adjust_saturation and adjust_hue (as torchvision.transforms.v2
+    .functional) in the order of row b of `order` ((B, 4), a permutation of BRIGHTNESS, CONTRAST,
+    SATURATION, HUE each), with its own factors ((B,) tensors; hue in turns; None = that op off).
+    Saturation and hue are no-ops on gray images (C == 1), as in torchvision."""
+    return _jitter(x, order.argsort(dim=1), brightness, contrast, saturation, hue)
+
+
+def _jitter(x, keys, brightness, contrast, saturation, hue):
+    """jitter with the order given as keys: image b runs its ops in increasing keys[b, op].
+
+    Brightness, contrast and saturation are the same blend (torchvision's _blend), x * f + ref * (1 - f)
+    with ref = 0, the image's gray mean or its per-pixel gray, so one stage runs whichever of them
+    each image has at that place in its order. The hue shift, the expensive op, runs once, between a
+    pass of the stages each image has before it and a pass of those after it; in each pass an image
+    skips the stages of the other with f = 1, which gives it back exactly."""
+    rgb = x.shape[1] == 3
+    given = {BRIGHTNESS: brightness, CONTRAST: contrast, SATURATION: saturation if rgb else None}
+    cheap = tuple(op for op, f in given.items() if f is not None)
+    hue = hue if rgb else None
+    if not cheap:
+        return x if hue is None else _shift_hue(x, hue)
+    B, C = x.shape[:2]
+    sorted_keys, which = keys.index_select(1, _const(cheap, x.device, torch.long)).sort(dim=1)
+    f = torch.stack([given[op] for op in cheap], dim=1).gather(1, which)     # (B, n): stage s's factor
+
+    def blend_stages(y, runs):
+        fs = f if runs is None else torch.where(runs, f, 1.0)
+        w = 1 - fs
+        # contrast: ref = the gray mean, an offset per image; saturation: ref = the per-pixel gray, so
+        # f x I + (1 - f) x (a row of luma weights) is a 3x3 matrix on the channels
+        contrast_w = (w * (which == cheap.index(CONTRAST))).unbind(1) if CONTRAST in cheap else None
+        if SATURATION in cheap:
+            eye = _const(((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)), y.device, torch.float32)
+            saturation_w = w * (which == cheap.index(SATURATION))
+            mix = torch.addcmul(fs[..., None, None] * eye, saturation_w[..., None, None],
+                                _const(_LUMA, y.device, torch.float32)).to(y.dtype).unbind(1)
+        else:
+            fs_by_stage = fs.to(y.dtype).unbind(1)
+        for s in range(len(cheap)):
+            offset = (contrast_w[s] * _gray_mean(y)).to(y.dtype) if contrast_w else None
+            if SATURATION in cheap:
+                flat = y.reshape(B, C, -1)
+                y = (torch.bmm(mix[s], flat) if offset is None else
+                     torch.baddbmm(offset.view(B, 1, 1), mix[s], flat)).view(y.shape)
+            elif offset is None:
+                y = y * fs_by_stage[s].view(B, 1, 1, 1)
+            else:
+                y = torch.addcmul(offset.view(B, 1, 1, 1), y, fs_by_stage[s].view(B, 1, 1, 1))
+            y = y.clamp_(0, 1)
+        return y
+
+    if hue is None:
+        return blend_stages(x, None)
+    before = sorted_keys < keys[:, HUE:HUE + 1]                  # (B, n): stage s comes before the hue shift
+    return blend_stages(_shift_hue(blend_stages(x, before), hue), ~before)
+
+
 # Defaults: BYOL (Grill et al. 2020, Table 6): brightness 0.4, contrast 0.4,
 # saturation 0.2, hue 0.1, applied with p=0.8.
 def color_jitter(x, g, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8):
-    """Per-image random brightness, contrast, saturation and hue, as a whole with probability p."""
+    """torchvision's ColorJitter, as a whole with probability p, each image with its own factors
+    and its own random order of the four ops (torchvision draws a new order per call, i.e. per
+    image)."""
     if p <= 0:
         return x
-    u = _rand(x, g, x.shape[0], 4)
-    # Fixed order brightness -> contrast -> saturation -> hue (torchvision
-    # randomises the order per call); each factor is uniform around 1.
-    y = x
-    if brightness:
-        y = _scale_brightness(y, _factor(u[:, 0], brightness))
-    if contrast:
-        y = _scale_contrast(y, _factor(u[:, 1], contrast))
-    # Saturation and hue are adapted to gray images: no-ops when C == 1.
-    if x.shape[1] == 3:
-        if saturation:
-            y = _scale_saturation(y, _factor(u[:, 2], saturation))
-        if hue:
-            y = _shift_hue(y, _lerp(u[:, 3], -hue, hue))
+    B = x.shape[0]
+    u = _rand(x, g, B, 4).unbind(1)
+    keys = _rand(x, g, B, 4)                          # i.i.d. keys: their order is a uniform permutation
+    y = _jitter(x, keys,
+                brightness=_factor(u[0], brightness) if brightness else None,
+                contrast=_factor(u[1], contrast) if contrast else None,
+                saturation=_factor(u[2], saturation) if saturation else None,
+                hue=_lerp(u[3], -hue, hue) if hue else None)
     return _where_p(x, g, p, y)
 
 
@@ -204,33 +317,52 @@ def grayscale(x, g, p=0.2):
     return _where_p(x, g, p, _luma(x).repeat(1, x.shape[1], 1, 1))
 
 
+# A blur whose sigma range is given for a reference side (BYOL, SimCLR, Barlow Twins: 0.1-2.0 px at
+# 224 px) is scaled to the image, so that it covers the same fraction of it. Where even the largest
+# scaled sigma is under a third of a pixel, the kernel leaves each neighbouring pixel under 1.2% of
+# its weight (exp(-4.5)) and the blur is off: the op returns its input, and size_note says so. BYOL's
+# range is off below 38 px: at 28 px it would reach 0.25 px, and change real MedMNIST images by
+# 0.007 grey levels on average even at that sigma (at most 0.1); at 64 px it reaches 0.57 px.
+MIN_BLUR_SIGMA_PX = 1 / 3
+
+
+def blur_is_off(side, sigma=(0.1, 2.0), sigma_relative_to=224):
+    """Whether gaussian_blur with this sigma range is off at images `side` px high (see above)."""
+    return bool(sigma_relative_to) and sigma[1] * side / sigma_relative_to < MIN_BLUR_SIGMA_PX
+
+
+def blur(x, sigma, kernel_size):
+    """torchvision.transforms.v2.functional.gaussian_blur (reflect padding, odd square kernel) with
+    sigma[b] px for image b, as two 1-D passes of the same kernel: all B x C channels in one grouped
+    convolution per direction."""
+    B, C, H, W = x.shape
+    r = kernel_size // 2
+    offsets = torch.arange(-r, r + 1, device=x.device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).to(x.dtype)        # (B, k)
+    kernel = kernel.repeat_interleave(C, dim=0)                         # (B*C, k), one per channel
+    y = x.reshape(1, B * C, H, W)
+    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="reflect"), kernel.view(B * C, 1, 1, -1), groups=B * C)
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), kernel.view(B * C, 1, -1, 1), groups=B * C)
+    return y.view(B, C, H, W).clamp_(0, 1)
+
+
 # Defaults: BYOL (Grill et al. 2020, Table 6): sigma ~ U(0.1, 2.0) at 224 px with
 # a 23 px kernel (10% of the side), p=1.0 for view 1 and 0.1 for view 2.
 def gaussian_blur(x, g, p=1.0, sigma=(0.1, 2.0), kernel_frac=0.1, sigma_relative_to=224):
-    """Separable Gaussian blur with a per-image sigma, reflect padding, with probability p."""
-    if p <= 0:
-        return x
+    """Gaussian blur with a per-image sigma ~ U(sigma), reflect padding, with probability p. The
+    sigma range is for images of side `sigma_relative_to` (224 px in BYOL) and is scaled by
+    H / sigma_relative_to, kept >= 0.1 px; sigma_relative_to=None: sigma is in pixels. Off (x
+    itself) where blur_is_off."""
     B, C, H, W = x.shape
+    if p <= 0 or blur_is_off(H, sigma, sigma_relative_to):
+        return x
     s = _lerp(_rand(x, g, B), *sigma)
-    # The sigma range is given for images of side `sigma_relative_to` (224 px in
-    # BYOL); we scale it by H / sigma_relative_to, so the blur covers the same
-    # fraction of the image, and keep it >= 0.1 px. sigma_relative_to=None: sigma
-    # is in pixels. Note: at 28 px this gives sigma in [0.1, 0.25] px, i.e. almost
-    # no blur, as BYOL's blur would be if the image were downscaled to 28 px.
     if sigma_relative_to:
         s = (s * (H / sigma_relative_to)).clamp(min=0.1)
     k = max(3, round(kernel_frac * H))
-    k += 1 - k % 2                                 # odd: 22.4 -> 23 at 224 px, 3 at 28 px
-    r = k // 2
-    offsets = torch.arange(-r, r + 1, device=x.device, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (offsets / s[:, None]) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).to(x.dtype)        # (B, k)
-    kernel = kernel.repeat_interleave(C, dim=0)                         # (B*C, k), one per channel
-    # All B*C channels in one grouped conv per direction.
-    y = x.reshape(1, B * C, H, W)
-    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="reflect"), kernel.view(B * C, 1, 1, k), groups=B * C)
-    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), kernel.view(B * C, 1, k, 1), groups=B * C)
-    return _where_p(x, g, p, y.view(B, C, H, W).clamp_(0, 1))
+    k += 1 - k % 2                                 # odd: 22.4 -> 23 at 224 px, 7 at 64 px, 3 at 28 px
+    return _where_p(x, g, p, blur(x, s, k))
 
 
 # Defaults: BYOL (Grill et al. 2020, Table 6): p=0.0 for view 1, 0.2 for view 2;
@@ -578,6 +710,24 @@ def views(spec, crop_scale=None):
         raise ValueError(f"crop scale (MIN, MAX) must satisfy 0 < MIN <= MAX <= 1, got {lo:g} {hi:g}")
     return tuple([(fn, {**kw, "scale": (lo, hi)}) if fn is random_resized_crop else (fn, kw)
                   for fn, kw in steps] for steps in pair)
+
+
+def size_note(pair, side):
+    """One line saying that the Gaussian blur of these views (what views() returns) is off at
+    images `side` px high (blur_is_off), or None when nothing is off."""
+    defaults = inspect.signature(gaussian_blur).parameters
+    for steps in pair:
+        for fn, kw in steps:
+            if fn is gaussian_blur:
+                sigma = kw.get("sigma", defaults["sigma"].default)
+                ref = kw.get("sigma_relative_to", defaults["sigma_relative_to"].default)
+                if blur_is_off(side, sigma, ref):
+                    on_from = math.ceil(MIN_BLUR_SIGMA_PX * ref / sigma[1])
+                    on_from += blur_is_off(on_from, sigma, ref)            # float rounding at the edge
+                    return (f"the Gaussian blur is off at {side} px (sigma {sigma[0]:g}-{sigma[1]:g} px at {ref} px "
+                            f"scales to at most {sigma[1] * side / ref:.2f} px, under the 1/3 px minimum); "
+                            f"it blurs from {on_from} px up")
+    return None
 
 
 def checked_spec(text):

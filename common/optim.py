@@ -63,12 +63,13 @@ def learning_rate(schedule, step, total_steps, base_lr, warmup_steps=0):
 
 
 def schedule_step(optimizer, schedule, step, total_steps, base_lr, warmup_steps=0):
-    """Set every parameter group's lr for this step; 1cycle also cycles the momentum inversely
-    (Adam's beta1, SGD's / LARS' momentum), as fastai does. Returns the lr."""
+    """Set every parameter group's lr for this step (times the group's "lr_scale", if it has one:
+    LARS' biases and BatchNorm parameters); 1cycle also cycles the momentum inversely (Adam's beta1,
+    SGD's / LARS' momentum), as fastai does. Returns the lr."""
     lr = learning_rate(schedule, step, total_steps, base_lr, warmup_steps)
     momentum = one_cycle_momentum(step, total_steps) if schedule == "1cycle" else None
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
         if momentum is not None and "betas" in group:
             group["betas"] = (momentum, group["betas"][1])
         elif momentum is not None and "momentum" in group:
@@ -76,12 +77,44 @@ def schedule_step(optimizer, schedule, step, total_steps, base_lr, warmup_steps=
     return lr
 
 
+# Zbontar et al. 2021 ("Implementation details") and facebookresearch/barlowtwins' main.py: lr 0.2
+# for the weights and 0.0048 for the biases and BatchNorm parameters, both x batch / 256.
+BARLOW_BIAS_LR_RATIO = 0.0048 / 0.2
+
+
+def lars_param_groups(params, lr, bias_lr_ratio=1.0):
+    """facebookresearch/barlowtwins' two parameter groups: the weights at lr, the biases and
+    BatchNorm parameters (1-D) at lr x bias_lr_ratio. Each group keeps its ratio as "lr_scale",
+    which schedule_step applies to every step's lr, as Barlow Twins scales both by one schedule."""
+    params = list(params)
+    return [{"params": [p for p in params if p.ndim != 1], "lr": lr, "lr_scale": 1.0},
+            {"params": [p for p in params if p.ndim == 1], "lr": lr * bias_lr_ratio, "lr_scale": bias_lr_ratio}]
+
+
+def lars_bias_lr_ratio(optimizer, lr, lr_biases):
+    """The lr of biases and BatchNorm parameters as a multiple of the weights' (pretrain_barlow.py's
+    --optimizer, --lr, --lr-biases): under LARS lr_biases / lr, or Barlow Twins' 0.0048 / 0.2 when
+    lr_biases is None; 1 for the other optimisers, which give every parameter one lr."""
+    if lr_biases is None:
+        return BARLOW_BIAS_LR_RATIO if optimizer == "lars" else 1.0
+    if optimizer != "lars":
+        raise UserError(f"--lr-biases is the lr of biases and BatchNorm parameters under LARS; add "
+                        f"--optimizer lars or drop --lr-biases (--optimizer {optimizer} gives every parameter --lr)")
+    if lr == "auto":
+        raise UserError("--lr-biases needs a number for --lr: give --lr, or drop --lr-biases and the biases "
+                        f"follow the lr the range test finds at {BARLOW_BIAS_LR_RATIO:g} x it")
+    if not (lr > 0 and lr_biases > 0):
+        raise UserError(f"--lr and --lr-biases must be positive, got {lr:g} and {lr_biases:g}")
+    return lr_biases / lr
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), Barlow Twins'
-    optimiser (Zbontar et al. 2021 §4: lr 0.2 for weights and 0.0048 for biases and BN at batch
-    2048, weight decay 1.5e-6). The update of each weight matrix or kernel is
-    (grad + wd * w) scaled by eta * ||w|| / ||grad + wd * w||; 1-D parameters (biases, BN) get
-    neither weight decay nor the scaling, as in Barlow Twins."""
+    optimiser (Zbontar et al. 2021, "Implementation details": lr 0.2 for weights and 0.0048 for
+    biases and BN, x batch / 256, weight decay 1.5e-6), step for step facebookresearch/barlowtwins'
+    LARS. The update of each weight matrix or kernel is (grad + wd * w) scaled by
+    eta * ||w|| / ||grad + wd * w||; 1-D parameters (biases, BN) get neither weight decay nor the
+    scaling (their exclude_bias_and_norm); lars_param_groups gives them their own lr."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
@@ -97,7 +130,7 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 update = p.grad
-                if p.ndim > 1:
+                if p.ndim != 1:                       # exclude_bias_and_norm: p.ndim == 1
                     update = update.add(p, alpha=group["weight_decay"])
                     w_norm, u_norm = p.norm(), update.norm()
                     trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm,
@@ -120,12 +153,15 @@ def adam(params, lr, weight_decay, device, decoupled=False):
     return kind(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
-def make_optimizer(name, params, lr, weight_decay, device="cpu"):
-    """adam, adamw (decoupled weight decay) or lars over `params`."""
+def make_optimizer(name, params, lr, weight_decay, device="cpu", bias_lr_ratio=1.0):
+    """adam, adamw (decoupled weight decay) or lars over `params`; lars in lars_param_groups, its
+    biases and BatchNorm parameters at lr x bias_lr_ratio (the others take one lr for all)."""
     if name in ("adam", "adamw"):
+        if bias_lr_ratio != 1.0:
+            raise ValueError(f"a separate lr for biases is a LARS option, not {name}'s")
         return adam(params, lr, weight_decay, device, decoupled=name == "adamw")
     if name == "lars":
-        return LARS(params, lr=lr, weight_decay=weight_decay)
+        return LARS(lars_param_groups(params, lr, bias_lr_ratio), lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; expected adam, adamw or lars")
 
 
@@ -159,7 +195,7 @@ def lr_range_test(batch_loss, optimizer, modules, start_lr=1e-7, end_lr=10.0, st
         for i in range(steps):
             lr = start_lr * (end_lr / start_lr) ** (i / max(steps - 1, 1))
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             loss = batch_loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,9 +1,12 @@
 """common/optim.py: schedules, the LR range test and LARS."""
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from common import optim
+from conftest import REPO
 
 
 def test_one_cycle_shape():
@@ -83,3 +86,88 @@ def test_lars_scales_weight_updates_by_the_trust_ratio():
     # first step: the momentum buffer is the (scaled) gradient itself
     torch.testing.assert_close(layer.weight.detach(), w0 - 0.5 * 0.001 * w0.norm() / gw.norm() * gw)
     torch.testing.assert_close(layer.bias.detach(), b0 - 0.5 * gb)     # 1-D: no scaling, no decay
+
+
+# ---------------------------------------------------------------- LARS as facebookresearch/barlowtwins runs it
+
+def _net(seed=0):
+    """Weights, biases and BatchNorm parameters, as a Barlow Twins projector has them."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                               torch.nn.Linear(8, 4))
+
+
+def test_lars_groups_are_facebookresearch_weights_and_biases_with_their_lrs():
+    net, batch = _net(), 512
+    lr = 0.2 * batch / 256
+    optimizer = optim.make_optimizer("lars", net.parameters(), lr, 1.5e-6, bias_lr_ratio=optim.BARLOW_BIAS_LR_RATIO)
+    weights, biases = optimizer.param_groups
+    assert {id(p) for p in weights["params"]} == {id(net[0].weight), id(net[3].weight)}
+    assert {id(p) for p in biases["params"]} == {id(net[0].bias), id(net[1].weight), id(net[1].bias), id(net[3].bias)}
+    assert weights["lr"] == pytest.approx(0.2 * batch / 256) and biases["lr"] == pytest.approx(0.0048 * batch / 256)
+    # every schedule scales both groups alike, as facebookresearch's adjust_learning_rate does
+    for schedule in ("cosine", "1cycle", "step"):
+        now = optim.schedule_step(optimizer, schedule, 37, 100, lr, warmup_steps=10)
+        assert weights["lr"] == pytest.approx(now) and biases["lr"] == pytest.approx(now * 0.0048 / 0.2)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    lrs, _, _ = optim.lr_range_test(lambda: net(x).pow(2).mean(), optimizer, [net], 1e-4, 1e-3, 3, diverge=1e9)
+    assert weights["lr"] == pytest.approx(lrs[-1]) and biases["lr"] == pytest.approx(lrs[-1] * 0.0048 / 0.2)
+    # one lr for all elsewhere: SimCLR's LARS (Chen et al.) and Adam
+    assert {g["lr"] for g in optim.make_optimizer("lars", net.parameters(), 0.3, 1e-6).param_groups} == {0.3}
+    with pytest.raises(ValueError, match="LARS option"):
+        optim.make_optimizer("adam", net.parameters(), 1e-3, 0.0, bias_lr_ratio=0.5)
+
+
+def test_pretrain_barlow_lr_biases_flag_defaults_to_facebookresearch_ratio():
+    import pretrain_barlow
+    from common import cli
+    from common.cli import UserError
+    parse = lambda *flags: cli.parse_args(pretrain_barlow.get_args_parser(), list(flags))
+    ratio = lambda a: optim.lars_bias_lr_ratio(a.optimizer, a.lr, a.lr_biases)
+    assert ratio(parse("--optimizer", "lars", "--lr", "0.4")) == pytest.approx(0.0048 / 0.2)
+    assert ratio(parse("--optimizer", "lars", "--lr", "0.4", "--lr-biases", "0.01")) == pytest.approx(0.025)
+    assert ratio(parse("--optimizer", "lars", "--lr", "auto")) == pytest.approx(0.024)
+    for name in ("paper002_barlow", "paper003_further", "cpu_barlow", "cpu_further"):   # Adam / AdamW: one lr
+        assert ratio(parse("--config", os.path.join(REPO, "configs", f"{name}.yaml"))) == 1.0
+    with pytest.raises(UserError, match="--optimizer lars"):
+        ratio(parse("--optimizer", "adam", "--lr-biases", "0.01"))
+    with pytest.raises(UserError, match="needs a number for --lr"):
+        ratio(parse("--optimizer", "lars", "--lr", "auto", "--lr-biases", "0.01"))
+
+
+def _facebookresearch_lars_step(groups, state, weight_decay, momentum=0.9, eta=0.001):
+    """facebookresearch/barlowtwins main.py's LARS.step, written out: exclude_bias_and_norm (ndim == 1)
+    skips weight decay and the trust ratio; mu = momentum * mu + dp; p -= lr * mu."""
+    with torch.no_grad():
+        for lr, params in groups:
+            for p in params:
+                dp = p.grad
+                if p.ndim != 1:
+                    dp = dp + weight_decay * p
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    q = eta * param_norm / update_norm if param_norm > 0 and update_norm > 0 else 1.0
+                    dp = dp * q
+                mu = state[p] = momentum * state.get(p, torch.zeros_like(p)) + dp
+                p -= lr * mu
+
+
+def test_lars_steps_equal_facebookresearch_update_rule_by_hand():
+    import copy
+    ours, theirs = _net(1), _net(1)
+    theirs.load_state_dict(copy.deepcopy(ours.state_dict()))
+    wd, batch, total = 1.5e-6, 256, 40
+    optimizer = optim.make_optimizer("lars", ours.parameters(), 0.2, wd, bias_lr_ratio=optim.BARLOW_BIAS_LR_RATIO)
+    state = {}
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(2))
+    for step in (3, 4, 25):                               # momentum carries over; the lr changes
+        lr = optim.schedule_step(optimizer, "cosine", step, total, 0.2 * batch / 256, warmup_steps=10)
+        for net in (ours, theirs):
+            net.zero_grad()
+            net(x).pow(2).sum().backward()
+        optimizer.step()
+        weights = [theirs[0].weight, theirs[3].weight]
+        biases = [theirs[0].bias, theirs[1].weight, theirs[1].bias, theirs[3].bias]
+        _facebookresearch_lars_step([(lr, weights), (lr * 0.0048 / 0.2, biases)], state, wd)
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(ours[3].bias, _net(1)[3].bias) and not torch.equal(ours[1].bias, _net(1)[1].bias)
