@@ -203,7 +203,11 @@ def describe(source, size=28, root=None, options=None):
 def _resolve(source, size, root, options):
     if size < 1:
         raise UserError(f"--size must be positive, got {size}")
-    if source in FLAGS_2D and not os.path.exists(source):
+    if source in FLAGS_2D:  # a bare flag is the flag, even beside a folder of that name (./flag reaches it)
+        if os.path.exists(source):
+            what = "folder" if os.path.isdir(source) else "file"
+            print(f"note: --data {source} is the MedMNIST flag; for the {what} {os.path.abspath(source)} here, pass "
+                  f"--data ./{source}", flush=True)
         path = locate(source, size, root)
         info = INFO[source]
         names = tuple(info["label"][k] for k in sorted(info["label"], key=int))
@@ -236,7 +240,8 @@ def _npz_header(npz, key):
 
 def _describe_npz(path, size, options=None):
     """A user's npz in MedMNIST's layout, checked; task and names from <file>.json or inferred; groups
-    from optional train_groups / val_groups / test_groups arrays (one id per image)."""
+    from optional train_groups / val_groups / test_groups arrays (one id per image). Every label is
+    checked against the task and names (_check_npz_labels)."""
     options = options or DataOptions()
     try:
         npz = np.load(path)
@@ -251,6 +256,9 @@ def _describe_npz(path, size, options=None):
         for split in SPLITS_3:
             shape, dtype = _npz_header(npz, f"{split}_images")
             shapes.add(shape[1:])
+            if dtype == object:
+                raise UserError(f"{path}: {split}_images is an object array (a list of arrays); store one uint8 "
+                                f"array per split, numpy.stack(images).astype(numpy.uint8), all images one size")
             if dtype != np.uint8:
                 raise UserError(f"{path}: {split}_images is {dtype}, not uint8; convert it with "
                                 f"numpy.clip(x, 0, 255).astype(numpy.uint8) (rescale first if needed)")
@@ -261,10 +269,16 @@ def _describe_npz(path, size, options=None):
                 raise UserError(f"{path} holds {shape[1]} px images; pass --size {shape[1]}")
             if shape[0] < 2:
                 raise UserError(f"{path}: {split} has {shape[0]} image(s); a split needs at least 2")
+            label_shape, label_dtype = _npz_header(npz, f"{split}_labels")
+            if label_dtype.kind not in "iub":
+                what = "an object array" if label_dtype == object else f"{label_dtype}"
+                fix = ("map each class name to its index and name the classes in a sidecar " + path + ".json"
+                       if label_dtype.kind in "OUS" else "numpy.asarray(labels).astype(numpy.int64)")
+                raise UserError(f"{path}: {split}_labels is {what}, not integers; store class indices, e.g. {fix}")
+            if len(label_shape) != 2 or label_shape[0] != shape[0]:
+                raise UserError(f"{path}: {split}_labels has shape {label_shape} for {shape[0]} images; expected "
+                                f"({shape[0]}, 1) class indices or ({shape[0]}, L) 0/1, e.g. labels.reshape(-1, 1)")
             labels[split] = npz[f"{split}_labels"]
-            if labels[split].ndim != 2 or len(labels[split]) != shape[0] or labels[split].dtype.kind not in "iub":
-                raise UserError(f"{path}: {split}_labels has shape {labels[split].shape} ({labels[split].dtype}); "
-                                f"expected integers (N, 1) class indices or (N, L) 0/1, one row per image")
         if len(shapes) > 1:
             raise UserError(f"{path}: the splits' images differ in shape ({', '.join(map(str, sorted(shapes)))}); "
                             f"store every split at the same size and channels")
@@ -279,13 +293,22 @@ def _describe_npz(path, size, options=None):
             with open(sidecar) as f:
                 info = json.load(f)
             task, names = info["task"], tuple(info["label"][k] for k in sorted(info["label"], key=int))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"cannot read {sidecar} ({type(e).__name__}: {e}); it needs medmnist INFO's keys "
                             f'task and label, e.g. {{"task": "binary-class", "label": {{"0": "a", "1": "b"}}}}')
         if task not in TASKS:
             raise UserError(f"{sidecar}: task {task!r} is not one of {', '.join(map(repr, TASKS))}")
+        keys = sorted(map(int, info["label"]))
+        if keys != list(range(len(keys))):
+            raise UserError(f"{sidecar}: label keys {', '.join(map(str, keys))} are not 0..{len(keys) - 1}; key the "
+                            f"names by class index from 0, with no gaps")
+        if task == "binary-class" and len(names) != 2 or len(names) < 2:
+            raise UserError(f"{sidecar}: task {task!r} with {len(names)} label name(s); a binary task names 2 classes, "
+                            f"the others 2 or more")
+        _check_npz_labels(path, labels, task, names, sidecar)
     else:
-        if all_labels.shape[1] > 1 and np.isin(all_labels, (0, 1)).all():
+        _check_npz_labels(path, labels, None, None)
+        if all_labels.shape[1] > 1:
             task, names = "multi-label, binary-class", tuple(str(i) for i in range(all_labels.shape[1]))
         else:
             n = int(all_labels.max()) + 1
@@ -296,6 +319,66 @@ def _describe_npz(path, size, options=None):
     stat = os.stat(path)
     stamp = hashlib.sha256(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     return DatasetInfo(path, "npz", task, names, channels, size, stamp[:16], path, grouping)
+
+
+def _first_bad(labels, bad):
+    """(key, row, value) of the first label where the boolean arrays `bad` (one per split) hold."""
+    for split in SPLITS_3:
+        rows = np.flatnonzero(bad[split].any(axis=1))
+        if len(rows):
+            r = rows[0]
+            return f"{split}_labels", int(r), labels[split][r].tolist()
+    return None
+
+
+def _check_npz_labels(path, labels, task, names, sidecar=None):
+    """Refuses labels that do not fit the task and names (from the sidecar, or inferred when task is
+    None): a negative index, one past the names (a 255 'ignore' stray), a multi-label cell other than
+    0/1, label columns that do not match the names, integer labels with gaps when no sidecar names the
+    classes. Each message names the key, the row and the fix."""
+    columns = next(iter(labels.values())).shape[1]
+    source = f"the {len(names)} names of {sidecar}" if sidecar else "them"
+    write = f"or write {path}.json naming every class, e.g. " '{"task": "multi-class", "label": {"0": "a", ...}}'
+    if task is None:  # no sidecar: what can be inferred must be consistent
+        all_labels = np.concatenate(list(labels.values()))
+        if columns > 1:
+            where = _first_bad(labels, {s: ~np.isin(y, (0, 1)) for s, y in labels.items()})
+            if where:
+                raise UserError(f"{path}: {where[0]} row {where[1]} is {where[2]}; labels with {columns} columns are "
+                                f"multi-label and take 0 or 1: fix those cells, or store class indices as (N, 1)")
+            return
+        where = _first_bad(labels, {s: y < 0 for s, y in labels.items()})
+        if where:
+            raise UserError(f"{path}: {where[0]} row {where[1]} is {where[2][0]}; class indices are 0..K-1: give the "
+                            f"image its class or remove it")
+        values = np.unique(all_labels).astype(np.int64)  # uint8: 255 + 1 must not wrap to 0
+        if len(values) < 2:
+            raise UserError(f"{path}: every label is {values[0]}; a classifier needs two or more classes")
+        if len(values) != values[-1] + 1:
+            counts = {int(v): int((all_labels == v).sum()) for v in values}
+            stray = min(counts, key=lambda v: (counts[v], -v))
+            key, row, _ = _first_bad(labels, {s: y == stray for s, y in labels.items()})
+            raise UserError(f"{path}: the labels take the values {', '.join(map(str, counts))}, not 0..K-1; {key} row "
+                            f"{row} is {stray} ({counts[stray]} image{'s' * (counts[stray] > 1)}, a stray ignore "
+                            f"value?): fix those labels, {write}")
+        return
+    if task.startswith("multi-label"):
+        if columns != len(names):
+            raise UserError(f"{path}: the labels have {columns} column(s) but {sidecar} names {len(names)} labels; "
+                            f"give one 0/1 column per name, or fix the names in {sidecar}")
+        where = _first_bad(labels, {s: ~np.isin(y, (0, 1)) for s, y in labels.items()})
+        if where:
+            raise UserError(f"{path}: {where[0]} row {where[1]} is {where[2]}; multi-label cells take 0 or 1: fix "
+                            f"those cells")
+        return
+    if columns != 1:
+        raise UserError(f"{path}: the labels have {columns} columns but {sidecar} says {task!r}; store one class "
+                        f"index per image, shape (N, 1), or set the task to 'multi-label, binary-class'")
+    where = _first_bad(labels, {s: (y < 0) | (y >= len(names)) for s, y in labels.items()})
+    if where:
+        raise UserError(f"{path}: {where[0]} row {where[1]} is {where[2][0]}, outside the class indices "
+                        f"0..{len(names) - 1} of {source}; fix that label (a stray 255 or -1: give the image its "
+                        f"class or remove it), or name every class in {sidecar or path + '.json'}")
 
 
 def _npz_grouping(npz, path, counts, options):
@@ -347,11 +430,42 @@ def load_split(flag, split, size=28, root=None, device="cpu", in_chans=3, option
         raise UserError(f"{flag} is RGB; --in-chans 1 needs gray images: use --in-chans 3")
     with np.load(info.path) as npz:
         images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+    if info.kind != "medmnist":  # MedMNIST's splits hold every class
+        _check_split_classes(info, split, labels)
     labels = torch.from_numpy(labels.astype(np.int64))
     if not info.task.startswith("multi-label"):
         labels = labels.reshape(-1)
     images = place(_nchw(images), device, options.host_memory, f"{flag} {split}")
     return Split(images, labels.to(device), flag, info.task, info.n_classes, info)
+
+
+def _check_split_classes(info, split, labels):
+    """Refuses a split whose scores would be undefined: val and test need every class (AUC is one-vs-rest
+    per class; val's picks the epoch or probe), every label of a multi-label task both 0 and 1; train
+    needs two classes to learn from."""
+    names = info.class_names
+    where = f"{info.source}'s {split} split ({len(labels)} images)"
+    drawn = "; a drawn split: give it a larger share with --split-ratio, e.g. 70/15/15" if info.kind in (
+        "folder", "csv") else ""
+    if info.task.startswith("multi-label"):
+        if split == "train":
+            return
+        positives = labels.sum(axis=0)
+        flat = [j for j in range(len(names)) if positives[j] in (0, len(labels))]
+        if flat:
+            j = flat[0]
+            value = int(positives[j] > 0)
+            raise UserError(f"{where} has label {names[j]!r} = {value} in every image, so its AUC is undefined; add "
+                            f"{split} images with {names[j]!r} = {1 - value}{drawn}, or leave that label out")
+        return
+    present = set(np.unique(labels).tolist())
+    absent = [names[c] for c in range(len(names)) if c not in present]
+    if split == "train" and len(present) < 2:
+        raise UserError(f"{where} holds class {names[min(present)]!r} only; training needs images of two or more "
+                        f"classes: add train images of {', '.join(map(repr, absent))}{drawn}")
+    if split != "train" and absent:
+        raise UserError(f"{where} has no images of class {', '.join(map(repr, absent))}, so its AUC is undefined; "
+                        f"add {split} images of {'that class' if len(absent) == 1 else 'those classes'}{drawn}")
 
 
 def _nchw(images):
@@ -364,7 +478,15 @@ def load_pretrain_images(flags, size=28, root=None, device="cpu", in_chans=3, op
     "breastmnist,path/to/folder"; unlabeled folders and CSVs too. Only the train split:
     self-supervised pretraining must never see evaluation images."""
     options = options or DataOptions()
-    parts = []
+    parts, seen = [], {}
+    for source in flags.split(","):  # each source once: a repeated one's images would be drawn twice as often
+        if not source.strip():
+            raise UserError(f"--data {flags}: an empty entry between commas; list the sources as a,b,c")
+        key = source.strip() if source.strip() in FLAGS_2D else os.path.realpath(source.strip())
+        if key in seen:
+            raise UserError(f"--data {flags} lists one source twice ({seen[key]!r} and {source.strip()!r}); "
+                            f"list each source once")
+        seen[key] = source.strip()
     for source in flags.split(","):
         info = describe(source, size, root, options)
         if in_chans == 1 and info.channels == 3:
