@@ -16,20 +16,23 @@ import argparse
 import copy
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
 
 from common import augment, cli, data, metrics, models, optim, rundir, saliency, supervised
 from common.cli import UserError
 
 # Per-mode defaults of paper 001 (§5.2-5.4): fine-tune 25 epochs at 1e-3, few-shot 25-50 epochs
 # at 1e-2 on 20 samples, linear probe 50 epochs at 1e-2.
-# precise_bn is ours, not paper 001's: see --precise-bn.
-MODE_DEFAULTS = {"finetune": {"epochs": 25, "lr": 1e-3, "precise_bn": "off"},
+# precise_bn is ours, not paper 001's, and on in every mode that trains BatchNorm: see --precise-bn
+# and docs/SCRIPTS.md's table of fine-tuning at 1, 10 and 100% of the labels.
+MODE_DEFAULTS = {"finetune": {"epochs": 25, "lr": 1e-3, "precise_bn": "on"},
                  "fewshot": {"epochs": 50, "lr": 1e-2, "precise_bn": "on"},
                  "linear_probe": {"epochs": 50, "lr": 1e-2}, "knn": {"epochs": 1, "lr": 1.0}}
 PROBE_C = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strengths tried by the fast linear probe
@@ -41,6 +44,9 @@ def get_args_parser():
     cli.add_common_flags(parser, data_help="the labelled dataset to evaluate on: a MedMNIST 2D flag, an .npz, a "
                                            "folder or a CSV manifest (see docs/DATA.md)")
     cli.add_evaluation_flags(parser)
+    size = next(a for a in parser._actions if a.dest == "size")
+    size.default, size.help = None, (size.help + "; default: the size the --ckpt encoder was pretrained at, else 28 "
+                                     "(a different size is used as asked, with a warning)")
 
     # * What to evaluate
     g = parser.add_argument_group("encoder and protocol")
@@ -60,6 +66,13 @@ def get_args_parser():
                    help="upsample the --size images to this side on the device (nearest), e.g. 224 for MedMNIST "
                         "v2's ResNet (224) rows, which were 28 px images upsampled")
     g.add_argument("--seeds", type=int, default=1, help="seeded repeats (seed, seed+1, ...), reported as mean ± std")
+    g.add_argument("--class-weight", default="none", choices=["none", "balanced"],
+                   help="balanced: weight the training loss by n / (classes x n_class) (scikit-learn's 'balanced'), "
+                        "so a rare class counts as much as a common one; every mode but knn (default none: the "
+                        "decision threshold chosen on validation already serves the minority class)")
+    g.add_argument("--temperature-scaling", action="store_true",
+                   help="fit one temperature on the validation split's probabilities (Guo et al. 2017) and report "
+                        "calibration (ECE, Brier) and thresholded metrics of the scaled probabilities (default off)")
 
     # * Optimisation (defaults per mode: MODE_DEFAULTS above)
     g = parser.add_argument_group("optimisation")
@@ -104,9 +117,10 @@ def get_args_parser():
                         "--train-aug (paper 003: 3; 0 = off)")
     g.add_argument("--precise-bn", default=None, choices=["on", "off"],
                    help="before each validation, recompute BatchNorm's running statistics over the training images "
-                        "(default: on for fewshot, off for finetune). With one step per epoch at lr 1e-2 the "
-                        "running averages lag the weights and the eval-mode network outputs one class (measured: "
-                        "test AUC 0.50 without, 0.78-0.80 with, PneumoniaMNIST 20 shots)")
+                        "(default on; off = paper 001's fine-tuning). With few steps per epoch the running averages "
+                        "lag the weights and the eval-mode network outputs one class (measured: test AUC 0.50 "
+                        "without, 0.78-0.80 with, PneumoniaMNIST 20 shots; fine-tuning at 1 and 10%% of the labels: "
+                        "docs/SCRIPTS.md)")
     g.add_argument("--saliency", type=int, default=0, metavar="N",
                    help="finetune / fewshot: write saliency.npz, Grad-CAM and occlusion maps of the first seed's "
                         "model on the first N test images for their true class (paper 002's figure; 0 = off)")
@@ -135,11 +149,24 @@ def resolve_args(args):
         raise UserError("--head-epochs and --tta must be 0 or more")
     if args.tta and args.train_aug == "none":
         raise UserError("--tta averages augmented passes: name the augmentation with --train-aug paper003")
+    if args.class_weight != "none" and args.mode == "knn":
+        raise UserError("--class-weight weights a training loss; knn has none: drop it or choose another --mode")
+    if args.temperature_scaling and args.mode == "knn":
+        raise UserError("--temperature-scaling needs class probabilities from a model; knn votes: drop it")
     args.out = args.out or cli.default_out(f"evaluate-{args.mode}", args.data)
     if args.ckpt:
-        meta = rundir.load_checkpoint(args.ckpt).get("meta", {}) if args.ckpt.endswith(".pt") else {}
+        meta, _ = models.checkpoint_meta(args.ckpt)
         models.check_meta(meta, args.ckpt, args.arch, args.stem, args.in_chans)
         args.arch, args.stem, args.in_chans = meta["arch"], meta["stem"], meta["in_chans"]
+        pretrained_size = meta.get("args", {}).get("size")
+        if args.size is None and pretrained_size:
+            args.size = pretrained_size
+            print(f"note: evaluating at {args.size} px, the size {cli.escape(args.ckpt)} was pretrained at",
+                  flush=True)
+        elif pretrained_size and args.size != pretrained_size:
+            print(f"warning: {cli.escape(args.ckpt)} was pretrained on {pretrained_size} px images; evaluating "
+                  f"at --size {args.size} as asked (drop --size to evaluate at {pretrained_size})", flush=True)
+    args.size = args.size or 28
     args.init = args.ckpt or args.init or "random"
     args.arch, args.stem = args.arch or "resnet18", args.stem or "imagenet"
     args.in_chans = args.in_chans or 3
@@ -147,7 +174,7 @@ def resolve_args(args):
 
 
 # ---------------------------------------------------------------- probes on frozen features
-def logreg_probe(train, val, test, task):
+def logreg_probe(train, val, test, task, class_weight="none"):
     """Logistic regression on standardised frozen features, L2 strength chosen on validation
     (supervised.selection_score: the AUC, or the loss where the AUC is undefined)."""
     (f_train, y_train), (f_val, y_val), f_test = train, val, test
@@ -155,13 +182,14 @@ def logreg_probe(train, val, test, task):
     f_train, f_val, f_test = scaler.transform(f_train), scaler.transform(f_val), scaler.transform(f_test)
     best = (-np.inf, None, None, None)
     for c in PROBE_C:
-        clf = LogisticRegression(C=c, max_iter=2000)
+        clf = LogisticRegression(C=c, max_iter=2000, class_weight=None if class_weight == "none" else class_weight)
         clf = OneVsRestClassifier(clf) if task == metrics.MULTI_LABEL else clf
         clf.fit(f_train, y_train)
         score, val_auc = supervised.selection_score(y_val, clf.predict_proba(f_val), task)
         if score > best[0]:
             best = (score, val_auc, c, clf)
-    return supervised.SeedRun(best[3].predict_proba(f_test), _selected({"val_auc": best[1], "C": best[2]}))
+    return supervised.SeedRun(best[3].predict_proba(f_test), _selected({"val_auc": best[1], "C": best[2]}),
+                              best[3].predict_proba(f_val))
 
 
 def knn_probe(train, val, test, task, n_classes):
@@ -170,7 +198,8 @@ def knn_probe(train, val, test, task, n_classes):
                                                                                   n_classes), task) for k in KNN_K}
     k = max(scores, key=lambda k: scores[k][0])
     return supervised.SeedRun(metrics.knn_scores(f_train, y_train, f_test, k, task, n_classes),
-                              _selected({"val_auc": scores[k][1], "k": k}))
+                              _selected({"val_auc": scores[k][1], "k": k}),
+                              metrics.knn_scores(f_train, y_train, f_val, k, task, n_classes))
 
 
 def _selected(info):
@@ -185,7 +214,7 @@ def schedule(args, epochs=None, lr=None):
                                frozen_bn=args.frozen_bn)
 
 
-def finetune(args, encoder, train, val, test, task, n_out, seed, device, log):
+def finetune(args, encoder, train, val, test, task, n_out, seed, device, log, class_weight=None):
     """Encoder + linear head trained on `train` (supervised.Examples), the epoch chosen on
     validation, the test split scored. Paper 002's --freeze keeps the stem .. that stage fixed;
     paper 003's recipe (§3.4) is --head-epochs 1 (head alone), then --lr auto (range test) with
@@ -212,7 +241,7 @@ def finetune(args, encoder, train, val, test, task, n_out, seed, device, log):
         models.freeze_through(encoder, "layer4")
         head_opt = torch.optim.Adam(model[1].parameters(), lr=args.head_lr, weight_decay=args.weight_decay)
         head = supervised.train_select(model, head_opt, train, val, task, seed, schedule(args, args.head_epochs),
-                                       forward, forward_train, lambda r: log({"phase": "head", **r}))
+                                       forward, forward_train, lambda r: log({"phase": "head", **r}), class_weight)
         info["head_val_auc"] = head.val_auc
 
     # ---- main phase: the encoder from --freeze on, and the head
@@ -225,14 +254,16 @@ def finetune(args, encoder, train, val, test, task, n_out, seed, device, log):
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
     chosen = supervised.train_select(model, optimizer, train, val, task, seed,
                                      schedule(args, lr=None if args.lr_schedule == "constant" else lr),
-                                     forward, forward_train, log)
+                                     forward, forward_train, log, class_weight)
     info.update(chosen.info())
-    if args.tta:
-        y_score = np.mean([supervised.probabilities(model, test.images, task, forward_aug) for _ in range(args.tta)],
-                          axis=0)
-    else:
-        y_score = supervised.probabilities(model, test.images, task, forward)
-    return supervised.SeedRun(y_score, info), model
+
+    def scores(images):  # the validation split scored as the test split is (TTA included)
+        if args.tta:
+            return np.mean([supervised.probabilities(model, images, task, forward_aug) for _ in range(args.tta)],
+                           axis=0)
+        return supervised.probabilities(model, images, task, forward)
+    test_score = scores(test.images)  # first: the TTA draws of the test split do not depend on validation
+    return supervised.SeedRun(test_score, info, scores(val.inputs)), model
 
 
 def range_test_lr(args, model, train, forward_train, task, seed):
@@ -298,30 +329,64 @@ def run_seed(args, seed, splits, template, device, log):
         else copy.deepcopy(template)
     encoder.to(device, memory_format=torch.channels_last)
     task, n_out = train.task, train.n_classes
+    # every subset said: how many labelled images of each class this seed trains on
+    names = train.info.class_names if train.info else [str(c) for c in range(n_out)]
+    counts = supervised.subset_counts(y_train, names, task)
+    tqdm.write(f"seed {seed}: {len(idx)} labelled training images ("
+               + ", ".join(f"{cli.escape(name)}: {n}" for name, n in counts.items()) + ")", file=sys.stdout)
+    subset = {"train_images": len(idx), "train_images_per_class": counts}
+    class_weight = supervised.class_weights(y_train, task, n_out) if args.class_weight == "balanced" else None
 
     if args.mode in ("finetune", "fewshot"):
         supervised.check_batch_size(args.batch_size, len(idx))
         result, model = finetune(args, encoder, supervised.Examples(train.images, train.labels, idx), val, test, task,
-                                 n_out, seed, device, log)
+                                 n_out, seed, device, log, class_weight)
         if args.saliency and seed == args.seed:
             write_saliency(args, model, test)
-        return result
+        return with_info(result, subset)
 
     with supervised.autocast(device):  # bf16 on CUDA; features come back as float32
         feats = {name: models.features(encoder, split.images, args.in_chans, resize=args.resize, index=index)
                  for name, split, index in (("train", train, idx), ("val", val, None), ("test", test, None))}
     if args.mode == "knn":
-        return knn_probe((feats["train"], y_train), (feats["val"], val.labels), feats["test"], task, n_out)
+        return with_info(knn_probe((feats["train"], y_train), (feats["val"], val.labels), feats["test"], task, n_out),
+                         subset)
     if args.probe == "logreg":
-        return logreg_probe((feats["train"].cpu().numpy(), y_train.cpu().numpy()),
-                            (feats["val"].cpu().numpy(), val.labels.cpu().numpy()), feats["test"].cpu().numpy(), task)
+        return with_info(logreg_probe((feats["train"].cpu().numpy(), y_train.cpu().numpy()),
+                                      (feats["val"].cpu().numpy(), val.labels.cpu().numpy()),
+                                      feats["test"].cpu().numpy(), task, args.class_weight), subset)
+    # paper 001's SGD head, on features standardised with the training subset's mean and std, as the
+    # logreg probe's are (MAE §A.2 standardises with a BatchNorm without affine): raw features of a random
+    # init differ in scale by orders of magnitude, and an SGD head at one lr then measures the lr, not them
     supervised.check_batch_size(args.batch_size, len(idx))
+    mean, std = feats["train"].mean(dim=0), feats["train"].std(dim=0).clamp(min=1e-6)
+    feats = {name: (f - mean) / std for name, f in feats.items()}
     head = torch.nn.Linear(models.FEATURE_DIM[args.arch], n_out).to(device)
     optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     chosen = supervised.train_select(head, optimizer, supervised.Examples(feats["train"], y_train),
                                      supervised.Examples(feats["val"], val.labels), task, seed, schedule(args),
-                                     head, log=log)
-    return supervised.SeedRun(supervised.probabilities(head, feats["test"], task), chosen.info())
+                                     head, log=log, class_weight=class_weight)
+    return supervised.SeedRun(supervised.probabilities(head, feats["test"], task), {**chosen.info(), **subset},
+                              supervised.probabilities(head, feats["val"], task))
+
+
+def with_info(result, info):
+    """A SeedRun with more per-seed keys."""
+    return supervised.SeedRun(result.y_score, {**result.info, **info}, result.val_score)
+
+
+def pretraining_record(path):
+    """What metrics.json records of a --ckpt encoder: its method, the epochs it finished of those it
+    was run for, and the size and channels it was pretrained on. An unfinished run says so."""
+    meta, epoch = models.checkpoint_meta(path)
+    pretrained = meta.get("args", {})
+    record = {"method": meta.get("method"), "epoch": epoch, "epochs": pretrained.get("epochs"),
+              "size": pretrained.get("size"), "in_chans": meta["in_chans"], "arch": meta["arch"], "stem": meta["stem"],
+              "input_scaling": meta.get("input_scaling", models.INPUT_SCALING)}
+    if isinstance(epoch, int) and isinstance(record["epochs"], int) and epoch < record["epochs"]:
+        print(f"note: {cli.escape(path)} is an unfinished pretraining run (epoch {epoch} of {record['epochs']}); "
+              f"its encoder is evaluated as it stands, and metrics.json records the epoch", flush=True)
+    return record
 
 
 def uses_batches(args):
@@ -345,20 +410,25 @@ def main():
 
     # ---- encoder weights, loaded once (before the run directory: a bad --init changes nothing there)
     template = None if args.init == "random" else models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
+    pretraining = pretraining_record(args.ckpt) if args.ckpt else None
 
     # ---- run directory: an --overwrite re-run moves the old run aside until this one has started
-    rundir.prepare_run_dir(args.out, vars(args), done_file="metrics.json")
+    inputs = rundir.provenance({args.data: info.hash}, encoder=args.init,
+                               epoch=pretraining["epoch"] if pretraining else None)
+    rundir.prepare_run_dir(args.out, vars(args), done_file="metrics.json", inputs=inputs)
 
     # ---- seeded runs, each saved as it ends; then metrics.json, predictions.npz and the plots
     full = args.mode in ("finetune", "fewshot")
     epochs = args.epochs + args.head_epochs if full else (args.epochs if uses_batches(args) else 0)
     header = {"data": args.data, "data_hash": info.hash, "size": args.size, "mode": args.mode, "encoder": args.init,
-              "class_names": list(info.class_names), "args": vars(args)}
+              "class_names": list(info.class_names), "grouping": getattr(info, "grouping", None),
+              "pretraining": pretraining, "args": vars(args)}
     supervised.run_seeds(args.out, list(range(args.seed, args.seed + args.seeds)),
                          lambda seed, log: run_seed(args, seed, splits, template, device, log),
                          splits["test"].labels.cpu().numpy(), info.task, header,
                          title=f"{args.data} {args.mode}, encoder {args.init}", epochs_per_seed=epochs,
-                         class_names=info.class_names, positive_class=positive, tensorboard=args.tensorboard)
+                         class_names=info.class_names, positive_class=positive, tensorboard=args.tensorboard,
+                         y_val=splits["val"].labels.cpu().numpy(), temperature_scaling=args.temperature_scaling)
 
 
 if __name__ == "__main__":

@@ -260,6 +260,10 @@ def run_seed(args, seed, splits, prep, device, log):
     if args.balance is not None:
         idx = data.undersample_indices(train.labels, args.balance, seed)
     idx = torch.as_tensor(idx, device=device)
+    names = train.info.class_names if train.info else [str(c) for c in range(train.n_classes)]
+    counts = supervised.subset_counts(train.labels[idx], names, task)
+    tqdm.write(f"seed {seed}: {len(idx)} labelled training images (" + ", ".join(f"{n}: {c}" for n, c in counts.items())
+               + ")", file=sys.stdout)
     supervised.check_batch_size(args.batch_size, len(idx))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -279,8 +283,9 @@ def run_seed(args, seed, splits, prep, device, log):
                                     "seed": seed, "best_epoch": chosen.best_epoch, "val_auc": chosen.val_auc}},
                           os.path.join(args.out, f"checkpoint_seed{seed}.pt"))
     y_score = supervised.probabilities(model, test.images, task, forward, args.eval_batch_size)
+    val_score = supervised.probabilities(model, val.images, task, forward, args.eval_batch_size)
     return supervised.SeedRun(y_score, {**chosen.info(), "trainable_params": n_trainable, "total_params": n_total,
-                                        "train_images": len(idx)})
+                                        "train_images": len(idx), "train_images_per_class": counts}, val_score)
 
 
 def load_finetuned(ckpt, model=None):
@@ -308,17 +313,20 @@ def main():
     prep = load_processor(args.model)
 
     # ---- run directory: an --overwrite re-run moves the old run aside until this one has started
-    rundir.prepare_run_dir(args.out, vars(args), done_file="metrics.json")
+    rundir.prepare_run_dir(args.out, vars(args), done_file="metrics.json",
+                           inputs=rundir.provenance({args.data: info.hash}))
 
     # ---- seeded runs, each saved as it ends; then metrics.json, predictions.npz and the plots
     name = f"BEiT ({args.size})" + (" balanced" if args.balance is not None else "")
     header = {"data": args.data, "data_hash": info.hash, "size": args.size, "mode": "finetune_beit", "encoder": name,
-              "model": args.model, "class_names": list(info.class_names), "args": vars(args)}
+              "model": args.model, "class_names": list(info.class_names), "grouping": getattr(info, "grouping", None),
+              "args": vars(args)}
     supervised.run_seeds(args.out, list(range(args.seed, args.seed + args.seeds)),
                          lambda seed, log: run_seed(args, seed, splits, prep, device, log),
                          splits["test"].labels.cpu().numpy(), info.task, header,
                          title=f"{args.data} {name}", epochs_per_seed=args.epochs,
-                         class_names=info.class_names, positive_class=positive, tensorboard=args.tensorboard)
+                         class_names=info.class_names, positive_class=positive, tensorboard=args.tensorboard,
+                         y_val=splits["val"].labels.cpu().numpy())
 
 
 if __name__ == "__main__":

@@ -2,15 +2,24 @@
 
 The encoder keeps torchvision's module names, so its state dict loads into
 `torchvision.models.resnet18()` (or 50) with only `fc` missing."""
+import functools
+import os
+
 import torch
 import torchvision
 from torch import nn
 
-from common.cli import UserError
+from common.cli import UserError, escape
 
 from common.rundir import load_checkpoint
 
 FEATURE_DIM = {"resnet18": 512, "resnet50": 2048}
+STEMS = ("imagenet", "small")
+# The checkpoint layout this code writes and reads; a higher number was written by a newer MedSSL.
+FORMAT_VERSION = 1
+# How pixels reach the encoder (common.data.to_input), recorded in every checkpoint so that an
+# evaluation can check it feeds the encoder what it was trained on.
+INPUT_SCALING = "uint8 / 255, then (x - 0.5) / 0.5; gray repeated to 3 channels for a 3-channel encoder"
 
 
 def build_encoder(arch="resnet18", stem="imagenet", in_chans=3):
@@ -72,29 +81,84 @@ def load_encoder(init="random", arch="resnet18", stem="imagenet", in_chans=3):
             state = state["encoder"]
         elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
-        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-            raise UserError(f"{init} is not a MedSSL checkpoint nor a ResNet state dict")
+        if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+            held = f"a bare {type(state).__name__}" if not isinstance(state, dict) else "a dict of other values"
+            raise UserError(f"{escape(init)} holds {held}, not a MedSSL checkpoint nor a ResNet state dict; pass "
+                            f"a checkpoint.pt of a MedSSL pretraining run or a torchvision-layout state dict (.pth)")
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:  # a diverged run's weights: training from them would stop at the NaN guard, or worse
             raise UserError(f"{init} holds non-finite weights (NaN or inf, first in {bad[0]}); it cannot "
                             f"initialise an encoder: use a checkpoint of a run that did not diverge")
     state = _adapt_state_dict(state, encoder, stem, in_chans)
+    wanted = encoder.state_dict()
+    clash = [k for k, v in state.items() if k in wanted and tuple(v.shape) != tuple(wanted[k].shape)]
+    if clash:  # load_state_dict would end in a traceback listing every shape
+        raise UserError(f"{escape(init)} holds {describe_state(state)}, not the {arch} / {stem} stem / "
+                        f"{in_chans}-channel encoder asked for ({clash[0]} is {tuple(state[clash[0]].shape)}, not "
+                        f"{tuple(wanted[clash[0]].shape)}); pass the matching --arch / --stem / --in-chans")
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "conv1.weight" or "conv1.weight" in state]
     if missing or unexpected:
-        raise UserError(f"{init} does not fit a {arch} encoder (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]}); check --arch / --stem / --in-chans")
+        raise UserError(f"{escape(init)} holds {describe_state(state)}, which does not fit a {arch} encoder (missing "
+                        f"{escape(missing[:3])}, unexpected {escape(unexpected[:3])}); check --arch / --stem / --in-chans")
     return encoder
 
 
+def describe_state(state):
+    """What a ResNet-layout state dict holds, in words: its depth and its stem's kernel and channels."""
+    conv1 = state.get("conv1.weight")
+    arch = "resnet50" if "layer1.0.conv3.weight" in state else \
+        "resnet18" if "layer1.1.conv2.weight" in state and "layer3.0.conv1.weight" in state else "an unknown network"
+    if conv1 is None or conv1.ndim != 4:
+        return f"{arch} weights"
+    stem = "small (3x3)" if conv1.shape[-1] == 3 else "imagenet (7x7)" if conv1.shape[-1] == 7 else f"{conv1.shape[-1]}x{conv1.shape[-1]}"
+    return f"a {arch} with a {stem} stem and {conv1.shape[1]}-channel input"
+
+
 def check_meta(meta, path, arch, stem, in_chans):
-    if meta.get("format") != "medssl":
-        raise UserError(f"{path} is not a MedSSL checkpoint")
+    """The metadata of a MedSSL checkpoint, checked: a dict of this format and version, with an encoder
+    this code can build, matching any of arch / stem / in_chans given (None: any)."""
+    if not isinstance(meta, dict) or meta.get("format") != "medssl":
+        raise UserError(f"{escape(path)} is not a MedSSL checkpoint (its 'meta' is missing or not MedSSL's); pass the "
+                        f"checkpoint.pt of a pretraining run, or give a torchvision state dict with --init")
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"{escape(path)} has checkpoint format {escape(version)}, newer than this MedSSL's "
+                        f"{FORMAT_VERSION}; update MedSSL (git pull) to read it")
+    for key, allowed in (("arch", tuple(FEATURE_DIM)), ("stem", STEMS), ("in_chans", (1, 3))):
+        if meta.get(key) not in allowed:
+            raise UserError(f"{escape(path)}: its meta names {key} {escape(repr(meta.get(key)))}, not one of "
+                            f"{', '.join(map(str, allowed))}; the file is damaged or not a MedSSL checkpoint")
     for key, want in (("arch", arch), ("stem", stem), ("in_chans", in_chans)):
         if want is not None and meta.get(key) != want:
-            raise UserError(f"{path} holds a {meta.get('arch')} / {meta.get('stem')} stem / "
+            raise UserError(f"{escape(path)} holds a {meta.get('arch')} / {meta.get('stem')} stem / "
                             f"{meta.get('in_chans')}-channel encoder, not the {key} {want} asked for; "
                             f"drop --{key.replace('_', '-')} or pass --{key.replace('_', '-')} {meta.get(key)}")
+    scaling = meta.get("input_scaling", INPUT_SCALING)
+    if scaling != INPUT_SCALING:
+        raise UserError(f"{escape(path)} was trained on inputs scaled as {escape(scaling)!r}; this MedSSL feeds "
+                        f"{INPUT_SCALING!r}: evaluate it with the MedSSL version that wrote it")
+
+
+def checkpoint_meta(path):
+    """(meta, epoch) of a MedSSL pretraining checkpoint, checked (check_meta): its metadata and the
+    number of epochs it had finished when saved. Read once per file version in a process."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return _checkpoint_meta(path, None)  # load_checkpoint names what is wrong
+    return _checkpoint_meta(path, (stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_meta(path, version):
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "meta" not in checkpoint:
+        held = f"a bare {type(checkpoint).__name__}" if not isinstance(checkpoint, dict) else "a dict without 'meta'"
+        raise UserError(f"{escape(path)} holds {held}, not a MedSSL checkpoint; pass the checkpoint.pt of a "
+                        f"pretraining run, or give a torchvision state dict with --init")
+    check_meta(checkpoint["meta"], path, None, None, None)
+    return checkpoint["meta"], checkpoint.get("epoch")
 
 
 @torch.no_grad()

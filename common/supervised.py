@@ -31,16 +31,40 @@ from common.cli import UserError
 # before the new run writes anything (output.log, the reproduce scripts' capture, stays).
 
 # ---------------------------------------------------------------- loss and probabilities
-def classification_loss(logits, labels, task):
+def classification_loss(logits, labels, task, class_weight=None):
     """Cross-entropy of a classifier's logits: multi-label, one binary cross-entropy per label; a
     binary task with one logit (paper 000's BEiT head), binary cross-entropy; otherwise softmax
-    cross-entropy (a binary task with two logits included)."""
+    cross-entropy (a binary task with two logits included). class_weight (from class_weights): per
+    class weights of the softmax loss, or per label positive weights of the multi-label one."""
     logits = logits.float()
     if task == metrics.MULTI_LABEL:
-        return F.binary_cross_entropy_with_logits(logits, labels.float())
+        return F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=class_weight)
     if task == metrics.BINARY and logits.shape[1] == 1:
-        return F.binary_cross_entropy_with_logits(logits[:, 0], labels.float())
-    return F.cross_entropy(logits, labels)
+        pos_weight = None if class_weight is None else class_weight[1] / class_weight[0]
+        return F.binary_cross_entropy_with_logits(logits[:, 0], labels.float(), pos_weight=pos_weight)
+    return F.cross_entropy(logits, labels, weight=class_weight)
+
+
+def class_weights(labels, task, n_classes):
+    """--class-weight balanced: scikit-learn's "balanced" weights n / (n_classes * n_c) of the training
+    labels (a float32 tensor on their device), so each class adds the same total to the loss; for a
+    multi-label task, each label's negatives / positives as its positive weight. A class absent from
+    the subset gets weight 1 (it has no term in the loss anyway)."""
+    y = labels.float() if task == metrics.MULTI_LABEL else labels
+    if task == metrics.MULTI_LABEL:
+        positives = y.sum(dim=0)
+        return ((len(y) - positives) / positives.clamp(min=1)).clamp(min=1e-3)
+    counts = torch.bincount(y.reshape(-1), minlength=n_classes).float()
+    return torch.where(counts > 0, len(y) / (n_classes * counts.clamp(min=1)), torch.ones_like(counts))
+
+
+def subset_counts(labels, class_names, task):
+    """{class name: labelled training images} of one seed's subset (multi-label: positives per label)."""
+    y = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels)
+    if task == metrics.MULTI_LABEL:
+        return {str(name): int(n) for name, n in zip(class_names, y.sum(axis=0))}
+    counts = np.bincount(y.reshape(-1).astype(int), minlength=len(class_names))
+    return {str(name): int(n) for name, n in zip(class_names, counts)}
 
 
 def _activate(logits, task):
@@ -193,12 +217,14 @@ def check_finite_loss(losses, seed, epoch, lr):
     return losses.mean().item()
 
 
-def train_select(model, optimizer, train, val, task, seed, schedule, forward, forward_train=None, log=None):
+def train_select(model, optimizer, train, val, task, seed, schedule, forward, forward_train=None, log=None,
+                 class_weight=None):
     """Train `model` for schedule.epochs on `train` (Examples), validating after every epoch, and
     load the weights of the best one (selection_score) back. forward(batch) -> logits on unaugmented
     inputs (validation, precise BN); forward_train for the training batches (default forward).
     Batches are drawn from a generator seeded with `seed`; losses stay on the device until the epoch
-    ends (one host sync per epoch). log(record) gets one record per epoch. Returns a Selection."""
+    ends (one host sync per epoch). log(record) gets one record per epoch; class_weight: see
+    classification_loss. Returns a Selection."""
     forward_train = forward_train or forward
     device = model_device(model)
     gen = torch.Generator(device).manual_seed(seed)
@@ -217,7 +243,8 @@ def train_select(model, optimizer, train, val, task, seed, schedule, forward, fo
             if lr_set is not None:
                 optim.schedule_step(optimizer, schedule.lr_schedule, epoch * steps + i, schedule.epochs * steps, lr_set)
             idx = perm[i * schedule.batch_size:(i + 1) * schedule.batch_size]
-            loss = classification_loss(forward_train(data.batch(train.inputs, idx, device)), train.labels[idx], task)
+            loss = classification_loss(forward_train(data.batch(train.inputs, idx, device)), train.labels[idx], task,
+                                       class_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -248,9 +275,12 @@ def train_select(model, optimizer, train, val, task, seed, schedule, forward, fo
 # ---------------------------------------------------------------- seeded repeats and their files
 @dataclass(frozen=True)
 class SeedRun:
-    """What one seed gives: the test split's class probabilities and its per-seed metrics.json keys."""
+    """What one seed gives: the test split's class probabilities, its per-seed metrics.json keys, and
+    the validation split's class probabilities from the same model (where the decision threshold and
+    the temperature are chosen)."""
     y_score: np.ndarray
     info: dict
+    val_score: Optional[np.ndarray] = None
 
 
 def seed_path(out, seed):
@@ -283,9 +313,9 @@ SCALARS = ("loss", "val_auc", "val_loss", "lr")
 
 
 def tensorboard_writer(out):
-    """A SummaryWriter into <out>/tensorboard (--tensorboard)."""
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(os.path.join(out, "tensorboard"))
+    """A SummaryWriter into <out>/tensorboard (--tensorboard); a UserError naming the package when
+    TensorBoard is not installed (cli.parse_args checks it before the run directory is made)."""
+    return cli.require("torch.utils.tensorboard", "--tensorboard").SummaryWriter(os.path.join(out, "tensorboard"))
 
 
 def write_scalars(writer, record):
@@ -298,18 +328,30 @@ def write_scalars(writer, record):
 
 
 def run_seeds(out, seeds, run_seed, y_true, task, header, title, epochs_per_seed=0, class_names=None,
-              positive_class=1, tensorboard=False):
+              positive_class=1, tensorboard=False, y_val=None, temperature_scaling=False):
     """The seeded repeats: run_seed(seed, log) -> SeedRun for every seed not finished in `out`, each
-    seed's test metrics (classification_metrics with `positive_class`, binary tasks) and scores saved
+    seed's test metrics (metrics.evaluation_metrics with `positive_class`, binary tasks; the decision
+    threshold chosen on the validation labels `y_val` and the seed's val_score; with
+    `temperature_scaling`, both splits' probabilities first divided by the temperature fitted on
+    validation) and scores saved
     to seed_<N>.json as it ends, then metrics.json, predictions.npz and the plots from the saved files
     (metrics.write_results with `class_names`; metrics.json last). log(record) appends to log.jsonl,
     prints epoch_line, advances a progress bar over seeds and epochs (epochs_per_seed of them; 0 for
     probes without epochs) and, with `tensorboard`, writes the record's SCALARS into <out>/tensorboard.
     Returns the metrics.json dict."""
     log_path = os.path.join(out, "log.jsonl")
+    done = _finished_seeds(out, seeds)
+    # rundir.check_inputs refuses a resume on other data or another encoder; a run that records no inputs
+    # (an earlier MedSSL's) is checked here at least for a test split of another size, before anything changes
+    for seed in done:
+        n_scored = len(_load_seed(out, seed)[1])
+        if n_scored != len(y_true):
+            raise UserError(f"seed {seed} in {out} was scored on {n_scored} test images and this run's test split "
+                            f"has {len(y_true)}: the data changed since, and one metrics.json must not pool them; "
+                            f"restore the data it was started on, or start again with "
+                            f"{'--overwrite or another --out' if rundir.can_overwrite(out) else 'another --out'}")
     for path in glob.glob(os.path.join(glob.escape(out), ".tmp-*")):  # left by a kill during an atomic write
         os.remove(path)
-    done = _finished_seeds(out, seeds)
     rundir.cut_log(log_path, lambda record: record.get("seed") in done)  # unfinished seeds log again
     if done:
         tqdm.write(f"resuming {out}: seed{'s' if len(done) > 1 else ''} {', '.join(map(str, done))} finished",
@@ -334,12 +376,17 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, epochs_per_seed
                 continue
             cli.progress.update(seed=seed, epoch=None)
             result = run_seed(seed, log)
-            test = metrics.classification_metrics(y_true, result.y_score, task, positive_class=positive_class)
-            if result.info.get("selected_on") == "val_loss":
+            y_score, val_score, info = np.asarray(result.y_score), result.val_score, dict(result.info)
+            if temperature_scaling and val_score is not None:
+                info["temperature"] = metrics.fit_temperature(y_val, val_score, task)
+                y_score = metrics.apply_temperature(y_score, info["temperature"], task).astype(y_score.dtype)
+                val_score = metrics.apply_temperature(val_score, info["temperature"], task)
+            test = metrics.evaluation_metrics(y_true, y_score, task, positive_class=positive_class,
+                                              y_val=None if val_score is None else y_val, val_score=val_score)
+            if info.get("selected_on") == "val_loss":
                 tqdm.write(f"note: seed {seed}: the validation split lacks a class, so its AUC is undefined; "
                            f"the lowest validation loss chose", file=sys.stdout)
-            y_score = np.asarray(result.y_score)
-            record = {"seed": seed, "test": test, **result.info, "y_score": y_score.tolist(),
+            record = {"seed": seed, "test": test, **info, "y_score": y_score.tolist(),
                       "y_score_dtype": str(y_score.dtype)}
             rundir.atomic_write_text(seed_path(out, seed), json.dumps(record))
             cli.progress.update(checkpoint=seed_path(out, seed))  # an interrupt now keeps this seed
