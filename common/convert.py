@@ -1,7 +1,7 @@
 """Users' own images (a folder or a CSV manifest) converted once into a MedMNIST-layout npz cache.
 
-A source is listed (paths, labels, splits), hashed (file list, sizes, mtimes, conversion options),
-and converted on every CPU core unless a cache file with that hash exists. Pixels: Pillow for
+A source is listed (paths, labels, splits), hashed (file list, sizes, mtimes, contents, conversion
+options), and converted on every CPU core unless a cache file with that hash exists. Pixels: Pillow for
 PNG / JPEG / TIFF / BMP / WebP / GIF / JPEG 2000 / Netpbm (8- to 32-bit, float), pydicom for DICOM,
 each read as a viewer shows it (docs/DATA.md, "Images" and "DICOM")."""
 import concurrent.futures
@@ -11,6 +11,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import re
 import sys
 import time
@@ -27,7 +28,10 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tif", ".tiff", ".bmp",
 DICOM_EXTS = (".dcm", ".dicom")
 IMAGE_KINDS = f"{' '.join(IMAGE_EXTS)}, or DICOM under any name"
 SPLITS = ("train", "val", "test")
-SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+# split folder names (any case) and split column values: train/val/test, and public datasets' spellings
+# (Kaggle's Training/ and Testing/, valid/, validation/)
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
 CACHE_VERSION = 2  # bump when the conversion's pixels would change
 MULTI_LABEL = "multi-label, binary-class"
 
@@ -228,8 +232,30 @@ def _class_folders(folder, classes=None, skipped=None):
     return paths, np.array(labels, dtype=np.int64), tuple(names), groups
 
 
+def _split_folders(folder, names):
+    """{split: folder} of the split folders `names` (SPLIT_ALIASES, any case); refuses two folders of one
+    split and a missing one, naming the layout to use."""
+    by_split = {}
+    for name in names:
+        split = SPLIT_ALIASES[name.lower()]
+        if split in by_split:
+            raise UserError(f"{folder} has two {split} folders, {os.path.basename(by_split[split])}/ and {name}/; "
+                            f"merge them into one")
+        by_split[split] = os.path.join(folder, name)
+    missing = [s for s in SPLITS if s not in by_split]
+    if missing:
+        given = " and ".join(f"{os.path.basename(by_split[s])}/" for s in SPLITS if s in by_split)
+        how = (f"move some training images (e.g. a tenth of each class) into {folder}/{missing[0]}/<class>/"
+               if "train" in by_split else f"add {folder}/train/<class>/ images")
+        raise UserError(f"{folder} has split folders {given} but no {' or '.join(f'{s}/' for s in missing)} "
+                        f"(split folders are train/, val/ and test/, each holding the class folders); {how}, or "
+                        f"put the class folders directly in {folder} for a drawn train/val/test split (--split-ratio)")
+    return by_split
+
+
 def list_folder(folder, group_column=None):
-    """DIR/{train,val,test}/<class>/..., DIR/<class>/... (split drawn later), or DIR/<image> (unlabeled).
+    """DIR/{train,val,test}/<class>/... (split folders in any case and SPLIT_ALIASES' spellings, e.g.
+    Training/ and Testing/), DIR/<class>/... (split drawn later), or DIR/<image> (unlabeled).
     group_column "folder": each image's group is the folder below its class folder, DIR/[<split>/]<class>/
     <group>/...; None or "none": no groups."""
     if group_column is not None and group_column.lower() not in ("folder", "none"):
@@ -240,12 +266,12 @@ def list_folder(folder, group_column=None):
     skipped = Skipped()  # what the listing passes over, noted in one line per reason
     loose = _loose_images(folder, skipped)
     split_dirs = [d for d in subdirs if d.lower() in SPLIT_ALIASES]
+    if not split_dirs and not loose and len(subdirs) == 1:
+        inner = os.path.join(folder, subdirs[0])
+        if any(d.lower() in SPLIT_ALIASES for d in _subdirs(inner)):  # an archive's top folder
+            raise UserError(f"{folder} holds only {subdirs[0]}/, which holds split folders; point --data at {inner}")
     if split_dirs:
-        by_split = {SPLIT_ALIASES[d.lower()]: os.path.join(folder, d) for d in split_dirs}
-        for split in SPLITS:
-            if split not in by_split:
-                raise UserError(f"{folder} has split folders but no {split}/; add {folder}/{split}/<class>/ "
-                                f"images, or drop the split folders for an automatic split")
+        by_split = _split_folders(folder, split_dirs)
         if loose:
             raise UserError(f"{folder} holds both split folders and {len(loose)} loose images (first: "
                             f"{os.path.basename(loose[0])}); move the images into {folder}/<split>/<class>/")
@@ -320,19 +346,120 @@ def _binary(value, policy, where):
 
 
 GROUP_COLUMNS = ("patient_id", "patient", "subject_id", "subject", "group")  # read as groups unless told
+DELIMITERS = ",;\t|"  # a manifest's cell separator, sniffed: Excel in many locales writes ';'
+
+
+def _read_manifest(path):
+    """(header, rows, line numbers) of a CSV manifest: header cells stripped of spaces, each row a dict
+    of its cells, blank lines skipped. The delimiter (one of DELIMITERS) is sniffed by csv.Sniffer from
+    the first lines; a sniff that finds no 'path' column falls back to the delimiter that does."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read CSV {path} ({type(e).__name__}: {e}); save it as UTF-8 text with a header row")
+    lines = text.splitlines(keepends=True)
+    try:
+        first = csv.Sniffer().sniff("".join(lines[:20]), delimiters=DELIMITERS).delimiter
+    except csv.Error:
+        first = ","
+    header_line = next((line for line in lines if line.strip()), "")
+    for delimiter in dict.fromkeys(first + DELIMITERS):
+        header = [c.strip() for c in next(csv.reader([header_line], delimiter=delimiter), [])]
+        if _column(header, "path") is not None:
+            break
+    else:
+        delimiter = first
+    reader = csv.reader(lines, delimiter=delimiter)
+    header, rows, numbers, last = None, [], [], 0
+    try:
+        for cells in reader:
+            start, last = last + 1, reader.line_num
+            if any("\n" in c or "\r" in c for c in cells):  # no path or label holds a line break
+                raise UserError(f"{path} row {start} opens a double quote that no cell closes (it runs to row "
+                                f"{reader.line_num}); close the quote or remove it")
+            if not any(c.strip() for c in cells):
+                continue  # a blank line
+            if header is None:
+                header = [c.strip() for c in cells]
+                named = [h for h in header if h]
+                twice = next((h for h in named if named.count(h) > 1), None)
+                if twice:
+                    raise UserError(f"{path}: the header names column {twice!r} twice; rename one of them")
+                continue
+            if len(cells) < len(header) or any(c.strip() for c in cells[len(header):]):
+                shown = "tab" if delimiter == "\t" else repr(delimiter)
+                fix = ("fill in the missing cells or remove the row" if len(cells) < len(header) else
+                       "remove the extra cells")
+                raise UserError(f"{path} row {reader.line_num} has {len(cells)} cell{'s' * (len(cells) != 1)} but "
+                                f"the header has {len(header)} ({', '.join(header)}; separated by {shown}); {fix} (a "
+                                f"cell holding {shown} needs double quotes)")
+            rows.append(dict(zip(header, cells)))
+            numbers.append(reader.line_num)
+    except csv.Error as e:
+        raise UserError(f"cannot read CSV {path} at row {reader.line_num} ({e}); fix the quoting on that row")
+    return header or [], rows, numbers
+
+
+def _manifest_path(here, cell):
+    """A manifest's path cell as an absolute path: relative to the CSV's folder, or absolute. A Windows
+    path (a\\b.png) is read with '/' when the file exists that way and not as written."""
+    path = os.path.normpath(os.path.join(here, cell))
+    if os.sep == "/" and "\\" in cell and not os.path.exists(path):
+        posix = os.path.normpath(os.path.join(here, cell.replace("\\", "/")))
+        if os.path.exists(posix):
+            return posix
+    return path
+
+
+def _duplicates(path, paths, numbers, label_cells, split_cells):
+    """Refuses an image listed on two rows (the same file, whatever the path's spelling): with two labels
+    it has no label, in two splits it is a test or val image seen in training, and even alike it counts
+    twice."""
+    rows_of = {}
+    for i, p in enumerate(paths):
+        rows_of.setdefault(os.path.realpath(p), []).append(i)
+    repeated = [idx for idx in rows_of.values() if len(idx) > 1]
+    if not repeated:
+        return
+    idx = (next((i for i in repeated if len({split_cells[j] for j in i}) > 1), None)
+           or next((i for i in repeated if len({label_cells[j] for j in i}) > 1), repeated[0]))
+    rows = " and ".join(str(numbers[j]) for j in idx[:2]) + (f" (and {len(idx) - 2} more)" if len(idx) > 2 else "")
+    first = f"{len(repeated)} images are listed on more than one row; first: " if len(repeated) > 1 else ""
+    if len({split_cells[j] for j in idx}) > 1:
+        where = " and ".join(dict.fromkeys(split_cells[j] for j in idx))
+        raise UserError(f"{path}: {first}{paths[idx[0]]} is in {where} (rows {rows}): an image seen in training "
+                        f"scores optimistically; keep each image on one row, in one split")
+    if len({label_cells[j] for j in idx}) > 1:
+        labels = " and ".join(repr(label_cells[j]) for j in idx[:2])
+        raise UserError(f"{path}: {first}{paths[idx[0]]} has labels {labels} (rows {rows}); keep one row per image "
+                        f"with its right label (several labels per image: --label-columns with 0/1 columns)")
+    raise UserError(f"{path}: {first}{paths[idx[0]]} is listed twice (rows {rows}); remove the repeated rows")
+
+
+def _integer_labels(path, values, numbers):
+    """Refuses integer labels that cannot be class indices: negative ones, and gaps (0, 1 and 255: a
+    stray ignore or mask value would become a class of its own)."""
+    ints = sorted({int(v) for v in values})
+    if ints[0] < 0:
+        row = numbers[next(i for i, v in enumerate(values) if int(v) < 0)]
+        raise UserError(f"{path} row {row} has label {ints[0]}; integer labels are class indices 0..K-1 (or write "
+                        f"class names): give the row its class or remove it")
+    if ints[-1] - ints[0] + 1 != len(ints):
+        counts = {k: sum(int(v) == k for v in values) for k in ints}
+        stray = min(ints, key=lambda k: (counts[k], -k))
+        row = numbers[next(i for i, v in enumerate(values) if int(v) == stray)]
+        raise UserError(f"{path}: the integer labels are {', '.join(map(str, ints))}, not consecutive class indices; "
+                        f"row {row} has {stray} ({counts[stray]} row{'s' * (counts[stray] > 1)}): fix or remove "
+                        f"those rows, or write class names instead of numbers")
 
 
 def list_csv(path, label_columns=(), uncertain="error", blank="zero", group_column=None):
-    """Rows of a CSV manifest: `path` (relative to the CSV's folder, or absolute), `label` or the 0/1
-    `label_columns`, optional `split`, optional group (patient) column: `group_column`, or when None the
-    first of GROUP_COLUMNS present (a note says so); "none": no groups."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            fields = reader.fieldnames or []
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"cannot read CSV {path}: {e}; save it as UTF-8 text with a header row")
+    """Rows of a CSV manifest: `path` (relative to the CSV's folder, or absolute; Windows separators
+    read too), `label` or the 0/1 `label_columns`, optional `split`, optional group (patient) column:
+    `group_column`, or when None the first of GROUP_COLUMNS present (a note says so); "none": no groups.
+    Cells are separated by , ; tab or | (sniffed); an image on two rows is refused."""
+    fields, rows, numbers = _read_manifest(path)
     path_col, label_col, split_col = (_column(fields, n) for n in ("path", "label", "split"))
     if path_col is None:
         raise UserError(f"{path} has no 'path' column (columns: {', '.join(fields) or 'none'}); add a header "
@@ -340,25 +467,38 @@ def list_csv(path, label_columns=(), uncertain="error", blank="zero", group_colu
     if not rows:
         raise UserError(f"{path} lists no images; add rows below its header")
     here = os.path.dirname(os.path.abspath(path))
-    paths = [os.path.normpath(os.path.join(here, r[path_col].strip())) for r in rows]
-    missing = [p for p in paths if not os.path.isfile(p)]
+    cells = [r[path_col].strip() for r in rows]
+    if "" in cells:
+        raise UserError(f"{path} row {numbers[cells.index('')]} has no path; fill it in or remove the row")
+    paths = [_manifest_path(here, c) for c in cells]
+    missing = [i for i, p in enumerate(paths) if not os.path.isfile(p)]
     if missing:
-        raise UserError(f"{path} lists {len(missing)} files that do not exist (first: {', '.join(missing[:3])}); "
-                        f"fix the paths (relative to the CSV's folder, or absolute)")
+        shown = ", ".join(f"row {numbers[i]} {paths[i]}" for i in missing[:3])
+        windows = any(re.match(r"^[A-Za-z]:[\\/]|^\\\\", cells[i]) for i in missing)
+        fix = ("they are Windows paths: write them relative to the CSV's folder, e.g. images/0001.png" if windows else
+               "fix the paths (relative to the CSV's folder, or absolute)")
+        raise UserError(f"{path} lists {len(missing)} files that do not exist (first: {shown}); {fix}")
+    label_cells = ([tuple(r[c].strip() for c in label_columns if c in r) for r in rows] if label_columns else
+                   [r[label_col].strip() if label_col else "" for r in rows])
+    _duplicates(path, paths, numbers, label_cells,
+                [SPLIT_ALIASES.get(r[split_col].strip().lower(), r[split_col].strip()) if split_col else ""
+                 for r in rows])
     if label_columns:
         absent = [c for c in label_columns if c not in fields]
         if absent:
             raise UserError(f"--label-columns names {', '.join(map(repr, absent))}, absent from {path} "
                             f"(columns: {', '.join(fields)})")
         policy = {"uncertain": uncertain, "blank": blank}
-        labels = np.array([[_binary(r[c], policy, f"{path} row {i + 2} column {c!r}") for c in label_columns]
-                           for i, r in enumerate(rows)], dtype=np.int64)
+        labels = np.array([[_binary(r[c], policy, f"{path} row {n} column {c!r}") for c in label_columns]
+                           for n, r in zip(numbers, rows)], dtype=np.int64)
         classes, task = tuple(label_columns), MULTI_LABEL
     elif label_col is not None:
         values = [r[label_col].strip() for r in rows]
         if "" in values:
-            raise UserError(f"{path} row {values.index('') + 2} has no label; fill it in or remove the row")
-        ints = all(v.lstrip("-").isdigit() for v in values)
+            raise UserError(f"{path} row {numbers[values.index('')]} has no label; fill it in or remove the row")
+        ints = all(re.fullmatch(r"-?\d+", v) for v in values)
+        if ints:
+            _integer_labels(path, values, numbers)
         names = sorted(set(values), key=int if ints else str)
         if ints and [int(v) for v in names] == list(range(len(names))):
             index = {v: int(v) for v in names}  # class indices as written
@@ -375,19 +515,19 @@ def list_csv(path, label_columns=(), uncertain="error", blank="zero", group_colu
         splits = ["train"] * len(rows)
     elif split_col is not None:
         splits = []
-        for i, r in enumerate(rows):
+        for n, r in zip(numbers, rows):
             value = r[split_col].strip().lower()
             if value not in SPLIT_ALIASES:
-                raise UserError(f"{path} row {i + 2} has split {r[split_col]!r}; use train, val or test")
+                raise UserError(f"{path} row {n} has split {r[split_col]!r}; use train, val or test")
             splits.append(SPLIT_ALIASES[value])
     listing = Listing(here, paths, labels, splits, classes, task, _stat(paths))
     if labels is not None:  # unlabeled images are all train: nothing to keep apart
-        listing.groups, listing.group_by = _csv_groups(path, fields, rows, group_column)
+        listing.groups, listing.group_by = _csv_groups(path, fields, rows, group_column, numbers)
     return listing
 
 
-def _csv_groups(path, fields, rows, group_column):
-    """(group per row, column name) of a manifest, or (None, None)."""
+def _csv_groups(path, fields, rows, group_column, numbers):
+    """(group per row, column name) of a manifest, or (None, None); numbers: each row's line number."""
     if group_column is not None and group_column.lower() == "none":
         return None, None
     if group_column is None:
@@ -403,7 +543,7 @@ def _csv_groups(path, fields, rows, group_column):
                             f"{', '.join(fields)}); name its patient column, or --group-column none")
     groups = [r[column].strip() if r[column] is not None else "" for r in rows]
     if "" in groups:
-        raise UserError(f"{path} row {groups.index('') + 2} has no {column!r}; fill in every row's group "
+        raise UserError(f"{path} row {numbers[groups.index('')]} has no {column!r}; fill in every row's group "
                         f"(one id per patient), or --group-column none to split image by image")
     return groups, column
 
@@ -769,14 +909,24 @@ def convert_images(paths, size, crop, desc="converting", processes=None):
     out = np.zeros((len(paths), size, size), np.uint8)
     chunk = 64
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-    pool = None
+    pool = blocked = None
     if processes > 1 and len(paths) > 2 * chunk:
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=context)
-        results = pool.map(_convert_chunk, chunks, [size] * len(chunks), [crop] * len(chunks))
+        # The workers start, and stay, with SIGINT and SIGTERM blocked: a Ctrl-C (sent to the whole process
+        # group) or a SIGTERM reaches this process alone, which stops the pool below and reports once. A signal
+        # during the forks waits until they are done; arriving in fork's handlers, it would be lost.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=context)
+            results = pool.map(_convert_chunk, chunks, [size] * len(chunks), [crop] * len(chunks))
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            raise
     else:
         results = (_convert_chunk(c, size, crop) for c in chunks)
     try:
+        if blocked is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a held signal is raised here, inside the try
         with tqdm(total=len(paths), desc=desc, unit="img", mininterval=1, disable=None) as bar:
             i = n_gray = 0
             noted = {}  # note -> [number of files, first file]
@@ -816,6 +966,59 @@ def cache_folder(source, cache_dir=None):
         raise UserError(f"cannot create the cache folder {folder} ({e.strerror}); choose a writable one with "
                         f"--cache-dir or $MEDSSL_CACHE")
     return folder
+
+
+# The cache key holds each image's content hash, as size and mtime cannot tell an edit that keeps both
+# (a pixel fixed in place, a copy with cp -p or rsync -t, a clock set back). Hashing every image on
+# every run would read the whole data set each time; so each image's sha256 is kept in
+# <source>-contents.json beside the cache with its stamp (size, mtime, ctime, inode), and reused while
+# the stamp is unchanged. The ctime is what makes the stamp trustworthy: the OS sets it on every write
+# and no user tool can set it back. A stamp is trusted only where the file was last changed RACY_NS
+# before it was hashed: an edit in the same timestamp tick as the hashing (timestamps are as coarse as
+# 2 s on FAT, a few ms on ext4) would keep the stamp; such a file is hashed again next time (git's
+# "racily clean" entries, Documentation/technical/racy-git.txt).
+RACY_NS = 2 * 10**9
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def content_hashes(paths, rel, index_path):
+    """sha256 of each file's content, in order: those whose stamp matches one kept in the index file
+    `index_path` ({rel path: [size, mtime_ns, ctime_ns, inode, hashed_at_ns, sha256]}) are reused, the
+    others read (streamed, on several threads: hashlib releases the GIL), and the index rewritten."""
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+        index = index if isinstance(index, dict) else {}
+    except (OSError, ValueError):
+        index = {}
+    entries, todo = {}, []
+    for path, name in zip(paths, rel):
+        now, st = time.time_ns(), os.stat(path)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        kept = index.get(name)
+        if isinstance(kept, list) and len(kept) == 6 and kept[:4] == stamp and \
+                kept[4] - max(st.st_mtime_ns, st.st_ctime_ns) >= RACY_NS:
+            entries[name] = kept
+        else:
+            entries[name] = stamp + [now, None]  # stamped before it is read: an edit while it is read shows next time
+            todo.append((path, name))
+    if todo:
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(8, workers()))) as pool:
+            for (path, name), digest in zip(todo, pool.map(_sha256, [p for p, _ in todo])):
+                entries[name][5] = digest
+        tmp = f"{index_path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(entries, f)
+            os.replace(tmp, index_path)
+        except OSError:  # not kept: the next run hashes these images again
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+    return [entries[name][5] for name in rel]
 
 
 def _read_split_file(path):
@@ -872,7 +1075,8 @@ def cached_npz(source, size, options):
             w.writerows([p, s] + ([group_of.get(p, "")] if grouped else []) for p, s in new_stored.items())
         os.replace(tmp, split_file)
     csv_bytes = b"" if os.path.isdir(source) else open(source, "rb").read()
-    key = _digest(CACHE_VERSION, size, options.crop, rel, listing.stats, listing.splits, csv_bytes,
+    contents = content_hashes(listing.paths, rel, os.path.join(folder, f"{base}-contents.json"))
+    key = _digest(CACHE_VERSION, size, options.crop, rel, listing.stats, contents, listing.splits, csv_bytes,
                   listing.labels.tolist() if listing.labels is not None else None, listing.class_names,
                   *([listing.group_by, listing.groups] if grouped else []))
     path = os.path.join(folder, f"{base}-{size}px-{options.crop}-{key[:16]}.npz")

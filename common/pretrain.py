@@ -88,8 +88,15 @@ def setup(script, flags, device):
         images = monitor[0].images
     else:
         images = data.load_pretrain_images(source, size, root, device, in_chans, options)
+    note = augment.size_note(views, images.shape[-2])  # e.g. a blur too narrow to act at this size
+    if note:
+        print(f"note: --aug {flags['aug']}: {note}", flush=True)
     n_steps = steps_per_epoch(len(images), flags["batch_size"], flags["max_steps"])
-    state = rundir.open_run(flags["out"], flags)
+    # what the run is made from (provenance.json): a resume on other data, --init weights or torchrun processes
+    # is refused (rundir.check_inputs); the descriptions are memoised, so this lists nothing again
+    inputs = rundir.provenance({s.strip(): data.describe(s, size, root, options).hash for s in source.split(",")},
+                               encoder=flags.get("init"), world_size=dist.world_size())
+    state = rundir.open_run(flags["out"], flags, inputs)
     cli.seed_everything(flags["seed"])
     generator = torch.Generator(device).manual_seed(flags["seed"])
     meta = {"arch": flags["arch"], "stem": flags["stem"], "in_chans": in_chans, "args": flags}
@@ -193,8 +200,8 @@ def tensorboard_writer(out, enabled):
     """A SummaryWriter into <out>/tensorboard on rank 0 when --tensorboard is on, else None."""
     if not (enabled and dist.is_main()):
         return None
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(os.path.join(out, "tensorboard"))
+    # a UserError naming the package when TensorBoard is missing (cli.parse_args checks it up front)
+    return cli.require("torch.utils.tensorboard", "--tensorboard").SummaryWriter(os.path.join(out, "tensorboard"))
 
 
 def plot_log(out, method):
@@ -224,7 +231,8 @@ def train(method, run, log_every=10):
     if run.state:
         print(f"resuming {run.out} at epoch {position['epoch']}, step {position['step_in_epoch']} of it")
     checkpoint = os.path.join(run.out, "checkpoint.pt")
-    meta = {"format": "medssl", "method": method.name, **run.meta}
+    meta = {"format": "medssl", "format_version": models.FORMAT_VERSION, "method": method.name,
+            "input_scaling": models.INPUT_SCALING, **run.meta}
 
     def save(**where):
         save_run(checkpoint, objects, run.generator, meta=meta, **method.saved, **where)

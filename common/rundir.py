@@ -2,6 +2,7 @@
 and resuming it, and --overwrite, which removes only a run's own files (RUN_FILES), keeps the old run
 until the new one has started, and leaves either of them whole after a kill at any point."""
 import errno
+import hashlib
 import json
 import os
 import random
@@ -85,7 +86,7 @@ def lock_run_dir(out):
 # folder, a run nested inside) is never moved or removed: --overwrite refuses a folder holding it.
 RUN_FILES = (r"args\.yaml", r"log\.jsonl", r"metrics\.json", r"predictions\.npz", r"saliency\.npz",
              r"checkpoint(_seed\d+)?\.pt", r"seed_\d+\.json", r"roc\.png", r"confusion\.png", r"loss\.png",
-             r"reliability\.png", r"knn_val_auc\.png", r"lr_range(_seed\d+)?\.(json|png)")
+             r"reliability\.png", r"knn_val_auc\.png", r"lr_range(_seed\d+)?\.(json|png)", r"provenance\.json")
 TENSORBOARD = "tensorboard"  # a run's folder of TensorBoard event files (--tensorboard)
 _RUN_FILE = re.compile("|".join(RUN_FILES))
 _EVENTS = re.compile(r"events\.out\.tfevents\..+")
@@ -299,6 +300,108 @@ def _recover(out):
         raise _os_error(e, f"cannot finish the interrupted --overwrite in {out}")
 
 
+# ---------------------------------------------------------------- what a run is made from
+# provenance.json, written right after args.yaml when a run starts: what the same command line cannot
+# show, the content of the run's inputs (each --data source's hash, the encoder file's sha256 and its
+# pretraining epoch, the torchrun processes). A resume on other inputs would mix two runs in one
+# checkpoint or one metrics.json, so it is refused. A file of its own, not keys of args.yaml: args.yaml
+# holds the flags as given (a difference there is "a different command", and it is the checkpoint's
+# meta["args"]); these are measured, and a difference is named as a changed input.
+PROVENANCE = "provenance.json"
+NAMED_WEIGHTS = ("random", "imagenet", "barlowtwins")  # inits that are no file of the user's
+_sha256s = {}
+
+
+def file_sha256(path):
+    """sha256 of a file's content, streamed (hashlib.file_digest); read once per file version in a
+    process (a version: its size, mtime, ctime and inode)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if key not in _sha256s:
+        try:
+            with open(path, "rb") as f:
+                _sha256s[key] = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as e:
+            raise _os_error(e, f"cannot read {path}", "check the file's permissions")
+    return _sha256s[key]
+
+
+def provenance(data, encoder=None, epoch=None, world_size=None):
+    """What a run is made from, as provenance.json records it: `data` {--data source: its
+    DatasetInfo.hash}; `encoder` (--ckpt / --init) a weights file, recorded by its content's sha256 and
+    `epoch` (a pretraining checkpoint's epoch), or a named init (random, imagenet); `world_size` the
+    torchrun processes (pretraining: each one's batch, which BatchNorm normalises over, depends on it).
+    An argument left None is not recorded, and not checked."""
+    record = {"data": {str(k): str(v) for k, v in data.items()}}
+    if encoder is not None:
+        if encoder in NAMED_WEIGHTS or not os.path.isfile(encoder):
+            record["encoder"] = {"name": str(encoder)}
+        else:
+            record["encoder"] = {"file": os.path.abspath(encoder), "sha256": file_sha256(encoder), "epoch": epoch}
+    if world_size is not None:
+        record["world_size"] = int(world_size)
+    return record
+
+
+def _weights(encoder):
+    if "sha256" not in encoder:
+        return str(encoder.get("name"))
+    epoch = f" (pretraining epoch {encoder['epoch']})" if encoder.get("epoch") is not None else ""
+    return f"sha256 {encoder['sha256'][:12]}{epoch}"
+
+
+def input_changes(recorded, current):
+    """What differs between two provenance() records: [(the change, its fix)], a change naming the input
+    with its old and new value. What either does not record is not compared (a run of an earlier
+    MedSSL, a caller that records less)."""
+    changes = []
+    old, new = recorded.get("data"), current.get("data")
+    if isinstance(old, dict) and isinstance(new, dict):
+        for source in sorted(set(old) & set(new)):
+            if old[source] != new[source]:
+                changes.append((f"data {source}: hash {str(old[source])[:12]} there, {str(new[source])[:12]} now",
+                                "restore the data it was started on"))
+    old, new = recorded.get("encoder"), current.get("encoder")
+    if isinstance(old, dict) and isinstance(new, dict) and \
+            (old.get("sha256"), old.get("name")) != (new.get("sha256"), new.get("name")):
+        changes.append((f"encoder {new.get('file') or new.get('name')}: {_weights(old)} there, {_weights(new)} now",
+                        "restore the encoder file it was started with"))
+    old, new = recorded.get("world_size"), current.get("world_size")
+    if isinstance(old, int) and isinstance(new, int) and old != new:
+        again = f"torchrun --nproc-per-node {old}" if old > 1 else "one process (no torchrun)"
+        changes.append((f"torchrun processes: {old} there, {new} now (each process's batch, which BatchNorm "
+                        f"normalises over, would change mid-run)", f"run it again with {again}"))
+    return changes
+
+
+def check_inputs(out, inputs):
+    """Refuse to resume the run in `out` on other inputs than its provenance.json records
+    (input_changes), in one line naming each change and the fix; nothing in `out` is changed. A run
+    that records none (started by an earlier MedSSL, or killed before it wrote the file) records
+    `inputs` now."""
+    path = os.path.join(out, PROVENANCE)
+    if not os.path.lexists(path):
+        if _started(out):
+            print(f"note: {out} does not record what its finished part was made from (an earlier MedSSL "
+                  f"started it); it is taken to be these same data and encoder, recorded from now on", flush=True)
+        atomic_write_text(path, json.dumps(inputs, indent=1, sort_keys=True))
+        return
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as e:
+        recorded = e
+    if not isinstance(recorded, dict):
+        raise UserError(f"{path} is unreadable or corrupt, so this resume cannot be checked against the inputs the "
+                        f"run was started on; start it again with another --out{_or_overwrite(out)}")
+    changes = input_changes(recorded, inputs)
+    if changes:
+        fixes = list(dict.fromkeys(fix for _, fix in changes))
+        again = "--overwrite or another --out" if can_overwrite(out) else "another --out"
+        raise UserError(f"{out} was started on other inputs than this resume's ({'; '.join(c for c, _ in changes)}), "
+                        f"and one run must not mix them; {' and '.join(fixes)}, or start it again with {again}")
+
+
 # ---------------------------------------------------------------- run directories
 def _read_args(path):
     try:
@@ -312,13 +415,14 @@ def _read_args(path):
     return saved
 
 
-def prepare_run_dir(out, flags, done_file):
+def prepare_run_dir(out, flags, done_file, inputs=None):
     """Create `out`, lock it for this process and check that it belongs to this command (`flags`: the
     dict of its resolved flags, "overwrite" among them). Returns True when the run was started before
-    and is unfinished (the caller resumes); refuses finished or foreign runs. With --overwrite the old
-    run's own files (RUN_FILES) are moved aside, to be dropped once this run has written a checkpoint
-    or a result, put back if it ends before (commit_overwrite, finish_overwrite); a folder holding
-    anything else is refused as it is."""
+    and is unfinished (the caller resumes); refuses finished or foreign runs, and a resume whose
+    `inputs` (provenance(): data, encoder, processes) differ from those the run was started on. With
+    --overwrite the old run's own files (RUN_FILES) are moved aside, to be dropped once this run has
+    written a checkpoint or a result, put back if it ends before (commit_overwrite, finish_overwrite); a
+    folder holding anything else is refused as it is."""
     _make_dir(out)
     lock_run_dir(out)
     for name in os.listdir(out):  # left by a run killed while it wrote a file (we hold the lock)
@@ -337,6 +441,8 @@ def prepare_run_dir(out, flags, done_file):
                             f"{mine.get(k)!r} now); choose another --out{_or_overwrite(out)}")
         if done_file and os.path.exists(os.path.join(out, done_file)):
             raise UserError(f"{out} holds a finished run; choose another --out{_or_overwrite(out, ' to redo it')}")
+        if inputs is not None:
+            check_inputs(out, inputs)
         return True
     ours = [name for name in sorted(os.listdir(out)) if _owned(out, name)]
     if ours and not _owned(out, "args.yaml"):
@@ -349,6 +455,8 @@ def prepare_run_dir(out, flags, done_file):
                             f"a run's own files, so it leaves this folder as it is: choose another --out")
         _move_aside(out, ours)
     atomic_write_text(args_path, yaml.safe_dump(flags, sort_keys=True))
+    if inputs is not None:
+        atomic_write_text(os.path.join(out, PROVENANCE), json.dumps(inputs, indent=1, sort_keys=True))
     return False
 
 
@@ -554,13 +662,14 @@ def restore_run(state, objects, aug_generator):
 RUN_KEYS = ("epoch", "step", "rng", "meta")
 
 
-def open_run(out, flags):
-    """Set up the run directory `out` (prepare_run_dir, `flags` the run's resolved flags) and return the checkpoint of the unfinished
-    run in it, or None for a new run; a finished run is refused. The log is cut back to the
+def open_run(out, flags, inputs=None):
+    """Set up the run directory `out` (prepare_run_dir, `flags` the run's resolved flags, `inputs` what
+    it is made from: provenance()) and return the checkpoint of the unfinished run in it, or None for a
+    new run; a finished run, or one started on other inputs, is refused. The log is cut back to the
     checkpoint's position (lines of epochs to be redone and a torn last line go). Under torchrun rank 0
     does this and sends the checkpoint to every rank (`out` need only be on rank 0's filesystem)."""
     def on_rank_0():
-        resume = prepare_run_dir(out, flags, done_file=None)
+        resume = prepare_run_dir(out, flags, done_file=None, inputs=inputs)
         path, log = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
         if not resume:
             return None
