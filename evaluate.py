@@ -249,7 +249,7 @@ def finetune(args, encoder, train, val, test, task, n_out, seed, device, log, cl
         sum(p.numel() for p in model[1].parameters())
     lr = args.lr
     if lr == "auto":
-        lr = range_test_lr(args, model, train, forward_train, task, seed)
+        lr = range_test_lr(args, model, train, forward_train, task, seed, class_weight)
         info["lr_found"] = lr
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
     chosen = supervised.train_select(model, optimizer, train, val, task, seed,
@@ -266,7 +266,7 @@ def finetune(args, encoder, train, val, test, task, n_out, seed, device, log, cl
     return supervised.SeedRun(test_score, info, scores(val.inputs)), model
 
 
-def range_test_lr(args, model, train, forward_train, task, seed):
+def range_test_lr(args, model, train, forward_train, task, seed, class_weight=None):
     """--lr auto: an LR range test of the parameters about to be trained (model state restored
     afterwards), on batches drawn with their own generator; curve and pick saved per seed."""
     supervised.enter_training(model, args.frozen_bn)
@@ -280,7 +280,7 @@ def range_test_lr(args, model, train, forward_train, task, seed):
         idx = torch.randint(len(train), (batch,), generator=gen, device=device)
         idx = idx if train.index is None else train.index[idx]
         return supervised.classification_loss(forward_train(data.batch(train.inputs, idx, device)), train.labels[idx],
-                                              task)
+                                              task, class_weight)
     start, end, steps = args.lr_range
     lrs, losses, lr = optim.lr_range_test(batch_loss, optimizer, [model], start, end, int(steps))
     name = os.path.join(args.out, f"lr_range_seed{seed}")
@@ -359,7 +359,10 @@ def run_seed(args, seed, splits, template, device, log):
     # logreg probe's are (MAE §A.2 standardises with a BatchNorm without affine): raw features of a random
     # init differ in scale by orders of magnitude, and an SGD head at one lr then measures the lr, not them
     supervised.check_batch_size(args.batch_size, len(idx))
-    mean, std = feats["train"].mean(dim=0), feats["train"].std(dim=0).clamp(min=1e-6)
+    # a feature constant on a few training images keeps its scale (scikit-learn's StandardScaler does
+    # the same): divided by ~0 it would turn validation and test noise into huge inputs
+    mean, std = feats["train"].mean(dim=0), feats["train"].std(dim=0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
     feats = {name: (f - mean) / std for name, f in feats.items()}
     head = torch.nn.Linear(models.FEATURE_DIM[args.arch], n_out).to(device)
     optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)

@@ -262,7 +262,7 @@ def run_seed(args, seed, splits, prep, device, log):
     idx = torch.as_tensor(idx, device=device)
     names = train.info.class_names if train.info else [str(c) for c in range(train.n_classes)]
     counts = supervised.subset_counts(train.labels[idx], names, task)
-    tqdm.write(f"seed {seed}: {len(idx)} labelled training images (" + ", ".join(f"{n}: {c}" for n, c in counts.items())
+    tqdm.write(f"seed {seed}: {len(idx)} labelled training images (" + ", ".join(f"{cli.escape(n)}: {c}" for n, c in counts.items())
                + ")", file=sys.stdout)
     supervised.check_batch_size(args.batch_size, len(idx))
     params = [p for p in model.parameters() if p.requires_grad]

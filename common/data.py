@@ -46,7 +46,7 @@ class DatasetInfo:
     class_names: tuple  # label names in index order (empty when unlabeled)
     channels: int      # 1 gray, 3 RGB
     size: int          # image side in pixels
-    hash: str          # MD5 of a MedMNIST file, else the cache key / file stamp
+    hash: str          # MD5 of a MedMNIST file or a user's npz, else the cache key of a folder / CSV
     path: str          # the MedMNIST-layout npz the splits are read from
     # None: images taken as independent (no group known); else {"by": the CSV column, "folder" or "npz",
     # "groups": how many, "groups_in_several_splits": how many (0 unless --allow-group-leak), "split":
@@ -316,9 +316,9 @@ def _describe_npz(path, size, options=None):
         print(f"note: {path} has no {os.path.basename(path)}.json; inferred task {task!r} with "
               f"{len(names)} {'labels' if task.startswith('multi-label') else 'classes'} (write that file with "
               f"medmnist INFO's keys task and label to set them)", flush=True)
-    stat = os.stat(path)
-    stamp = hashlib.sha256(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    return DatasetInfo(path, "npz", task, names, channels, size, stamp[:16], path, grouping)
+    # the file's contents, not its path or times: the same data moved or copied keeps its hash (resume,
+    # compare.py), and a file replaced with the same size and time does not
+    return DatasetInfo(path, "npz", task, names, channels, size, _md5(path)[:16], path, grouping)
 
 
 def _first_bad(labels, bad):

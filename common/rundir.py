@@ -415,6 +415,28 @@ def _read_args(path):
     return saved
 
 
+# Flags that came after runs already on disk, with the value that reproduces what those runs did: an
+# args.yaml without the flag ran with that value, so it still resumes as the same command.
+FLAGS_ADDED = {"allow_group_leak": False, "group_column": None, "class_weight": "none",
+               "temperature_scaling": False, "lr_biases": None}
+
+
+def _different_command(out, mine, theirs):
+    """The UserError for a resume whose flags differ from the run's args.yaml, or None when they agree.
+    A flag whose saved value a command line can give back is named with that value, as the way to
+    continue the run."""
+    theirs = {**{k: v for k, v in FLAGS_ADDED.items() if k in mine}, **theirs}
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if not diff:
+        return None
+    k, value = diff[0], theirs.get(diff[0])
+    flag = "--" + k.replace("_", "-")
+    scalar = isinstance(value, (int, float, str)) and not isinstance(value, bool) and k in mine
+    again = f"pass {flag} {value} to continue it, or " if scalar else ""
+    return UserError(f"{out} holds a run of a different command ({k}: {value!r} there, {mine.get(k)!r} now); "
+                     f"{again}choose another --out{_or_overwrite(out)}")
+
+
 def prepare_run_dir(out, flags, done_file, inputs=None):
     """Create `out`, lock it for this process and check that it belongs to this command (`flags`: the
     dict of its resolved flags, "overwrite" among them). Returns True when the run was started before
@@ -434,11 +456,9 @@ def prepare_run_dir(out, flags, done_file, inputs=None):
     mine = {k: v for k, v in flags.items() if k not in _RELAUNCH_FLAGS}
     if os.path.exists(args_path) and not flags["overwrite"]:
         theirs = {k: v for k, v in _read_args(args_path).items() if k not in _RELAUNCH_FLAGS}
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if diff:
-            k = diff[0]
-            raise UserError(f"{out} holds a run of a different command ({k}: {theirs.get(k)!r} there, "
-                            f"{mine.get(k)!r} now); choose another --out{_or_overwrite(out)}")
+        error = _different_command(out, mine, theirs)
+        if error:
+            raise error
         if done_file and os.path.exists(os.path.join(out, done_file)):
             raise UserError(f"{out} holds a finished run; choose another --out{_or_overwrite(out, ' to redo it')}")
         if inputs is not None:
@@ -652,7 +672,12 @@ def restore_run(state, objects, aug_generator):
         return {"epoch": 0, "step": 0, "step_in_epoch": 0}
     _check_device(state["rng"], aug_generator)  # before anything is loaded
     for name, obj in objects.items():
-        obj.load_state_dict(state[name])
+        try:
+            obj.load_state_dict(state[name])
+        except (ValueError, RuntimeError, KeyError) as e:  # e.g. an optimiser of another layout of groups
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"the checkpoint's {name} does not fit this run's ({first}): it was written by a "
+                            f"run of another setup or MedSSL version; start again with another --out")
     set_rng_state(state["rng"], aug_generator)
     # .get: checkpoints written before mid-epoch resume existed hold epoch ends only
     return {"epoch": state["epoch"], "step": state["step"], "step_in_epoch": state.get("step_in_epoch", 0),

@@ -22,6 +22,16 @@ def real_root():
     return REAL_ROOT
 
 
+def real_arrays(name="breastmnist.npz"):
+    """Every array of a real MedMNIST file, for module-scoped fixtures (which cannot use real_root): a
+    failure in CI when the file is missing, a skip elsewhere."""
+    path = os.path.join(REAL_ROOT, name)
+    if not os.path.isfile(path):
+        pytest.fail(f"{path} missing") if os.environ.get("CI") else pytest.skip(f"{path} missing")
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
 def write_synthetic(root, flag, n=(40, 10, 12), size=28, channels=1, n_labels=None, n_classes=2, seed=0):
     """A file with MedMNIST's keys, dtypes and shapes: images uint8 (N, H, W) or (N, H, W, 3),
     labels uint8 (N, 1) or (N, L). Returns its MD5, which tests patch in as the expected one."""

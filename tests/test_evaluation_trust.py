@@ -3,7 +3,6 @@ encoder become the evaluation's, a model file of another shape is refused in one
 labelled subset is said and saved, class weights are scikit-learn's, the SGD probe measures features
 rather than its learning rate, and the default fine-tune does not collapse at small label fractions
 on the real files and on the same images as class folders."""
-import json
 import os
 import subprocess
 import sys
@@ -191,7 +190,7 @@ def write_breast_folders(root, real_root):
 @pytest.mark.parametrize("source, fraction, min_test_auc", [
     ("breastmnist", "0.1", 0.7),     # 55 labelled images, 15 malignant
     ("folders", "0.1", 0.7),         # the same images as class folders, a drawn split
-    ("pneumoniamnist", "0.01", 0.85),  # 47 labelled images
+    ("pneumoniamnist", "0.01", 0.8),  # 47 labelled images
 ])
 def test_the_default_fine_tune_does_not_collapse_at_small_label_fractions(real_root, tmp_path, source, fraction,
                                                                           min_test_auc):
@@ -206,3 +205,33 @@ def test_the_default_fine_tune_does_not_collapse_at_small_label_fractions(real_r
                                       y_val=splits["val"].labels.numpy(), val_score=result.val_score)
     assert result.info["val_auc"] > 0.7 and test["auc"] > min_test_auc, (result.info, test)
     assert min(test["sensitivity_at_threshold"], test["specificity_at_threshold"]) > 0.2, test
+
+
+def test_a_feature_constant_on_few_training_images_keeps_its_scale_in_the_sgd_probe(real_root):
+    """At 1% of BreastMNIST (5 images) dozens of random-init channels are constant on the training
+    images and not on the others: divided by their ~0 training std, they would swamp the head."""
+    aucs = {}
+    for probe in ("logreg", "sgd"):
+        result, splits = seed_run(real_root, "--init", "random", "--data", "breastmnist", "--mode", "linear_probe",
+                                  "--probe", probe, "--label-fraction", "0.01")
+        aucs[probe] = metrics.auc(splits["test"].labels.numpy(), result.y_score, metrics.BINARY)
+    assert aucs["sgd"] > aucs["logreg"] - 0.1, aucs
+
+
+def test_a_run_written_before_a_flag_existed_resumes_and_a_changed_default_names_the_flag(tmp_path):
+    """args.yaml of an unfinished run that predates flags added since (read as their value then), and
+    one fine-tuned with paper 001's --precise-bn off before the default became on."""
+    import yaml
+    from common import rundir
+    from common import cli
+    args = evaluate.resolve_args(cli.parse_args(evaluate.get_args_parser(),
+                                                ["--init", "random", "--mode", "finetune", "--out", str(tmp_path / "run")]))
+    flags = vars(args)
+    os.makedirs(args.out)
+    old = {k: v for k, v in flags.items() if k not in rundir.FLAGS_ADDED}
+    (tmp_path / "run" / "args.yaml").write_text(yaml.safe_dump(old))
+    assert rundir.prepare_run_dir(args.out, flags, done_file="metrics.json") is True
+    os.makedirs(tmp_path / "off")
+    (tmp_path / "off" / "args.yaml").write_text(yaml.safe_dump({**old, "precise_bn": "off", "out": str(tmp_path / "off")}))
+    with pytest.raises(UserError, match="pass --precise-bn off to continue it"):
+        rundir.prepare_run_dir(str(tmp_path / "off"), {**flags, "out": str(tmp_path / "off")}, done_file="metrics.json")

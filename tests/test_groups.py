@@ -13,7 +13,7 @@ from PIL import Image
 
 from common import convert, data
 from common.cli import UserError
-from conftest import REAL_ROOT
+from conftest import real_arrays
 
 SPLITS = ("train", "val", "test")
 CLASSES = ("0_malignant", "1_benign")
@@ -31,13 +31,10 @@ def fresh_describe():
 def breast():
     """The real file's images in its own order (train, val, test), its split of each, and patients of
     1 to 4 consecutive images (a patient may hold images of both classes)."""
-    path = os.path.join(REAL_ROOT, "breastmnist.npz")  # the real_root fixture's file, for the whole module
-    if not os.path.isfile(path):
-        pytest.fail(f"{path} missing") if os.environ.get("CI") else pytest.skip(f"{path} missing")
-    with np.load(path) as npz:
-        images = np.concatenate([npz[f"{s}_images"] for s in SPLITS])
-        labels = np.concatenate([npz[f"{s}_labels"][:, 0] for s in SPLITS])
-        split = np.concatenate([[s] * len(npz[f"{s}_labels"]) for s in SPLITS])
+    npz = real_arrays("breastmnist.npz")
+    images = np.concatenate([npz[f"{s}_images"] for s in SPLITS])
+    labels = np.concatenate([npz[f"{s}_labels"][:, 0] for s in SPLITS])
+    split = np.concatenate([[s] * len(npz[f"{s}_labels"]) for s in SPLITS])
     patient = np.repeat(np.arange(len(labels)), np.random.default_rng(0).integers(1, 5, len(labels)))[:len(labels)]
     return {"images": images, "labels": labels, "split": split, "patient": np.array([f"P{p:04d}" for p in patient])}
 

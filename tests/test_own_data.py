@@ -13,7 +13,7 @@ from PIL import Image
 
 from common import convert, data
 from common.cli import UserError
-from conftest import REAL_ROOT
+from conftest import REAL_ROOT, real_arrays
 
 SPLITS = ("train", "val", "test")
 CLASSES = ("0_malignant", "1_benign")  # sorted by name = BreastMNIST's label indices
@@ -28,11 +28,7 @@ def fresh_describe():
 
 @pytest.fixture(scope="module")
 def breast():
-    path = os.path.join(REAL_ROOT, "breastmnist.npz")  # the real_root fixture's file, for the whole module
-    if not os.path.isfile(path):
-        pytest.fail(f"{path} missing") if os.environ.get("CI") else pytest.skip(f"{path} missing")
-    with np.load(path) as npz:
-        return {k: npz[k] for k in npz.files}
+    return real_arrays("breastmnist.npz")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from common import cli, convert, data, metrics, models, pretrain, rundir, supervised
-from conftest import REAL_ROOT, run_cli
+from conftest import real_arrays, run_cli
 from test_faults import cli_one_line, digest, one_line, parser_of
 
 
@@ -53,11 +53,7 @@ def image_folder(root, breast, n):
 
 @pytest.fixture(scope="module")
 def breast():
-    path = os.path.join(REAL_ROOT, "breastmnist.npz")  # the real_root fixture's file, for the whole module
-    if not os.path.isfile(path):
-        pytest.fail(f"{path} missing") if os.environ.get("CI") else pytest.skip(f"{path} missing")
-    with np.load(path) as npz:
-        return npz["train_images"]
+    return real_arrays("breastmnist.npz")["train_images"]
 
 
 # ---------------------------------------------------------------- the check itself
