@@ -1,11 +1,14 @@
 """Flags, YAML configs, one-line user errors, and what a run reports when it is interrupted: what
 every script's command line shares."""
 import argparse
+import errno
+import importlib
 import math
 import os
 import random
 import signal
 import sys
+import tempfile
 from typing import NamedTuple
 
 import numpy as np
@@ -16,6 +19,13 @@ import yaml
 
 class UserError(Exception):
     """Bad input the user can fix: printed as one line, exit code 2, no traceback."""
+
+
+def escape(value):
+    """Text that may come from a file (a path, a key, a checkpoint's metadata) safe to print on one
+    line: control characters, terminal escape sequences and line breaks among them, are shown as
+    \\x1b, \\n, ..., never obeyed by the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value))
 
 
 # ---------------------------------------------------------------- progress and interruption
@@ -41,16 +51,17 @@ class Progress:
         for name, value in fields.items():
             setattr(self, name, value)
 
-    def interrupted_message(self):
+    def interrupted_message(self, verb="interrupted"):
+        """Where the run stopped and what of it is kept; `verb` ("interrupted", "stopped") starts it."""
         where = ", ".join(f"{name} {getattr(self, name)}" for name in ("seed", "epoch", "step")
                           if getattr(self, name) is not None)
         if self.out is None:
-            return "interrupted before the run directory was set up; nothing was written"
-        at = f"interrupted at {where}" if where else "interrupted before training started"
+            return f"{verb} before the run directory was set up; nothing was written"
+        at = f"{verb} at {where}" if where else f"{verb} before training started"
         # a signal between a checkpoint's rename and its record here: the file on disk is whole (atomic)
         checkpoint = self.checkpoint or os.path.join(self.out, "checkpoint.pt")
         if os.path.isfile(checkpoint):
-            at = at if self.checkpoint or where else "interrupted"
+            at = at if self.checkpoint or where else verb
             again = "the same command without --overwrite" if self.overwrite else "the same command"
             return (f"{at}; the checkpoint in {os.path.dirname(checkpoint) or '.'} is kept; "
                     f"run {again} again to resume")
@@ -66,29 +77,197 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
+def reports_here(interrupt=False):
+    """Whether this process prints the one line of an error or an interrupt. Under torchrun every rank
+    meets the same bad input or signal and a dead peer leaves every other rank failing: the first
+    rank of the run to get here reports (a marker file per torchrun run, created atomically). With
+    RANK set but no torchrun run id, rank 0 reports an interrupt (every rank got the signal) and every
+    rank its errors (they may be its own). Every rank still exits with the code."""
+    if "RANK" not in os.environ:
+        return True
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run_id:
+        return os.environ["RANK"] == "0" or not interrupt
+    # the launching agent's PID too: it is every local rank's parent and new at each launch, where a
+    # multi-node command without --rdzv-id repeats the same run id, address and port every time
+    key = "-".join([*(os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT")),
+                    str(os.getppid())])
+    marker = os.path.join(tempfile.gettempdir(), f"medssl-reported-{escape(run_id).replace(os.sep, '_')}-{key}")
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        return os.environ["RANK"] == "0"
+
+
+class ReportedElsewhere(Exception):
+    """Raised on the other ranks when one rank failed in a step they share (dist.on_main): that rank
+    prints the line, these exit with code 2 in silence."""
+
+
+# the pip names of the modules this project imports only where a feature needs them
+PIP_NAMES = {"torch.utils.tensorboard": "tensorboard", "tensorboard": "tensorboard", "captum": "captum",
+             "transformers": "transformers", "safetensors": "safetensors", "pydicom": "pydicom",
+             "tifffile": "tifffile", "umap": "umap-learn", "sklearn": "scikit-learn", "PIL": "Pillow",
+             "yaml": "pyyaml", "skimage": "scikit-image", "cv2": "opencv-python"}
+
+
+def require(module, feature):
+    """Import an optional dependency, or raise a UserError naming the package to install: called
+    where a flag turns the feature on, before anything is written."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        package = PIP_NAMES.get(module, PIP_NAMES.get(module.split(".")[0], module.split(".")[0]))
+        raise UserError(f"{feature} needs the package {package}, which is not installed or does not import "
+                        f"({e}); pip install {package}, or run without {feature}")
+
+
+def _is_local_module(name):
+    """A module of this repository (a bug if it is missing, not a package to install)."""
+    top = (name or "").split(".")[0]
+    return top in ("common", "scripts", "tests") or os.path.exists(os.path.join(_REPO, top + ".py"))
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _peer_died(e):
+    """A collective that failed because another torchrun process is gone (gloo: the connection
+    closed or was reset; NCCL: a DistBackendError), as opposed to a bug in this process."""
+    if not dist.is_initialized() or not isinstance(e, RuntimeError):
+        return False
+    text = str(e)
+    return (isinstance(e, getattr(dist, "DistBackendError", ())) or "gloo" in text.lower()
+            or any(w in text for w in ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                                       "NCCL communicator was aborted", "Socket Timeout")))
+
+
+# what to do about an OSError, by errno
+_OS_FIXES = {
+    errno.ENOSPC: "free some space (the disk or your quota is full), or choose a folder on another disk",
+    errno.EDQUOT: "free some space (your quota is full), or choose a folder on another disk",
+    errno.EFBIG: "the file is larger than this system or your limits allow (ulimit -f); choose another disk",
+    errno.EACCES: "choose a folder you can write to, or fix its permissions",
+    errno.EPERM: "choose a folder you can write to, or fix its permissions",
+    errno.EROFS: "the file system is read-only: choose a folder on a writable one",
+    errno.ENAMETOOLONG: "use a shorter file or folder name (most file systems allow 255 bytes a name)",
+    errno.ENOENT: "check that the path exists, or create its folder first",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path",
+    errno.EISDIR: "the path is a folder where a file was expected: fix the path",
+    errno.EILSEQ: "the name has characters this file system cannot store: rename it to plain ASCII",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+    errno.EIO: "the disk reported an I/O error: check it, or choose another disk",
+}
+
+
+def environment_line(e):
+    """The one line for a fault of the environment that reached run_main uncaught, or None for
+    anything else (a bug: its traceback is wanted). An OSError names its path, errno's message and a
+    fix; a missing optional package names what to pip install; a dead torchrun peer says so. Each says
+    what of the run is kept."""
+    if isinstance(e, ReportedElsewhere):
+        return ""
+    if _peer_died(e):
+        first = escape(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        reason = first if len(first) <= 160 else first[:157] + "..."
+        return (f"error: another torchrun process stopped ({reason}); this one "
+                f"{progress.interrupted_message('stopped')}")
+    if isinstance(e, ModuleNotFoundError) and e.name and not _is_local_module(e.name):
+        package = PIP_NAMES.get(e.name, PIP_NAMES.get(e.name.split(".")[0], e.name.split(".")[0]))
+        return f"error: this run needs the package {package}, which is not installed: pip install {package}"
+    if isinstance(e, OSError) and e.errno is not None:
+        what = e.strerror or os.strerror(e.errno)
+        fix = _OS_FIXES.get(e.errno, "check the path and the disk, then run the same command again")
+        path = f"{escape(os.fsdecode(e.filename))}: " if e.filename is not None else ""
+        if e.filename2 is not None:
+            path += f"{escape(os.fsdecode(e.filename2))}: "
+        kept = f"; {progress.interrupted_message('stopped')}" if progress.out is not None else ""
+        return f"error: {path}{what}; {fix}{kept}"
+    return None
+
+
+_held = {}
+
+
+def _hold_signals():
+    """Ignore SIGINT and SIGTERM while the line is made and printed: torchrun stops the other ranks
+    with SIGTERM the moment one fails, and raised half-way that would lose the line. _release_signals
+    puts the handlers back, so that a further signal still stops a cleanup that hangs."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            _held.setdefault(signum, signal.signal(signum, signal.SIG_IGN))
+        except ValueError:  # not the main thread
+            pass
+
+
+def _release_signals():
+    while _held:
+        signum, handler = _held.popitem()
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+def _say(line, interrupt=False):
+    if line and reports_here(interrupt):
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # stderr itself is gone (a closed pipe): the exit code still tells
+            pass
+    _release_signals()
+
+
 def run_main(main):
     """Call main(). A UserError becomes `error: ...` on stderr and exit code 2; SIGINT (Ctrl-C) and
     SIGTERM become one line saying where the run stopped and what is kept, exit code 130 / 143.
-    A run directory that --overwrite moved aside is put back unless the new run got going
-    (rundir.finish_overwrite)."""
+    Faults of the environment (environment_line: an OSError, a missing package, a dead torchrun
+    peer) become one line and exit code 2. Under torchrun the line is printed once per run
+    (reports_here), the exit code on every rank. A run directory that --overwrite moved aside is put
+    back unless the new run got going (rundir.finish_overwrite)."""
     from common import rundir  # rundir imports this module
+    for stream in (sys.stdout, sys.stderr):  # a path with undecodable bytes, or the C locale, never crashes a print
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
     signal.signal(signal.SIGTERM, _raise_interrupt)
     ok = False
     try:
         main()
         ok = True
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _hold_signals()
+        _say(f"error: {escape(e)}")  # one line, whatever a file's strings held
         sys.exit(2)
     except KeyboardInterrupt as e:
+        _hold_signals()
         signum = e.args[0] if e.args and e.args[0] in EXIT_SIGNAL else signal.SIGINT
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal: one line
-            print(progress.interrupted_message(), file=sys.stderr)
+        _say(progress.interrupted_message(), interrupt=True)  # under torchrun every rank gets the signal: one line
         sys.exit(EXIT_SIGNAL[signum])
+    except BrokenPipeError:  # the reader of stdout is gone (| head): nothing to tell, as if SIGPIPE had ended it
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        except (OSError, ValueError):
+            pass
+        sys.exit(128 + signal.SIGPIPE)
+    except Exception as e:
+        _hold_signals()
+        line = environment_line(e)
+        if line is None:
+            _release_signals()
+            raise
+        _say(line)
+        sys.exit(2)
     finally:
-        rundir.finish_overwrite(ok)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        try:
+            rundir.finish_overwrite(ok)
+        finally:
+            if dist.is_initialized():
+                try:
+                    dist.destroy_process_group()
+                except Exception:  # a dead peer's group may not close cleanly; the process ends anyway
+                    pass
 
 
 # ---------------------------------------------------------------- flags
@@ -237,7 +416,7 @@ RANGES = {
     "seeds": AT_LEAST_1, "max_steps": AT_LEAST_1, "save_every": AT_LEAST_0, "save_seconds": AT_LEAST_0, "eval_every": AT_LEAST_0,
     "label_fraction": SHARE, "shots": AT_LEAST_1, "balance": Range(0, 0.5, lo_open=True),
     # optimisation
-    "epochs": AT_LEAST_1, "lr": POSITIVE, "head_lr": POSITIVE, "freeze_lr": POSITIVE,
+    "epochs": AT_LEAST_1, "lr": POSITIVE, "lr_biases": POSITIVE, "head_lr": POSITIVE, "freeze_lr": POSITIVE,
     "batch_size": Range(2, why="BatchNorm needs 2 or more images to train"), "eval_batch_size": AT_LEAST_1,
     "weight_decay": AT_LEAST_0, "warmup_epochs": AT_LEAST_0, "head_epochs": AT_LEAST_0,
     "freeze_encoder_epochs": AT_LEAST_0, "lr_range": POSITIVE, "tta": AT_LEAST_0, "saliency": AT_LEAST_0,
@@ -293,17 +472,47 @@ def _config_value(parser, action, value, path, key):
     return converted
 
 
+# A config holds flags: far under these. Bigger is a mistake (a data file given as --config) or an
+# attack; YAML aliases are refused outright, as nested ones expand exponentially ("billion laughs":
+# 337 bytes made a 44 MB value) and a config of flags never needs them.
+CONFIG_MAX_BYTES = 256 * 1024
+CONFIG_MAX_STRING = 4096     # characters of one value (PATH_MAX on Linux)
+CONFIG_MAX_ITEMS = 1000      # values of one list
+
+
+def _check_config_size(values, path):
+    for key, value in values.items():
+        items = value if isinstance(value, list) else [value]
+        if len(items) > CONFIG_MAX_ITEMS:
+            raise UserError(f"config {path}: {escape(key)} has {len(items)} values, more than the "
+                            f"{CONFIG_MAX_ITEMS} any flag takes; fix the file")
+        for item in items:
+            if isinstance(item, (str, bytes)) and len(item) > CONFIG_MAX_STRING:
+                raise UserError(f"config {path}: {escape(key)} is {len(item)} characters long, more than "
+                                f"{CONFIG_MAX_STRING}; fix the file")
+
+
 def _read_config(parser, path):
     try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        with open(path, "rb") as f:
+            raw = f.read(CONFIG_MAX_BYTES + 1)
+        if len(raw) > CONFIG_MAX_BYTES:
+            raise UserError(f"config {path} is over {CONFIG_MAX_BYTES // 1024} KiB: a config of flags is a few "
+                            f"lines; is it the right file?")
+        text = raw.decode("utf-8")
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events only: nothing is expanded yet
+            if isinstance(event, yaml.AliasEvent):
+                raise UserError(f"config {path} uses a YAML alias (*{escape(event.anchor)}); write each value out, "
+                                f"a config of flags needs no anchors or aliases")
+        values = yaml.safe_load(text) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read config {path}: {first}; fix the file or drop --config")
+        raise UserError(f"cannot read config {path}: {escape(first)}; fix the file or drop --config")
     if not isinstance(values, dict):
         raise UserError(f"config {path} must be a mapping of flag: value")
     actions = {a.dest: a for a in parser._actions if a.option_strings}
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    _check_config_size(values, path)
     unknown = sorted(set(values) - set(actions))
     if unknown:
         raise UserError(f"config {path} has unknown keys {unknown}; "
@@ -326,6 +535,10 @@ def parse_args(parser, argv=None, ranges=None):
         if isinstance(value, tuple):
             setattr(args, name, list(value))
     check_ranges(args, ranges)
+    if getattr(args, "tensorboard", False):  # before the run directory is made
+        require("torch.utils.tensorboard", "--tensorboard")
+    if getattr(args, "saliency", 0):
+        require("captum.attr", "--saliency")
     return args
 
 

@@ -14,6 +14,7 @@ import os
 import signal
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -897,6 +898,11 @@ def _convert_chunk(paths, size, crop):
     return done
 
 
+def _ignore_stop_signals():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def workers():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -909,24 +915,27 @@ def convert_images(paths, size, crop, desc="converting", processes=None):
     out = np.zeros((len(paths), size, size), np.uint8)
     chunk = 64
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-    pool = blocked = None
+    pool, stopped = None, []
     if processes > 1 and len(paths) > 2 * chunk:
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        # The workers start, and stay, with SIGINT and SIGTERM blocked: a Ctrl-C (sent to the whole process
-        # group) or a SIGTERM reaches this process alone, which stops the pool below and reports once. A signal
-        # during the forks waits until they are done; arriving in fork's handlers, it would be lost.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        # Workers ignore SIGINT and SIGTERM: a Ctrl-C (sent to the whole process group) or a SIGTERM is this
+        # process's to handle, once; it stops the pool below. While the workers are forked a signal is only
+        # noted and sent again once they run: raised in fork's own handlers, it would be lost.
+        main_thread = threading.current_thread() is threading.main_thread()
+        handlers = {s: signal.signal(s, lambda signum, frame: stopped.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
         try:
-            pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=context)
+            pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=context,
+                                                          initializer=_ignore_stop_signals)
             results = pool.map(_convert_chunk, chunks, [size] * len(chunks), [crop] * len(chunks))
-        except BaseException:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            raise
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, signal.SIG_DFL if handler is None else handler)
     else:
         results = (_convert_chunk(c, size, crop) for c in chunks)
     try:
-        if blocked is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a held signal is raised here, inside the try
+        for signum in stopped[:1]:  # its own handler runs now, inside the try that stops the pool
+            os.kill(os.getpid(), signum)
         with tqdm(total=len(paths), desc=desc, unit="img", mininterval=1, disable=None) as bar:
             i = n_gray = 0
             noted = {}  # note -> [number of files, first file]

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol  # collectives that autograd differentiates
 
+from common import cli
 from common.cli import UserError
 
 
@@ -46,19 +47,30 @@ def is_main():
 
 def on_main(fn, *args):
     """fn(*args) run by rank 0 alone, its result sent to every rank (rank 0 owns the run directory); a
-    UserError it raises is raised on every rank, so that all stop with that one line."""
+    UserError it raises is raised on every rank, so that all stop with that one line; any other
+    exception is raised on rank 0 and the others stop in silence (cli.ReportedElsewhere) instead of
+    waiting for a result that never comes. The other ranks also learn where the run directory and its
+    checkpoint are (cli.progress), so that whichever rank reports an interrupt names what is kept."""
     if world_size() == 1:
         return fn(*args)
-    result = [None]
+    message = [None, None]
+    failure = None
     if is_main():
         try:
-            result = [fn(*args)]
+            message[0] = fn(*args)
         except UserError as e:
-            result = [e]
-    dist.broadcast_object_list(result, src=0)
-    if isinstance(result[0], UserError):
-        raise result[0]
-    return result[0]
+            message[0] = e
+        except Exception as e:
+            failure, message[0] = e, cli.ReportedElsewhere(f"rank 0 failed: {type(e).__name__}")
+        message[1] = {k: getattr(cli.progress, k) for k in ("out", "checkpoint", "overwrite")}
+    dist.broadcast_object_list(message, src=0)
+    if failure is not None:
+        raise failure
+    if not is_main():
+        cli.progress.update(**message[1])
+    if isinstance(message[0], (UserError, cli.ReportedElsewhere)):
+        raise message[0]
+    return message[0]
 
 
 def my_rows(batch):

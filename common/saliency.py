@@ -15,7 +15,6 @@ import os
 
 import numpy as np
 import torch
-from captum.attr import LayerAttribution, LayerGradCam, Occlusion
 
 from common import metrics  # also sets matplotlib's headless backend before pyplot loads
 import matplotlib.pyplot as plt  # noqa: E402
@@ -58,6 +57,7 @@ def gradcam(model, target_layer, images, class_idx=None):
     input size. images: the model's float input (N, C, H, W); target_layer: a module of `model`,
     e.g. `encoder.layer4` of a ResNet (deepest_spatial_stage picks one whose map is not too coarse).
     Returns (N, H, W) in [0, 1]."""
+    from captum.attr import LayerAttribution, LayerGradCam  # optional: only --saliency needs it
     with _eval_mode(model):
         target = _targets(model, images, class_idx)
         cam = LayerGradCam(model, target_layer).attribute(images, target=target, relu_attributions=True)
@@ -93,6 +93,7 @@ def occlusion_sensitivity(model, images, class_idx=None, patch=4, stride=2, base
     is not evidence). baseline 0.0 is mid-grey for inputs normalised as common.data.to_input does.
     per_forward: occluded copies of the batch per forward pass (Captum's default, 1, leaves a GPU
     idle on small images). Returns (N, H, W) in [0, 1]."""
+    from captum.attr import Occlusion  # optional: only --saliency needs it
     channels = images.shape[1]
     with _eval_mode(model), torch.no_grad():
         target = _targets(model, images, class_idx)

@@ -26,7 +26,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.cli import UserError, run_main  # noqa: E402
+from common.cli import UserError, one_line_errors, run_main  # noqa: E402
 from common.metrics import compare_samples, group_mismatches, group_name, paired_runs_test  # noqa: E402
 
 
@@ -142,7 +142,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the paired bootstrap on the test images (non-binary tasks; default: 0)")
     parser.add_argument("--json", metavar="FILE", help="also write the comparison as JSON to FILE")
-    args = parser.parse_args()
+    args = one_line_errors(parser).parse_args()
     names = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if not names:
         raise UserError("--metrics is empty; give e.g. --metrics auc,acc")

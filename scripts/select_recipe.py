@@ -16,7 +16,7 @@ import sys
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.cli import UserError, run_main  # noqa: E402
+from common.cli import UserError, one_line_errors, run_main  # noqa: E402
 from common.rundir import atomic_write_text, read_log  # noqa: E402
 
 # the flags a recipe sweep varies, shown in the table in this order when a run has them
@@ -52,13 +52,30 @@ def score(run):
     return m if m and (epochs is None or m[0] >= epochs) else None
 
 
+def check_output(path, flag):
+    """Refuse an output file whose folder is missing or unwritable, or that is a folder, before any work."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, 'recipes.md')}")
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: the folder {folder} does not exist; create it (mkdir -p) or choose another")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{flag} {path}: cannot write in {folder}; choose a folder you can write to")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories of the candidate recipes")
     parser.add_argument("--table", default=None, help="write the candidates as a Markdown table to this file")
     parser.add_argument("--print-flags", action="store_true",
                         help="print the winner's --crop-scale and --lr (from its args.yaml) instead of its name")
-    args = parser.parse_args()
+    args = one_line_errors(parser).parse_args()
+    for run in args.runs:
+        if not os.path.isdir(run):
+            what = "a file" if os.path.exists(run) else "it does not exist"
+            raise UserError(f"{run} is not a run directory ({what}); give the pretraining runs' folders")
+    if args.table:
+        check_output(args.table, "--table")
     scored = [(run, score(run)) for run in args.runs]
     measured = [(run, m) for run, m in scored if m is not None]
     if not measured:
