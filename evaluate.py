@@ -16,14 +16,12 @@ import argparse
 import copy
 import json
 import os
-import sys
 
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
-from tqdm import tqdm
 
 from common import augment, cli, data, metrics, models, optim, rundir, saliency, supervised
 from common.cli import UserError
@@ -329,12 +327,7 @@ def run_seed(args, seed, splits, template, device, log):
         else copy.deepcopy(template)
     encoder.to(device, memory_format=torch.channels_last)
     task, n_out = train.task, train.n_classes
-    # every subset said: how many labelled images of each class this seed trains on
-    names = train.info.class_names if train.info else [str(c) for c in range(n_out)]
-    counts = supervised.subset_counts(y_train, names, task)
-    tqdm.write(f"seed {seed}: {len(idx)} labelled training images ("
-               + ", ".join(f"{cli.escape(name)}: {n}" for name, n in counts.items()) + ")", file=sys.stdout)
-    subset = {"train_images": len(idx), "train_images_per_class": counts}
+    subset = supervised.subset_record(seed, train, idx)
     class_weight = supervised.class_weights(y_train, task, n_out) if args.class_weight == "balanced" else None
 
     if args.mode in ("finetune", "fewshot"):

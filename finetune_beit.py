@@ -260,10 +260,7 @@ def run_seed(args, seed, splits, prep, device, log):
     if args.balance is not None:
         idx = data.undersample_indices(train.labels, args.balance, seed)
     idx = torch.as_tensor(idx, device=device)
-    names = train.info.class_names if train.info else [str(c) for c in range(train.n_classes)]
-    counts = supervised.subset_counts(train.labels[idx], names, task)
-    tqdm.write(f"seed {seed}: {len(idx)} labelled training images (" + ", ".join(f"{cli.escape(n)}: {c}" for n, c in counts.items())
-               + ")", file=sys.stdout)
+    subset = supervised.subset_record(seed, train, idx)
     supervised.check_batch_size(args.batch_size, len(idx))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -285,7 +282,7 @@ def run_seed(args, seed, splits, prep, device, log):
     y_score = supervised.probabilities(model, test.images, task, forward, args.eval_batch_size)
     val_score = supervised.probabilities(model, val.images, task, forward, args.eval_batch_size)
     return supervised.SeedRun(y_score, {**chosen.info(), "trainable_params": n_trainable, "total_params": n_total,
-                                        "train_images": len(idx), "train_images_per_class": counts}, val_score)
+                                        **subset}, val_score)
 
 
 def load_finetuned(ckpt, model=None):

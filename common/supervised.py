@@ -58,13 +58,19 @@ def class_weights(labels, task, n_classes):
     return torch.where(counts > 0, len(y) / (n_classes * counts.clamp(min=1)), torch.ones_like(counts))
 
 
-def subset_counts(labels, class_names, task):
-    """{class name: labelled training images} of one seed's subset (multi-label: positives per label)."""
-    y = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels)
-    if task == metrics.MULTI_LABEL:
-        return {str(name): int(n) for name, n in zip(class_names, y.sum(axis=0))}
-    counts = np.bincount(y.reshape(-1).astype(int), minlength=len(class_names))
-    return {str(name): int(n) for name, n in zip(class_names, counts)}
+def subset_record(seed, split, index):
+    """Every subset said: the rows `index` of the training `split` (data.Split) that one seed trains on,
+    printed as one line of labelled images per class (multi-label: positives per label) and returned
+    as its metrics.json keys train_images and train_images_per_class."""
+    names = split.info.class_names if split.info else [str(c) for c in range(split.n_classes)]
+    y = split.labels[index].cpu().numpy()
+    if split.task == metrics.MULTI_LABEL:
+        counts = {str(name): int(n) for name, n in zip(names, y.sum(axis=0))}
+    else:
+        counts = {str(name): int(n) for name, n in zip(names, np.bincount(y.reshape(-1), minlength=len(names)))}
+    tqdm.write(f"seed {seed}: {len(y)} labelled training images ("
+               + ", ".join(f"{cli.escape(name)}: {n}" for name, n in counts.items()) + ")", file=sys.stdout)
+    return {"train_images": len(y), "train_images_per_class": counts}
 
 
 def _activate(logits, task):
