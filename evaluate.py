@@ -23,8 +23,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
-from common import augment, cli, data, metrics, models, optim, rundir, saliency, supervised
-from common.cli import UserError
+from common import augment, cli, data, errors, metrics, models, optim, rundir, saliency, supervised
+from common.errors import UserError
 
 # Per-mode defaults of paper 001 (§5.2-5.4): fine-tune 25 epochs at 1e-3, few-shot 25-50 epochs
 # at 1e-2 on 20 samples, linear probe 50 epochs at 1e-2.
@@ -159,10 +159,10 @@ def resolve_args(args):
         pretrained_size = meta.get("args", {}).get("size")
         if args.size is None and pretrained_size:
             args.size = pretrained_size
-            print(f"note: evaluating at {args.size} px, the size {cli.escape(args.ckpt)} was pretrained at",
+            print(f"note: evaluating at {args.size} px, the size {errors.escape(args.ckpt)} was pretrained at",
                   flush=True)
         elif pretrained_size and args.size != pretrained_size:
-            print(f"warning: {cli.escape(args.ckpt)} was pretrained on {pretrained_size} px images; evaluating "
+            print(f"warning: {errors.escape(args.ckpt)} was pretrained on {pretrained_size} px images; evaluating "
                   f"at --size {args.size} as asked (drop --size to evaluate at {pretrained_size})", flush=True)
     args.size = args.size or 28
     args.init = args.ckpt or args.init or "random"
@@ -239,7 +239,8 @@ def finetune(args, encoder, train, val, test, task, n_out, seed, device, log, cl
         models.freeze_through(encoder, "layer4")
         head_opt = torch.optim.Adam(model[1].parameters(), lr=args.head_lr, weight_decay=args.weight_decay)
         head = supervised.train_select(model, head_opt, train, val, task, seed, schedule(args, args.head_epochs),
-                                       forward, forward_train, lambda r: log({"phase": "head", **r}), class_weight)
+                                       forward, forward_train=forward_train,
+                                       log=lambda r: log({"phase": "head", **r}), class_weight=class_weight)
         info["head_val_auc"] = head.val_auc
 
     # ---- main phase: the encoder from --freeze on, and the head
@@ -252,7 +253,7 @@ def finetune(args, encoder, train, val, test, task, n_out, seed, device, log, cl
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
     chosen = supervised.train_select(model, optimizer, train, val, task, seed,
                                      schedule(args, lr=None if args.lr_schedule == "constant" else lr),
-                                     forward, forward_train, log, class_weight)
+                                     forward, forward_train=forward_train, log=log, class_weight=class_weight)
     info.update(chosen.info())
 
     def scores(images):  # the validation split scored as the test split is (TTA included)
@@ -380,7 +381,7 @@ def pretraining_record(path):
               "size": pretrained.get("size"), "in_chans": meta["in_chans"], "arch": meta["arch"], "stem": meta["stem"],
               "input_scaling": meta.get("input_scaling", models.INPUT_SCALING)}
     if isinstance(epoch, int) and isinstance(record["epochs"], int) and epoch < record["epochs"]:
-        print(f"note: {cli.escape(path)} is an unfinished pretraining run (epoch {epoch} of {record['epochs']}); "
+        print(f"note: {errors.escape(path)} is an unfinished pretraining run (epoch {epoch} of {record['epochs']}); "
               f"its encoder is evaluated as it stands, and metrics.json records the epoch", flush=True)
     return record
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import cli, data, metrics, optim, rundir, supervised
-from common.cli import UserError
+from common.errors import UserError
 
 PAPER_MODEL = "microsoft/beit-large-patch16-224"
 # PIL resample codes of a processor's config -> torch.nn.functional.interpolate modes

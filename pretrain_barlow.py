@@ -13,14 +13,18 @@ sparsity penalty on the projector's last weight.
     torchrun --nproc_per_node=4 pretrain_barlow.py --config configs/paper002_barlow.yaml --sync-bn
 """
 import argparse
-import functools
 import json
 import os
 
 import torch
 
 from common import augment, cli, data, dist, metrics, models, optim, pretrain, rundir
-from common.cli import UserError
+from common.errors import UserError
+
+# the method list (common/methods.py): its name in tables, its CPU config, the flags of a run of seconds
+LABEL = "Barlow Twins"
+CPU_CONFIG = "configs/cpu_barlow.yaml"
+SMOKE_FLAGS = ["--projector", "32-32", "--aug", "base+vflip+noise"]
 
 
 def number(text):
@@ -35,12 +39,23 @@ def number(text):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Barlow Twins pretraining", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_flags(parser, data_help="dataset(s) whose train images are the unlabeled corpus: MedMNIST 2D "
-                         "flags, .npz files, folders or CSV manifests (docs/DATA.md), several joined by commas "
-                         "(paper 002: chest X-rays, e.g. chestmnist)")
-    parser.set_defaults(data="chestmnist", arch="resnet18", stem="imagenet", in_chans=3)
+    parser = pretrain.get_args_parser("Barlow Twins pretraining", __doc__, data_default="chestmnist")
+    cli.set_defaults(parser, aug=augment.PAPER002_MENU, epochs=300, batch_size=128, optimizer="adam", lr=2e-3,
+                     weight_decay=1e-5, lr_schedule="cosine", warmup_epochs=0, notes={
+                         "data": "paper 002: chest X-rays, e.g. chestmnist",
+                         "aug": "default: paper 002's final set; paper002 = the same, paper003 = Barlow Twins' "
+                                "asymmetric pair with a 0.7-1 crop and rotation",
+                         "init": "also barlowtwins: facebookresearch's ImageNet ResNet-50 via torch.hub, paper 003's "
+                                 "SSL base; paper 002: random",
+                         "epochs": "paper 002: 300 on ~21k COVID X-rays; paper 003: 100 for the whole encoder",
+                         "batch_size": "papers 002 and 003: 128",
+                         "optimizer": "paper 002: adam; paper 003's code: adamw (fastai's Adam); Zbontar et al.: "
+                                      "lars at 0.2 x batch/256, weight decay 1.5e-6",
+                         "lr": "paper 002's scan: 2e-3; or auto: an LR range test picks it (paper 003), writing "
+                               "lr_range.json and lr_range.png",
+                         "weight_decay": "paper 002's code: 1e-5; Zbontar et al. with LARS: 1.5e-6",
+                         "lr_schedule": "paper 002: cosine; paper 003: 1cycle; over the epochs after the frozen ones",
+                         "warmup_epochs": "Zbontar et al.: 10"})
 
     # * Barlow Twins
     g = parser.add_argument_group("Barlow Twins")
@@ -56,22 +71,18 @@ def get_args_parser():
     g.add_argument("--sparsity-norm", default="l1", choices=["l1", "l21"],
                    help="l1 = sum of |w| (paper 003's text); l21 = sum of the L2 norms of the weight's "
                         "columns, one per input unit (what paper 003's code computes)")
-    g.add_argument("--aug", default=augment.PAPER002_MENU, type=augment.checked_spec,
-                   help=f"views: a menu of {'+'.join(augment.MENU)} joined by '+', applied in that order with "
-                        f"paper 002's values (default: its final set), or a preset: paper002 (the same), "
-                        f"paper003 (Barlow Twins' asymmetric pair with a 0.7-1 crop and rotation), or any other of "
-                        f"{', '.join(n for n in augment.NAMES if n not in ('paper002', 'paper003'))}")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
-                   help="random-resized-crop area range (default: the preset's; 0.08 1 in paper 002's base)")
     g.add_argument("--oversample", default=None, metavar="CLASS:FACTOR",
                    help="repeat the train images of a class FACTOR times in every epoch, e.g. 1:10 (paper 003 "
                         "§4.5 oversampled its rare class 10:1); several joined by commas; one --data only")
+    g.add_argument("--lr-biases", type=float, default=None, metavar="LR",
+                   help="peak lr of the biases and BatchNorm parameters under --optimizer lars, on --lr's schedule "
+                        "(Zbontar et al.: 0.0048 x batch/256 beside 0.2 x batch/256 for the weights; default: "
+                        f"{optim.BARLOW_BIAS_LR_RATIO:g} x --lr, their ratio)")
+    g.add_argument("--lr-range", type=float, nargs=3, default=[1e-7, 10.0, 100], metavar=("START", "END", "STEPS"),
+                   help="sweep of --lr auto: lr from START to END over STEPS steps (fastai's lr_find: 1e-7 10 100)")
 
     # * Further pretraining (paper 003 §3.7)
     g = parser.add_argument_group("further pretraining (paper 003 §3.7)")
-    g.add_argument("--init", default="random",
-                   help="random | imagenet | barlowtwins (facebookresearch's ImageNet ResNet-50 via torch.hub; "
-                        "paper 003's SSL base) | <checkpoint.pt or .pth> (paper 002: random)")
     g.add_argument("--freeze-encoder-epochs", type=int, default=0,
                    help="first epochs that train the projector alone, encoder frozen (paper 003: 1)")
     g.add_argument("--freeze-lr", type=float, default=None,
@@ -83,36 +94,6 @@ def get_args_parser():
                    help="BatchNorm in frozen parts: eval = running statistics used and left untouched "
                         "(default); train = batch statistics, running statistics updated; their affine "
                         "weights stay frozen either way (fastai, paper 003's code, also trains those)")
-
-    # * Optimisation
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "lars"],
-                   help="adam (paper 002); adamw (decoupled weight decay: fastai's Adam, as paper 003's code "
-                        "ran it); lars (Zbontar et al.: lr 0.2 x batch/256, biases and BN at --lr-biases, weight decay 1.5e-6)")
-    g.add_argument("--epochs", type=int, default=300,
-                   help="epochs (paper 002: 300 on ~21k COVID X-rays; paper 003: 100 for the whole encoder)")
-    g.add_argument("--batch-size", type=int, default=128,
-                   help="global batch size, split evenly over torchrun's processes (papers 002 and 003: 128)")
-    g.add_argument("--lr", type=cli.lr_or_auto, default=2e-3,
-                   help="peak learning rate (paper 002's scan: 2e-3), or auto: an LR range test picks it "
-                        "(paper 003), writing lr_range.json and lr_range.png")
-    g.add_argument("--lr-biases", type=float, default=None, metavar="LR",
-                   help="peak lr of the biases and BatchNorm parameters under --optimizer lars, on --lr's schedule "
-                        "(Zbontar et al.: 0.0048 x batch/256 beside 0.2 x batch/256 for the weights; default: "
-                        f"{optim.BARLOW_BIAS_LR_RATIO:g} x --lr, their ratio)")
-    g.add_argument("--lr-range", type=float, nargs=3, default=[1e-7, 10.0, 100], metavar=("START", "END", "STEPS"),
-                   help="sweep of --lr auto: lr from START to END over STEPS steps (fastai's lr_find: 1e-7 10 100)")
-    g.add_argument("--lr-schedule", default="cosine", choices=list(optim.LR_SCHEDULES),
-                   help="cosine = cosine annealing to 0 (paper 002); 1cycle = fastai's one-cycle, up to --lr and "
-                        "down again (paper 003); constant; step = x0.1 at 50%% and 75%% of the epochs; linear = "
-                        "linear decay to 0; over the epochs after the frozen ones")
-    g.add_argument("--warmup-epochs", type=int, default=0,
-                   help="linear warm-up epochs for --lr-schedule cosine (Zbontar et al.: 10)")
-    g.add_argument("--weight-decay", type=float, default=1e-5,
-                   help="weight decay (paper 002's code: 1e-5; Zbontar et al. with LARS: 1.5e-6)")
-
-    cli.add_pretrain_flags(parser)
-    # what --compile covers differs between the methods: its help says it
     return parser
 
 
@@ -178,7 +159,7 @@ def set_train_mode(args, encoder, projector):
         models.frozen_bn_eval(encoder)
 
 
-def forward_loss(args, online, projector, x1, x2):
+def forward_loss(online, projector, x1, x2, lambd, sparsity, sparsity_norm):
     """Barlow Twins loss (plus the sparsity penalty on `projector`) of two views (input tensors): `online`
     (encoder + projector, in DDP under torchrun) on this rank's rows of each (bf16 autocast on CUDA), the
     loss over the whole batch in float32, the same on every rank. What --compile compiles."""
@@ -186,43 +167,21 @@ def forward_loss(args, online, projector, x1, x2):
         z1, z2 = online(x1), online(x2)
     # the loss standardises along the batch: gather the global batch's embeddings (gradients reach
     # every rank's own rows; DDP's mean over ranks then gives the one-process gradient)
-    loss = barlow_twins_loss(dist.all_rows(z1), dist.all_rows(z2), args.lambd)
-    if args.sparsity:
-        loss = loss + args.sparsity * sparsity_penalty(projector[-1].weight, args.sparsity_norm)
+    loss = barlow_twins_loss(dist.all_rows(z1), dist.all_rows(z2), lambd)
+    if sparsity:
+        loss = loss + sparsity * sparsity_penalty(projector[-1].weight, sparsity_norm)
     return loss
 
 
-def step_loss(args, online, projector, batch, views, aug_gen, loss_fn=forward_loss):
-    """The loss of one uint8 global batch: its two augmented views, then `loss_fn` (forward_loss, or its
-    compiled form) on them."""
-    # every rank augments the whole batch and keeps its own rows: an image's views do not depend on
-    # the number of processes, and aug_gen stays in step on every rank
-    x1, x2 = (data.to_input(dist.my_rows(v), args.in_chans).contiguous(memory_format=torch.channels_last)
-              for v in augment.two_views(batch, views, aug_gen))
-    return loss_fn(args, online, projector, x1, x2)
-
-
-def lr_at(args, optimizer, step, steps_per_epoch):
-    """Set this step's lr: constant --freeze-lr while the encoder is frozen (paper 003 §3.7), then
-    --lr-schedule over the epochs after the frozen ones. Returns the lr."""
+def lr_at(args, optimizer, step, steps_per_epoch, lr):
+    """Set this step's lr: constant --freeze-lr (default `lr`) while the encoder is frozen (paper 003 §3.7),
+    then --lr-schedule from `lr` over the epochs after the frozen ones. Returns the lr."""
     frozen_epochs = args.freeze_encoder_epochs
     if step < frozen_epochs * steps_per_epoch:
-        return optim.schedule_step(optimizer, "constant", 0, 1, args.freeze_lr)
+        return optim.schedule_step(optimizer, "constant", 0, 1, args.freeze_lr or lr)
     return optim.schedule_step(optimizer, args.lr_schedule, step - frozen_epochs * steps_per_epoch,
-                               (args.epochs - frozen_epochs) * steps_per_epoch, args.lr,
-                               args.warmup_epochs * steps_per_epoch)
-
-
-def train_step(args, online, projector, optimizer, views, aug_gen, steps_per_epoch, batch, step,
-               loss_fn=forward_loss):
-    """One Barlow Twins step on a uint8 global batch (`loss_fn`: forward_loss, or its compiled form under
-    --compile). Returns its loss and the step's lr."""
-    lr = lr_at(args, optimizer, step, steps_per_epoch)
-    loss = step_loss(args, online[0], projector, batch, views, aug_gen, loss_fn)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), {"lr": lr}  # the global batch's loss, the same on every rank
+                               (args.epochs - frozen_epochs) * steps_per_epoch, lr,
+                               args.warmup_epochs * steps_per_epoch, args.final_lr_fraction)
 
 
 def start_phase(args, encoder, projector, online, device, epoch):
@@ -237,23 +196,23 @@ def start_phase(args, encoder, projector, online, device, epoch):
             "trainable_params": trainable + sum(p.numel() for p in projector.parameters())}
 
 
-def lr_from_range_test(args, encoder, projector, images, index, device):
+def lr_from_range_test(args, encoder, projector, run):
     """--lr auto: an LR range test on the part trained after the frozen epochs, from the initial
     weights (restored afterwards), with its own seeded generator so that the run's own random
     draws are those of a run given the found lr. Every rank takes part, as in training; rank 0
     writes lr_range.json and lr_range.png."""
     set_phase(args, encoder, args.freeze_encoder_epochs)
     set_train_mode(args, encoder, projector)
-    online = dist.distributed(torch.nn.Sequential(encoder, projector), device)
+    online = dist.distributed(torch.nn.Sequential(encoder, projector), run.device)
     params = [p for p in [*encoder.parameters(), *projector.parameters()] if p.requires_grad]
     optimizer = optim.make_optimizer(args.optimizer, params, args.lr_range[0], args.weight_decay,
                                      bias_lr_ratio=optim.lars_bias_lr_ratio(args.optimizer, args.lr, args.lr_biases))
-    gen = torch.Generator(device).manual_seed(args.seed + 1)
-    views = augment.views(args.aug, args.crop_scale)
+    gen = torch.Generator(run.device).manual_seed(args.seed + 1)
 
     def batch_loss():
-        pick = torch.randint(len(index), (args.batch_size,), generator=gen, device=index.device)
-        return step_loss(args, online, projector, images[index[pick]], views, gen)
+        pick = torch.randint(len(run.index), (args.batch_size,), generator=gen, device=run.index.device)
+        x1, x2 = pretrain.two_views(run.images[run.index[pick]], run, generator=gen)
+        return forward_loss(online, projector, x1, x2, args.lambd, args.sparsity, args.sparsity_norm)
     start, end, steps = args.lr_range
     lrs, losses, lr = optim.lr_range_test(batch_loss, optimizer, [encoder, projector], start, end, int(steps))
     if dist.is_main():
@@ -265,8 +224,8 @@ def lr_from_range_test(args, encoder, projector, images, index, device):
     return lr
 
 
-def main():
-    args = cli.parse_args(get_args_parser())
+def check(args):
+    """Refusals of this method's flags, before the run directory is touched."""
     if args.freeze_encoder_epochs < 0 or args.freeze_encoder_epochs >= args.epochs:
         raise UserError(f"--freeze-encoder-epochs must be in [0, --epochs), got {args.freeze_encoder_epochs} "
                         f"with --epochs {args.epochs}")
@@ -277,8 +236,9 @@ def main():
     if args.oversample and "," in args.data:
         raise UserError("--oversample takes one --data flag (class numbers differ between datasets)")
 
-    # ---- data: the train split(s), whole, as uint8 on the device; an index list to sample from
-    run = pretrain.setup("pretrain_barlow", vars(args), args.device)
+
+def build(args, run):
+    # ---- data: an index list to sample from, a class repeated when --oversample asks
     if args.oversample:
         labels = data.load_split(args.data, "train", args.size, args.data_root, run.device, args.in_chans).labels
         run.index = oversample_index(labels, args.oversample)
@@ -288,33 +248,42 @@ def main():
     encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
     projector = models.projector(models.FEATURE_DIM[args.arch], args.projector)
     modules = {"encoder": encoder, "projector": projector}
-    pretrain.place(modules, run.device, args.sync_bn)
+    pretrain.place(modules, run.device, run.sync_bn)
 
-    # ---- learning rate: given, found by a range test now, or the one a resumed run found
+    # ---- learning rate: given, or found by a range test now; a resumed run gets the lr it found back
+    # from its checkpoint, as the method's state (its range test is not run again)
+    state = {"lr": args.lr}
     if args.lr == "auto":
-        args.lr = run.state["lr"] if run.state is not None else lr_from_range_test(
-            args, encoder, projector, run.images, run.index, run.device)
-    if args.freeze_lr is None:
-        args.freeze_lr = args.lr
+        state["lr"] = 0.0 if run.state is not None else lr_from_range_test(args, encoder, projector, run)
 
     # ---- optimiser: one over every parameter; frozen ones have no gradient and are skipped
     bias_lr_ratio = optim.lars_bias_lr_ratio(args.optimizer, args.lr, args.lr_biases)
     optimizer = optim.make_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
-                                     args.lr, args.weight_decay, run.device, bias_lr_ratio)
-    print(f"{len(run.index)} images per epoch, {run.steps_per_epoch} steps/epoch, encoder trainable: "
-          f"{args.trainable} after {args.freeze_encoder_epochs} frozen epoch(s), lr {args.lr:.3g}"
-          + (f" (biases and BN: {args.lr * bias_lr_ratio:.3g})" if args.optimizer == "lars" else "")
-          + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
-
-    # ---- loop: common/pretrain.py (resume, checkpoints, log, kNN monitor)
+                                     state["lr"], args.weight_decay, run.device, bias_lr_ratio)
     online = []  # built by start_phase, rebuilt when the trainable part changes
     # --compile: a new graph at the phase change (other parameters trainable, a new module), then none
-    loss_fn = pretrain.compile_loss(forward_loss, run.device) if args.compile else forward_loss
-    step = functools.partial(train_step, args, online, projector, optimizer, run.views, run.generator,
-                             run.steps_per_epoch, loss_fn=loss_fn)
-    phase = functools.partial(start_phase, args, encoder, projector, online, run.device)
-    method = pretrain.Method("barlow", modules, optimizer, step, start_epoch=phase, saved={"lr": args.lr})
-    pretrain.train(method, run)
+    loss_fn = pretrain.compiled(forward_loss, run)
+
+    # ---- step
+    def step(batch, i):
+        """One Barlow Twins step on a uint8 global batch: lr, two views, the loss, an optimiser step. The
+        loss is the global batch's, the same on every rank."""
+        lr = lr_at(args, optimizer, i, run.steps_per_epoch, state["lr"])
+        x1, x2 = pretrain.two_views(batch, run)
+        loss = loss_fn(online[0], projector, x1, x2, args.lambd, args.sparsity, args.sparsity_norm)
+        pretrain.optimizer_step(optimizer, loss)
+        return loss.detach(), {"lr": lr}
+
+    found = "found by the range test" if args.lr == "auto" else "given"
+    lr_note = (f"lr {state['lr']:.3g} ({found})" if state["lr"] else "lr from the checkpoint's range test")
+    summary = (f"encoder trainable: {args.trainable} after {args.freeze_encoder_epochs} frozen epoch(s), {lr_note}"
+               + (f", biases and BN at {bias_lr_ratio:.3g} x lr" if args.optimizer == "lars" else ""))
+    return pretrain.Method("barlow", modules, optimizer, step, state=state, summary=summary,
+                           start_epoch=lambda epoch: start_phase(args, encoder, projector, online, run.device, epoch))
+
+
+def main():
+    pretrain.main("pretrain_barlow", get_args_parser, build, check=check, lr_auto=True)
 
 
 if __name__ == "__main__":

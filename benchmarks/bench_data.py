@@ -72,14 +72,13 @@ def gather_rate(images, device, host, batch=256, steps=20):
 
 
 def training_rate(images, device, steps, batch=64):
-    """images/s of pretrain_byol's own train_step (built as benchmarks/bench_speed.py builds it) on a
-    uint8 corpus, best of two timed runs of `steps` steps after one warm-up step."""
+    """images/s of pretrain_byol.build's step (bench_speed.method_step, --aug byol) on a uint8 corpus,
+    best of two timed runs of `steps` steps after one warm-up step."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_speed
     batch = min(batch, len(images))
-    cfg = {"workload": "byol", "batch": batch, "in_chans": images.shape[1], "arch": "resnet18", "stem": "imagenet",
-           "byol_aug": "byol"}
-    step = bench_speed.build_step(cfg, bench_speed.parse_variant(f"{device.type}+cl"), device, images.to(device))
+    step = bench_speed.method_step("byol", ["--aug", "byol", "--batch-size", batch, "--arch", "resnet18", "--stem",
+                                            "imagenet", "--in-chans", images.shape[1]], device, images.to(device))
     step(0).item()
     best = 0.0
     for _ in range(2):

@@ -6,9 +6,9 @@ each and their ratio.
 
 Both train the same ResNet-18 (imagenet stem, 3 input channels: gray images repeated) with 512-4096-256
 BYOL heads, Adam 1e-4 and an EMA target of tau 0.99, on the same uint8 gray images of --size px:
-  - medssl: pretrain_byol.train_step (as benchmarks/bench_speed.py builds it) with --aug byol, Grill et
-    al.'s view pair, drawn on the device from the uint8 tensor held there; channels_last; bf16 autocast on
-    CUDA (what the script does).
+  - medssl: the step of pretrain_byol.build(args, run) (bench_speed.method_step: the script's defaults) with
+    --aug byol, Grill et al.'s view pair, drawn on the device from the uint8 tensor held there;
+    channels_last; bf16 autocast on CUDA (what the script does).
   - lightly: lightly's BYOLTransform (both views at --size px, otherwise its defaults: Grill et al.'s
     pair) applied to PIL images by a torch DataLoader with --workers worker processes (default 2), then
     lightly's BYOL heads, NegativeCosineSimilarity loss and update_momentum on the same encoder, Adam; on
@@ -105,14 +105,13 @@ def lightly_step_fn(args, device, array):
 
 
 def medssl_step_fn(args, device, array):
-    """pretrain_byol.train_step on the uint8 images held on the device."""
+    """pretrain_byol.build's step on the uint8 images held on the device."""
     import torch
 
     import bench_speed
     images = torch.from_numpy(array)[:, None].to(device)
-    cfg = {"workload": "byol", "batch": args.batch_size, "in_chans": 3, "arch": "resnet18", "stem": "imagenet",
-           "byol_aug": "byol"}
-    step = bench_speed.build_step(cfg, bench_speed.parse_variant(f"{device.type}+cl"), device, images)
+    step = bench_speed.method_step("byol", ["--aug", "byol", "--batch-size", args.batch_size, "--arch", "resnet18",
+                                            "--stem", "imagenet", "--in-chans", 3], device, images)
     count = iter(range(10**9))
     return lambda: step(next(count))
 
@@ -153,8 +152,8 @@ def main():
     print(f"BYOL step, ResNet-18, {args.size} px, batch {args.batch_size}, {where}, torch {torch.__version__}, "
           f"lightly {lightly.__version__}, {args.workers} DataLoader workers; best of {args.repeats} x "
           f"{args.steps} steps")
-    print(f"medssl (pretrain_byol.train_step, views on the device): {best['medssl']:8.1f} images/s")
-    print(f"lightly (BYOLTransform + DataLoader):                    {best['lightly']:8.1f} images/s")
+    print(f"medssl (pretrain_byol.build's step, views on the device): {best['medssl']:8.1f} images/s")
+    print(f"lightly (BYOLTransform + DataLoader):                      {best['lightly']:8.1f} images/s")
     print(f"ratio medssl / lightly: {best['medssl'] / best['lightly']:.2f}x")
 
 

@@ -11,20 +11,22 @@ grid below is ours, around its choice).
     python benchmarks/bench_resources.py --paper-scale        # 28-256 px x batch 16-256, meant for a GPU
     python benchmarks/bench_resources.py --method byol --dataset chestmnist --out runs/resources-byol
 
-Every cell runs the pretraining step of bench_speed.py (the script's own loss, model and views) in a
-fresh process for a few steps. Time per epoch is EXTRAPOLATED: measured seconds per step x
-(dataset images // batch size) steps, as the scripts drop the last partial batch; it leaves out
-per-epoch costs (checkpoint, kNN monitor). Peak memory: CUDA max_memory_allocated, or on the CPU
-the peak RSS growth over the steps (see bench_speed.py). Writes resources.json, epoch_time.png and
-peak_memory.png to --out.
+Every cell runs a pretraining method's step as bench_speed.py does (its script's own build(args, run):
+its loss, model and views, at its default flags) in a fresh process for a few steps. Time per epoch is
+EXTRAPOLATED: measured seconds per step x (dataset images // batch size) steps, as the scripts drop the
+last partial batch; it leaves out per-epoch costs (checkpoint, kNN monitor). Peak memory: CUDA
+max_memory_allocated, or on the CPU the peak RSS growth over the steps (see bench_speed.py). Writes
+resources.json, epoch_time.png and peak_memory.png to --out.
 """
 import argparse
 import json
 import os
+import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_speed  # noqa: E402  (the sibling benchmark: its worker measures each cell)
+from common import methods  # noqa: E402
 
 # Images per epoch of a named corpus; MedMNIST flags are looked up in medmnist.INFO (train split).
 DATASETS = {"covid-19-radiography": (21_165, "COVID-19 Radiography, paper 002's resources study")}
@@ -35,8 +37,8 @@ PAPER_GRID = {"resolutions": "28,64,128,224,256", "batch_sizes": "16,32,64,128,2
 def get_args_parser():
     parser = argparse.ArgumentParser("bench_resources", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="barlow", choices=["barlow", "byol"],
-                        help="pretraining step measured (paper 002: barlow)")
+    parser.add_argument("--method", default="barlow", choices=bench_speed.METHODS,
+                        help="pretraining method whose step is measured (paper 002: barlow)")
     parser.add_argument("--resolutions", default=None,
                         help=f"comma-separated image sides in px (default {CPU_GRID['resolutions']}; "
                              f"--paper-scale {PAPER_GRID['resolutions']})")
@@ -60,6 +62,8 @@ def get_args_parser():
     parser.add_argument("--stem", default="imagenet", choices=["imagenet", "small"], help="encoder stem")
     parser.add_argument("--projector", default=None,
                         help="Barlow Twins projector (default: pretrain_barlow.py's, 512 = paper 002's best)")
+    parser.add_argument("--method-flags", default="", metavar="FLAGS",
+                        help="more flags of the method's script on top of its defaults, e.g. '--aug byol'")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell")
     parser.add_argument("--jobs", type=int, default=1,
@@ -158,8 +162,9 @@ def main():
     if parsed["compile"]:
         warmup = max(warmup, 3)
 
+    flags = (["--projector", args.projector] if args.projector else []) + shlex.split(args.method_flags)
     configs = [{"workload": args.method, "size": r, "batch": b, "variant": variant, "steps": steps, "warmup": warmup,
-                "arch": args.arch, "stem": args.stem, "in_chans": args.in_chans, "projector": args.projector,
+                "arch": args.arch, "stem": args.stem, "in_chans": args.in_chans, "flags": flags,
                 "threads": args.threads} for r in resolutions for b in batch_sizes]
     load_before = bench_speed.machine_load()
     results = bench_speed.run_all(configs, args.timeout, args.jobs)
@@ -178,8 +183,7 @@ def main():
         memory_grid[key] = {"value": r["peak_memory_mib"]}
     measure = next((r["memory_measure"] for r in results if r.get("memory_measure")), "n/a")
     device = next((r["device_name"] for r in results if r.get("device_name")), variant)
-    what = (f"{'Barlow Twins' if args.method == 'barlow' else 'BYOL'}, {args.arch}, {args.in_chans} channel(s), "
-            f"{variant} on {device}")
+    what = f"{methods.get(args.method).label}, {args.arch}, {args.in_chans} channel(s), {variant} on {device}"
 
     os.makedirs(args.out, exist_ok=True)
     time_png, memory_png = os.path.join(args.out, "epoch_time.png"), os.path.join(args.out, "peak_memory.png")

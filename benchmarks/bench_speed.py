@@ -1,7 +1,7 @@
-"""Speed and memory of the training steps the scripts run: images/s and peak memory of
-the BYOL, Barlow Twins and SimCLR pretraining steps, of feature extraction (the linear probe's input) and
-of a fine-tune step, at several image sizes, on the CPU and on CUDA with and without bf16 autocast,
-channels_last and torch.compile.
+"""Speed and memory of the training steps the scripts run: images/s and peak memory of every pretraining
+method's step (each pretrain_<method>.py of common/methods.py), of feature extraction (the linear probe's
+input) and of a fine-tune step, at several image sizes, on the CPU and on CUDA with and without bf16
+autocast, channels_last and torch.compile.
 
     python benchmarks/bench_speed.py                                  # CPU defaults, a few minutes on 2 cores
     python benchmarks/bench_speed.py --workloads byol --sizes 28 --variants cuda+bf16+cl --batch 28:256
@@ -18,12 +18,13 @@ has done the imports), so that its peak-memory figure is its own:
     resource.getrusage(RUSAGE_SELF).ru_maxrss (the lifetime peak) replaces VmHWM; the output says so.
     With compile on the CPU the compiler's own memory lands in this figure too (it runs in warm-up).
 
-The pretraining workloads run the scripts' own step functions (pretrain_byol.train_step,
-pretrain_barlow.train_step, pretrain_simclr.train_step) on models built as their main() builds them,
-with the scripts' default hyper-parameters; they choose bf16 autocast themselves (on CUDA), so for them a
-variant's bf16 switch changes nothing. features and finetune are put together from common/supervised.py's parts;
-only the switches a variant names differ. Images are random uint8 gray images (the speed does not depend on content).
-"images/s" counts source images: a pretraining step on a batch of B images makes 2B views.
+A pretraining workload is a method's own step: its script's build(args, run) on an in-memory run
+(common.pretrain.in_memory) over the image pool, with the script's default hyper-parameters (plus
+--byol-aug, --barlow-aug, --projector and --method-flags). A method places its modules and views in
+channels_last and picks bf16 autocast on CUDA itself, so for these workloads a variant's bf16 and cl
+switches change nothing. features and finetune are put together from common/supervised.py's parts; only
+the switches a variant names differ. Images are random uint8 gray images (the speed does not depend on
+content). "images/s" counts source images: a pretraining step on a batch of B images makes 2B views.
 
 Variants: a device (cpu | cuda) joined by '+' to any of bf16 (torch.autocast bf16), cl
 (channels_last model and inputs) and compile (the pretraining steps: --compile's compiled forward and
@@ -34,6 +35,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -42,8 +44,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # the scripts, and the fork server's sys.path
+from common import methods  # noqa: E402  (reads the scripts' sources: no torch import here)
 
-WORKLOADS = ("byol", "barlow", "simclr", "features", "finetune")
+METHODS = tuple(methods.names())
+WORKLOADS = (*METHODS, "features", "finetune")
 VARIANT_FLAGS = {"bf16": "bf16", "cl": "channels_last", "channels_last": "channels_last", "compile": "compile"}
 CPU_BATCH = {28: 64, 224: 8}      # small at 224 px: a ResNet-18 BYOL step on 8 images takes seconds on 2 cores
 CUDA_BATCH = {28: 256, 224: 128}  # paper 001's BYOL batch (256) and paper 002's Barlow batch (128)
@@ -55,8 +61,9 @@ def get_args_parser():
     parser = argparse.ArgumentParser("bench_speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
-                        help=f"comma-separated, any of {', '.join(WORKLOADS)} (features = the frozen-encoder "
-                             f"pass of the linear probe; finetune = one all-layer fine-tune step)")
+                        help=f"comma-separated, any of {', '.join(WORKLOADS)} (a pretraining method's step; "
+                             f"features = the frozen-encoder pass of the linear probe; finetune = one all-layer "
+                             f"fine-tune step)")
     parser.add_argument("--sizes", default="28,224", help="comma-separated image sides in pixels")
     parser.add_argument("--variants", default="cpu+cl,cuda,cuda+bf16,cuda+bf16+cl,cuda+bf16+cl+compile",
                         help="comma-separated: cpu | cuda, plus any of +bf16 +cl +compile (see above); CUDA "
@@ -77,6 +84,9 @@ def get_args_parser():
     parser.add_argument("--barlow-aug", default=None,
                         help="Barlow Twins views (default: pretrain_barlow.py's, paper 002's final menu)")
     parser.add_argument("--projector", default=None, help="Barlow Twins projector (default: pretrain_barlow.py's, 512)")
+    parser.add_argument("--method-flags", action="append", default=[], metavar="METHOD:FLAGS",
+                        help="flags of a method's script on top of its defaults, e.g. 'simclr:--temperature 0.1 "
+                             "--aug byol'; repeat for several methods")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per configuration")
     parser.add_argument("--jobs", type=int, default=1,
@@ -163,26 +173,59 @@ def memory_end(device, start):
             "cpu_peak_rss_mib": peak_kib / 1024}
 
 
-def script_args(parser, cfg, extra):
-    """The script's own flag defaults, with the benchmark's model flags on top: the benchmark runs
-    the hyper-parameters the script would."""
-    argv = ["--arch", cfg["arch"], "--stem", cfg["stem"], "--in-chans", str(cfg["in_chans"]), "--out", "-"]
-    for flag, value in extra.items():
-        if value is not None:
-            argv += [flag, str(value)]
-    return parser.parse_args(argv)
+class FlagError(ValueError):
+    """A method's script refused the flags a configuration gave it."""
+
+
+def method_step(name, argv, device, images):
+    """step(i) -> loss: optimiser step i of pretrain_<name>.py's method, built by its own build(args, run)
+    from its default flags with `argv` on top, on an in-memory run (no run directory) over the uint8 pool
+    `images` on `device`; its batches follow one permutation of the pool, drawn from the run's generator
+    before the step's own draws (as the training loop draws them), cycled like epochs. The step carries
+    its args, run and method as attributes."""
+    import importlib
+
+    import torch
+
+    from common import pretrain
+    script = importlib.import_module(f"pretrain_{name}")
+    argv = [str(a) for a in argv]
+
+    def refuse(message):  # argparse's error, raised in this process rather than exiting it
+        raise FlagError(f"pretrain_{name}.py refuses {shlex.join(argv)}: {message}")
+    parser = script.get_args_parser()
+    parser.error, parser.allow_abbrev = refuse, False  # a flag of the benchmark's is the script's, in full
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise FlagError(f"pretrain_{name}.py has no flag {unknown[0]}")
+    n_batches = len(images) // args.batch_size
+    run = pretrain.in_memory(vars(args), images, device, steps=n_batches)
+    method = script.build(args, run)
+    if method.start_epoch:
+        method.start_epoch(0)
+    order = torch.randperm(len(images), generator=run.generator, device=images.device)
+
+    def step(i):
+        j = i % n_batches
+        return method.step(images[order[j * args.batch_size:(j + 1) * args.batch_size]], i)[0]
+    step.args, step.run, step.method = args, run, method  # for a benchmark that looks inside
+    return step
 
 
 def build_step(cfg, variant, device, images):
     """A function step(i) running the workload's step i on the pool `images`, and the loss it returns.
-    Only the lines marked VARIANT differ from the scripts' loops."""
-    import copy
-
+    A pretraining method runs its script's own step (method_step) with the configuration's model flags
+    and cfg["flags"]; for features and finetune only the lines marked VARIANT differ from the scripts'."""
     import torch
 
-    from common import augment, data, models
+    from common import data, models
 
     batch_size, workload, in_chans = cfg["batch"], cfg["workload"], cfg["in_chans"]
+    if workload in METHODS:
+        argv = ["--arch", cfg["arch"], "--stem", cfg["stem"], "--in-chans", in_chans, "--batch-size", batch_size,
+                *(["--compile"] if variant["compile"] else []), *cfg.get("flags", ())]
+        return method_step(workload, argv, device, images)
+
     memory_format = torch.channels_last if variant["channels_last"] else torch.contiguous_format  # VARIANT
     gen = torch.Generator(device).manual_seed(0)
     perm = torch.randperm(len(images), generator=gen, device=device)
@@ -195,7 +238,7 @@ def build_step(cfg, variant, device, images):
     def prepare(x):
         return data.to_input(x, in_chans).contiguous(memory_format=memory_format)
 
-    def autocast():  # VARIANT: the pretraining scripts enable bf16 autocast on CUDA only
+    def autocast():  # VARIANT: evaluate.py runs no autocast
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant["bf16"])
 
     def place(*modules):
@@ -205,62 +248,8 @@ def build_step(cfg, variant, device, images):
     def compiled(module):  # VARIANT: the evaluation workloads compile the encoder
         return torch.compile(module) if variant["compile"] else module
 
-    def loss_fn(script):  # VARIANT: the pretraining scripts' --compile, their forward_loss compiled
-        from common import pretrain
-        return pretrain.compile_loss(script.forward_loss, device) if variant["compile"] else script.forward_loss
-
     encoder = models.build_encoder(cfg["arch"], cfg["stem"], in_chans)
     feature_dim = models.FEATURE_DIM[cfg["arch"]]
-
-    # each branch imports its script where it is used (the fork server has loaded them already). The
-    # pretraining workloads call the scripts' own train_step, which picks bf16 autocast on CUDA itself.
-    if workload == "byol":  # pretrain_byol.main's model, its train_step
-        import pretrain_byol
-        from common import optim
-        args = script_args(pretrain_byol.get_args_parser(), cfg, {"--aug": cfg.get("byol_aug")})
-        projector = models.mlp(feature_dim, args.projector_hidden, args.projector_out)
-        predictor = models.mlp(args.projector_out, args.predictor_hidden, args.projector_out)
-        target_encoder, target_projector = copy.deepcopy(encoder), copy.deepcopy(projector)
-        place(encoder, projector, predictor, target_encoder, target_projector)
-        for p in [*target_encoder.parameters(), *target_projector.parameters()]:
-            p.requires_grad_(False)
-        online = torch.nn.Sequential(encoder, projector, predictor)
-        nets = pretrain_byol.Networks(online, encoder, projector, target_encoder, target_projector)
-        optimizer = optim.adam([*encoder.parameters(), *projector.parameters(), *predictor.parameters()],
-                               args.lr, args.weight_decay, device)
-        views, forward_loss = augment.views(args.aug, args.crop_scale), loss_fn(pretrain_byol)
-        return lambda i: pretrain_byol.train_step(args, nets, optimizer, views, gen, n_batches,
-                                                  images[batch_at(i)], i, loss_fn=forward_loss)[0]
-
-    if workload == "barlow":  # pretrain_barlow.main's model, its start_phase and train_step
-        import pretrain_barlow
-        from common import optim
-        args = script_args(pretrain_barlow.get_args_parser(), cfg,
-                           {"--aug": cfg.get("barlow_aug"), "--projector": cfg.get("projector")})
-        args.freeze_lr = args.lr
-        projector = models.projector(feature_dim, args.projector)
-        place(encoder, projector)
-        optimizer = optim.make_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
-                                         args.lr, args.weight_decay, device)
-        online = []
-        pretrain_barlow.start_phase(args, encoder, projector, online, device,
-                                    args.freeze_encoder_epochs)  # the whole encoder trains
-        views, forward_loss = augment.views(args.aug, args.crop_scale), loss_fn(pretrain_barlow)
-        return lambda i: pretrain_barlow.train_step(args, online, projector, optimizer, views, gen, n_batches,
-                                                    images[batch_at(i)], i, loss_fn=forward_loss)[0]
-
-    if workload == "simclr":  # pretrain_simclr.main's model, its train_step
-        import pretrain_simclr
-        from common import optim
-        args = script_args(pretrain_simclr.get_args_parser(), cfg, {})
-        projector = models.mlp(feature_dim, args.projector_hidden, args.projector_out)
-        place(encoder, projector)
-        online = torch.nn.Sequential(encoder, projector)
-        optimizer = optim.make_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
-                                         args.lr, args.weight_decay, device)
-        views, forward_loss = augment.views(args.aug, args.crop_scale), loss_fn(pretrain_simclr)
-        return lambda i: pretrain_simclr.train_step(args, online, optimizer, views, gen, n_batches,
-                                                    images[batch_at(i)], i, loss_fn=forward_loss)[0]
 
     if workload == "features":  # models.features, as evaluate.py's linear probe and kNN call it
         place(encoder)
@@ -347,15 +336,13 @@ def measure(cfg):
 # has imported torch, torchvision and the scripts once: a fresh interpreter would spend ~6 s of CPU
 # on those imports per configuration. The server never touches CUDA, so every child starts without
 # a CUDA context and its peak-memory figures are its own.
-PRELOAD = ["torch", "torchvision", "common.augment", "common.data", "common.models", "pretrain_byol",
-           "pretrain_barlow", "evaluate"]
+PRELOAD = ["torch", "torchvision", "common.augment", "common.data", "common.models", "common.pretrain",
+           *(f"pretrain_{name}" for name in METHODS), "evaluate"]
 _context = []
 
 
 def fork_context():
     if not _context:
-        if REPO not in sys.path:
-            sys.path.insert(0, REPO)  # the server inherits sys.path: it can then import the scripts
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
         _context.append(ctx)
@@ -467,6 +454,22 @@ def markdown_table(results):
     return "\n".join(lines)
 
 
+def method_flags(args):
+    """{method: flags of its script on top of its defaults}: --byol-aug, --barlow-aug, --projector and each
+    --method-flags METHOD:FLAGS."""
+    flags = {name: [] for name in METHODS}
+    for name, flag, value in (("byol", "--aug", args.byol_aug), ("barlow", "--aug", args.barlow_aug),
+                              ("barlow", "--projector", args.projector)):
+        if value is not None:
+            flags.setdefault(name, []).extend([flag, value])
+    for item in args.method_flags:
+        name, _, text = item.partition(":")
+        if name not in flags:
+            sys.exit(f"error: --method-flags {item!r}: no method {name!r}; use one of {', '.join(METHODS)}")
+        flags[name] += shlex.split(text)
+    return flags
+
+
 def main():
     args = get_args_parser().parse_args()
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -479,6 +482,7 @@ def main():
     except ValueError as e:
         sys.exit(f"error: --variants: {e}")
     has_cuda = any(v["device"] == "cuda" for v in variants) and cuda_available()
+    flags = method_flags(args)
 
     configs, not_run = [], []
     for v in variants:
@@ -494,8 +498,7 @@ def main():
                 configs.append({"workload": workload, "size": size, "variant": v["name"],
                                 "batch": batch_for(args.batch, size, v["device"]), "steps": steps, "warmup": warmup,
                                 "arch": args.arch, "stem": args.stem, "in_chans": args.in_chans,
-                                "byol_aug": args.byol_aug, "barlow_aug": args.barlow_aug,
-                                "projector": args.projector, "threads": args.threads})
+                                "flags": flags.get(workload, []), "threads": args.threads})
 
     load_before = machine_load()
     results = run_all(configs, args.timeout, args.jobs)
@@ -509,7 +512,7 @@ def main():
     print(f"\n{args.arch}, {args.stem} stem, {args.in_chans} input channel(s); devices: {', '.join(names) or '-'}; "
           f"CPU threads: {', '.join(map(str, threads)) or '-'}; {load_line(load_before, load_after)}\n")
     print(markdown_table(results))
-    print("\nimages/s: source images (a BYOL / Barlow step on B images makes 2B views). ms/step: after the "
+    print("\nimages/s: source images (a pretraining step on B images makes 2B views). ms/step: after the "
           "warm-up steps, the median of the timed steps on the CPU, their mean on CUDA (timed as one block).")
     print("CPU peak RSS growth: high-water mark of the process RSS during warm-up + timed steps minus its RSS "
           "just before them (fresh process per row). CUDA: torch.cuda.max_memory_allocated over the same steps "

@@ -1,7 +1,9 @@
-"""The project's check on one CUDA GPU (an H100 or H200), in at most about 8 minutes: every script's smoke
-run on CUDA, the pretraining steps' speed eager and compiled, the host-sync audit, kill -9 and resume, one
-BEiT-large fine-tuning step and the lightly comparison. It prints one line per figure, `FIGURE name: value`,
-as each is measured (a killed run still shows what it measured), and writes them to <out>/figures.txt.
+"""The project's check on one CUDA GPU (an H100 or H200): every script's smoke run on CUDA, every pretraining
+method's step speed eager and compiled, the host-sync audit, kill -9 and resume, one BEiT-large fine-tuning
+step and the lightly comparison; about 8 minutes with three pretraining methods, each further method adding
+a compiled smoke run and two step speeds (--only and --methods split the check over several calls). It
+prints one line per figure, `FIGURE name: value`, as each is measured (a killed run still shows what it
+measured), and writes them to <out>/figures.txt.
 
     python benchmarks/gpu_check.py --out /tmp/gpu-check
     python benchmarks/gpu_check.py --dry-run            # the steps and the commands they run; nothing run
@@ -11,15 +13,17 @@ lacks) are installed first into <out>/site, which every step then imports from. 
 (no download): a 28 px uint8 npz in MedMNIST's layout for the smoke runs, 78,468 random 28 px images (the
 size of ChestMNIST's train split) for the step speeds, random weights for the BEiTs.
 
+The pretraining methods are those of common/methods.py (every pretrain_<method>.py), or --methods.
 Steps, in order:
-  smoke   pretrain_byol / pretrain_barlow / pretrain_simclr --compile (bf16 on CUDA; 2 epochs, TORCH_LOGS
-          recompiles counts recompiles after the first epoch), evaluate.py linear_probe and finetune of the
-          BYOL encoder, finetune_beit.py on a tiny random BEiT saved by save_pretrained
-  steps   BYOL, Barlow Twins and SimCLR steps (bench_speed.build_step: the scripts' own train_step at batch
+  smoke   each method's script --compile (bf16 on CUDA; 2 epochs, TORCH_LOGS recompiles counts recompiles
+          after the first epoch), evaluate.py linear_probe and finetune of the BYOL encoder, finetune_beit.py
+          on a tiny random BEiT saved by save_pretrained
+  steps   each method's step (bench_speed.method_step: its script's build(args, run) at its defaults, batch
           256) eager and --compile: images/s and the projected ChestMNIST epoch (306 steps; goal < 4 s)
   audit   tests/test_step_ops.py: aten-op budgets, and no host sync inside a CUDA step
-  resume  BYOL killed with SIGKILL mid-epoch and rerun, against an uninterrupted run and against a second
-          uninterrupted run (cuDNN's default kernels are not bit-exact run to run: the figure says how far)
+  resume  each --resume method (BYOL by default; its smoke flags) killed with SIGKILL mid-epoch and rerun,
+          against an uninterrupted run and against a second uninterrupted run (cuDNN's default kernels are
+          not bit-exact run to run: the figure says how far)
   beit    one BEiT-large (hidden 1024, 24 layers, 16 heads, MLP 4096; random) step of the top 5 layers at
           224 px, batch 32, bf16
   lightly benchmarks/bench_lightly.py --device cuda"""
@@ -35,6 +39,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+from common import methods  # noqa: E402  (reads the scripts' sources: no torch import here)
+
 CHESTMNIST_TRAIN = 78_468
 GOAL_SECONDS = 4.0
 PY = "python"  # shown in the dry run; the real runs use sys.executable
@@ -54,28 +61,42 @@ def get_args_parser():
     parser.add_argument("--only", default=",".join(STEP_PARTS),
                         help=f"comma-separated steps to run (default all: {','.join(STEP_PARTS)})")
     parser.add_argument("--steps", type=int, default=40, help="timed training steps per speed figure (default 40)")
+    parser.add_argument("--methods", default="all",
+                        help="comma-separated pretraining methods of the smoke runs and step speeds (default all: "
+                             f"{','.join(methods.names())})")
+    parser.add_argument("--resume", default="byol",
+                        help="comma-separated methods killed and resumed (default byol; all = every method)")
     parser.add_argument("--part", default=None, choices=["steps", "beit"],
                         help="internal: run one in-process part (the steps' speeds or the BEiT-large step)")
     return parser
 
 
 # ================================================================ the plan: every command a step runs
-def plan(out, timed_steps):
+def method_names(text, flag):
+    """The methods of --methods / --resume: all, or names from common/methods.py."""
+    names = methods.names()
+    if text == "all":
+        return names
+    chosen = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in names]
+    if unknown or not chosen:
+        sys.exit(f"error: {flag}: no pretraining method {(unknown or [text])[0]!r}; use all or some of "
+                 f"{','.join(names)}")
+    return chosen
+
+
+def plan(out, timed_steps, smoke_methods, resume_methods):
     """[(part, name, argv, env extra, timeout s)]: argv[0] is a repository script or `-m pytest`."""
     data, beit = os.path.join(out, "data", "synthetic.npz"), os.path.join(out, "tiny_beit")
     common = ["--data", data, "--size", "28", "--device", "cuda", "--batch-size", "256"]
     pre = ["--epochs", "2", "--max-steps", "3", "--compile"]
     recompiles = {"TORCH_LOGS": "recompiles"}
-    ckpt = os.path.join(out, "byol", "checkpoint.pt")
-    resume = ["pretrain_byol.py", "--data", data, "--size", "28", "--device", "cuda", "--epochs", "2",
-              "--max-steps", "4", "--batch-size", "64", "--projector-hidden", "256", "--predictor-hidden", "256"]
-    return [
-        ("smoke", "pretrain_byol --compile", ["pretrain_byol.py", *common, *pre, "--out", os.path.join(out, "byol")],
-         recompiles, 240),
-        ("smoke", "pretrain_barlow --compile",
-         ["pretrain_barlow.py", *common, *pre, "--out", os.path.join(out, "barlow")], recompiles, 240),
-        ("smoke", "pretrain_simclr --compile",
-         ["pretrain_simclr.py", *common, *pre, "--out", os.path.join(out, "simclr")], recompiles, 240),
+    # the evaluations read the BYOL smoke run's encoder (another method's when --methods leaves BYOL out)
+    ckpt = os.path.join(out, "byol" if "byol" in smoke_methods else smoke_methods[0], "checkpoint.pt")
+    steps = [("smoke", f"pretrain_{name} --compile",
+              [methods.get(name).script, *common, *pre, "--out", os.path.join(out, name)], recompiles, 240)
+             for name in smoke_methods]
+    steps += [
         ("smoke", "evaluate linear_probe", ["evaluate.py", "--ckpt", ckpt, "--data", data, "--size", "28", "--device",
                                             "cuda", "--mode", "linear_probe", "--out", os.path.join(out, "probe")],
          {}, 120),
@@ -86,18 +107,31 @@ def plan(out, timed_steps):
                                            "--device", "cuda", "--trainable-layers", "2", "--epochs", "1",
                                            "--max-steps", "2", "--batch-size", "32", "--out",
                                            os.path.join(out, "beit")], {}, 120),
-        ("steps", "pretraining steps", ["benchmarks/gpu_check.py", "--part", "steps", "--steps", str(timed_steps),
-                                        "--out", out], {}, 420),
+        ("steps", "pretraining steps", ["benchmarks/gpu_check.py", "--part", "steps", "--methods",
+                                        ",".join(smoke_methods), "--steps", str(timed_steps), "--out", out], {},
+         140 * len(smoke_methods)),
         ("audit", "host-sync audit", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_step_ops.py"],
          {}, 180),
-        ("resume", "straight", [*resume, "--out", os.path.join(out, "resume_straight")], {}, 180),
-        ("resume", "killed", [*resume, "--save-every", "2", "--out", os.path.join(out, "resume_killed")], {}, 180),
-        ("resume", "rerun", [*resume, "--save-every", "2", "--out", os.path.join(out, "resume_killed")], {}, 180),
-        ("resume", "straight again", [*resume, "--out", os.path.join(out, "resume_again")], {}, 180),
+    ]
+    for name in resume_methods:  # four runs each: check_resume reads them in this order
+        info = methods.get(name)
+        resume = [info.script, "--data", data, "--size", "28", "--device", "cuda", "--epochs", "2", "--max-steps",
+                  "4", "--batch-size", "64", *info.smoke_flags]
+        steps += [
+            ("resume", f"{name} straight", [*resume, "--out", os.path.join(out, f"resume_{name}_straight")], {}, 180),
+            ("resume", f"{name} killed", [*resume, "--save-every", "2", "--out",
+                                          os.path.join(out, f"resume_{name}_killed")], {}, 180),
+            ("resume", f"{name} rerun", [*resume, "--save-every", "2", "--out",
+                                         os.path.join(out, f"resume_{name}_killed")], {}, 180),
+            ("resume", f"{name} straight again", [*resume, "--out", os.path.join(out, f"resume_{name}_again")], {},
+             180),
+        ]
+    steps += [
         ("beit", "BEiT-large step", ["benchmarks/gpu_check.py", "--part", "beit", "--out", out], {}, 240),
         ("lightly", "lightly comparison", ["benchmarks/bench_lightly.py", "--device", "cuda", "--steps", "20",
                                            "--repeats", "2", "--images", "16384"], {}, 240),
     ]
+    return steps
 
 
 # ================================================================ reporting
@@ -154,19 +188,20 @@ def write_data(out):
 
 # ================================================================ in-process parts
 def part_steps(args):
-    """Images/s of each pretraining step, eager and compiled, over 78,468 random 28 px images on the GPU."""
+    """Images/s of each method's step (its script's defaults, batch 256, ResNet-18, 3 channels), eager and
+    compiled, over 78,468 random 28 px images on the GPU."""
     import torch
     sys.path.insert(0, HERE)
     import bench_speed
     device = torch.device("cuda")
     images = torch.randint(0, 256, (CHESTMNIST_TRAIN, 1, 28, 28), dtype=torch.uint8, device=device)
-    for workload in ("byol", "barlow", "simclr"):
-        for variant in ("cuda+bf16+cl", "cuda+bf16+cl+compile"):
-            cfg = {"workload": workload, "batch": 256, "in_chans": 3, "arch": "resnet18", "stem": "imagenet"}
-            name = f"{workload} step {'compiled' if 'compile' in variant else 'eager'}"
+    for method in method_names(args.methods, "--methods"):
+        for compile_flag in ([], ["--compile"]):
+            name = f"{method} step {'compiled' if compile_flag else 'eager'}"
             try:
                 started = time.perf_counter()
-                step = bench_speed.build_step(cfg, bench_speed.parse_variant(variant), device, images)
+                step = bench_speed.method_step(method, ["--batch-size", 256, "--arch", "resnet18", "--stem",
+                                                        "imagenet", "--in-chans", 3, *compile_flag], device, images)
                 for i in range(5):  # compiles, records the CUDA graphs
                     step(i)
                 torch.cuda.synchronize()
@@ -285,7 +320,9 @@ def compare_checkpoints(a_path, b_path):
     return "bit-exact" if unequal == 0 else f"{unequal} tensors differ, largest relative L2 {worst:.2e} ({where})"
 
 
-def check_resume(steps, env, dest):
+def check_resume(method, steps, env, dest):
+    """`method`'s four resume runs (plan's order): one straight and one killed at once, the killed one's
+    SIGKILL after its first mid-epoch checkpoint of epoch 1, then its rerun beside a second straight run."""
     import torch
     (_, _, straight, _, _), (_, _, killed, _, _), (_, _, rerun, _, _), (_, _, again, _, _) = steps
     out_killed = killed[killed.index("--out") + 1]
@@ -295,7 +332,7 @@ def check_resume(steps, env, dest):
     deadline = time.time() + 180
     while True:
         if k.poll() is not None or time.time() > deadline:
-            figure("kill -9 and resume", f"FAILED: the run ended or stalled before a mid-epoch checkpoint "
+            figure(f"{method} kill -9 and resume", f"FAILED: the run ended or stalled before a mid-epoch checkpoint "
                    f"({last_line(k.stderr.read() if k.stderr else '')})", dest)
             finish(a, 180)
             return
@@ -314,29 +351,31 @@ def check_resume(steps, env, dest):
     rc_a, _, err_a = finish(a, 180)
     rc_b, _, err_b = finish(b, 180)
     if rc or rc_a or rc_b or "resuming" not in out:
-        figure("kill -9 and resume", f"FAILED: {last_line(err or err_a or err_b) or 'no resume'}", dest)
+        figure(f"{method} kill -9 and resume", f"FAILED: {last_line(err or err_a or err_b) or 'no resume'}", dest)
         return
     straight_ckpt = os.path.join(straight[straight.index("--out") + 1], "checkpoint.pt")
     again_ckpt = os.path.join(again[again.index("--out") + 1], "checkpoint.pt")
-    figure("kill -9 mid-epoch + rerun vs uninterrupted (CUDA)", compare_checkpoints(straight_ckpt, checkpoint), dest)
-    figure("uninterrupted vs uninterrupted (CUDA, run-to-run)", compare_checkpoints(straight_ckpt, again_ckpt), dest)
+    figure(f"{method} kill -9 mid-epoch + rerun vs uninterrupted (CUDA)",
+           compare_checkpoints(straight_ckpt, checkpoint), dest)
+    figure(f"{method} uninterrupted vs uninterrupted (CUDA, run-to-run)",
+           compare_checkpoints(straight_ckpt, again_ckpt), dest)
 
 
 def main():
     args = get_args_parser().parse_args()
     out = os.path.abspath(args.out)
     if args.part:
-        sys.path.insert(0, REPO)
         {"steps": part_steps, "beit": part_beit}[args.part](args)
         return
     only = set(args.only.split(","))
-    steps = [s for s in plan(out, args.steps) if s[0] in only]
+    resume_methods = method_names(args.resume, "--resume")
+    steps = [s for s in plan(out, args.steps, method_names(args.methods, "--methods"), resume_methods)
+             if s[0] in only]
     if args.dry_run:
         print("wheels: .whl/*.whl installed into <out>/site when present; data: synthetic npz + tiny BEiT in <out>")
         for part, name, argv, extra, timeout in steps:
-            shown = [PY, *argv] if argv[0] == "-m" else [PY, *argv]
             env = "".join(f"{k}={v} " for k, v in extra.items())
-            print(f"[{part}] {name} (timeout {timeout} s): {env}{shlex.join(shown)}")
+            print(f"[{part}] {name} (timeout {timeout} s): {env}{shlex.join([PY, *argv])}")
         return
     os.makedirs(out, exist_ok=True)
     open(os.path.join(out, "figures.txt"), "w").close()
@@ -367,8 +406,8 @@ def main():
             if rc != 0:
                 figure(name, f"FAILED (exit {rc}): {last_line(stderr)}", out)
     resume = [s for s in steps if s[0] == "resume"]
-    if resume:
-        check_resume(resume, env, out)
+    for i, method in enumerate(resume_methods if resume else []):
+        check_resume(method, resume[4 * i:4 * i + 4], env, out)
     figure("gpu_check wall time", f"{time.time() - started:.0f} s", out)
 
 

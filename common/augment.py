@@ -646,6 +646,20 @@ def _simclr_view(strength=1.0):
     ]
 
 
+def _moco_v2_view():
+    """MoCo v2's view (Chen, Fan, Girshick, He 2020, "Improved Baselines with Momentum Contrastive
+    Learning": SimCLR's augmentations with a weaker jitter), the same for both views: crop of 20-100%
+    of the area, colour jitter 0.4/0.4/0.4/0.1 with p=0.8, grayscale p=0.2, blur p=0.5 (scaled to the
+    side like BYOL's), flip."""
+    return [
+        (random_resized_crop, dict(scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3))),
+        (color_jitter, dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8)),
+        (grayscale, dict(p=0.2)),
+        (gaussian_blur, dict(p=0.5, sigma=(0.1, 2.0), kernel_frac=0.1, sigma_relative_to=224)),
+        (horizontal_flip, dict(p=0.5)),
+    ]
+
+
 def _paper003_view(blur_p, solarize_p):
     """One view of paper 003's further pretraining (App. A.2, Table 12): Barlow Twins' asymmetric
     pair (Zbontar et al. 2021, the same as BYOL's) with a crop of 70-100% of the area and a random
@@ -671,6 +685,7 @@ PRESETS = {
     "paper001": (_PAPER001, _PAPER001),
     "byol+": (_BYOL_PLUS, _BYOL_PLUS),
     "simclr": (_simclr_view(), _simclr_view()),
+    "moco_v2": (_moco_v2_view(), _moco_v2_view()),
     "paper002": (_PAPER002, _PAPER002),
     "paper003": (_paper003_view(blur_p=1.0, solarize_p=0.0), _paper003_view(blur_p=0.1, solarize_p=0.2)),
 }

@@ -16,59 +16,10 @@ import torch
 import torch.distributed as dist
 import yaml
 
-
-class UserError(Exception):
-    """Bad input the user can fix: printed as one line, exit code 2, no traceback."""
-
-
-def escape(value):
-    """Text that may come from a file (a path, a key, a checkpoint's metadata) safe to print on one
-    line: control characters, terminal escape sequences and line breaks among them, are shown as
-    \\x1b, \\n, ..., never obeyed by the terminal."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value))
+from common import data, errors, rundir
+from common.errors import UserError, escape, progress
 
 
-# ---------------------------------------------------------------- progress and interruption
-class Progress:
-    """Where the running script is, for the line printed when it is interrupted. Loops call
-    `progress.update(epoch=..., step=...)` (and seed=... where there are seeds); rundir sets `out`
-    (prepare_run_dir), `checkpoint` (save_checkpoint, or the one a resumed run found) and
-    `overwrite`."""
-
-    FIELDS = ("out", "seed", "epoch", "step", "checkpoint", "overwrite")
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        for name in self.FIELDS:
-            setattr(self, name, None)
-
-    def update(self, **fields):
-        unknown = set(fields) - set(self.FIELDS)
-        if unknown:
-            raise TypeError(f"progress has no field {sorted(unknown)[0]!r}; fields: {', '.join(self.FIELDS)}")
-        for name, value in fields.items():
-            setattr(self, name, value)
-
-    def interrupted_message(self, verb="interrupted"):
-        """Where the run stopped and what of it is kept; `verb` ("interrupted", "stopped") starts it."""
-        where = ", ".join(f"{name} {getattr(self, name)}" for name in ("seed", "epoch", "step")
-                          if getattr(self, name) is not None)
-        if self.out is None:
-            return f"{verb} before the run directory was set up; nothing was written"
-        at = f"{verb} at {where}" if where else f"{verb} before training started"
-        # a signal between a checkpoint's rename and its record here: the file on disk is whole (atomic)
-        checkpoint = self.checkpoint or os.path.join(self.out, "checkpoint.pt")
-        if os.path.isfile(checkpoint):
-            at = at if self.checkpoint or where else verb
-            again = "the same command without --overwrite" if self.overwrite else "the same command"
-            return (f"{at}; the checkpoint in {os.path.dirname(checkpoint) or '.'} is kept; "
-                    f"run {again} again to resume")
-        return f"{at}; no checkpoint was written yet, so nothing of this run is kept in {self.out}"
-
-
-progress = Progress()
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -100,11 +51,6 @@ def reports_here(interrupt=False):
         return False
     except OSError:
         return os.environ["RANK"] == "0"
-
-
-class ReportedElsewhere(Exception):
-    """Raised on the other ranks when one rank failed in a step they share (dist.on_main): that rank
-    prints the line, these exit with code 2 in silence."""
 
 
 # the pip names of the modules this project imports only where a feature needs them
@@ -168,7 +114,7 @@ def environment_line(e):
     anything else (a bug: its traceback is wanted). An OSError names its path, errno's message and a
     fix; a missing optional package names what to pip install; a dead torchrun peer says so. Each says
     what of the run is kept."""
-    if isinstance(e, ReportedElsewhere):
+    if isinstance(e, errors.ReportedElsewhere):
         return ""
     if _peer_died(e):
         first = escape(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
@@ -225,7 +171,6 @@ def run_main(main):
     peer) become one line and exit code 2. Under torchrun the line is printed once per run
     (reports_here), the exit code on every rank. A run directory that --overwrite moved aside is put
     back unless the new run got going (rundir.finish_overwrite)."""
-    from common import rundir  # rundir imports this module
     for stream in (sys.stdout, sys.stderr):  # a path with undecodable bytes, or the C locale, never crashes a print
         try:
             stream.reconfigure(errors="backslashreplace")
@@ -302,7 +247,6 @@ def add_common_flags(parser, data_help="a MedMNIST 2D flag, an .npz, a folder or
     them (common.data.add_data_flags), and the help formatter that shows every default; each script
     adds its own optimisation flags next to these so their help can quote its paper. resnet=False
     leaves out --arch / --stem / --in-chans (finetune_beit.py's model is named by --model)."""
-    from common import data  # data imports this module
     one_line_errors(parser)
     parser.formatter_class = HelpFormatter
     g = parser.add_argument_group("data")
@@ -329,6 +273,20 @@ def add_common_flags(parser, data_help="a MedMNIST 2D flag, an .npz, a folder or
     g.add_argument("--overwrite", action="store_true",
                    help="replace a finished or different run in --out (the old one is kept aside until the new "
                         "one has written its first checkpoint or finished, and put back if it fails before)")
+    return parser
+
+
+def set_defaults(parser, notes=None, **defaults):
+    """A script's defaults for flags defined elsewhere (argparse's set_defaults), and `notes` appended to
+    those flags' help by dest: what the script's paper says of them, beside the default --help shows."""
+    parser.set_defaults(**defaults)
+    notes = dict(notes or {})
+    for action in parser._actions:
+        if action.dest in notes:
+            note = notes.pop(action.dest)
+            action.help = f"{action.help}; {note}" if action.help else note
+    if notes:
+        raise ValueError(f"notes for flags the parser does not have: {', '.join(sorted(notes))}")
     return parser
 
 
@@ -423,7 +381,8 @@ RANGES = {
     # methods
     "ema": FRACTION, "crop_scale": SHARE, "temperature": POSITIVE, "lambd": AT_LEAST_0, "sparsity": AT_LEAST_0,
     "projector_hidden": AT_LEAST_1, "projector_out": AT_LEAST_1, "predictor_hidden": AT_LEAST_1,
-    "trainable_layers": AT_LEAST_0,
+    "trainable_layers": AT_LEAST_0, "final_lr_fraction": FRACTION, "queue_size": AT_LEAST_0, "bn_splits": AT_LEAST_1,
+    "invariance_weight": AT_LEAST_0, "variance_weight": AT_LEAST_0, "covariance_weight": AT_LEAST_0,
 }
 # Flags with several values that must come in order: (first, second) positions and the reason.
 ORDERED = {"crop_scale": (0, 1, "MIN <= MAX"), "lr_range": (0, 1, "START < END")}

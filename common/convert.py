@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from common.cli import UserError
+from common.errors import UserError
 
 # read through Pillow, or pydicom for DICOM (which is also recognised by content, under any name)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".jp2", ".j2k",

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from medmnist import INFO
 
-from common.cli import UserError
+from common.errors import UserError
 
 FLAGS_2D = sorted(flag for flag, info in INFO.items() if not info["python_class"].endswith("3D"))
 SIZES = (28, 64, 128, 224)

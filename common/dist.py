@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol  # collectives that autograd differentiates
 
-from common import cli
-from common.cli import UserError
+from common import errors
+from common.errors import UserError
 
 
 # `torchrun --nproc_per_node=N script.py ...` starts N processes (ranks) with RANK, WORLD_SIZE and
@@ -48,9 +48,9 @@ def is_main():
 def on_main(fn, *args):
     """fn(*args) run by rank 0 alone, its result sent to every rank (rank 0 owns the run directory); a
     UserError it raises is raised on every rank, so that all stop with that one line; any other
-    exception is raised on rank 0 and the others stop in silence (cli.ReportedElsewhere) instead of
+    exception is raised on rank 0 and the others stop in silence (errors.ReportedElsewhere) instead of
     waiting for a result that never comes. The other ranks also learn where the run directory and its
-    checkpoint are (cli.progress), so that whichever rank reports an interrupt names what is kept."""
+    checkpoint are (errors.progress), so that whichever rank reports an interrupt names what is kept."""
     if world_size() == 1:
         return fn(*args)
     message = [None, None]
@@ -61,14 +61,14 @@ def on_main(fn, *args):
         except UserError as e:
             message[0] = e
         except Exception as e:
-            failure, message[0] = e, cli.ReportedElsewhere(f"rank 0 failed: {type(e).__name__}")
-        message[1] = {k: getattr(cli.progress, k) for k in ("out", "checkpoint", "overwrite")}
+            failure, message[0] = e, errors.ReportedElsewhere(f"rank 0 failed: {type(e).__name__}")
+        message[1] = {k: getattr(errors.progress, k) for k in ("out", "checkpoint", "overwrite")}
     dist.broadcast_object_list(message, src=0)
     if failure is not None:
         raise failure
     if not is_main():
-        cli.progress.update(**message[1])
-    if isinstance(message[0], (UserError, cli.ReportedElsewhere)):
+        errors.progress.update(**message[1])
+    if isinstance(message[0], (UserError, errors.ReportedElsewhere)):
         raise message[0]
     return message[0]
 

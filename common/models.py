@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from common.cli import UserError, escape
+from common.errors import UserError, escape
 
 from common.rundir import load_checkpoint
 
@@ -200,14 +200,14 @@ def barlowtwins_state_dict(arch):
     return model.state_dict()
 
 
-def projector_sizes(spec):
-    """[512] from "512", [8192, 8192, 8192] from "8192-8192-8192"; a UserError otherwise."""
+def projector_sizes(spec, flag="--projector"):
+    """[512] from "512", [8192, 8192, 8192] from "8192-8192-8192"; a UserError naming `flag` otherwise."""
     try:
         sizes = [int(s) for s in str(spec).split("-")]
     except ValueError:
         sizes = []
     if not sizes or min(sizes) <= 0:
-        raise UserError(f"--projector {spec!r} is not a list of layer widths; use e.g. 512 or 8192-8192-8192")
+        raise UserError(f"{flag} {spec!r} is not a list of layer widths; use e.g. 512 or 8192-8192-8192")
     return sizes
 
 

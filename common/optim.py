@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from common.cli import UserError
+from common.errors import UserError
 
 
 def cosine(step, total_steps, start, end):
@@ -42,11 +42,11 @@ def one_cycle_momentum(step, total_steps, pct_start=0.25, moms=(0.95, 0.85, 0.95
 LR_SCHEDULES = ("constant", "cosine", "1cycle", "step", "linear")
 
 
-def learning_rate(schedule, step, total_steps, base_lr, warmup_steps=0):
-    """The lr at `step` of `total_steps`: constant; cosine decay to 0 after a linear warm-up of
-    `warmup_steps` (paper 002 used cosine annealing); 1cycle peaking at base_lr (paper 003); or step:
-    x0.1 at 50% and 75% of training (MedMNIST v2: epochs 50 and 75 of 100); or linear decay to 0
-    (the Hugging Face Trainer's default)."""
+def learning_rate(schedule, step, total_steps, base_lr, warmup_steps=0, final_fraction=0.0):
+    """The lr at `step` of `total_steps`: constant; cosine decay to `final_fraction` x base_lr (0: to 0;
+    VICReg ends at 0.001) after a linear warm-up of `warmup_steps` (paper 002 used cosine annealing);
+    1cycle peaking at base_lr (paper 003); or step: x0.1 at 50% and 75% of training (MedMNIST v2:
+    epochs 50 and 75 of 100); or linear decay to 0 (the Hugging Face Trainer's default)."""
     if schedule == "constant":
         return base_lr
     if schedule == "linear":
@@ -59,14 +59,14 @@ def learning_rate(schedule, step, total_steps, base_lr, warmup_steps=0):
         raise ValueError(f"unknown lr schedule {schedule!r}; expected one of {LR_SCHEDULES}")
     if warmup_steps and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
-    return cosine(step - warmup_steps, total_steps - warmup_steps, base_lr, 0.0)
+    return cosine(step - warmup_steps, total_steps - warmup_steps, base_lr, base_lr * final_fraction)
 
 
-def schedule_step(optimizer, schedule, step, total_steps, base_lr, warmup_steps=0):
+def schedule_step(optimizer, schedule, step, total_steps, base_lr, warmup_steps=0, final_fraction=0.0):
     """Set every parameter group's lr for this step (times the group's "lr_scale", if it has one:
     LARS' biases and BatchNorm parameters); 1cycle also cycles the momentum inversely (Adam's beta1,
     SGD's / LARS' momentum), as fastai does. Returns the lr."""
-    lr = learning_rate(schedule, step, total_steps, base_lr, warmup_steps)
+    lr = learning_rate(schedule, step, total_steps, base_lr, warmup_steps, final_fraction)
     momentum = one_cycle_momentum(step, total_steps) if schedule == "1cycle" else None
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -153,16 +153,22 @@ def adam(params, lr, weight_decay, device, decoupled=False):
     return kind(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
-def make_optimizer(name, params, lr, weight_decay, device="cpu", bias_lr_ratio=1.0):
-    """adam, adamw (decoupled weight decay) or lars over `params`; lars in lars_param_groups, its
-    biases and BatchNorm parameters at lr x bias_lr_ratio (the others take one lr for all)."""
+OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
+
+
+def make_optimizer(name, params, lr, weight_decay, device="cpu", bias_lr_ratio=1.0, momentum=0.9):
+    """adam, adamw (decoupled weight decay), sgd (with `momentum`; MoCo's 0.9) or lars over `params`;
+    lars in lars_param_groups, its biases and BatchNorm parameters at lr x bias_lr_ratio (the others
+    take one lr for all)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    if name != "lars" and bias_lr_ratio != 1.0:
+        raise ValueError(f"a separate lr for biases is a LARS option, not {name}'s")
     if name in ("adam", "adamw"):
-        if bias_lr_ratio != 1.0:
-            raise ValueError(f"a separate lr for biases is a LARS option, not {name}'s")
         return adam(params, lr, weight_decay, device, decoupled=name == "adamw")
-    if name == "lars":
-        return LARS(lars_param_groups(params, lr, bias_lr_ratio), lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; expected adam, adamw or lars")
+    if name == "sgd":  # foreach: a handful of kernels per step, as adam's
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+    return LARS(lars_param_groups(params, lr, bias_lr_ratio), lr=lr, weight_decay=weight_decay, momentum=momentum)
 
 
 def lr_valley(lrs, losses):

@@ -1,27 +1,86 @@
-"""The pretraining loop every pretraining script runs.
+"""What every pretraining method shares: its flags, its run (data, run directory, resume), its main(),
+and the loop.
 
-A method (pretrain_byol.py, pretrain_barlow.py, pretrain_simclr.py) builds its modules, its optimiser and a
-step function, and hands them to `train` as a `Method`. The loop owns everything else: the epoch's
-permutation, mid-epoch resume, checkpoints (every --save-every steps, at epoch ends at most every
---save-seconds), the NaN guard, the kNN monitor, the per-epoch log line and TensorBoard scalars, and rank 0's
-duties under torchrun. Bit-exact resume rests on one order of random draws: the permutation first, then
-whatever the step draws from the same generator; keeping that order in one place is why there is one loop."""
+A method is one file, pretrain_<method>.py: its own flags, its loss, its heads, and `build(args, run)`,
+which makes its modules, its optimiser and its step function and hands them back as a `Method`; its
+main() is `pretrain.main(...)`. Everything else is here: the shared flags (data, model, views,
+optimisation, monitoring), the run directory and resume, the epoch's permutation, mid-epoch resume,
+checkpoints (every --save-every steps, at epoch ends at most every --save-seconds), the NaN guard, the
+kNN monitor, the per-epoch log line and TensorBoard scalars, and rank 0's duties under torchrun.
+Bit-exact resume rests on one order of random draws: the permutation first, then whatever the step draws
+from the same generator; keeping that order in one place is why there is one loop."""
+import argparse
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+from torch.utils import _pytree
 from tqdm import tqdm
 
-from common import augment, cli, data, dist, metrics, models, rundir
-from common.cli import UserError
+from common import augment, cli, data, dist, errors, metrics, models, optim, rundir
+from common.errors import UserError
 
 
+# ---------------------------------------------------------------- the flags every method shares
+def get_args_parser(title, doc, data_default="pneumoniamnist"):
+    """A pretraining script's parser before its own flags: data, model and run (cli.add_common_flags),
+    then views, optimisation, and monitoring / checkpoints / torchrun. A method sets its defaults with
+    cli.set_defaults (their papers' values in the help) and adds a group of its own flags."""
+    parser = argparse.ArgumentParser(title, description=doc)
+    cli.add_common_flags(parser, data_help="dataset(s) whose train images are the unlabeled corpus: MedMNIST 2D "
+                         "flags, .npz files, folders or CSV manifests (docs/DATA.md), several joined by commas")
+    parser.set_defaults(data=data_default, arch="resnet18", stem="imagenet", in_chans=3)
+
+    # * Views
+    g = parser.add_argument_group("views")
+    g.add_argument("--aug", default="simclr", type=augment.checked_spec,
+                   help="view augmentations: a preset (" + ", ".join(augment.NAMES) + ") or a menu of "
+                        + "+".join(augment.MENU) + " joined by '+', applied in that order with paper 002's values")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="random-resized-crop area range (none given: the preset's, 0.08 1 in most; small images may "
+                        "want a larger MIN)")
+
+    # * Optimisation
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--init", default="random",
+                   help="encoder's initial weights: random | imagenet | <checkpoint.pt or .pth>")
+    g.add_argument("--epochs", type=int, default=100, help="epochs")
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="global batch size, split evenly over torchrun's processes")
+    g.add_argument("--optimizer", default="adam", choices=optim.OPTIMIZERS,
+                   help="adam; adamw (decoupled weight decay); sgd (momentum 0.9); lars (SGD with layer-wise "
+                        "adaptive rates; biases and BatchNorm get neither weight decay nor the scaling)")
+    g.add_argument("--lr", type=cli.lr_or_auto, default=1e-3, help="peak learning rate")
+    g.add_argument("--weight-decay", type=float, default=1e-6, help="weight decay")
+    g.add_argument("--lr-schedule", default="cosine", choices=optim.LR_SCHEDULES,
+                   help="cosine = linear warm-up over --warmup-epochs, then cosine decay to --final-lr-fraction x "
+                        "--lr; constant; 1cycle = fastai's one-cycle, up to --lr and down again; step = x0.1 at 50%% "
+                        "and 75%% of the epochs; linear = linear decay to 0")
+    g.add_argument("--warmup-epochs", type=int, default=0, help="linear warm-up epochs of --lr-schedule cosine")
+    g.add_argument("--final-lr-fraction", type=float, default=0.0, metavar="F",
+                   help="where --lr-schedule cosine ends, as a fraction of --lr")
+    cli.add_pretrain_flags(parser)
+    return parser
+
+
+def add_ema_flags(parser, momentum, schedule="constant"):
+    """--ema and --ema-schedule: the momentum of a method's target (momentum) encoder, common.ema."""
+    g = parser.add_argument_group("momentum encoder")
+    g.add_argument("--ema", type=float, default=momentum,
+                   help="momentum (EMA decay) of the target encoder: target <- m x target + (1 - m) x online "
+                        "after every optimiser step")
+    g.add_argument("--ema-schedule", default=schedule, choices=["constant", "cosine"],
+                   help="constant m, or a cosine from m to 1 over training (Grill et al. §3.2, Caron et al. §3.1)")
+    return g
+
+
+# ---------------------------------------------------------------- what a method hands the loop
 @dataclass
 class Method:
-    """What a pretraining method hands the loop."""
-    name: str                        # recorded in the checkpoint's meta ("byol", "barlow", "simclr")
+    """What a pretraining method's build(args, run) hands the loop."""
+    name: str                        # recorded in the checkpoint's meta ("byol", "barlow", "simclr", ...)
     modules: dict                    # every module the checkpoint saves; "encoder" is the one evaluated later
     optimizer: torch.optim.Optimizer
     # step(batch, step) -> (loss, figures): one optimiser step on a uint8 global batch at optimiser step
@@ -29,30 +88,55 @@ class Method:
     step: Callable
     # start_epoch(epoch) -> figures, before each epoch (e.g. freeze or unfreeze a part of the encoder)
     start_epoch: Optional[Callable] = None
-    saved: dict = field(default_factory=dict)   # plain values the checkpoint also keeps (e.g. a found lr)
+    # the method's own persistent state (a queue of negatives, a centre, a found lr): saved in every
+    # checkpoint under these names and restored on resume, tensors in place (the step keeps using the
+    # same tensor, bit-exactly), plain values by replacing the entry: a step reads them from this dict
+    state: dict = field(default_factory=dict)
+    summary: str = ""                # said once before training, after the corpus and step counts
+
+
+@dataclass
+class Schedule:
+    """The shared lr schedule (--lr-schedule, --lr, --warmup-epochs, --final-lr-fraction) in steps."""
+    kind: str = "constant"
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    total_steps: int = 1
+    final_fraction: float = 0.0
 
 
 @dataclass
 class Run:
-    """A pretraining run: where it reads and writes and how long it goes, set up by `setup` before the
-    model is built."""
+    """A pretraining run: where it reads and writes and how long it goes, set up by `setup` (or
+    `in_memory` for benchmarks and tests) before the model is built."""
     device: torch.device
-    out: str
     images: torch.Tensor             # uint8 (N, C, H, W): the corpus, on the device (or in pinned host memory)
-    index: torch.Tensor              # the corpus indices one epoch visits (a class repeated to oversample it)
     steps_per_epoch: int
     generator: torch.Generator       # the one generator of the permutation and the augmentations
-    state: Optional[dict]            # the checkpoint of the unfinished run in `out`, or None
-    monitor_splits: Optional[list]   # [train, val] of the first dataset for the kNN monitor, or None
+    out: Optional[str] = None
+    index: Optional[torch.Tensor] = None  # the corpus indices one epoch visits (a class repeated to oversample it)
+    state: Optional[dict] = None     # the checkpoint of the unfinished run in `out`, or None
+    monitor_splits: Optional[list] = None  # [train, val] of the first dataset for the kNN monitor, or None
     views: tuple = None              # the augmentation (augment.views of --aug, --crop-scale)
     epochs: int = 1
     batch_size: int = 2
     in_chans: int = 3
+    schedule: Schedule = field(default_factory=Schedule)
+    compile: bool = False            # --compile: pretrain.compiled() compiles a method's forward_loss
+    sync_bn: bool = False
     save_every: int = 0              # optimiser steps between mid-epoch checkpoints (0: none)
     save_seconds: float = 0.0        # at least this long between epoch-end checkpoints (0: every epoch)
     eval_every: int = 0              # epochs between kNN-monitor evaluations (0: never)
     tensorboard: bool = False
     meta: dict = field(default_factory=dict)   # plain values the checkpoint's "meta" records
+
+    def __post_init__(self):
+        if self.index is None:
+            self.index = torch.arange(len(self.images), device=self.images.device)
+
+    @property
+    def total_steps(self):
+        return self.epochs * self.steps_per_epoch
 
 
 def steps_per_epoch(n_images, batch_size, max_steps=None):
@@ -68,17 +152,28 @@ def steps_per_epoch(n_images, batch_size, max_steps=None):
     return min(steps, max_steps) if max_steps else steps
 
 
-def setup(script, flags, device):
-    """Check --aug, join torchrun's processes, name the run directory, load the corpus, and open the run:
-    everything a pretraining script does before it builds its model. `flags` is the dict of the script's resolved flags
-    (written to args.yaml; its "out" is filled in here). Seeds every RNG last, so that the model built next
-    draws its initial weights from the seed."""
+def _schedule(flags, n_steps):
+    lr = flags["lr"] if flags["lr"] != "auto" else 0.0  # auto: the method sets its own (pretrain_barlow.py)
+    return Schedule(flags["lr_schedule"], lr, flags["warmup_epochs"] * n_steps, flags["epochs"] * n_steps,
+                    flags["final_lr_fraction"])
+
+
+def _views(flags):
     try:
-        views = augment.views(flags["aug"], flags["crop_scale"])
+        return augment.views(flags["aug"], flags["crop_scale"])
     except ValueError as e:
         raise UserError(f"--aug: {e}")
-    device = dist.init_distributed(cli.pick_device(device))
-    flags["out"] = flags["out"] or dist.on_main(cli.default_out, script, flags["data"])
+
+
+def setup(script, flags):
+    """Check --aug, join torchrun's processes, name the run directory, load the corpus, and open the run:
+    everything a pretraining script does before it builds its model. `flags` is the dict of the script's
+    resolved flags (plain values; written to args.yaml, with "out" filled in when none was given). Seeds
+    every RNG last, so that the model built next draws its initial weights from the seed."""
+    views = _views(flags)
+    device = dist.init_distributed(cli.pick_device(flags["device"]))
+    out = flags["out"] or dist.on_main(cli.default_out, script, flags["data"])
+    flags = {**flags, "out": out}
     options = data.options_from(flags)
     source, size, root, in_chans = flags["data"], flags["size"], flags["data_root"], flags["in_chans"]
     monitor = None
@@ -96,13 +191,70 @@ def setup(script, flags, device):
     # is refused (rundir.check_inputs); the descriptions are memoised, so this lists nothing again
     inputs = rundir.provenance({s.strip(): data.describe(s, size, root, options).hash for s in source.split(",")},
                                encoder=flags.get("init"), world_size=dist.world_size())
-    state = rundir.open_run(flags["out"], flags, inputs)
+    state = rundir.open_run(out, flags, inputs)
     cli.seed_everything(flags["seed"])
     generator = torch.Generator(device).manual_seed(flags["seed"])
     meta = {"arch": flags["arch"], "stem": flags["stem"], "in_chans": in_chans, "args": flags}
-    return Run(device, flags["out"], images, torch.arange(len(images), device=device), n_steps, generator, state,
-               monitor, views, flags["epochs"], flags["batch_size"], in_chans, flags["save_every"],
-               flags["save_seconds"], flags["eval_every"], flags["tensorboard"], meta)
+    return Run(device=device, images=images, steps_per_epoch=n_steps, generator=generator, out=out, state=state,
+               monitor_splits=monitor, views=views, epochs=flags["epochs"], batch_size=flags["batch_size"],
+               in_chans=in_chans, schedule=_schedule(flags, n_steps), compile=flags["compile"],
+               sync_bn=flags["sync_bn"], save_every=flags["save_every"], save_seconds=flags["save_seconds"],
+               eval_every=flags["eval_every"], tensorboard=flags["tensorboard"], meta=meta)
+
+
+def in_memory(flags, images, device, steps=None):
+    """A Run over `images` (uint8, on `device`) with no run directory, for benchmarks and tests that
+    call a method's build(args, run) and step directly: the generator seeded from flags["seed"], the
+    schedule of `steps` steps per epoch (default: the images' full batches)."""
+    device = torch.device(device)
+    n_steps = steps or len(images) // flags["batch_size"]
+    return Run(device=device, images=images, steps_per_epoch=n_steps,
+               generator=torch.Generator(device).manual_seed(flags["seed"]), views=_views(flags),
+               epochs=flags["epochs"], batch_size=flags["batch_size"], in_chans=flags["in_chans"],
+               schedule=_schedule(flags, n_steps), compile=flags.get("compile", False))
+
+
+def main(script, get_args_parser, build, check=None, lr_auto=False):
+    """A pretraining script's main: parse the flags, `check(args)` (a method's own refusals, before anything
+    is written), set up the run (`setup`), `build(args, run)` the method, train it. `lr_auto`: the
+    method finds --lr auto itself (an LR range test); the others refuse it. Bad input is a UserError,
+    which cli.run_main, the script's entry, prints as one line."""
+    args = cli.parse_args(get_args_parser())
+    if args.lr == "auto" and not lr_auto:
+        raise UserError(f"--lr auto (an LR range test) is pretrain_barlow.py's; give {script}.py a number")
+    if check:
+        check(args)
+    run = setup(script, vars(args))
+    args.out = run.out
+    method = build(args, run)
+    params = sum(p.numel() for g in method.optimizer.param_groups for p in g["params"] if p.requires_grad)
+    print(f"{len(run.index)} images per epoch, {run.steps_per_epoch} steps/epoch, {params / 1e6:.1f}M "
+          f"trainable parameters" + (f", {dist.world_size()} processes" if dist.world_size() > 1 else "")
+          + (f", {method.summary}" if method.summary else ""))
+    train(method, run)
+
+
+# ---------------------------------------------------------------- pieces of a method's step
+def two_views(batch, run, generator=None):
+    """Two augmented views of a uint8 global batch as this rank's input tensors (channels_last), drawn from
+    the run's generator (or `generator`). Every rank augments the whole global batch and keeps its own
+    rows: an image's views do not depend on the number of processes, and the generator stays in step on
+    every rank."""
+    return tuple(data.to_input(dist.my_rows(v), run.in_chans).contiguous(memory_format=torch.channels_last)
+                 for v in augment.two_views(batch, run.views, generator or run.generator))
+
+
+def set_lr(optimizer, run, step):
+    """Set this step's lr from the run's schedule (times a group's lr_scale); returns it."""
+    s = run.schedule
+    return optim.schedule_step(optimizer, s.kind, step, s.total_steps, s.lr, s.warmup_steps, s.final_fraction)
+
+
+def optimizer_step(optimizer, loss):
+    """Backward of `loss` and one step of `optimizer`."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 
 def place(modules, device, sync_bn=False):
@@ -114,21 +266,24 @@ def place(modules, device, sync_bn=False):
             dist.sync_batchnorm(module)
 
 
-def compile_loss(loss_fn, device):
-    """--compile: `loss_fn` (a method's forward of both views through its networks and its loss, the
-    augmentation's random draws left outside) under torch.compile; backward runs the graph AOTAutograd
-    compiles with it, the optimiser step stays eager. One process on CUDA: mode "reduce-overhead" (the step
-    replays as CUDA graphs); the CPU, and torchrun (DDP's gradient hooks run between the graph's pieces):
-    the default mode. The same shapes every step (full batches) compile once; the returned loss is a copy,
-    since a CUDA graph's outputs are overwritten by its next replay."""
-    graphs = device.type == "cuda" and dist.world_size() == 1
-    compiled = torch.compile(loss_fn, mode="reduce-overhead" if graphs else None)
+def compiled(forward_loss, run):
+    """`forward_loss` under --compile, else itself: a method's forward of both views through its networks
+    and its loss, the augmentation's random draws left outside; backward runs the graph AOTAutograd
+    compiles with it, the optimiser step stays eager. One process on CUDA: mode "reduce-overhead" (the
+    step replays as CUDA graphs); the CPU, and torchrun (DDP's gradient hooks run between the graph's
+    pieces): the default mode. The same shapes every step (full batches) compile once. It may return any
+    nesting of tensors (a loss, or a loss and a queue's new keys); each is a copy, since a CUDA graph's
+    outputs are overwritten by its next replay."""
+    if not run.compile:
+        return forward_loss
+    graphs = run.device.type == "cuda" and dist.world_size() == 1
+    compiled_fn = torch.compile(forward_loss, mode="reduce-overhead" if graphs else None)
 
-    def run(*args):
+    def call(*args):
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        return compiled(*args).clone()
-    return run
+        return _pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, compiled_fn(*args))
+    return call
 
 
 def mean_finite_loss(losses, step, epoch, out):
@@ -138,7 +293,7 @@ def mean_finite_loss(losses, step, epoch, out):
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
         first = step - len(losses) + int(bad[0])
-        if cli.progress.checkpoint:
+        if errors.progress.checkpoint:
             advice = (f"the last good checkpoint in {out} is kept; lower --lr or check the data, then start again "
                       f"with --overwrite or another --out")
         else:
@@ -218,6 +373,22 @@ def plot_log(out, method):
                                      ylabel="validation AUC")
 
 
+def restore_state(state, saved):
+    """Put a method's persistent state back from a checkpoint `saved`: each tensor of `state` is
+    overwritten in place (whoever holds it sees the saved values), a plain value is replaced."""
+    for name, value in state.items():
+        if name not in saved:
+            raise UserError(f"the checkpoint has no {name!r}, which this method keeps: it was written by another "
+                            f"method or MedSSL version; start again with another --out")
+        if isinstance(value, torch.Tensor):
+            if saved[name].shape != value.shape:
+                raise UserError(f"the checkpoint's {name} has shape {tuple(saved[name].shape)}, this run's "
+                                f"{tuple(value.shape)}: it was written with other flags; start again with another --out")
+            value.copy_(saved[name])
+        else:
+            state[name] = saved[name]
+
+
 def train(method, run, log_every=10):
     """Train `method` from where `run.state` left it (or from the start) to run.epochs epochs of
     run.steps_per_epoch steps of run.batch_size images. Writes log.jsonl (one JSON line per epoch) and
@@ -227,15 +398,19 @@ def train(method, run, log_every=10):
     path."""
     epochs, batch_size = run.epochs, run.batch_size
     objects = {**method.modules, "optimizer": method.optimizer}
+    clash = set(method.state) & (set(objects) | set(rundir.run_state_keys()))
+    if clash:
+        raise ValueError(f"Method.state names {sorted(clash)} are taken by the checkpoint's own entries")
     position = rundir.restore_run(run.state, objects, run.generator)
     if run.state:
+        restore_state(method.state, run.state)
         print(f"resuming {run.out} at epoch {position['epoch']}, step {position['step_in_epoch']} of it")
     checkpoint = os.path.join(run.out, "checkpoint.pt")
     meta = {"format": "medssl", "format_version": models.FORMAT_VERSION, "method": method.name,
-            "input_scaling": models.INPUT_SCALING, **run.meta}
+            "modules": list(method.modules), "input_scaling": models.INPUT_SCALING, **run.meta}
 
     def save(**where):
-        save_run(checkpoint, objects, run.generator, meta=meta, **method.saved, **where)
+        save_run(checkpoint, objects, run.generator, meta=meta, **method.state, **where)
 
     writer = tensorboard_writer(run.out, run.tensorboard)
     step, last_save, started = position["step"], time.time(), time.time()
@@ -243,7 +418,7 @@ def train(method, run, log_every=10):
     first_epoch = position["epoch"]
     for epoch in range(first_epoch, epochs):
         figures = method.start_epoch(epoch) if method.start_epoch else {}
-        cli.progress.update(epoch=epoch, step=step)
+        errors.progress.update(epoch=epoch, step=step)
         order, epoch_start, first, losses = start_epoch(len(run.index), run.generator,
                                                         position if epoch == first_epoch else None)
         order = run.index[order]
@@ -255,7 +430,7 @@ def train(method, run, log_every=10):
             loss, step_figures = method.step(batch, step)
             losses.append(loss)
             step += 1
-            cli.progress.update(step=step)
+            errors.progress.update(step=step)
             if i % log_every == 0:  # the only host sync inside an epoch
                 value = loss.item()
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{step_figures.get('lr', 0):.2e}")

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from common import dist
-from common.cli import UserError, progress
+from common.errors import UserError, progress
 
 try:
     import fcntl
@@ -418,7 +418,8 @@ def _read_args(path):
 # Flags that came after runs already on disk, with the value that reproduces what those runs did: an
 # args.yaml without the flag ran with that value, so it still resumes as the same command.
 FLAGS_ADDED = {"allow_group_leak": False, "group_column": None, "class_weight": "none",
-               "temperature_scaling": False, "lr_biases": None}
+               "temperature_scaling": False, "lr_biases": None, "final_lr_fraction": 0.0,
+               "optimizer": "adam"}  # pretrain_byol.py ran Adam before it had --optimizer
 
 
 def _different_command(out, mine, theirs):
@@ -586,7 +587,7 @@ def _torch_save(state, f):
 
 def save_checkpoint(state, path):
     """Write `state` (tensors moved to the CPU) to `path` atomically; record it as the run's
-    checkpoint (cli.progress). A run's checkpoint (checkpoint[_seedN].pt) says that a new run has
+    checkpoint (errors.progress). A run's checkpoint (checkpoint[_seedN].pt) says that a new run has
     started: the run --overwrite set aside is dropped (_atomic_replace)."""
     position = {k: state[k] for k in ("epoch", "step") if isinstance(state.get(k), int)}
     _atomic_replace(path, lambda f: _torch_save(_cpu(state), f),
@@ -663,6 +664,11 @@ def run_state(objects, aug_generator, epoch, step, step_in_epoch=0, epoch_start=
             "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch,
             "epoch_losses": torch.stack(list(losses)).cpu() if len(losses) else torch.zeros(0),
             "rng": {**rng_state(aug_generator), "epoch_start": epoch_start}, **extra}
+
+
+def run_state_keys():
+    """The entries run_state writes besides the named objects and the extra values."""
+    return ("epoch", "step", "step_in_epoch", "epoch_losses", "rng", "meta", "rank_digests")
 
 
 def restore_run(state, objects, aug_generator):

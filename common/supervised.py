@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import cli, data, metrics, models, optim, rundir
-from common.cli import UserError
+from common import cli, data, errors, metrics, models, optim, rundir
+from common.errors import UserError
 
 # What a run of evaluate.py / finetune_beit.py writes in its directory; --overwrite clears these
 # before the new run writes anything (output.log, the reproduce scripts' capture, stays).
@@ -69,7 +69,7 @@ def subset_record(seed, split, index):
     else:
         counts = {str(name): int(n) for name, n in zip(names, np.bincount(y.reshape(-1), minlength=len(names)))}
     tqdm.write(f"seed {seed}: {len(y)} labelled training images ("
-               + ", ".join(f"{cli.escape(name)}: {n}" for name, n in counts.items()) + ")", file=sys.stdout)
+               + ", ".join(f"{errors.escape(name)}: {n}" for name, n in counts.items()) + ")", file=sys.stdout)
     return {"train_images": len(y), "train_images_per_class": counts}
 
 
@@ -223,7 +223,7 @@ def check_finite_loss(losses, seed, epoch, lr):
     return losses.mean().item()
 
 
-def train_select(model, optimizer, train, val, task, seed, schedule, forward, forward_train=None, log=None,
+def train_select(model, optimizer, train, val, task, seed, schedule, forward, *, forward_train=None, log=None,
                  class_weight=None):
     """Train `model` for schedule.epochs on `train` (Examples), validating after every epoch, and
     load the weights of the best one (selection_score) back. forward(batch) -> logits on unaugmented
@@ -239,7 +239,7 @@ def train_select(model, optimizer, train, val, task, seed, schedule, forward, fo
     lr_set = schedule.lr
     best = {"score": -math.inf, "val_auc": None, "epoch": -1, "state": None}
     for epoch in range(schedule.epochs):
-        cli.progress.update(epoch=epoch)
+        errors.progress.update(epoch=epoch)
         enter_training(model, schedule.frozen_bn)
         perm = torch.randperm(n, generator=gen, device=device)
         if train.index is not None:
@@ -333,7 +333,7 @@ def write_scalars(writer, record):
             writer.add_scalar(prefix + key, record[key], record["epoch"])
 
 
-def run_seeds(out, seeds, run_seed, y_true, task, header, title, epochs_per_seed=0, class_names=None,
+def run_seeds(out, seeds, run_seed, y_true, task, header, title, *, epochs_per_seed=0, class_names=None,
               positive_class=1, tensorboard=False, y_val=None, temperature_scaling=False):
     """The seeded repeats: run_seed(seed, log) -> SeedRun for every seed not finished in `out`, each
     seed's test metrics (metrics.evaluation_metrics with `positive_class`, binary tasks; the decision
@@ -380,7 +380,7 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, epochs_per_seed
         for i, seed in enumerate(seeds):
             if seed in done:
                 continue
-            cli.progress.update(seed=seed, epoch=None)
+            errors.progress.update(seed=seed, epoch=None)
             result = run_seed(seed, log)
             y_score, val_score, info = np.asarray(result.y_score), result.val_score, dict(result.info)
             if temperature_scaling and val_score is not None:
@@ -395,7 +395,7 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, epochs_per_seed
             record = {"seed": seed, "test": test, **info, "y_score": y_score.tolist(),
                       "y_score_dtype": str(y_score.dtype)}
             rundir.atomic_write_text(seed_path(out, seed), json.dumps(record))
-            cli.progress.update(checkpoint=seed_path(out, seed))  # an interrupt now keeps this seed
+            errors.progress.update(checkpoint=seed_path(out, seed))  # an interrupt now keeps this seed
             bar.n = (i + 1) * per
             bar.refresh()
             tqdm.write(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()), file=sys.stdout)

@@ -26,7 +26,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.cli import UserError, one_line_errors, run_main  # noqa: E402
+from common.cli import one_line_errors, run_main  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from common.metrics import compare_samples, group_mismatches, group_name, paired_runs_test  # noqa: E402
 
 

@@ -55,7 +55,8 @@ from sklearn.metrics import roc_curve
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import metrics, saliency  # noqa: E402  (metrics also makes matplotlib headless)
-from common.cli import UserError, run_main  # noqa: E402
+from common.cli import run_main  # noqa: E402
+from common.errors import UserError  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
 NAMES = {"auc": "AUC", "acc": "ACC", "f1": "F1", "weighted_f1": "weighted F1"}

@@ -16,7 +16,8 @@ import sys
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.cli import UserError, one_line_errors, run_main  # noqa: E402
+from common.cli import one_line_errors, run_main  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from common.rundir import atomic_write_text, read_log  # noqa: E402
 
 # the flags a recipe sweep varies, shown in the table in this order when a run has them

@@ -12,7 +12,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.cli import UserError, escape, one_line_errors, run_main  # noqa: E402
+from common.cli import one_line_errors, run_main  # noqa: E402
+from common.errors import UserError, escape  # noqa: E402
 
 
 def read(path):

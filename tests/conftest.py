@@ -1,6 +1,9 @@
 """Shared fixtures: the real MedMNIST files (a failure in CI when missing, a skip elsewhere) and
 synthetic npz files in MedMNIST's exact layout."""
+import ast
 import hashlib
+import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -101,11 +104,42 @@ def run_cli(*args, env=None, cwd=REPO):
                           text=True)
 
 
-def tiny_run(out, images, steps_per_epoch, seed=0, **settings):
-    """A pretraining Run over in-memory uint8 images on the CPU, for driving a method's step through
-    common/pretrain.py's loop without a dataset file; `settings`: Run's fields (epochs, batch_size, ...)."""
-    import torch
+def real_file_root():
+    """REAL_ROOT for module-scoped fixtures (which cannot use real_root): a failure in CI when the real
+    files are missing, a skip elsewhere."""
+    for name in ("pneumoniamnist.npz", "breastmnist.npz"):
+        if not os.path.isfile(os.path.join(REAL_ROOT, name)):
+            msg = f"real MedMNIST file {name} missing in {REAL_ROOT}"
+            pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    return REAL_ROOT
+
+
+def script_main(script):
+    """`python <script> ...` in this process: the body of the script's `if __name__ == "__main__":` block,
+    run in the imported module's namespace, so that a test's monkeypatch of the module applies. It reads
+    sys.argv (monkeypatch it) and exits only on an error, as the script does."""
+    module = importlib.import_module(os.path.basename(script).removesuffix(".py"))
+    for node in ast.parse(inspect.getsource(module)).body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("__name__ == '__main__'", "'__main__' == __name__"):
+            code = compile(ast.Module(node.body, type_ignores=[]), module.__file__, "exec")
+            return lambda: exec(code, vars(module))
+    raise ValueError(f"{script} has no `if __name__ == \"__main__\":` block")
+
+
+def run_main(monkeypatch, script, *args):
+    """Run `python <script> args` in this process (script_main), with the CLI's environment: no
+    downloads (the device is the CPU: cpu_by_default)."""
+    monkeypatch.setattr("sys.argv", [script, *map(str, args)])
+    monkeypatch.setenv("MEDSSL_NO_DOWNLOAD", "1")
+    script_main(script)()
+
+
+def tiny_run(out, args, images, steps=None):
+    """common.pretrain.in_memory's Run for a script's parsed `args` over uint8 `images` on the CPU, writing
+    into `out`: a method's build(args, run) and step driven through common/pretrain.py's loop without a
+    dataset file."""
     from common import pretrain
     os.makedirs(out, exist_ok=True)
-    return pretrain.Run(torch.device("cpu"), str(out), images, torch.arange(len(images)), steps_per_epoch,
-                        torch.Generator().manual_seed(seed), None, None, **settings)
+    run = pretrain.in_memory(vars(args), images, "cpu", steps)
+    run.out = str(out)
+    return run

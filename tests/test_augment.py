@@ -430,7 +430,12 @@ def test_size_note_names_a_blur_that_is_off_and_off_is_no_blur_step(spec):
 
 def test_preset_names():
     assert A.NAMES == tuple(A.PRESETS)
-    assert set(A.NAMES) == {"byol", "paper001", "byol+", "simclr", "paper002", "paper003"}
+    assert set(A.NAMES) == {"byol", "paper001", "byol+", "simclr", "moco_v2", "paper002", "paper003"}
+    # MoCo v2 (Chen, Fan, Girshick, He 2020): crop floor 0.2, jitter 0.4/0.4/0.4/0.1, blur p 0.5, flip last
+    moco = dict((fn, kw) for fn, kw in A.PRESETS["moco_v2"][0])
+    assert moco[A.random_resized_crop]["scale"] == (0.2, 1.0) and moco[A.gaussian_blur]["p"] == 0.5
+    assert [moco[A.color_jitter][k] for k in ("brightness", "contrast", "saturation", "hue", "p")] == [0.4] * 3 + [0.1, 0.8]
+    assert A.PRESETS["moco_v2"][0][-1][0] is A.horizontal_flip and A.PRESETS["moco_v2"][0] == A.PRESETS["moco_v2"][1]
     byol_plus, paper001 = A.PRESETS["byol+"][0], A.PRESETS["paper001"][0]
     assert byol_plus[: len(paper001)] == paper001
     assert [fn for fn, _ in byol_plus[len(paper001):]] == [A.cutout, A.contrast, A.brightness]

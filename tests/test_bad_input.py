@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from common import data
-from common.cli import UserError
+from common.errors import UserError
 
 SIZE = 8
 

@@ -1,9 +1,7 @@
 """pretrain_barlow.py: the Barlow Twins loss, the sparsity penalty, further pretraining's frozen
 parts, schedules, the LR range test, LARS, and the CLI chain into evaluate.py on real data."""
-import functools
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -11,9 +9,9 @@ import torch
 import torchvision
 
 import pretrain_barlow
-from common import augment, cli, models, optim
-from common.cli import UserError
-from conftest import REPO, run_cli, tiny_run
+from common import cli, models, pretrain
+from common.errors import UserError
+from conftest import REPO, run_cli, run_main
 
 
 # ---------------------------------------------------------------- loss
@@ -119,23 +117,30 @@ def _args(*flags):
          "--lr", "1e-2", *flags])
 
 
-def _run_epoch(args, encoder, epoch, in_chans=1, tmp="/tmp/medssl-test-barlow"):
-    """One epoch of 2 steps on random 1-channel images, through the script's step and the common loop."""
-    args.in_chans, args.freeze_lr = in_chans, args.lr
-    projector = models.projector(512, args.projector)
-    optimizer = optim.make_optimizer(args.optimizer, [*encoder.parameters(), *projector.parameters()],
-                                     args.lr, args.weight_decay)
-    images = torch.randint(0, 256, (24, in_chans, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    run = tiny_run(f"{tmp}-{os.getpid()}-{epoch}", images, 2)
+def _barlow(args, in_chans=1):
+    """pretrain_barlow's method, built by its build(args, run) (the encoder's weights from seed 0) over 24
+    random images of `in_chans` channels, 2 steps per epoch; and the images."""
+    args.in_chans = in_chans
+    images = torch.randint(0, 256, (24, in_chans, 28, 28), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    return pretrain_barlow.build(args, pretrain.in_memory(vars(args), images, "cpu", steps=2)), images
+
+
+def _run_epoch(method, images, epoch):
+    """One epoch of 2 steps through the method's start_epoch and step; the projector trains. Returns the
+    epoch's figures."""
+    projector = method.modules["projector"]
     before = {k: v.clone() for k, v in projector.state_dict().items()}
-    online, views = [], augment.views(args.aug)
-    step = functools.partial(pretrain_barlow.train_step, args, online, projector, optimizer, views, run.generator, 2)
-    phase = functools.partial(pretrain_barlow.start_phase, args, encoder, projector, online, run.device)
-    figures = phase(epoch)
-    losses = [step(run.images[:8], 2 * epoch + i)[0] for i in range(2)]
+    figures = method.start_epoch(epoch)
+    losses = [method.step(images[:8], 2 * epoch + i)[0] for i in range(2)]
     assert all(np.isfinite(loss.item()) for loss in losses)
     assert any(not torch.equal(before[k], v) for k, v in projector.state_dict().items())  # projector trained
     return figures
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
 
 
 def _changed(before, after):
@@ -143,10 +148,10 @@ def _changed(before, after):
 
 
 def test_last_block_changes_only_that_block_and_frozen_bn_eval_keeps_running_stats():
-    torch.manual_seed(0)
-    encoder = models.build_encoder("resnet18", "imagenet", 1)
-    before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    stats = _run_epoch(_args("--trainable", "last-block"), encoder, epoch=0)
+    method, images = _barlow(_args("--trainable", "last-block"))
+    encoder = method.modules["encoder"]
+    before = _state(encoder)
+    stats = _run_epoch(method, images, epoch=0)
     changed = _changed(before, encoder.state_dict())
     assert changed and all(k.startswith("layer4.1.") for k in changed)          # parameters and BN buffers
     assert "layer4.1.conv1.weight" in changed and "layer4.1.bn1.running_mean" in changed
@@ -155,10 +160,10 @@ def test_last_block_changes_only_that_block_and_frozen_bn_eval_keeps_running_sta
 
 
 def test_frozen_bn_train_updates_running_stats_but_not_weights():
-    torch.manual_seed(0)
-    encoder = models.build_encoder("resnet18", "imagenet", 1)
-    before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    _run_epoch(_args("--trainable", "last-block", "--frozen-bn", "train"), encoder, epoch=0)
+    method, images = _barlow(_args("--trainable", "last-block", "--frozen-bn", "train"))
+    encoder = method.modules["encoder"]
+    before = _state(encoder)
+    _run_epoch(method, images, epoch=0)
     changed = _changed(before, encoder.state_dict())
     outside = {k for k in changed if not k.startswith("layer4.1.")}
     assert "bn1.running_mean" in outside and "layer1.0.bn1.running_var" in outside
@@ -166,24 +171,23 @@ def test_frozen_bn_train_updates_running_stats_but_not_weights():
 
 
 def test_layer4_trains_all_of_layer4():
-    torch.manual_seed(0)
-    encoder = models.build_encoder("resnet18", "imagenet", 1)
-    before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    _run_epoch(_args("--trainable", "layer4"), encoder, epoch=0)
+    method, images = _barlow(_args("--trainable", "layer4"))
+    encoder = method.modules["encoder"]
+    before = _state(encoder)
+    _run_epoch(method, images, epoch=0)
     changed = _changed(before, encoder.state_dict())
     assert all(k.startswith("layer4.") for k in changed)
     assert any(k.startswith("layer4.0.") for k in changed) and any(k.startswith("layer4.1.") for k in changed)
 
 
 def test_frozen_first_epoch_leaves_the_encoder_untouched_then_trains_it():
-    torch.manual_seed(0)
-    encoder = models.build_encoder("resnet18", "imagenet", 3)
-    before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    args = _args("--freeze-encoder-epochs", "1")
-    stats = _run_epoch(args, encoder, epoch=0, in_chans=3)
+    method, images = _barlow(_args("--freeze-encoder-epochs", "1"), in_chans=3)
+    encoder = method.modules["encoder"]
+    before = _state(encoder)
+    stats = _run_epoch(method, images, epoch=0)
     assert stats["frozen_encoder"] and stats["trainable_params"] == 512 * 32
     assert not _changed(before, encoder.state_dict())                          # weights and BN statistics
-    _run_epoch(args, encoder, epoch=1, in_chans=3)
+    _run_epoch(method, images, epoch=1)
     assert "conv1.weight" in _changed(before, encoder.state_dict())
 
 
@@ -234,7 +238,7 @@ def test_barlowtwins_init_online_loads_the_hub_model(monkeypatch):
 
 
 # ---------------------------------------------------------------- the CLI, on real data, into evaluate.py
-def test_cli_pretrain_then_evaluate_on_real_data(real_root, tmp_path):
+def test_cli_pretrain_then_evaluate_on_real_data(real_root, tmp_path, monkeypatch, capsys):
     run = tmp_path / "barlow"
     cmd = ("pretrain_barlow.py", "--data", "pneumoniamnist", "--data-root", real_root, "--epochs", "2",
            "--max-steps", "2", "--batch-size", "32", "--projector", "32-32", "--sparsity", "0.01",
@@ -262,26 +266,27 @@ def test_cli_pretrain_then_evaluate_on_real_data(real_root, tmp_path):
     result = json.load(open(out / "metrics.json"))
     assert 0 <= result["mean"]["auc"] <= 1 and "weighted_f1" in result["mean"]
 
-    # a finished run is kept; the same command again is refused
-    r = run_cli(*cmd)
-    assert r.returncode == 2 and "finished run" in r.stderr
+    # a finished run is kept; the same command again is refused (in this process: the same main())
+    with pytest.raises(SystemExit) as stop:
+        run_main(monkeypatch, *cmd)
+    assert stop.value.code == 2 and "finished run" in capsys.readouterr().err
 
 
 def test_bad_flags_are_one_line_errors(real_root, tmp_path, monkeypatch, capsys):
     base = ["pretrain_barlow.py", "--data", "pneumoniamnist", "--data-root", real_root, "--out", str(tmp_path / "r")]
-    monkeypatch.setattr("sys.argv", base + ["--aug", "base+vlfip"])   # refused while parsing, as argparse does
-    with pytest.raises(SystemExit) as stop:
-        pretrain_barlow.main()
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and "--aug: unknown augmentation 'vlfip'" in err and len(err.strip().splitlines()) == 1
-    for flags, needle in ((["--init", "barlowtwins"], "--arch resnet50"),
+    for flags, needle in ((["--aug", "base+vlfip"], "--aug: unknown augmentation 'vlfip'"),  # refused while parsing
+                          (["--init", "barlowtwins"], "--arch resnet50"),
                           (["--freeze-encoder-epochs", "3", "--epochs", "3"], "--freeze-encoder-epochs must be"),
                           (["--projector", "512-x"], "not a list of layer widths")):
-        monkeypatch.setattr("sys.argv", base + flags)
-        with pytest.raises(UserError, match=needle.replace("(", r"\(").replace("+", r"\+")):
-            pretrain_barlow.main()
-    r = run_cli(*base, "--oversample", "1:x")
-    assert r.returncode == 2 and r.stderr.startswith("error: --oversample") and len(r.stderr.strip().splitlines()) == 1
+        with pytest.raises(SystemExit) as stop:
+            run_main(monkeypatch, *base, *flags)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()                               # refused before the run directory
+    with pytest.raises(SystemExit) as stop:
+        run_main(monkeypatch, *base, "--oversample", "1:x")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: --oversample") and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("name", ["paper002_barlow", "cpu_barlow", "paper003_further", "cpu_further",
@@ -303,8 +308,7 @@ def test_an_interrupted_run_resumes_exactly_and_reuses_its_found_lr(real_root, t
         return ["pretrain_barlow.py", "--data", "breastmnist", "--data-root", real_root, "--epochs", "2",
                 "--max-steps", "2", "--batch-size", "16", "--projector", "32", "--lr", "auto",
                 "--lr-range", "1e-5", "1", "4", "--lr-schedule", "1cycle", "--out", str(out)]
-    monkeypatch.setattr("sys.argv", argv(tmp_path / "straight"))
-    pretrain_barlow.main()
+    run_main(monkeypatch, *argv(tmp_path / "straight"))
 
     real_phase = pretrain_barlow.start_phase
 
@@ -313,12 +317,12 @@ def test_an_interrupted_run_resumes_exactly_and_reuses_its_found_lr(real_root, t
             raise KeyboardInterrupt
         return real_phase(*args)
     monkeypatch.setattr(pretrain_barlow, "start_phase", crash_in_epoch_1)
-    monkeypatch.setattr("sys.argv", argv(tmp_path / "resumed"))
-    with pytest.raises(KeyboardInterrupt):
-        pretrain_barlow.main()
+    with pytest.raises(SystemExit) as stop:
+        run_main(monkeypatch, *argv(tmp_path / "resumed"))
+    assert stop.value.code == 130
     monkeypatch.setattr(pretrain_barlow, "start_phase", real_phase)
     monkeypatch.setattr(pretrain_barlow, "lr_from_range_test", lambda *a: pytest.fail("the range test ran again"))
-    pretrain_barlow.main()
+    run_main(monkeypatch, *argv(tmp_path / "resumed"))
 
     straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)

@@ -10,7 +10,7 @@ import torch
 from transformers import BeitConfig, BeitForImageClassification, BeitImageProcessor
 
 import finetune_beit
-from common import cli, metrics, rundir, supervised
+from common import errors, metrics, rundir, supervised
 from conftest import run_cli
 
 TINY = dict(image_size=32, patch_size=8, num_hidden_layers=4, hidden_size=32, num_attention_heads=2,
@@ -50,7 +50,7 @@ def test_exactly_the_top_layers_pooler_and_classifier_train(k, n_out):
 
 def test_too_many_trainable_layers_is_refused():
     model = BeitForImageClassification(BeitConfig(**TINY))
-    with pytest.raises(cli.UserError, match="more than the model's 4 layers"):
+    with pytest.raises(errors.UserError, match="more than the model's 4 layers"):
         finetune_beit.train_top_layers(model, 5)
 
 

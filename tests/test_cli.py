@@ -4,7 +4,7 @@ import argparse
 import pytest
 
 from common import cli
-from common.cli import UserError
+from common.errors import UserError
 
 
 def _parser():
@@ -54,3 +54,12 @@ def test_evaluation_flags_are_one_definition():
     args = cli.parse_args(parser, ["--positive-class", "malignant", "--tensorboard"])
     assert args.positive_class == "malignant" and args.tensorboard
     assert cli.parse_args(parser, []).positive_class == "1"
+
+
+def test_set_defaults_notes_the_papers_value_beside_the_default():
+    parser = _parser()
+    cli.set_defaults(parser, notes={"lr": "Chen et al.: 0.3"}, lr=0.5, epochs=7)
+    text = " ".join(parser.format_help().split())
+    assert "Chen et al.: 0.3 (default: 0.5)" in text and cli.parse_args(parser, []).epochs == 7
+    with pytest.raises(ValueError, match="momentum"):
+        cli.set_defaults(_parser(), notes={"momentum": "0.9"})

@@ -11,7 +11,7 @@ from scipy import stats
 from scipy.special import softmax
 
 from common import metrics
-from common.cli import UserError
+from common.errors import UserError
 from conftest import run_cli
 
 N_TEST = 80

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common import data
-from common.cli import UserError
+from common.errors import UserError
 
 
 def test_real_files_load_with_right_shapes_and_labels(real_root):

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from common import cli, pretrain, supervised
+from common import cli, errors, pretrain, supervised
 from conftest import REPO, cli_env, run_cli
 
 TQDM_OR_TORCHRUN = ("epoch ", "W1", "E1", "I1")  # a progress bar; torchrun's own log lines
@@ -49,9 +49,9 @@ def digest(folder):
 @pytest.fixture(autouse=True)
 def fresh_state():
     handler = signal.getsignal(signal.SIGTERM)
-    cli.progress.reset()
+    errors.progress.reset()
     yield
-    cli.progress.reset()
+    errors.progress.reset()
     signal.signal(signal.SIGTERM, handler)
 
 
@@ -69,7 +69,7 @@ def test_an_uncaught_os_error_or_missing_package_is_one_line_and_what_is_kept(ca
     before = digest(tmp_path)
 
     def main():
-        cli.progress.update(out=str(tmp_path), epoch=2, step=7)
+        errors.progress.update(out=str(tmp_path), epoch=2, step=7)
         raise fault
     line = one_line(capsys, main)
     assert line.startswith("error: "), line
@@ -198,7 +198,7 @@ def test_a_dead_peer_is_one_line_saying_what_is_kept(capsys, tmp_path, monkeypat
     monkeypatch.setattr(cli.dist, "destroy_process_group", lambda: None)
 
     def main():
-        cli.progress.update(out=str(tmp_path), epoch=1, step=12)
+        errors.progress.update(out=str(tmp_path), epoch=1, step=12)
         raise RuntimeError("[../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:15765: Connection reset by "
                            "peer. This is typically caused by a remote worker hanging\nor bugs")
     line = one_line(capsys, main)
@@ -207,7 +207,7 @@ def test_a_dead_peer_is_one_line_saying_what_is_kept(capsys, tmp_path, monkeypat
                          f"command again to resume"), line
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # the ranks another rank speaks for exit 2 in silence
-        cli.run_main(lambda: (_ for _ in ()).throw(cli.ReportedElsewhere("rank 0 failed")))
+        cli.run_main(lambda: (_ for _ in ()).throw(errors.ReportedElsewhere("rank 0 failed")))
     assert e.value.code == 2 and capsys.readouterr().err == ""
 
 

@@ -8,7 +8,7 @@ import torch
 
 import evaluate
 from common import data, models, supervised
-from common.cli import UserError
+from common.errors import UserError
 
 
 def _args(tmp_path, *flags):

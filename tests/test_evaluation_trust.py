@@ -15,7 +15,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 import evaluate
 from common import data, metrics, models, supervised
-from common.cli import UserError
+from common.errors import UserError
 from conftest import REPO, cli_env
 
 

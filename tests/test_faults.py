@@ -1,7 +1,10 @@
 """Faults and nonsense input, one test per family, through the shared code every script runs
 (common/cli.py, common/rundir.py, common/models.py): each case's exit code, its one line on stderr
-(no traceback) and that nothing already written changed. Signals and the lock with real processes;
-the rest in this process through cli.run_main, as a script runs."""
+(no traceback) and that nothing already written changed. Signals, a full disk, the lock held by another
+process and a config read from the command line with real processes; the rest in this process through
+cli.run_main, as a script runs. The flags every pretraining method shares are checked for each method
+(common/methods.py); a run of a pretraining script is one method's (RUN: what it tests is the same for
+all)."""
 import hashlib
 import importlib
 import json
@@ -17,15 +20,16 @@ import time
 import pytest
 import torch
 
-from common import cli, dist, models, rundir
-from common.cli import UserError
-from conftest import REAL_ROOT, REPO, run_cli
+from common import cli, dist, errors, methods, models, rundir
+from conftest import REAL_ROOT, REPO, real_file_root, run_cli, run_main
 
 TQDM = re.compile(r"^\s*epoch \d+: +\d+%\|")
-SCRIPTS = ("pretrain_byol", "pretrain_barlow", "evaluate", "finetune_beit")
-TINY_RUN = {"pretrain_byol": ["--projector-hidden", "16", "--predictor-hidden", "16", "--projector-out", "8",
-                              "--aug", "byol"],
-            "pretrain_barlow": ["--projector", "16", "--aug", "base"]}
+PRETRAINING = tuple(m.script.removesuffix(".py") for m in methods.all_methods())  # every method's script
+SCRIPTS = (*PRETRAINING, "evaluate", "finetune_beit")
+# the method of the tests that run a pretraining script as a command (what they test is the same for all)
+RUN = methods.all_methods()[0]
+TINY_RUN = ["--data", "breastmnist", "--data-root", REAL_ROOT, "--epochs", "1", "--max-steps", "1",
+            "--batch-size", "4", "--device", "cpu", *RUN.smoke_flags]
 
 
 def parser_of(script):
@@ -72,7 +76,7 @@ def fresh_state():
     """Each test starts with no progress and no pending --overwrite; the SIGTERM handler run_main
     installs is put back."""
     handler = signal.getsignal(signal.SIGTERM)
-    cli.progress.reset()
+    errors.progress.reset()
     yield
     rundir._pending.clear()
     signal.signal(signal.SIGTERM, handler)
@@ -80,15 +84,16 @@ def fresh_state():
 
 # ---------------------------------------------------------------- configs and the command line
 @pytest.mark.parametrize("script, text, needles", [
-    ("pretrain_byol", "epochs: 2.5", ["epochs: invalid int value: '2.5'"]),
-    ("pretrain_byol", "aug: nonsense", ["aug: unknown augmentation 'nonsense'"]),
-    ("pretrain_barlow", "crop_scale: [0.2]", ["crop_scale: expected 2 values"]),
-    ("pretrain_barlow", "sync_bn: 3", ["sync_bn: expected true or false"]),
+    *[(script, text, needles) for script in PRETRAINING for text, needles in (  # the flags every method shares
+        ("epochs: 2.5", ["epochs: invalid int value: '2.5'"]),
+        ("aug: nonsense", ["aug: unknown augmentation 'nonsense'"]),
+        ("crop_scale: [0.2]", ["crop_scale: expected 2 values"]),
+        ("sync_bn: 3", ["sync_bn: expected true or false"]),
+        ("epochs: [", ["cannot read config"]))],
     ("evaluate", "device: tpu", ["device: invalid choice: 'tpu'"]),
     ("evaluate", "lr: [1, 2]", ["lr: expected one value"]),
     ("finetune_beit", "epochs: ten", ["epochs: invalid int value: 'ten'"]),
     ("finetune_beit", "lr: .nan", ["--lr must be positive and finite, got nan"]),  # and the ranges
-    ("pretrain_byol", "epochs: [", ["cannot read config"]),
 ])
 def test_config_values_go_through_their_flags_checks(capsys, tmp_path, script, text, needles):
     config = tmp_path / "c.yaml"
@@ -109,24 +114,26 @@ def test_command_line_errors_are_one_line_without_the_usage_block(capsys, script
 def test_a_bad_config_value_is_one_line_from_the_command_too(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("epochs: ten\n")
-    line = cli_one_line(run_cli("pretrain_byol.py", "--config", str(config), "--out", str(tmp_path / "r")))
+    line = cli_one_line(run_cli(RUN.script, "--config", str(config), "--out", str(tmp_path / "r")))
     assert line == f"error: config {config}: epochs: invalid int value: 'ten'"
     assert not (tmp_path / "r").exists()
 
 
 # ---------------------------------------------------------------- ranges
 @pytest.mark.parametrize("script, flags, needle", [
+    *[(script, flags, needle) for script in PRETRAINING for flags, needle in (  # the flags every method shares
+        (["--crop-scale", "2", "1"], "--crop-scale must be in (0, 1], got 2.0"),
+        (["--crop-scale", "0.9", "0.2"], "--crop-scale needs MIN <= MAX, got 0.9 0.2"),
+        (["--warmup-epochs", "-5"], "--warmup-epochs must be 0 or more, got -5"),
+        (["--final-lr-fraction", "1.5"], "--final-lr-fraction must be in [0, 1], got 1.5"),
+        (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+        (["--weight-decay", "-1"], "--weight-decay must be 0 or more, got -1.0"),
+        (["--lr", "nan"], "--lr must be positive and finite, got nan"),
+        (["--lr", "inf"], "--lr must be positive and finite, got inf"),
+        (["--batch-size", "1"], "--batch-size must be at least 2 (BatchNorm"))],
     ("pretrain_byol", ["--ema", "1.5"], "--ema must be in [0, 1], got 1.5"),
-    ("pretrain_byol", ["--crop-scale", "2", "1"], "--crop-scale must be in (0, 1], got 2.0"),
-    ("pretrain_barlow", ["--crop-scale", "0.9", "0.2"], "--crop-scale needs MIN <= MAX, got 0.9 0.2"),
-    ("pretrain_byol", ["--warmup-epochs", "-5"], "--warmup-epochs must be 0 or more, got -5"),
     ("pretrain_byol", ["--projector-out", "0"], "--projector-out must be positive, got 0"),
-    ("pretrain_byol", ["--seed", "-1"], "--seed must be in [0, 2**32)"),
     ("evaluate", ["--seed", str(2 ** 32)], "--seed must be in [0, 2**32)"),
-    ("pretrain_barlow", ["--weight-decay", "-1"], "--weight-decay must be 0 or more, got -1.0"),
-    ("pretrain_byol", ["--lr", "nan"], "--lr must be positive and finite, got nan"),
-    ("pretrain_barlow", ["--lr", "inf"], "--lr must be positive and finite, got inf"),
-    ("pretrain_byol", ["--batch-size", "1"], "--batch-size must be at least 2 (BatchNorm"),
     ("pretrain_barlow", ["--lambd=-1/8192"], "--lambd must be 0 or more"),
     ("pretrain_barlow", ["--sparsity", "-0.1"], "--sparsity must be 0 or more"),
     ("pretrain_barlow", ["--freeze-encoder-epochs", "-1"], "--freeze-encoder-epochs must be 0 or more"),
@@ -159,12 +166,11 @@ def test_a_range_can_be_overridden_per_script():
 
 
 # ---------------------------------------------------------------- the operating system says no
-def test_out_naming_a_file_is_one_line_and_the_file_is_kept(real_root, tmp_path):
+def test_out_naming_a_file_is_one_line_and_the_file_is_kept(real_root, tmp_path, capsys, monkeypatch):
     out = tmp_path / "notes.txt"
     out.write_text("my notes\n")
-    r = run_cli("pretrain_byol.py", "--data", "breastmnist", "--data-root", real_root, "--out", str(out),
-                "--epochs", "1", "--max-steps", "1", "--batch-size", "4", *TINY_RUN["pretrain_byol"])
-    assert "is a file, not a folder" in cli_one_line(r)
+    line = one_line(capsys, lambda: run_main(monkeypatch, RUN.script, *TINY_RUN, "--out", str(out)))
+    assert "is a file, not a folder" in line, line
     assert out.read_text() == "my notes\n"
 
 
@@ -176,7 +182,7 @@ def _make_unwritable(folder):
     return lambda: os.chmod(folder, 0o755)
 
 
-@pytest.mark.parametrize("script", ["pretrain_byol", "evaluate"])
+@pytest.mark.parametrize("script", [RUN.script.removesuffix(".py"), "evaluate"])
 def test_unwritable_out_and_a_folder_named_like_a_file(capsys, tmp_path, script):
     out = tmp_path / "run"
     out.mkdir()
@@ -213,14 +219,11 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_old_file_is_kept(capsys, 
 
 # ---------------------------------------------------------------- --overwrite keeps the old run until the new one runs
 @pytest.fixture(scope="module")
-def finished_byol(tmp_path_factory):
-    """A finished tiny BYOL run, made once for the tests that try to overwrite it."""
-    if not os.path.isfile(os.path.join(REAL_ROOT, "breastmnist.npz")):
-        msg = f"real MedMNIST file breastmnist.npz missing in {REAL_ROOT}"
-        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+def finished_run(tmp_path_factory):
+    """A finished tiny pretraining run, made once for the tests that try to overwrite it."""
+    real_file_root()
     out = tmp_path_factory.mktemp("finished") / "run"
-    command = ["pretrain_byol.py", "--data", "breastmnist", "--data-root", REAL_ROOT, "--epochs", "1",
-               "--max-steps", "1", "--batch-size", "4", *TINY_RUN["pretrain_byol"], "--out", str(out)]
+    command = [RUN.script, *TINY_RUN, "--out", str(out)]
     r = run_cli(*command)
     assert r.returncode == 0, r.stderr[-2000:]
     return out, command
@@ -230,8 +233,8 @@ def finished_byol(tmp_path_factory):
     (["--init", "/nonexistent/checkpoint.pt"], "does not exist"),   # bad input found after the run dir is set up
     ("disk full", "(the disk or your quota is full)"),              # the first checkpoint cannot be written
 ])
-def test_overwrite_that_fails_before_its_first_checkpoint_keeps_the_old_run(finished_byol, fault, needle):
-    out, command = finished_byol
+def test_overwrite_that_fails_before_its_first_checkpoint_keeps_the_old_run(finished_run, fault, needle):
+    out, command = finished_run
     before = digest(out)
     if fault == "disk full":  # Python ignores SIGXFSZ: a write past RLIMIT_FSIZE fails with EFBIG
         limit = 2 ** 20
@@ -278,25 +281,28 @@ def wait_for(path, process, timeout=300):
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("script, signum, code, lock_and_resume", [("pretrain_byol", signal.SIGTERM, 143, True),
-                                                                    ("pretrain_barlow", signal.SIGINT, 130, False)])
+@pytest.mark.parametrize("signum, code, lock_and_resume", [(signal.SIGTERM, 143, True), (signal.SIGINT, 130, False)])
 def test_signal_is_one_line_the_lock_refuses_a_second_run_and_the_same_command_resumes(
-        real_root, tmp_path, script, signum, code, lock_and_resume):
+        real_root, tmp_path, capsys, monkeypatch, signum, code, lock_and_resume):
+    """The signal in a real process; the second run and the resumed one in this process (the same main())."""
     out = tmp_path / "run"
-    command = [sys.executable, f"{script}.py", "--data", "breastmnist", "--data-root", real_root, "--epochs", "3",
-               "--max-steps", "4", "--batch-size", "4", "--save-every", "1", *TINY_RUN[script], "--out", str(out)]
+    command = [RUN.script, "--data", "breastmnist", "--data-root", real_root, "--epochs", "2", "--max-steps", "3",
+               "--batch-size", "4", "--save-every", "1", *RUN.smoke_flags, "--out", str(out)]
     env = {**os.environ, "MEDSSL_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     # SIGINT back to its default in the child: a suite started in the background (`pytest &`) ignores it,
     # the child would inherit that, and Python then installs no Ctrl-C handler (as for `nohup ... &`)
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    first = subprocess.Popen([sys.executable, *command], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(out / "checkpoint.pt", first)
     first.send_signal(signal.SIGSTOP)  # holds its lock while stopped
-    if lock_and_resume:
-        second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-        assert f"is in use by another run (PID {first.pid})" in cli_one_line(second)
-    first.send_signal(signum)
-    first.send_signal(signal.SIGCONT)
+    try:
+        if lock_and_resume:
+            line = one_line(capsys, lambda: run_main(monkeypatch, *command))
+            assert f"is in use by another run (PID {first.pid})" in line, line
+    finally:
+        first.send_signal(signum)
+        first.send_signal(signal.SIGCONT)
     _, err = first.communicate(timeout=120)
     lines = stderr_lines(err)
     assert first.returncode == code and len(lines) == 1 and "Traceback" not in err, err[-2000:]
@@ -306,9 +312,10 @@ def test_signal_is_one_line_the_lock_refuses_a_second_run_and_the_same_command_r
         return
     # the killed run's lock file is still there, with its PID, and does not block the same command
     assert (out / ".lock").read_text().strip() == str(first.pid)
-    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    assert again.returncode == 0 and "resuming" in again.stdout, again.stderr[-2000:]
-    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1, 2]
+    capsys.readouterr()
+    run_main(monkeypatch, *command)
+    assert "resuming" in capsys.readouterr().out
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
 
 
 def test_interrupt_before_any_checkpoint_says_nothing_was_kept(capsys, tmp_path):
@@ -316,13 +323,13 @@ def test_interrupt_before_any_checkpoint_says_nothing_was_kept(capsys, tmp_path)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def main():
-        cli.progress.update(out=str(tmp_path), epoch=0, step=3)
+        errors.progress.update(out=str(tmp_path), epoch=0, step=3)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
     line = one_line(capsys, main, code=143)
     assert line == f"interrupted at epoch 0, step 3; no checkpoint was written yet, so nothing of this run is " \
                    f"kept in {tmp_path}"
-    cli.progress.reset()
+    errors.progress.reset()
     try:
         assert one_line(capsys, lambda: os.kill(os.getpid(), signal.SIGINT), code=130).startswith("interrupted before")
     finally:
@@ -335,7 +342,7 @@ def _run_checkpoint(epoch):
     return rundir.run_state({}, gen, epoch=epoch, step=3 * epoch, meta={"format": "medssl"})
 
 
-@pytest.mark.parametrize("script", ["pretrain_byol", "pretrain_barlow"])
+@pytest.mark.parametrize("script", PRETRAINING)
 def test_resume_cuts_the_log_back_and_names_what_is_broken(capsys, tmp_path, script):
     out = tmp_path / "run"
     args = cli.parse_args(parser_of(script), ["--out", str(out), "--epochs", "5"])
@@ -364,7 +371,7 @@ def test_resume_cuts_the_log_back_and_names_what_is_broken(capsys, tmp_path, scr
 ])
 def test_a_checkpoint_that_is_not_ours_is_named(capsys, tmp_path, content, needle):
     out = tmp_path / "run"
-    args = cli.parse_args(parser_of("pretrain_byol"), ["--out", str(out)])
+    args = cli.parse_args(parser_of(RUN.script.removesuffix(".py")), ["--out", str(out)])
     rundir.open_run(str(out), vars(args))
     if content == "folder":
         (out / "checkpoint.pt").mkdir()

@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 from common import models, rundir
-from common.cli import UserError
+from common.errors import UserError
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])

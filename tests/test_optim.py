@@ -121,7 +121,7 @@ def test_lars_groups_are_facebookresearch_weights_and_biases_with_their_lrs():
 def test_pretrain_barlow_lr_biases_flag_defaults_to_facebookresearch_ratio():
     import pretrain_barlow
     from common import cli
-    from common.cli import UserError
+    from common.errors import UserError
     parse = lambda *flags: cli.parse_args(pretrain_barlow.get_args_parser(), list(flags))
     ratio = lambda a: optim.lars_bias_lr_ratio(a.optimizer, a.lr, a.lr_biases)
     assert ratio(parse("--optimizer", "lars", "--lr", "0.4")) == pytest.approx(0.0048 / 0.2)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from common import convert, data
-from common.cli import UserError
+from common.errors import UserError
 from conftest import REAL_ROOT, real_arrays
 
 SPLITS = ("train", "val", "test")

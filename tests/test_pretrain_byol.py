@@ -1,4 +1,3 @@
-import functools
 import json
 import os
 
@@ -8,8 +7,8 @@ import torch
 import torchvision
 
 import pretrain_byol
-from common import augment, cli, models, optim, pretrain
-from conftest import run_cli, tiny_run
+from common import ema, errors, pretrain
+from conftest import run_cli, run_main, tiny_run
 
 
 def test_byol_loss_values_and_symmetry_of_scale():
@@ -31,55 +30,61 @@ def test_no_gradient_flows_into_the_target():
     assert p.grad is not None and z.grad is None
 
 
-def test_update_target_is_the_ema_formula():
-    online, target = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
-    before = target.weight.detach().clone()
-    pretrain_byol.update_target(target, online, 0.99)
-    assert torch.allclose(target.weight, 0.99 * before + 0.01 * online.weight)
+def test_the_target_update_is_the_ema_formula_and_copies_batchnorm_statistics():
+    torch.manual_seed(0)
+    online = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    target = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    online(torch.randn(8, 3))                                   # online running statistics move
+    before = target[0].weight.detach().clone()
+    ema.update(target, online, 0.99)
+    assert torch.allclose(target[0].weight, 0.99 * before + 0.01 * online[0].weight)
+    assert torch.equal(target[1].running_mean, online[1].running_mean)          # copied, not averaged
+    assert torch.equal(target[1].num_batches_tracked, online[1].num_batches_tracked)
 
 
-def _byol(args, steps_per_epoch, tmp_path, epochs):
-    """BYOL's step over tiny networks on random images, and a Run of them for the common loop."""
-    encoder = models.build_encoder(in_chans=1)
-    projector, predictor = models.mlp(512, 32, 16), models.mlp(16, 32, 16)
-    target_encoder, target_projector = models.build_encoder(in_chans=1), models.mlp(512, 32, 16)
-    online = torch.nn.Sequential(encoder, projector, predictor)
-    nets = pretrain_byol.Networks(online, encoder, projector, target_encoder, target_projector)
-    optimizer = torch.optim.Adam([*encoder.parameters(), *projector.parameters(), *predictor.parameters()], lr=1e-3)
-    images = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8)
-    run = tiny_run(tmp_path / "run", images, steps_per_epoch, epochs=epochs, batch_size=4, in_chans=1)
-    step = functools.partial(pretrain_byol.train_step, args, nets, optimizer, augment.views(args.aug), run.generator,
-                             steps_per_epoch)
-    modules = {"encoder": encoder, "projector": projector, "predictor": predictor,
-               "target_encoder": target_encoder, "target_projector": target_projector}
-    return pretrain.Method("byol", modules, optimizer, step), run
+def _byol(flags, tmp_path, epochs):
+    """pretrain_byol's method (its build(args, run)) with small heads over 12 random 1-channel images,
+    batch 4 (3 steps per epoch), and a Run of them for the common loop writing into tmp_path/run."""
+    args = pretrain_byol.get_args_parser().parse_args(
+        ["--batch-size", "4", "--epochs", str(epochs), "--aug", "byol", "--in-chans", "1", "--out", "unused",
+         "--projector-hidden", "32", "--predictor-hidden", "32", "--projector-out", "16", *flags])
+    images = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    run = tiny_run(tmp_path / "run", args, images)
+    return pretrain_byol.build(args, run), run
 
 
 def test_target_is_updated_once_per_optimiser_step(monkeypatch, tmp_path):
-    args = pretrain_byol.get_args_parser().parse_args(["--batch-size", "4", "--epochs", "1", "--aug", "byol",
-                                                       "--in-chans", "1", "--out", "unused"])
     calls = []
-    real = pretrain_byol.update_target
-    monkeypatch.setattr(pretrain_byol, "update_target", lambda t, o, tau: (calls.append(tau), real(t, o, tau)))
-    method, run = _byol(args, 3, tmp_path, epochs=1)
+    real = ema.update
+    monkeypatch.setattr(ema, "update", lambda t, o, tau: (calls.append(tau), real(t, o, tau)))
+    method, run = _byol([], tmp_path, epochs=1)
     steps = []
     real_step = method.optimizer.step
     method.optimizer.step = lambda *a, **k: (steps.append(1), real_step(*a, **k))[1]
     pretrain.train(method, run)
-    assert len(steps) == 3 and len(calls) == 2 * 3  # encoder + projector, once per step
+    assert len(steps) == 3 and calls == [0.99] * 2 * 3  # encoder + projector, once per step
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert len(log) == 1 and np.isfinite(log[0]["loss"]) and log[0]["images_per_sec"] > 0 and log[0]["ema"] == 0.99
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert state["step"] == 3 and state["epoch"] == 1 and state["meta"]["method"] == "byol"
+    assert state["meta"]["modules"] == ["encoder", "projector", "predictor", "target_encoder", "target_projector"]
 
 
-def test_cosine_ema_schedule_goes_from_tau_to_one():
-    assert optim.cosine(0, 100, 0.99, 1.0) == pytest.approx(0.99)
-    assert optim.cosine(50, 100, 0.99, 1.0) == pytest.approx(0.995)
-    assert optim.cosine(100, 100, 0.99, 1.0) == pytest.approx(1.0)
+def test_cosine_ema_schedule_goes_from_tau_to_one(monkeypatch, tmp_path):
+    assert ema.momentum("cosine", 0, 100, 0.99) == pytest.approx(0.99)
+    assert ema.momentum("cosine", 50, 100, 0.99) == pytest.approx(0.995)
+    assert ema.momentum("cosine", 100, 100, 0.99) == pytest.approx(1.0)
+    # the step uses it: the momentum of steps 0, 1, 2 of 3
+    calls = []
+    real = ema.update
+    monkeypatch.setattr(ema, "update", lambda t, o, tau: (calls.append(tau), real(t, o, tau)))
+    method, run = _byol(["--ema-schedule", "cosine"], tmp_path, epochs=1)
+    figures = [method.step(run.images[4 * i:4 * (i + 1)], i)[1]["ema"] for i in range(3)]
+    assert figures == [pytest.approx(ema.momentum("cosine", i, 3, 0.99)) for i in range(3)]
+    assert calls[::2] == calls[1::2] == figures and figures[0] < figures[1] < figures[2] < 1
 
 
-def test_cli_pretrain_then_evaluate_on_real_data(real_root, tmp_path):
+def test_cli_pretrain_then_evaluate_on_real_data(real_root, tmp_path, monkeypatch, capsys):
     run = tmp_path / "byol"
     r = run_cli("pretrain_byol.py", "--data", "pneumoniamnist", "--data-root", real_root, "--epochs", "1",
                 "--max-steps", "2", "--batch-size", "32", "--projector-hidden", "64", "--predictor-hidden", "64",
@@ -109,21 +114,23 @@ def test_cli_pretrain_then_evaluate_on_real_data(real_root, tmp_path):
         assert (out / "roc.png").stat().st_size > 0 and (out / "confusion.png").stat().st_size > 0
         assert "auc" in r.stdout and "±" in r.stdout
 
-    # a finished run is kept; the same command again is refused, --overwrite redoes it
+    # a finished run is kept; the same command again is refused, and so is another command (in this
+    # process: the same main())
     again = ("pretrain_byol.py", "--data", "pneumoniamnist", "--data-root", real_root, "--epochs", "1",
              "--max-steps", "2", "--batch-size", "32", "--projector-hidden", "64", "--predictor-hidden", "64",
              "--eval-every", "1", "--out", str(run))
-    r = run_cli(*again)
-    assert r.returncode == 2 and "finished run" in r.stderr
+    capsys.readouterr()
+    for argv, needles in ((again, ["finished run"]), ((*again[:-2], "--lr", "0.01", "--out", str(run)),
+                                                      ["different command", "lr"])):
+        with pytest.raises(SystemExit) as stop:
+            run_main(monkeypatch, *argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and all(needle in err for needle in needles), err
     assert torch.equal(torch.load(run / "checkpoint.pt", weights_only=True)["encoder"]["conv1.weight"],
                        state["encoder"]["conv1.weight"])
-    r = run_cli(*again[:-2], "--lr", "0.01", "--out", str(run))
-    assert r.returncode == 2 and "different command" in r.stderr and "lr" in r.stderr
 
 
 def test_non_finite_loss_stops_with_the_step_named(monkeypatch, tmp_path):
-    args = pretrain_byol.get_args_parser().parse_args(["--batch-size", "4", "--epochs", "2", "--aug", "byol",
-                                                       "--in-chans", "1", "--out", "unused"])
     calls = []
     real = pretrain_byol.byol_loss
 
@@ -131,7 +138,7 @@ def test_non_finite_loss_stops_with_the_step_named(monkeypatch, tmp_path):
         calls.append(1)
         return real(p, z) * (float("nan") if len(calls) in (9, 10) else 1.0)
     monkeypatch.setattr(pretrain_byol, "byol_loss", loss_with_nan)
-    method, run = _byol(args, 3, tmp_path, epochs=2)
-    with pytest.raises(cli.UserError, match=r"loss became nan at step 4 \(epoch 1\).*last good checkpoint"):
+    method, run = _byol([], tmp_path, epochs=2)
+    with pytest.raises(errors.UserError, match=r"loss became nan at step 4 \(epoch 1\).*last good checkpoint"):
         pretrain.train(method, run)
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1   # epoch 0's, kept

@@ -11,7 +11,7 @@ from scipy import stats
 from sklearn.metrics import roc_curve
 
 from common import metrics
-from common.cli import UserError
+from common.errors import UserError
 from scripts import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common import cli, rundir
-from common.cli import UserError
+from common.errors import UserError
 from test_cli import _parser
 
 

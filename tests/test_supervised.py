@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from common import data, metrics, models, supervised
-from common.cli import UserError
+from common.errors import UserError
 from conftest import REPO, cli_env, run_cli
 
 
@@ -255,13 +255,13 @@ def test_run_seeds_saves_each_seed_and_cuts_back_the_log_of_an_unfinished_one(tm
                                   {"val_auc": 0.75, "best_epoch": 0})
     out = str(tmp_path)
     seeds = [0, 1]
-    first = supervised.run_seeds(out, seeds[:1], run_seed, y_true, metrics.BINARY, {"args": {}}, "t", 1)
+    first = supervised.run_seeds(out, seeds[:1], run_seed, y_true, metrics.BINARY, {"args": {}}, "t", epochs_per_seed=1)
     assert json.loads((tmp_path / "seed_0.json").read_text())["test"] == first["per_seed"][0]["test"]
     os.remove(tmp_path / "metrics.json")
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write(json.dumps({"seed": 1, "epoch": 0, "loss": 9.0}) + '\n{"seed": 1, "ep')
     runs.clear()
-    result = supervised.run_seeds(out, seeds, run_seed, y_true, metrics.BINARY, {"args": {}}, "t", 1)
+    result = supervised.run_seeds(out, seeds, run_seed, y_true, metrics.BINARY, {"args": {}}, "t", epochs_per_seed=1)
     assert runs == [1] and [r["seed"] for r in result["per_seed"]] == [0, 1]
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [(e["seed"], e["loss"]) for e in log] == [(0, 0.5), (1, 0.5)]
@@ -273,8 +273,8 @@ def test_positive_class_by_name_and_tensorboard_scalars_equal_the_log(real_root,
     from sklearn.metrics import f1_score, precision_score, recall_score
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / "r"
-    r = run_cli("evaluate.py", "--data", "breastmnist", "--data-root", real_root, "--mode", "finetune", "--stem",
-                "small", "--epochs", "2", "--max-steps", "2", "--head-epochs", "1", "--seeds", "2",
+    r = run_cli("evaluate.py", "--data", "breastmnist", "--data-root", real_root, "--mode", "finetune",
+                "--epochs", "2", "--max-steps", "2", "--head-epochs", "1", "--seeds", "2",
                 "--positive-class", "Malignant", "--tensorboard", "--device", "cpu", "--out", str(out))
     assert r.returncode == 0, r.stderr[-1000:]
     result = json.loads((out / "metrics.json").read_text())
