@@ -23,7 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
-from common import augment, cli, data, errors, metrics, models, optim, rundir, saliency, supervised
+from common import augment, cli, data, errors, metrics, models, optim, precision, rundir, saliency, supervised
 from common.errors import UserError
 
 # Per-mode defaults of paper 001 (§5.2-5.4): fine-tune 25 epochs at 1e-3, few-shot 25-50 epochs
@@ -204,6 +204,28 @@ def _selected(info):
     return info if info["val_auc"] is not None else {**info, "selected_on": "val_loss"}
 
 
+# ---------------------------------------------------------------- the arithmetic of the forward passes
+def resolve_precision(args, device, images):
+    """The Precision (common/precision.py) of --precision on `device` for the side the encoder sees:
+    --resize, else that of `images`. main() resolves it once per run (supervised.seeds_precision, which
+    keeps that of the finished seeds on a resume); the functions below fall back to this when called
+    without it."""
+    return precision.resolve(args.precision, device, args.resize or images.shape[-1])
+
+
+def classifier_forward(model, in_chans, resize, arithmetic, steps=None, generator=None):
+    """forward(uint8 images) -> float32 logits of `model` (losses and metrics stay float32): the images
+    augmented per image with the augment.FINETUNE_AUG `steps` (if any, drawn from `generator`) as [0, 1]
+    floats, then normalised (data.to_input), in the memory layout of the Precision `arithmetic`, under
+    its autocast."""
+    def forward(images):
+        x = augment.apply_steps(images.float().div_(255), steps, generator) if steps else images
+        x = data.to_input(x, in_chans, resize).contiguous(memory_format=arithmetic.memory_format)
+        with arithmetic.autocast(x.device.type):
+            return model(x).float()
+    return forward
+
+
 # ---------------------------------------------------------------- fine-tuning (finetune, fewshot)
 def schedule(args, epochs=None, lr=None):
     """The supervised.Schedule of this command (epochs: another phase's count)."""
@@ -212,24 +234,18 @@ def schedule(args, epochs=None, lr=None):
                                frozen_bn=args.frozen_bn)
 
 
-def finetune(args, encoder, train, val, test, task, n_out, seed, device, log, class_weight=None):
+def finetune(args, encoder, train, val, test, task, n_out, seed, device, log, class_weight=None, arithmetic=None):
     """Encoder + linear head trained on `train` (supervised.Examples), the epoch chosen on
-    validation, the test split scored. Paper 002's --freeze keeps the stem .. that stage fixed;
-    paper 003's recipe (§3.4) is --head-epochs 1 (head alone), then --lr auto (range test) with
-    --lr-schedule 1cycle, with --train-aug paper003 and --tta 3. Returns (SeedRun, model)."""
+    validation, the test split scored, every forward pass in the Precision `arithmetic` (default:
+    resolve_precision). Paper 002's --freeze keeps the stem .. that stage fixed; paper 003's recipe
+    (§3.4) is --head-epochs 1 (head alone), then --lr auto (range test) with --lr-schedule 1cycle,
+    with --train-aug paper003 and --tta 3. Returns (SeedRun, model)."""
+    arithmetic = arithmetic or resolve_precision(args, device, train.inputs)
     model = torch.nn.Sequential(encoder, torch.nn.Linear(models.FEATURE_DIM[args.arch], n_out)).to(device)
     aug_gen = torch.Generator(device).manual_seed(seed)
     steps_aug = augment.FINETUNE_AUG[args.train_aug]
-
-    def forward(x):  # bf16 autocast on CUDA (supervised.autocast), float32 logits
-        with supervised.autocast(device):
-            return model(data.to_input(x, args.in_chans, args.resize).contiguous(
-                memory_format=torch.channels_last)).float()
-
-    def forward_aug(x):  # uint8 -> [0, 1] floats, augmented per image, then normalised
-        x = data.to_input(augment.apply_steps(x.float().div_(255), steps_aug, aug_gen), args.in_chans, args.resize)
-        with supervised.autocast(device):
-            return model(x.contiguous(memory_format=torch.channels_last)).float()
+    forward = classifier_forward(model, args.in_chans, args.resize, arithmetic)
+    forward_aug = classifier_forward(model, args.in_chans, args.resize, arithmetic, steps_aug, aug_gen)
     forward_train = forward_aug if steps_aug else forward
     val = supervised.Examples(val.images, val.labels)
     info = {}
@@ -288,12 +304,15 @@ def range_test_lr(args, model, train, forward_train, task, seed, class_weight=No
     return lr
 
 
-def write_saliency(args, model, test):
+def write_saliency(args, model, test, arithmetic=None):
     """--saliency N: where the fine-tuned model looks on the first N test images (the same images in
     every run, so scripts/report.py can put two models' maps side by side), for each image's true
     class (its first positive label when multi-label), with the model's prediction (`predicted`: the
-    argmax of its class probabilities). Maps are stored at the stored image size."""
+    argmax of its class probabilities). Maps are stored at the stored image size. In float32, whatever
+    the run's Precision (`arithmetic`, default resolve_precision: only its memory layout is taken):
+    occlusion maps are differences of probabilities, which bf16's 8 significant bits would blur."""
     device = supervised.model_device(model)
+    memory_format = (arithmetic or resolve_precision(args, device, test.images)).memory_format
     images, labels = data.batch(test.images, slice(0, args.saliency), device), test.labels[:args.saliency]
     target = labels.argmax(dim=1) if labels.ndim == 2 else labels
     x = data.to_input(images, args.in_chans, args.resize)
@@ -304,7 +323,7 @@ def write_saliency(args, model, test):
     maps = {k: torch.nn.functional.interpolate(m[:, None], size=images.shape[-2:], mode="bilinear")[:, 0]
             for k, m in maps.items()}
     predicted = supervised.probabilities(model, images, test.task, lambda b: model(
-        data.to_input(b, args.in_chans, args.resize).contiguous(memory_format=torch.channels_last))).argmax(axis=1)
+        data.to_input(b, args.in_chans, args.resize).contiguous(memory_format=memory_format))).argmax(axis=1)
     np.savez(os.path.join(args.out, "saliency.npz"), images=images.cpu().numpy(), index=np.arange(len(images)),
              class_idx=target.cpu().numpy(), predicted=predicted, layer=layer,
              **{k: m.cpu().numpy() for k, m in maps.items()})
@@ -318,15 +337,18 @@ def training_indices(args, labels, seed):
     return data.label_fraction_indices(labels, args.label_fraction, seed)
 
 
-def run_seed(args, seed, splits, template, device, log):
+def run_seed(args, seed, splits, template, device, log, arithmetic=None):
+    """One seed of the run: its SeedRun, every forward pass in the Precision `arithmetic` (default:
+    resolve_precision)."""
     cli.seed_everything(seed)
     train, val, test = splits["train"], splits["val"], splits["test"]
+    arithmetic = arithmetic or resolve_precision(args, device, train.images)
     idx = torch.as_tensor(training_indices(args, train.labels, seed), device=device)
     y_train = train.labels[idx]  # the images stay where they are (maybe host memory): batches are gathered
     # a random init must differ per seed; a loaded one is the same weights every time
     encoder = models.build_encoder(args.arch, args.stem, args.in_chans) if args.init == "random" \
         else copy.deepcopy(template)
-    encoder.to(device, memory_format=torch.channels_last)
+    encoder.to(device, memory_format=arithmetic.memory_format)
     task, n_out = train.task, train.n_classes
     subset = supervised.subset_record(seed, train, idx)
     class_weight = supervised.class_weights(y_train, task, n_out) if args.class_weight == "balanced" else None
@@ -334,14 +356,14 @@ def run_seed(args, seed, splits, template, device, log):
     if args.mode in ("finetune", "fewshot"):
         supervised.check_batch_size(args.batch_size, len(idx))
         result, model = finetune(args, encoder, supervised.Examples(train.images, train.labels, idx), val, test, task,
-                                 n_out, seed, device, log, class_weight)
+                                 n_out, seed, device, log, class_weight, arithmetic)
         if args.saliency and seed == args.seed:
-            write_saliency(args, model, test)
+            write_saliency(args, model, test, arithmetic)
         return with_info(result, subset)
 
-    with supervised.autocast(device):  # bf16 on CUDA; features come back as float32
-        feats = {name: models.features(encoder, split.images, args.in_chans, resize=args.resize, index=index)
-                 for name, split, index in (("train", train, idx), ("val", val, None), ("test", test, None))}
+    feats = {name: models.features(encoder, split.images, args.in_chans, resize=args.resize, index=index,
+                                   precision=arithmetic)  # float32 features, whatever the arithmetic
+             for name, split, index in (("train", train, idx), ("val", val, None), ("test", test, None))}
     if args.mode == "knn":
         return with_info(knn_probe((feats["train"], y_train), (feats["val"], val.labels), feats["test"], task, n_out),
                          subset)
@@ -408,11 +430,17 @@ def main():
     # ---- encoder weights, loaded once (before the run directory: a bad --init changes nothing there)
     template = None if args.init == "random" else models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
     pretraining = pretraining_record(args.ckpt) if args.ckpt else None
+    side = args.resize or splits["train"].images.shape[-1]  # what the encoder sees
+    precision.resolve(args.precision, device, side)  # --precision bf16 on a GPU without it: refused before the run dir
 
     # ---- run directory: an --overwrite re-run moves the old run aside until this one has started
     inputs = rundir.provenance({args.data: info.hash}, encoder=args.init,
                                epoch=pretraining["epoch"] if pretraining else None)
     rundir.prepare_run_dir(args.out, vars(args), done_file="metrics.json", inputs=inputs)
+
+    # ---- the arithmetic of every forward pass (common/precision.py); a resumed run keeps that of its finished seeds
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    arithmetic = supervised.seeds_precision(args.out, seeds, args.precision, device, side)
 
     # ---- seeded runs, each saved as it ends; then metrics.json, predictions.npz and the plots
     full = args.mode in ("finetune", "fewshot")
@@ -420,12 +448,13 @@ def main():
     header = {"data": args.data, "data_hash": info.hash, "size": args.size, "mode": args.mode, "encoder": args.init,
               "class_names": list(info.class_names), "grouping": getattr(info, "grouping", None),
               "pretraining": pretraining, "args": vars(args)}
-    supervised.run_seeds(args.out, list(range(args.seed, args.seed + args.seeds)),
-                         lambda seed, log: run_seed(args, seed, splits, template, device, log),
+    supervised.run_seeds(args.out, seeds, lambda seed, log: run_seed(args, seed, splits, template, device, log,
+                                                                      arithmetic),
                          splits["test"].labels.cpu().numpy(), info.task, header,
                          title=f"{args.data} {args.mode}, encoder {args.init}", epochs_per_seed=epochs,
                          class_names=info.class_names, positive_class=positive, tensorboard=args.tensorboard,
-                         y_val=splits["val"].labels.cpu().numpy(), temperature_scaling=args.temperature_scaling)
+                         y_val=splits["val"].labels.cpu().numpy(), temperature_scaling=args.temperature_scaling,
+                         precision=arithmetic)
 
 
 if __name__ == "__main__":

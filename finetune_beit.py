@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import cli, data, metrics, optim, rundir, supervised
+from common import cli, data, metrics, optim, precision, rundir, supervised
 from common.errors import UserError
 
 PAPER_MODEL = "microsoft/beit-large-patch16-224"
@@ -241,7 +241,8 @@ def beit_forward(model, prep, autocast):
     return forward
 
 
-def run_seed(args, seed, splits, prep, device, log):
+def run_seed(args, seed, splits, prep, device, log, arithmetic):
+    """One seed of the run: its SeedRun, every forward pass under the autocast of the Precision `arithmetic`."""
     cli.seed_everything(seed)  # the new classifier's init, the batches and the undersampling
     train, val, test = splits["train"], splits["val"], splits["test"]
     task = train.task
@@ -253,8 +254,7 @@ def run_seed(args, seed, splits, prep, device, log):
     model.to(device)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()
-    # bf16 autocast on CUDA (paper-scale BEiT-large); full precision on the CPU
-    forward = beit_forward(model, prep, lambda: supervised.autocast(device))
+    forward = beit_forward(model, prep, lambda: arithmetic.autocast(device.type))
 
     idx = np.arange(len(train.labels))
     if args.balance is not None:
@@ -308,22 +308,28 @@ def main():
     info = splits["test"].info  # task and class names: the dataset's own description
     positive = supervised.positive_class(args.positive_class, info)
     prep = load_processor(args.model)
+    side = min(prep["size"])  # what the BEiT sees
+    precision.resolve(args.precision, device, side)  # --precision bf16 on a GPU without it: refused before the run dir
 
     # ---- run directory: an --overwrite re-run moves the old run aside until this one has started
     rundir.prepare_run_dir(args.out, vars(args), done_file="metrics.json",
                            inputs=rundir.provenance({args.data: info.hash}))
+
+    # ---- the arithmetic of every forward pass (common/precision.py; a ViT: no convolutions to lay out
+    # channels_last); a resumed run keeps that of its finished seeds
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    arithmetic = supervised.seeds_precision(args.out, seeds, args.precision, device, side, convolutional=False)
 
     # ---- seeded runs, each saved as it ends; then metrics.json, predictions.npz and the plots
     name = f"BEiT ({args.size})" + (" balanced" if args.balance is not None else "")
     header = {"data": args.data, "data_hash": info.hash, "size": args.size, "mode": "finetune_beit", "encoder": name,
               "model": args.model, "class_names": list(info.class_names), "grouping": getattr(info, "grouping", None),
               "args": vars(args)}
-    supervised.run_seeds(args.out, list(range(args.seed, args.seed + args.seeds)),
-                         lambda seed, log: run_seed(args, seed, splits, prep, device, log),
+    supervised.run_seeds(args.out, seeds, lambda seed, log: run_seed(args, seed, splits, prep, device, log, arithmetic),
                          splits["test"].labels.cpu().numpy(), info.task, header,
                          title=f"{args.data} {name}", epochs_per_seed=args.epochs,
                          class_names=info.class_names, positive_class=positive, tensorboard=args.tensorboard,
-                         y_val=splits["val"].labels.cpu().numpy())
+                         y_val=splits["val"].labels.cpu().numpy(), precision=arithmetic)
 
 
 if __name__ == "__main__":

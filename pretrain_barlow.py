@@ -159,11 +159,11 @@ def set_train_mode(args, encoder, projector):
         models.frozen_bn_eval(encoder)
 
 
-def forward_loss(online, projector, x1, x2, lambd, sparsity, sparsity_norm):
+def forward_loss(online, projector, x1, x2, lambd, sparsity, sparsity_norm, precision):
     """Barlow Twins loss (plus the sparsity penalty on `projector`) of two views (input tensors): `online`
-    (encoder + projector, in DDP under torchrun) on this rank's rows of each (bf16 autocast on CUDA), the
+    (encoder + projector, in DDP under torchrun) on this rank's rows of each (in the run's `precision`), the
     loss over the whole batch in float32, the same on every rank. What --compile compiles."""
-    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=x1.device.type == "cuda"):
+    with precision.autocast(x1.device.type):
         z1, z2 = online(x1), online(x2)
     # the loss standardises along the batch: gather the global batch's embeddings (gradients reach
     # every rank's own rows; DDP's mean over ranks then gives the one-process gradient)
@@ -212,7 +212,7 @@ def lr_from_range_test(args, encoder, projector, run):
     def batch_loss():
         pick = torch.randint(len(run.index), (args.batch_size,), generator=gen, device=run.index.device)
         x1, x2 = pretrain.two_views(run.images[run.index[pick]], run, generator=gen)
-        return forward_loss(online, projector, x1, x2, args.lambd, args.sparsity, args.sparsity_norm)
+        return forward_loss(online, projector, x1, x2, args.lambd, args.sparsity, args.sparsity_norm, run.precision)
     start, end, steps = args.lr_range
     lrs, losses, lr = optim.lr_range_test(batch_loss, optimizer, [encoder, projector], start, end, int(steps))
     if dist.is_main():
@@ -248,7 +248,7 @@ def build(args, run):
     encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
     projector = models.projector(models.FEATURE_DIM[args.arch], args.projector)
     modules = {"encoder": encoder, "projector": projector}
-    pretrain.place(modules, run.device, run.sync_bn)
+    pretrain.place(modules, run)
 
     # ---- learning rate: given, or found by a range test now; a resumed run gets the lr it found back
     # from its checkpoint, as the method's state (its range test is not run again)
@@ -270,7 +270,7 @@ def build(args, run):
         loss is the global batch's, the same on every rank."""
         lr = lr_at(args, optimizer, i, run.steps_per_epoch, state["lr"])
         x1, x2 = pretrain.two_views(batch, run)
-        loss = loss_fn(online[0], projector, x1, x2, args.lambd, args.sparsity, args.sparsity_norm)
+        loss = loss_fn(online[0], projector, x1, x2, args.lambd, args.sparsity, args.sparsity_norm, run.precision)
         pretrain.optimizer_step(optimizer, loss)
         return loss.detach(), {"lr": lr}
 

@@ -49,11 +49,11 @@ def byol_loss(p, z):
     return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=-1)).mean()
 
 
-def forward_loss(online, target, x1, x2):
+def forward_loss(online, target, x1, x2, precision):
     """The symmetric BYOL loss of two views (input tensors): both through the online network (encoder,
-    projector, predictor) and, without gradient, through the target (its encoder and projector), bf16
-    autocast on CUDA. What --compile compiles."""
-    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=x1.device.type == "cuda"):
+    projector, predictor) and, without gradient, through the target (its encoder and projector), in the
+    run's `precision`. What --compile compiles."""
+    with precision.autocast(x1.device.type):
         p1, p2 = online(x1), online(x2)
         with torch.no_grad():
             z1, z2 = target(x1), target(x2)
@@ -70,7 +70,7 @@ def build(args, run):
     modules = {"encoder": encoder, "projector": projector, "predictor": predictor,
                "target_encoder": target_encoder, "target_projector": target_projector}
     # --sync-bn covers the target too: its BatchNorm layers also normalise with batch statistics
-    pretrain.place(modules, run.device, run.sync_bn)
+    pretrain.place(modules, run)
     online = dist.distributed(torch.nn.Sequential(encoder, projector, predictor), run.device)
     target = torch.nn.Sequential(target_encoder, target_projector)
 
@@ -87,7 +87,7 @@ def build(args, run):
         lr = pretrain.set_lr(optimizer, run, i)
         tau = ema.momentum(args.ema_schedule, i, run.total_steps, args.ema)
         x1, x2 = pretrain.two_views(batch, run)
-        loss = loss_fn(online, target, x1, x2)
+        loss = loss_fn(online, target, x1, x2, run.precision)
         pretrain.optimizer_step(optimizer, loss)
         ema.update(target_encoder, encoder, tau)
         ema.update(target_projector, projector, tau)

@@ -135,15 +135,15 @@ def keys_of(key_net, x, order, groups):
     return torch.empty_like(shuffled).index_copy_(0, order, shuffled)  # row order[j] is shuffled row j
 
 
-def forward_loss(online, key_net, queries, shuffled, order, queue, temperature, groups):
+def forward_loss(online, key_net, queries, shuffled, order, queue, temperature, groups, precision):
     """The InfoNCE loss of this rank's queries (one view, or both with --symmetric) against the other view's
-    keys, and the first pair's keys of the global batch for the queue; bf16 autocast on CUDA. `queries`: this
+    keys, and the first pair's keys of the global batch for the queue, in the run's `precision`. `queries`: this
     rank's rows of the views; `shuffled`: this rank's rows of the other views, shuffled by `order`. The key
     encoder runs in training mode without gradient: its BatchNorm uses batch statistics, as MoCo's does.
     What --compile compiles."""
     first = dist.rank() * len(queries[0])
     losses, queue_keys = [], None
-    with torch.autocast(queries[0].device.type, dtype=torch.bfloat16, enabled=queries[0].device.type == "cuda"):
+    with precision.autocast(queries[0].device.type):
         for x_query, x_key in zip(queries, shuffled):
             q = in_groups(online, x_query, groups)
             with torch.no_grad():
@@ -160,7 +160,7 @@ def build(args, run):
     head = projection_head(models.FEATURE_DIM[args.arch], args.projector_hidden, args.projector_out)
     key_encoder, key_head = ema.frozen_copy(encoder), ema.frozen_copy(head)
     modules = {"encoder": encoder, "projector": head, "key_encoder": key_encoder, "key_projector": key_head}
-    pretrain.place(modules, run.device, run.sync_bn)
+    pretrain.place(modules, run)
     online = dist.distributed(torch.nn.Sequential(encoder, head), run.device)
     key_net = torch.nn.Sequential(key_encoder, key_head)
 
@@ -190,7 +190,7 @@ def build(args, run):
     loss_fn = pretrain.compiled(forward_loss, run)
 
     def as_input(views):
-        return [data.to_input(dist.my_rows(v), run.in_chans).contiguous(memory_format=torch.channels_last)
+        return [data.to_input(dist.my_rows(v), run.in_chans).contiguous(memory_format=run.precision.memory_format)
                 for v in views]
 
     # ---- step
@@ -206,7 +206,7 @@ def build(args, run):
         queries = as_input(query for query, _ in pairs)
         shuffled = as_input(key[order] for _, key in pairs)
         loss, keys = loss_fn(online, key_net, queries, shuffled, order, state.get("queue"), args.temperature,
-                             groups)
+                             groups, run.precision)
         pretrain.optimizer_step(optimizer, loss)
         ema.update(key_encoder, encoder, m)
         ema.update(key_head, head, m)

@@ -53,10 +53,10 @@ def nt_xent_loss(z1, z2, temperature):
     return F.cross_entropy(logits, partner)
 
 
-def forward_loss(online, x1, x2, temperature):
-    """NT-Xent of two views (input tensors) through `online` (encoder + projector, bf16 autocast on CUDA),
+def forward_loss(online, x1, x2, temperature, precision):
+    """NT-Xent of two views (input tensors) through `online` (encoder + projector, in the run's `precision`),
     over the global batch. What --compile compiles."""
-    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=x1.device.type == "cuda"):
+    with precision.autocast(x1.device.type):
         z1, z2 = online(x1), online(x2)
     # every view of the global batch is a negative: gather all ranks' projections (autograd sees the
     # all-gather, so gradients reach each rank's own rows; DDP's mean then gives the one-process gradient)
@@ -68,7 +68,7 @@ def build(args, run):
     encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
     projector = models.mlp(models.FEATURE_DIM[args.arch], args.projector_hidden, args.projector_out)
     modules = {"encoder": encoder, "projector": projector}
-    pretrain.place(modules, run.device, run.sync_bn)
+    pretrain.place(modules, run)
     online = dist.distributed(torch.nn.Sequential(encoder, projector), run.device)
 
     # ---- optimiser
@@ -81,7 +81,7 @@ def build(args, run):
         """One SimCLR step on a uint8 global batch: lr, two views, NT-Xent, an optimiser step."""
         lr = pretrain.set_lr(optimizer, run, i)
         x1, x2 = pretrain.two_views(batch, run)
-        loss = loss_fn(online, x1, x2, args.temperature)
+        loss = loss_fn(online, x1, x2, args.temperature, run.precision)
         pretrain.optimizer_step(optimizer, loss)
         return loss.detach(), {"lr": lr}
 

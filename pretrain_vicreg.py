@@ -80,10 +80,10 @@ def vicreg_loss(z1, z2, invariance_weight, variance_weight, covariance_weight):
                 + covariance_weight * (covariance1 + covariance2))
 
 
-def forward_loss(online, x1, x2, invariance_weight, variance_weight, covariance_weight):
-    """VICReg's loss of two views (input tensors) through `online` (encoder + expander, bf16 autocast on
-    CUDA), over the global batch. What --compile compiles."""
-    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=x1.device.type == "cuda"):
+def forward_loss(online, x1, x2, invariance_weight, variance_weight, covariance_weight, precision):
+    """VICReg's loss of two views (input tensors) through `online` (encoder + expander, in the run's
+    `precision`), over the global batch. What --compile compiles."""
+    with precision.autocast(x1.device.type):
         z1, z2 = online(x1), online(x2)
     # variance and covariance are statistics along the batch: gather the global batch's embeddings
     # (gradients reach every rank's own rows; DDP's mean over ranks then gives the one-process gradient)
@@ -100,7 +100,7 @@ def build(args, run):
     encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
     expander = models.projector(models.FEATURE_DIM[args.arch], args.expander)
     modules = {"encoder": encoder, "expander": expander}
-    pretrain.place(modules, run.device, run.sync_bn)
+    pretrain.place(modules, run)
     online = dist.distributed(torch.nn.Sequential(encoder, expander), run.device)
 
     # ---- optimiser: under LARS the biases and BatchNorm parameters keep the weights' lr (Bardes et al.'s
@@ -114,7 +114,8 @@ def build(args, run):
         """One VICReg step on a uint8 global batch: lr, two views, the loss, an optimiser step."""
         lr = pretrain.set_lr(optimizer, run, i)
         x1, x2 = pretrain.two_views(batch, run)
-        loss = loss_fn(online, x1, x2, args.invariance_weight, args.variance_weight, args.covariance_weight)
+        loss = loss_fn(online, x1, x2, args.invariance_weight, args.variance_weight, args.covariance_weight,
+                       run.precision)
         pretrain.optimizer_step(optimizer, loss)
         return loss.detach(), {"lr": lr}
 

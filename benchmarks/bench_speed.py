@@ -29,7 +29,8 @@ content). "images/s" counts source images: a pretraining step on a batch of B im
 Variants: a device (cpu | cuda) joined by '+' to any of bf16 (torch.autocast bf16), cl
 (channels_last model and inputs) and compile (the pretraining steps: --compile's compiled forward and
 loss, CUDA graphs on CUDA; the evaluation workloads: torch.compile of the encoder).
-What the scripts run: cpu+cl on a CPU, cuda+bf16+cl on a GPU (evaluate.py: cuda+cl, no autocast).
+What the scripts run: their --precision (common/precision.py): cpu+cl at 28 px, cpu+bf16+cl from 48 px on a
+CPU with native bf16, cuda+bf16+cl on a GPU.
 """
 import argparse
 import json

@@ -267,6 +267,10 @@ def add_common_flags(parser, data_help="a MedMNIST 2D flag, an .npz, a folder or
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of every random draw (init, batches, augmentation)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="arithmetic of the forward passes: bf16 autocast or float32 (weights, losses, BatchNorm "
+                        "statistics and checkpoints stay float32); auto = bf16 on a GPU, and on a CPU with native "
+                        "bf16 (AVX512-BF16, AMX) from 48 px up, where it is faster; float32 elsewhere")
     g.add_argument("--out", default=None, help="run directory (default runs/<script>-<data>-<time>)")
     g.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch, for smoke runs")
     g.add_argument("--config", default=None, help="YAML file of flag values; flags given on the command line win")

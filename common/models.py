@@ -2,6 +2,7 @@
 
 The encoder keeps torchvision's module names, so its state dict loads into
 `torchvision.models.resnet18()` (or 50) with only `fc` missing."""
+import contextlib
 import functools
 import os
 
@@ -162,18 +163,22 @@ def _checkpoint_meta(path, version):
 
 
 @torch.no_grad()
-def features(encoder, images, in_chans, batch_size=512, resize=None, index=None):
+def features(encoder, images, in_chans, batch_size=512, resize=None, index=None, precision=None):
     """Frozen-encoder features (float32, on the encoder's device) of a whole uint8 split, or of its
     rows `index`, in eval mode (BN running statistics); the images may be in pinned host memory
-    (data.batch brings each batch over); resize: see data.to_input."""
+    (data.batch brings each batch over); resize: see data.to_input. precision: the run's
+    common.precision.Precision, whose autocast and memory layout the forward passes take; None:
+    channels_last inputs and no autocast of its own."""
     from common.data import batch, to_input
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
     n = len(images) if index is None else len(index)
     rows = (lambda i: slice(i, i + batch_size)) if index is None else (lambda i: index[i:i + batch_size])
-    out = torch.cat([encoder(to_input(batch(images, rows(i), device), in_chans, resize).contiguous(
-        memory_format=torch.channels_last)).float() for i in range(0, n, batch_size)])
+    memory_format = torch.channels_last if precision is None else precision.memory_format
+    with contextlib.nullcontext() if precision is None else precision.autocast(device.type):
+        out = torch.cat([encoder(to_input(batch(images, rows(i), device), in_chans, resize).contiguous(
+            memory_format=memory_format)).float() for i in range(0, n, batch_size)])
     encoder.train(was_training)
     return out
 
@@ -275,11 +280,11 @@ def frozen_bn_eval(module):
     return module
 
 
-def knn_val_auc(encoder, train, val, in_chans, k=20):
+def knn_val_auc(encoder, train, val, in_chans, k=20, precision=None):
     """kNN AUC of the encoder's frozen features on a validation split (train split = the memory):
-    a cheap sign, during pretraining, of whether the representation improves."""
+    a cheap sign, during pretraining, of whether the representation improves. precision: see features."""
     from common import metrics
-    memory = features(encoder, train.images, in_chans)
-    queries = features(encoder, val.images, in_chans)
+    memory = features(encoder, train.images, in_chans, precision=precision)
+    queries = features(encoder, val.images, in_chans, precision=precision)
     scores = metrics.knn_scores(memory, train.labels, queries, k=k, task=train.task, n_classes=train.n_classes)
     return metrics.auc(val.labels.cpu().numpy(), scores, train.task)

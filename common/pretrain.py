@@ -19,8 +19,9 @@ import torch
 from torch.utils import _pytree
 from tqdm import tqdm
 
-from common import augment, cli, data, dist, errors, metrics, models, optim, rundir
+from common import augment, cli, data, dist, errors, metrics, models, optim, precision, rundir
 from common.errors import UserError
+from common.precision import Precision
 
 
 # ---------------------------------------------------------------- the flags every method shares
@@ -122,6 +123,7 @@ class Run:
     batch_size: int = 2
     in_chans: int = 3
     schedule: Schedule = field(default_factory=Schedule)
+    precision: Precision = Precision(bf16=False, channels_last=True)  # common/precision.py
     compile: bool = False            # --compile: pretrain.compiled() compiles a method's forward_loss
     sync_bn: bool = False
     save_every: int = 0              # optimiser steps between mid-epoch checkpoints (0: none)
@@ -192,14 +194,28 @@ def setup(script, flags):
     inputs = rundir.provenance({s.strip(): data.describe(s, size, root, options).hash for s in source.split(",")},
                                encoder=flags.get("init"), world_size=dist.world_size())
     state = rundir.open_run(out, flags, inputs)
+    chosen = run_precision(flags["precision"], device, images.shape[-1], state)
+    print(f"precision: {chosen.name}, {'channels_last' if chosen.channels_last else 'contiguous'} "
+          f"({'as the checkpoint was trained' if state else '--precision ' + flags['precision']})", flush=True)
     cli.seed_everything(flags["seed"])
     generator = torch.Generator(device).manual_seed(flags["seed"])
-    meta = {"arch": flags["arch"], "stem": flags["stem"], "in_chans": in_chans, "args": flags}
+    meta = {"arch": flags["arch"], "stem": flags["stem"], "in_chans": in_chans, "args": flags, **chosen.record()}
     return Run(device=device, images=images, steps_per_epoch=n_steps, generator=generator, out=out, state=state,
                monitor_splits=monitor, views=views, epochs=flags["epochs"], batch_size=flags["batch_size"],
-               in_chans=in_chans, schedule=_schedule(flags, n_steps), compile=flags["compile"],
+               in_chans=in_chans, schedule=_schedule(flags, n_steps), precision=chosen, compile=flags["compile"],
                sync_bn=flags["sync_bn"], save_every=flags["save_every"], save_seconds=flags["save_seconds"],
                eval_every=flags["eval_every"], tensorboard=flags["tensorboard"], meta=meta)
+
+
+def run_precision(requested, device, side, state=None):
+    """The run's Precision (common/precision.py): that of the checkpoint of a resumed run, which it keeps; a
+    checkpoint from before --precision existed ran bf16 on CUDA and float32 elsewhere, channels_last."""
+    if state is None:
+        return precision.resolve(requested, device, side)
+    meta = state.get("meta", {})
+    if "precision" not in meta:
+        return Precision(bf16=torch.device(device).type == "cuda", channels_last=True)
+    return precision.resolve(requested, device, side, recorded=meta)
 
 
 def in_memory(flags, images, device, steps=None):
@@ -211,7 +227,8 @@ def in_memory(flags, images, device, steps=None):
     return Run(device=device, images=images, steps_per_epoch=n_steps,
                generator=torch.Generator(device).manual_seed(flags["seed"]), views=_views(flags),
                epochs=flags["epochs"], batch_size=flags["batch_size"], in_chans=flags["in_chans"],
-               schedule=_schedule(flags, n_steps), compile=flags.get("compile", False))
+               schedule=_schedule(flags, n_steps), compile=flags.get("compile", False),
+               precision=precision.resolve(flags.get("precision", "auto"), device, images.shape[-1]))
 
 
 def main(script, get_args_parser, build, check=None, lr_auto=False):
@@ -236,11 +253,11 @@ def main(script, get_args_parser, build, check=None, lr_auto=False):
 
 # ---------------------------------------------------------------- pieces of a method's step
 def two_views(batch, run, generator=None):
-    """Two augmented views of a uint8 global batch as this rank's input tensors (channels_last), drawn from
+    """Two augmented views of a uint8 global batch as this rank's input tensors (in the run's memory layout), drawn from
     the run's generator (or `generator`). Every rank augments the whole global batch and keeps its own
     rows: an image's views do not depend on the number of processes, and the generator stays in step on
     every rank."""
-    return tuple(data.to_input(dist.my_rows(v), run.in_chans).contiguous(memory_format=torch.channels_last)
+    return tuple(data.to_input(dist.my_rows(v), run.in_chans).contiguous(memory_format=run.precision.memory_format)
                  for v in augment.two_views(batch, run.views, generator or run.generator))
 
 
@@ -257,12 +274,13 @@ def optimizer_step(optimizer, loss):
     optimizer.step()
 
 
-def place(modules, device, sync_bn=False):
-    """Every module on the training device in channels_last (faster convolutions on GPUs); with
-    --sync-bn, BatchNorm over the global batch under torchrun (dist.sync_batchnorm)."""
+def place(modules, run):
+    """Every module on the run's device in the run's memory layout (run.precision: channels_last where it
+    makes convolutions faster); with --sync-bn, BatchNorm over the global batch under torchrun
+    (dist.sync_batchnorm)."""
     for module in modules.values():
-        module.to(device, memory_format=torch.channels_last)
-        if sync_bn:
+        module.to(run.device, memory_format=run.precision.memory_format)
+        if run.sync_bn:
             dist.sync_batchnorm(module)
 
 
@@ -446,7 +464,7 @@ def train(method, run, log_every=10):
                  "images_per_sec": round((run.steps_per_epoch - first) * batch_size / seconds, 1)}
         if run.eval_every and (epoch + 1) % run.eval_every == 0 and run.monitor_splits:
             stats["knn_val_auc"] = round(models.knn_val_auc(method.modules["encoder"], *run.monitor_splits,
-                                                            run.in_chans), 4)
+                                                            run.in_chans, precision=run.precision), 4)
         if dist.is_main():
             rundir.append_jsonl(os.path.join(run.out, "log.jsonl"), stats)
             if writer:

@@ -419,7 +419,8 @@ def _read_args(path):
 # args.yaml without the flag ran with that value, so it still resumes as the same command.
 FLAGS_ADDED = {"allow_group_leak": False, "group_column": None, "class_weight": "none",
                "temperature_scaling": False, "lr_biases": None, "final_lr_fraction": 0.0,
-               "optimizer": "adam"}  # pretrain_byol.py ran Adam before it had --optimizer
+               "optimizer": "adam",  # pretrain_byol.py ran Adam before it had --optimizer
+               "precision": "auto"}
 
 
 def _different_command(out, mine, theirs):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import cli, data, errors, metrics, models, optim, rundir
+from common import cli, data, errors, metrics, models, optim, precision, rundir
 from common.errors import UserError
 
 # What a run of evaluate.py / finetune_beit.py writes in its directory; --overwrite clears these
@@ -85,13 +85,6 @@ def _activate(logits, task):
 
 def model_device(model):
     return next(model.parameters()).device
-
-
-def autocast(device):
-    """bf16 autocast on CUDA, as the pretraining steps run; off (full precision, unchanged) elsewhere.
-    Outputs are cast to float32 before losses and metrics."""
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -305,6 +298,40 @@ def _load_seed(out, seed):
     return record, y_score
 
 
+# The key of a seed's record (seed_<N>.json, metrics.json's per_seed) holding the Precision it was computed in
+# (Precision.record()); not "precision", the test metric that scripts/report.py's runs.csv puts beside it.
+PRECISION_KEY = "arithmetic"
+
+
+def seeds_precision(out, seeds, requested, device, side, convolutional=True):
+    """The Precision (common/precision.py) of the seeded run in `out`: precision.resolve(requested, device,
+    side), or, once some of its `seeds` are finished, the one their seed_<N>.json records, even where this
+    resolve gives another (a resume on another device, or on a CPU without native bf16): one metrics.json
+    pools seeds computed alike. A seed written before --precision existed ran bf16 on a GPU that has it and
+    float32 elsewhere, channels_last. A model without convolutions (convolutional=False: the BEiT) stays
+    contiguous, as the layout only speeds up convolutions. Printed once."""
+    fresh = precision.resolve(requested, device, side)
+    fresh = fresh if convolutional else precision.Precision(fresh.bf16, channels_last=False)
+    done, chosen = _finished_seeds(out, seeds), fresh
+    if done:
+        record, _ = _load_seed(out, done[0])
+        cuda = torch.device(device).type == "cuda"
+        recorded = record.get(PRECISION_KEY) or {"precision": "bf16" if cuda and precision.native_bf16(device)
+                                                 else "fp32", "channels_last": convolutional}
+        chosen = precision.resolve(requested, device, side, recorded=recorded)
+    why = f"--precision {requested}"
+    if chosen != fresh:
+        why = (f"as seed{'s' if len(done) > 1 else ''} {', '.join(map(str, done))} of this run; {why} gives "
+               f"{describe_precision(fresh)} here")
+    print(f"precision: {describe_precision(chosen)} ({why})", flush=True)
+    return chosen
+
+
+def describe_precision(chosen):
+    """'bf16, channels_last' or 'fp32, contiguous': a Precision in words."""
+    return f"{chosen.name}, {'channels_last' if chosen.channels_last else 'contiguous'}"
+
+
 def epoch_line(record):
     """One printed line per epoch: loss, validation AUC (or loss) and the best epoch so far."""
     phase = f" {record['phase']}" if record.get("phase") else ""
@@ -334,7 +361,7 @@ def write_scalars(writer, record):
 
 
 def run_seeds(out, seeds, run_seed, y_true, task, header, title, *, epochs_per_seed=0, class_names=None,
-              positive_class=1, tensorboard=False, y_val=None, temperature_scaling=False):
+              positive_class=1, tensorboard=False, y_val=None, temperature_scaling=False, precision=None):
     """The seeded repeats: run_seed(seed, log) -> SeedRun for every seed not finished in `out`, each
     seed's test metrics (metrics.evaluation_metrics with `positive_class`, binary tasks; the decision
     threshold chosen on the validation labels `y_val` and the seed's val_score; with
@@ -344,7 +371,8 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, *, epochs_per_s
     (metrics.write_results with `class_names`; metrics.json last). log(record) appends to log.jsonl,
     prints epoch_line, advances a progress bar over seeds and epochs (epochs_per_seed of them; 0 for
     probes without epochs) and, with `tensorboard`, writes the record's SCALARS into <out>/tensorboard.
-    Returns the metrics.json dict."""
+    `precision` (seeds_precision), when given, is recorded in every seed's file (PRECISION_KEY) and in
+    metrics.json ("precision"). Returns the metrics.json dict."""
     log_path = os.path.join(out, "log.jsonl")
     done = _finished_seeds(out, seeds)
     # rundir.check_inputs refuses a resume on other data or another encoder; a run that records no inputs
@@ -394,6 +422,8 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, *, epochs_per_s
                            f"the lowest validation loss chose", file=sys.stdout)
             record = {"seed": seed, "test": test, **info, "y_score": y_score.tolist(),
                       "y_score_dtype": str(y_score.dtype)}
+            if precision is not None:
+                record[PRECISION_KEY] = precision.record()
             rundir.atomic_write_text(seed_path(out, seed), json.dumps(record))
             errors.progress.update(checkpoint=seed_path(out, seed))  # an interrupt now keeps this seed
             bar.n = (i + 1) * per
@@ -404,6 +434,7 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, *, epochs_per_s
         if writer:
             writer.close()
     loaded = [_load_seed(out, seed) for seed in seeds]
+    header = header if precision is None else {**header, "precision": precision.record()}
     return metrics.write_results(out, header, [r for r, _ in loaded], y_true, [s for _, s in loaded], task,
                                  seeds[0], title=title, class_names=class_names, positive_class=positive_class)
 

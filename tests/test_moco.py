@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import pretrain_moco
-from common import cli, pretrain
+from common import cli, precision, pretrain
 from common.errors import UserError
 from conftest import REPO
 
@@ -43,7 +43,8 @@ def test_symmetric_loss_is_the_mean_of_both_views_against_the_queue_before_the_s
     x1, x2 = torch.randn(batch, 4), torch.randn(batch, 4)
     queue = F.normalize(torch.randn(size, dim), dim=1)
     order = torch.randperm(batch)
-    loss, keys = pretrain_moco.forward_loss(online, key_net, [x1, x2], [x2[order], x1[order]], order, queue, t, 1)
+    loss, keys = pretrain_moco.forward_loss(online, key_net, [x1, x2], [x2[order], x1[order]], order, queue, t, 1,
+                                            precision.Precision(bf16=False, channels_last=False))
     expected = []
     for q, k in ((online(x1), key_net(x2)), (online(x2), key_net(x1))):
         theirs = lightly_loss.NTXentLoss(temperature=t, memory_bank_size=(size, dim))

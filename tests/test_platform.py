@@ -178,3 +178,34 @@ def test_main_refuses_lr_auto_for_a_method_without_a_range_test(tmp_path, monkey
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert "--lr auto (an LR range test) is pretrain_barlow.py's; give pretrain_x.py a number" in err
     assert not out.exists()                                       # refused before the run directory
+
+
+# ---------------------------------------------------------------- precision of a pretraining run
+def test_a_run_records_its_precision_and_a_resume_keeps_it(real_root, tmp_path, monkeypatch, capsys):
+    """--precision bf16 trains in bf16 autocast (float32 weights and losses), says so in the checkpoint, and a
+    resume continues in what the checkpoint recorded, whatever --precision auto would pick now."""
+    from conftest import run_main
+    out = tmp_path / "run"
+    flags = ["--data", "breastmnist", "--data-root", real_root, "--epochs", "2", "--max-steps", "2", "--batch-size",
+             "8", "--projector-hidden", "16", "--projector-out", "8", "--aug", "base", "--precision", "bf16",
+             "--out", out]
+    with monkeypatch.context() as m:   # stop after the first epoch's checkpoint
+        m.setattr(pretrain, "plot_log", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(SystemExit):   # cli.run_main: exit code 130, the checkpoint kept
+            run_main(monkeypatch, "pretrain_simclr.py", *flags)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["meta"]["precision"] == "bf16" and state["meta"]["channels_last"] is True
+    assert all(v.dtype == torch.float32 for v in state["encoder"].values() if v.is_floating_point())
+    # whatever this machine's auto rule says now, the resumed run keeps the recorded bf16
+    assert pretrain.run_precision("fp32", "cpu", 28, state).bf16
+    capsys.readouterr()
+    run_main(monkeypatch, "pretrain_simclr.py", *flags)
+    assert "precision: bf16, channels_last (as the checkpoint was trained)" in capsys.readouterr().out
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_checkpoint_from_before_precision_resumes_as_it_ran():
+    """No recorded precision: such runs ran bf16 on CUDA, float32 on the CPU, both channels_last."""
+    legacy = {"meta": {"format": "medssl"}}
+    assert pretrain.run_precision("auto", "cpu", 64, legacy) == pretrain.Precision(False, True)
+    assert pretrain.run_precision("auto", "cpu", 28, None).channels_last  # 28 px: today's layout

@@ -324,10 +324,3 @@ def test_positive_class_is_for_binary_tasks_only():
     assert supervised.positive_class("0", binary) == 0 and supervised.positive_class("BENIGN", binary) == 1
 
 
-def test_autocast_is_bf16_on_cuda_and_off_on_the_cpu():
-    with supervised.autocast(torch.device("cpu")):
-        assert not torch.is_autocast_enabled("cpu")
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
-    if torch.cuda.is_available():
-        with supervised.autocast(torch.device("cuda")):
-            assert (torch.ones(2, 2, device="cuda") @ torch.ones(2, 2, device="cuda")).dtype == torch.bfloat16
