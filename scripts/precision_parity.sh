@@ -91,8 +91,8 @@ text = ["# bf16 against float32 at the demo's scale", "",
         "same precision. Test AUC, mean ± std over the pretraining seeds; `within` = |bf16 - fp32| <= the "
         "larger of the two seed stds.", "",
         "| evaluation | fp32 | bf16 | bf16 - fp32 | within one seed std |", "|---|---|---|---|---|", *rows, "",
-        f"Pretraining speed, one thread per run, the two precisions side by side: fp32 {times['fp32']}, "
-        f"bf16 {times['bf16']} (at 28 px bf16 is slower: `auto` takes float32 there).", "",
+        f"Pretraining speed, one thread per run, the two precisions side by side on a shared machine: fp32 "
+        f"{times['fp32']}, bf16 {times['bf16']} (`auto` takes float32 at 28 px, where bf16 does not pay).", "",
         "![loss curves](loss.png)", "", "Command: `bash scripts/precision_parity.sh`."]
 if missing:
     text += ["", "Not run: " + ", ".join(missing)]
