@@ -16,7 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from common import augment, cli, data, dist, ema, models, optim, pretrain
+from common import augment, cli, dist, ema, models, optim, pretrain
 from common.errors import UserError
 
 # the method list (common/methods.py): its name in tables, its CPU config, the flags of a run of seconds
@@ -189,10 +189,6 @@ def build(args, run):
                                      args.lr, args.weight_decay, run.device)
     loss_fn = pretrain.compiled(forward_loss, run)
 
-    def as_input(views):
-        return [data.to_input(dist.my_rows(v), run.in_chans).contiguous(memory_format=run.precision.memory_format)
-                for v in views]
-
     # ---- step
     def step(batch, i):
         """One MoCo step on a uint8 global batch: lr and momentum, two views and the keys' shuffle, InfoNCE,
@@ -203,8 +199,8 @@ def build(args, run):
         v1, v2 = augment.two_views(batch, run.views, run.generator)
         order = torch.randperm(len(batch), generator=run.generator, device=batch.device)
         pairs = [(v1, v2), (v2, v1)] if args.symmetric else [(v1, v2)]
-        queries = as_input(query for query, _ in pairs)
-        shuffled = as_input(key[order] for _, key in pairs)
+        queries = [pretrain.as_input(query, run) for query, _ in pairs]
+        shuffled = [pretrain.as_input(key[order], run) for _, key in pairs]
         loss, keys = loss_fn(online, key_net, queries, shuffled, order, state.get("queue"), args.temperature,
                              groups, run.precision)
         pretrain.optimizer_step(optimizer, loss)

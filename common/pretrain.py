@@ -257,8 +257,12 @@ def two_views(batch, run, generator=None):
     the run's generator (or `generator`). Every rank augments the whole global batch and keeps its own
     rows: an image's views do not depend on the number of processes, and the generator stays in step on
     every rank."""
-    return tuple(data.to_input(dist.my_rows(v), run.in_chans).contiguous(memory_format=run.precision.memory_format)
-                 for v in augment.two_views(batch, run.views, generator or run.generator))
+    return tuple(as_input(v, run) for v in augment.two_views(batch, run.views, generator or run.generator))
+
+
+def as_input(views, run):
+    """A uint8 global batch of views as this rank's rows of input tensors, in the run's memory layout."""
+    return data.to_input(dist.my_rows(views), run.in_chans).contiguous(memory_format=run.precision.memory_format)
 
 
 def set_lr(optimizer, run, step):

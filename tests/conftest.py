@@ -126,6 +126,16 @@ def script_main(script):
     raise ValueError(f"{script} has no `if __name__ == \"__main__\":` block")
 
 
+def stopping_at_seed(run_seed, stop):
+    """evaluate.run_seed that is interrupted (Ctrl-C) when seed `stop` starts: the seeds before it are saved,
+    and the run is left unfinished."""
+    def run(args, seed, *rest):
+        if seed == stop:
+            raise KeyboardInterrupt
+        return run_seed(args, seed, *rest)
+    return run
+
+
 def run_main(monkeypatch, script, *args):
     """Run `python <script> args` in this process (script_main), with the CLI's environment: no
     downloads (the device is the CPU: cpu_by_default)."""

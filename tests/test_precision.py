@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import run_main
+from conftest import run_main, stopping_at_seed
 
 import evaluate
 from common import data, metrics, models, precision, rundir, supervised
@@ -125,15 +125,9 @@ def test_a_resumed_evaluation_keeps_the_precision_of_its_finished_seeds(real_roo
     auto gives float32, contiguous, goes on in bf16, channels_last, and metrics.json pools them as such."""
     out = str(tmp_path / "knn")
     flags = ["--data", "breastmnist", "--data-root", real_root, "--mode", "knn", "--seeds", "2", "--resize", "48"]
-    run_seed = evaluate.run_seed
-
-    def stopped_at_seed_1(args, seed, *rest):  # Ctrl-C once seed 0 is saved: an unfinished run
-        if seed == 1:
-            raise KeyboardInterrupt
-        return run_seed(args, seed, *rest)
     with monkeypatch.context() as m:
         m.setattr(precision, "native_bf16", lambda device: True)
-        m.setattr(evaluate, "run_seed", stopped_at_seed_1)
+        m.setattr(evaluate, "run_seed", stopping_at_seed(evaluate.run_seed, 1))  # seed 0 saved, unfinished
         with pytest.raises(SystemExit):  # cli.run_main's exit on Ctrl-C
             evaluate_in_process(monkeypatch, out, *flags)
     monkeypatch.setattr(precision, "native_bf16", lambda device: False)

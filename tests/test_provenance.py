@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from common import cli, convert, data, metrics, models, pretrain, rundir, supervised
-from conftest import real_arrays, run_cli
+from conftest import real_arrays, run_cli, stopping_at_seed
 from test_faults import cli_one_line, digest, one_line, parser_of
 
 
@@ -212,14 +212,8 @@ def test_evaluation_seeds_are_never_pooled_across_encoders(real_root, tmp_path, 
     medssl_checkpoint(ckpt, epoch=3, seed=0)
     flags = ["--ckpt", str(ckpt), "--data", "breastmnist", "--data-root", real_root, "--mode", "knn", "--seeds", "2",
              "--out", str(out)]
-    run_seed = evaluate.run_seed
-
-    def stopped_at_seed_1(args, seed, *rest):  # Ctrl-C once seed 0 is saved: an unfinished run
-        if seed == 1:
-            raise KeyboardInterrupt
-        return run_seed(args, seed, *rest)
     with monkeypatch.context() as m:
-        m.setattr(evaluate, "run_seed", stopped_at_seed_1)
+        m.setattr(evaluate, "run_seed", stopping_at_seed(evaluate.run_seed, 1))  # seed 0 saved, unfinished
         with pytest.raises(KeyboardInterrupt):
             in_process("evaluate.py", flags, monkeypatch)
     seed_0 = (out / "seed_0.json").read_text()
