@@ -9,6 +9,7 @@ at the next seed.
 
     python evaluate.py --ckpt runs/x/checkpoint.pt --data pneumoniamnist --mode linear_probe --seeds 3
     python evaluate.py --init random --data breastmnist --mode finetune --seeds 3
+    python evaluate.py --init random --arch vit_tiny_patch16_224 --data breastmnist --mode finetune --layer-decay 0.75
     python evaluate.py --ckpt runs/x/checkpoint.pt --data breastmnist --mode finetune --freeze layer3
     python evaluate.py --config configs/paper003_further_finetune.yaml --ckpt runs/x/checkpoint.pt --data dermamnist
 """
@@ -48,9 +49,11 @@ def get_args_parser():
 
     # * What to evaluate
     g = parser.add_argument_group("encoder and protocol")
-    g.add_argument("--ckpt", default=None, help="checkpoint.pt of pretrain_byol.py / pretrain_barlow.py")
+    g.add_argument("--ckpt", default=None, help="checkpoint.pt of a pretrain_<method>.py run (its --arch, --stem, "
+                   "--in-chans, --patch-size and --pool come with it)")
     g.add_argument("--init", default=None, help="baseline encoder without --ckpt: random | imagenet | <.pth> "
-                   "(default random; paper 001's base model: imagenet)")
+                   "(a torchvision ResNet's or, with a timm --arch, a timm-layout .pth / .safetensors) (default "
+                   "random; paper 001's base model: imagenet)")
     g.add_argument("--mode", default="linear_probe", choices=sorted(MODE_DEFAULTS),
                    help="linear_probe: frozen encoder + linear head; finetune: all layers; fewshot: all "
                         "layers on --shots images per class; knn: k nearest neighbours of frozen features")
@@ -90,7 +93,12 @@ def get_args_parser():
     g = parser.add_argument_group("fine-tuning recipes (papers 002, 003; finetune and fewshot modes)")
     g.add_argument("--freeze", default="none", choices=["none", *models.STAGES],
                    help="freeze the encoder up to and including this stage (paper 002's study): layer3 trains "
-                        "layer4 + the head, layer4 the head alone, stem layer1-4 + the head")
+                        "layer4 + the head, layer4 the head alone, stem layer1-4 + the head; a ViT's stem is its "
+                        "patch embedding, its blocks in 4 groups are layer1-4")
+    g.add_argument("--layer-decay", type=float, default=1.0,
+                   help="layer-wise lr decay: the head trains at --lr, the encoder's layer i of L at --lr x "
+                        "decay^(L + 1 - i) (ViT: its blocks; ResNet: stem, layer1-4) (default 1.0: off, paper 001; "
+                        "ViT fine-tuning: BEiT and MAE 0.65 for ViT-B, 0.75 for ViT-L)")
     g.add_argument("--frozen-bn", default="eval", choices=["eval", "train"],
                    help="BatchNorm in frozen stages: eval = running statistics, left untouched (default); "
                         "train = batch statistics, running statistics updated (weights frozen either way)")
@@ -151,12 +159,17 @@ def resolve_args(args):
         raise UserError("--class-weight weights a training loss; knn has none: drop it or choose another --mode")
     if args.temperature_scaling and args.mode == "knn":
         raise UserError("--temperature-scaling needs class probabilities from a model; knn votes: drop it")
+    if args.layer_decay != 1.0 and not full_model:
+        raise UserError(f"--layer-decay applies to --mode finetune / fewshot, not {args.mode}")
     args.out = args.out or cli.default_out(f"evaluate-{args.mode}", args.data)
+    encoder_size = None  # the side the encoder's position embedding is built for (a ViT)
     if args.ckpt:
         meta, _ = models.checkpoint_meta(args.ckpt)
-        models.check_meta(meta, args.ckpt, args.arch, args.stem, args.in_chans)
+        models.check_meta(meta, args.ckpt, args.arch, args.stem, args.in_chans, args.patch_size, args.pool)
         args.arch, args.stem, args.in_chans = meta["arch"], meta["stem"], meta["in_chans"]
-        pretrained_size = meta.get("args", {}).get("size")
+        args.patch_size, args.pool = meta.get("patch_size"), meta.get("pool")
+        pretrained_size = meta.get("size") or meta.get("args", {}).get("size")
+        encoder_size = pretrained_size
         if args.size is None and pretrained_size:
             args.size = pretrained_size
             print(f"note: evaluating at {args.size} px, the size {errors.escape(args.ckpt)} was pretrained at",
@@ -168,6 +181,13 @@ def resolve_args(args):
     args.init = args.ckpt or args.init or "random"
     args.arch, args.stem = args.arch or "resnet18", args.stem or "imagenet"
     args.in_chans = args.in_chans or 3
+    # the encoder: a ResNet or timm model, a ViT's patch side and pooling resolved (for the side it is
+    # built for: the pretraining's, else the side it sees) and recorded in args.yaml and metrics.json
+    args.encoder_size = encoder_size or args.resize or args.size
+    settings = models.encoder_settings(args.arch, args.encoder_size, args.patch_size, args.pool)
+    args.patch_size, args.pool = settings["patch_size"], settings["pool"]
+    if args.saliency and not (args.arch in models.RESNETS):
+        raise UserError(f"--saliency's Grad-CAM reads a ResNet stage; --arch {args.arch} has none: drop --saliency")
     return args
 
 
@@ -210,7 +230,8 @@ def resolve_precision(args, device, images):
     --resize, else that of `images`. main() resolves it once per run (supervised.seeds_precision, which
     keeps that of the finished seeds on a resume); the functions below fall back to this when called
     without it."""
-    return precision.resolve(args.precision, device, args.resize or images.shape[-1])
+    return precision.resolve(args.precision, device, args.resize or images.shape[-1],
+                             convolutional=args.patch_size is None)
 
 
 def classifier_forward(model, in_chans, resize, arithmetic, steps=None, generator=None):
@@ -241,7 +262,7 @@ def finetune(args, encoder, train, val, test, task, n_out, seed, device, log, cl
     (§3.4) is --head-epochs 1 (head alone), then --lr auto (range test) with --lr-schedule 1cycle,
     with --train-aug paper003 and --tta 3. Returns (SeedRun, model)."""
     arithmetic = arithmetic or resolve_precision(args, device, train.inputs)
-    model = torch.nn.Sequential(encoder, torch.nn.Linear(models.FEATURE_DIM[args.arch], n_out)).to(device)
+    model = torch.nn.Sequential(encoder, torch.nn.Linear(models.feature_dim(encoder), n_out)).to(device)
     aug_gen = torch.Generator(device).manual_seed(seed)
     steps_aug = augment.FINETUNE_AUG[args.train_aug]
     forward = classifier_forward(model, args.in_chans, args.resize, arithmetic)
@@ -266,7 +287,11 @@ def finetune(args, encoder, train, val, test, task, n_out, seed, device, log, cl
     if lr == "auto":
         lr = range_test_lr(args, model, train, forward_train, task, seed, class_weight)
         info["lr_found"] = lr
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    # layer-wise lr decay (BEiT, MAE): the head (model[1]) at the top, model[0]'s layers below it
+    layer_of, n_layers = models.layer_ids(encoder)
+    groups = optim.layer_decay_groups(model.named_parameters(), lambda name: layer_of(name.removeprefix("0.")),
+                                      n_layers, lr, args.layer_decay, args.weight_decay)
+    optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=args.weight_decay)
     chosen = supervised.train_select(model, optimizer, train, val, task, seed,
                                      schedule(args, lr=None if args.lr_schedule == "constant" else lr),
                                      forward, forward_train=forward_train, log=log, class_weight=class_weight)
@@ -346,9 +371,10 @@ def run_seed(args, seed, splits, template, device, log, arithmetic=None):
     idx = torch.as_tensor(training_indices(args, train.labels, seed), device=device)
     y_train = train.labels[idx]  # the images stay where they are (maybe host memory): batches are gathered
     # a random init must differ per seed; a loaded one is the same weights every time
-    encoder = models.build_encoder(args.arch, args.stem, args.in_chans) if args.init == "random" \
+    encoder = models.build_encoder(args.arch, args.stem, args.in_chans, args.encoder_size, args.patch_size,
+                                   args.pool) if args.init == "random" \
         else copy.deepcopy(template)
-    encoder.to(device, memory_format=arithmetic.memory_format)
+    arithmetic.prepare(encoder, device, args.in_chans, args.resize or train.images.shape[-1])
     task, n_out = train.task, train.n_classes
     subset = supervised.subset_record(seed, train, idx)
     class_weight = supervised.class_weights(y_train, task, n_out) if args.class_weight == "balanced" else None
@@ -380,7 +406,7 @@ def run_seed(args, seed, splits, template, device, log, arithmetic=None):
     mean, std = feats["train"].mean(dim=0), feats["train"].std(dim=0)
     std = torch.where(std > 1e-6, std, torch.ones_like(std))
     feats = {name: (f - mean) / std for name, f in feats.items()}
-    head = torch.nn.Linear(models.FEATURE_DIM[args.arch], n_out).to(device)
+    head = torch.nn.Linear(feats["train"].shape[1], n_out).to(device)
     optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     chosen = supervised.train_select(head, optimizer, supervised.Examples(feats["train"], y_train),
                                      supervised.Examples(feats["val"], val.labels), task, seed, schedule(args),
@@ -400,7 +426,8 @@ def pretraining_record(path):
     meta, epoch = models.checkpoint_meta(path)
     pretrained = meta.get("args", {})
     record = {"method": meta.get("method"), "epoch": epoch, "epochs": pretrained.get("epochs"),
-              "size": pretrained.get("size"), "in_chans": meta["in_chans"], "arch": meta["arch"], "stem": meta["stem"],
+              "size": meta.get("size", pretrained.get("size")), "in_chans": meta["in_chans"], "arch": meta["arch"],
+              "stem": meta["stem"], "patch_size": meta.get("patch_size"), "pool": meta.get("pool"),
               "input_scaling": meta.get("input_scaling", models.INPUT_SCALING)}
     if isinstance(epoch, int) and isinstance(record["epochs"], int) and epoch < record["epochs"]:
         print(f"note: {errors.escape(path)} is an unfinished pretraining run (epoch {epoch} of {record['epochs']}); "
@@ -428,10 +455,12 @@ def main():
         args.batch_size = supervised.default_batch_size(len(training_indices(args, splits["train"].labels, args.seed)))
 
     # ---- encoder weights, loaded once (before the run directory: a bad --init changes nothing there)
-    template = None if args.init == "random" else models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
+    template = None if args.init == "random" else models.load_encoder(
+        args.init, args.arch, args.stem, args.in_chans, size=args.encoder_size, patch_size=args.patch_size,
+        pool=args.pool)
     pretraining = pretraining_record(args.ckpt) if args.ckpt else None
     side = args.resize or splits["train"].images.shape[-1]  # what the encoder sees
-    precision.resolve(args.precision, device, side)  # --precision bf16 on a GPU without it: refused before the run dir
+    precision.resolve(args.precision, device, side, convolutional=args.patch_size is None)  # --precision bf16 on a GPU without it: refused before the run dir
 
     # ---- run directory: an --overwrite re-run moves the old run aside until this one has started
     inputs = rundir.provenance({args.data: info.hash}, encoder=args.init,
@@ -440,12 +469,15 @@ def main():
 
     # ---- the arithmetic of every forward pass (common/precision.py); a resumed run keeps that of its finished seeds
     seeds = list(range(args.seed, args.seed + args.seeds))
-    arithmetic = supervised.seeds_precision(args.out, seeds, args.precision, device, side)
+    arithmetic = supervised.seeds_precision(args.out, seeds, args.precision, device, side,
+                                            convolutional=args.patch_size is None)
 
     # ---- seeded runs, each saved as it ends; then metrics.json, predictions.npz and the plots
     full = args.mode in ("finetune", "fewshot")
     epochs = args.epochs + args.head_epochs if full else (args.epochs if uses_batches(args) else 0)
     header = {"data": args.data, "data_hash": info.hash, "size": args.size, "mode": args.mode, "encoder": args.init,
+              "backbone": {"arch": args.arch, "stem": args.stem, "in_chans": args.in_chans,
+                           "patch_size": args.patch_size, "pool": args.pool},
               "class_names": list(info.class_names), "grouping": getattr(info, "grouping", None),
               "pretraining": pretraining, "args": vars(args)}
     supervised.run_seeds(args.out, seeds, lambda seed, log: run_seed(args, seed, splits, template, device, log,

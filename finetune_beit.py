@@ -60,6 +60,10 @@ def get_args_parser():
                    help="paper 000 tuned it per dataset without giving the value")
     g.add_argument("--weight-decay", type=float, default=0.0,
                    help="AdamW weight decay (paper 000 tuned it per dataset without giving the value)")
+    g.add_argument("--layer-decay", type=float, default=1.0,
+                   help="layer-wise lr decay: the classifier and pooler train at --lr, transformer layer i of L at "
+                        "--lr x decay^(L + 1 - i), the embeddings at --lr x decay^(L + 1) (default 1.0: off, paper "
+                        "000; BEiT's fine-tuning: 0.65 for BEiT-base, 0.75 for BEiT-large)")
     g.add_argument("--lr-schedule", default="linear", choices=list(optim.LR_SCHEDULES),
                    help="linear (default) = linear decay to 0, as the Hugging Face Trainer does by default and paper "
                         "000's Hugging Face pipeline presumably did (it does not say); constant; cosine = cosine decay to 0; "
@@ -189,12 +193,30 @@ def load_processor(name):
             "mean": list(processor.image_mean), "std": list(processor.image_std)}
 
 
+def _beit_layers(model):
+    return model.beit.layers if hasattr(model.beit, "layers") else model.beit.encoder.layer  # transformers 5 / 4
+
+
+def beit_layer_ids(model):
+    """(layer_of, n_layers) of a BeitForImageClassification for optim.layer_decay_groups, as BEiT numbers
+    them: the embeddings 0, transformer layer i (from 0) i + 1, the pooler and classifier n_layers =
+    depth + 1."""
+    depth = len(_beit_layers(model))
+    prefix = "beit.layers." if hasattr(model.beit, "layers") else "beit.encoder.layer."
+
+    def layer_of(name):
+        if name.startswith("beit.embeddings."):
+            return 0
+        return int(name[len(prefix):].split(".")[0]) + 1 if name.startswith(prefix) else depth + 1
+    return layer_of, depth + 1
+
+
 def train_top_layers(model, k):
     """Freeze everything but the top k encoder layers, the pooler and the classifier (paper 000).
     Models without a pooler (use_mean_pooling false) pool through beit.layernorm, which then trains
     in its place. Returns (trainable, total) parameter counts."""
     model.requires_grad_(False)
-    layers = model.beit.layers if hasattr(model.beit, "layers") else model.beit.encoder.layer  # transformers 5 / 4
+    layers = _beit_layers(model)
     if k > len(layers):
         raise UserError(f"--trainable-layers {k} is more than the model's {len(layers)} layers")
     top = [model.classifier, model.beit.pooler or model.beit.layernorm, *layers[len(layers) - k:]]
@@ -262,8 +284,11 @@ def run_seed(args, seed, splits, prep, device, log, arithmetic):
     idx = torch.as_tensor(idx, device=device)
     subset = supervised.subset_record(seed, train, idx)
     supervised.check_batch_size(args.batch_size, len(idx))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    # layer-wise lr decay (BEiT, Bao et al. 2022): the top layers' lr, lower ones decayed (1.0: one lr)
+    layer_of, n_layers = beit_layer_ids(model)
+    groups = optim.layer_decay_groups(model.named_parameters(), layer_of, n_layers, args.lr, args.layer_decay,
+                                      args.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     # LayerNorm, not BatchNorm: the last, partial batch is kept, as the Hugging Face Trainer does; and
     # the whole model trains in training mode, as the Trainer does (stochastic depth on in frozen layers)
     schedule = supervised.Schedule(epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps,

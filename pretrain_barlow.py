@@ -245,8 +245,9 @@ def build(args, run):
         run.steps_per_epoch = pretrain.steps_per_epoch(len(run.index), args.batch_size, args.max_steps)
 
     # ---- model: encoder + projector (a new projector also when the encoder is pretrained, §3.7)
-    encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
-    projector = models.projector(models.FEATURE_DIM[args.arch], args.projector)
+    encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans, size=args.size,
+                                  patch_size=args.patch_size, pool=args.pool)
+    projector = models.projector(models.feature_dim(encoder), args.projector)
     modules = {"encoder": encoder, "projector": projector}
     pretrain.place(modules, run)
 

@@ -63,8 +63,9 @@ def forward_loss(online, target, x1, x2, precision):
 
 def build(args, run):
     # ---- model: online encoder + projector + predictor; target = EMA copy of encoder + projector
-    encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
-    projector = models.mlp(models.FEATURE_DIM[args.arch], args.projector_hidden, args.projector_out)
+    encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans, size=args.size,
+                                  patch_size=args.patch_size, pool=args.pool)
+    projector = models.mlp(models.feature_dim(encoder), args.projector_hidden, args.projector_out)
     predictor = models.mlp(args.projector_out, args.predictor_hidden, args.projector_out)
     target_encoder, target_projector = ema.frozen_copy(encoder), ema.frozen_copy(projector)
     modules = {"encoder": encoder, "projector": projector, "predictor": predictor,

@@ -156,8 +156,9 @@ def forward_loss(online, key_net, queries, shuffled, order, queue, temperature, 
 
 def build(args, run):
     # ---- model: query encoder + MLP head; key encoder + head = their momentum copy (He et al. Eq. 2)
-    encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
-    head = projection_head(models.FEATURE_DIM[args.arch], args.projector_hidden, args.projector_out)
+    encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans, size=args.size,
+                                  patch_size=args.patch_size, pool=args.pool)
+    head = projection_head(models.feature_dim(encoder), args.projector_hidden, args.projector_out)
     key_encoder, key_head = ema.frozen_copy(encoder), ema.frozen_copy(head)
     modules = {"encoder": encoder, "projector": head, "key_encoder": key_encoder, "key_projector": key_head}
     pretrain.place(modules, run)

@@ -65,8 +65,9 @@ def forward_loss(online, x1, x2, temperature, precision):
 
 def build(args, run):
     # ---- model: encoder + 2-layer MLP projector (Chen et al. §2.1: the loss is taken after it)
-    encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
-    projector = models.mlp(models.FEATURE_DIM[args.arch], args.projector_hidden, args.projector_out)
+    encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans, size=args.size,
+                                  patch_size=args.patch_size, pool=args.pool)
+    projector = models.mlp(models.feature_dim(encoder), args.projector_hidden, args.projector_out)
     modules = {"encoder": encoder, "projector": projector}
     pretrain.place(modules, run)
     online = dist.distributed(torch.nn.Sequential(encoder, projector), run.device)

@@ -97,8 +97,9 @@ def check(args):
 
 def build(args, run):
     # ---- model: encoder + expander (the loss is taken on the expander's output, Bardes et al. §3)
-    encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans)
-    expander = models.projector(models.FEATURE_DIM[args.arch], args.expander)
+    encoder = models.load_encoder(args.init, args.arch, args.stem, args.in_chans, size=args.size,
+                                  patch_size=args.patch_size, pool=args.pool)
+    expander = models.projector(models.feature_dim(encoder), args.expander)
     modules = {"encoder": encoder, "expander": expander}
     pretrain.place(modules, run)
     online = dist.distributed(torch.nn.Sequential(encoder, expander), run.device)

@@ -246,7 +246,8 @@ def add_common_flags(parser, data_help="a MedMNIST 2D flag, an .npz, a folder or
     """The data / model / run flags every script shares, the flags of own images among
     them (common.data.add_data_flags), and the help formatter that shows every default; each script
     adds its own optimisation flags next to these so their help can quote its paper. resnet=False
-    leaves out --arch / --stem / --in-chans (finetune_beit.py's model is named by --model)."""
+    leaves out the model flags --arch / --stem / --in-chans / --patch-size / --pool (finetune_beit.py's
+    model is named by --model)."""
     one_line_errors(parser)
     parser.formatter_class = HelpFormatter
     g = parser.add_argument_group("data")
@@ -258,12 +259,24 @@ def add_common_flags(parser, data_help="a MedMNIST 2D flag, an .npz, a folder or
     data.add_data_flags(g)
     if resnet:
         g = parser.add_argument_group("model")
-        g.add_argument("--arch", default=None, choices=["resnet18", "resnet50"], help="backbone (default resnet18)")
+        g.add_argument("--arch", default=None, metavar="NAME",
+                       help="backbone (default resnet18): resnet18 or resnet50 (torchvision), or any timm model name, "
+                            "e.g. vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224, convnext_atto, "
+                            "efficientnet_b0 (python -c \"import timm; print(timm.list_models('vit_*'))\" lists "
+                            "them); a ViT is built for --size with --patch-size patches. DINO and MAE: ViT-S/16 and "
+                            "ViT-B/16 at 224 px; MedMNIST+: ViT-B/16")
         g.add_argument("--stem", default=None, choices=["imagenet", "small"],
-                       help="imagenet = torchvision's 7x7/2 conv + max-pool (paper 001, default); "
-                            "small = 3x3/1 conv, no max-pool (MedMNIST 28 px benchmark)")
+                       help="a ResNet's stem: imagenet = torchvision's 7x7/2 conv + max-pool (paper 001, default); "
+                            "small = 3x3/1 conv, no max-pool (MedMNIST 28 px benchmark); timm models have their own")
         g.add_argument("--in-chans", type=int, default=None, choices=[1, 3],
                        help="input channels (default 3: gray images are repeated; 1 keeps them gray)")
+        g.add_argument("--patch-size", type=int, default=None,
+                       help="a ViT's patch side in px, dividing --size (default: 4 up to 32 px, i.e. 7 x 7 patches "
+                            "at 28 px; 8 up to 96 px; 16 above); the name's /16 is the 224 px value of the papers "
+                            "(DINO, MAE: ViT-S/16, ViT-B/16 at 224 px; MedMNIST+: ViT-B/16)")
+        g.add_argument("--pool", default=None, choices=["cls", "mean"],
+                       help="a ViT's features: cls = its class token (default; DINO, MAE's linear probe) or mean = "
+                            "the mean of its patch tokens (MAE's fine-tuning); other encoders average-pool")
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of every random draw (init, batches, augmentation)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
@@ -373,23 +386,31 @@ SHARE = Range(0, 1, lo_open=True)      # a share of something that must not be e
 # of flags with nargs (--crop-scale, --lr-range) are checked one by one, then by ORDERED below.
 RANGES = {
     # data and run
-    "size": AT_LEAST_1, "resize": AT_LEAST_1,
+    "size": AT_LEAST_1, "resize": AT_LEAST_1, "patch_size": AT_LEAST_1,
     "seed": Range(0, 2 ** 32, hi_open=True, words="in [0, 2**32) (numpy's seeds)"),
     "seeds": AT_LEAST_1, "max_steps": AT_LEAST_1, "save_every": AT_LEAST_0, "save_seconds": AT_LEAST_0, "eval_every": AT_LEAST_0,
     "label_fraction": SHARE, "shots": AT_LEAST_1, "balance": Range(0, 0.5, lo_open=True),
     # optimisation
     "epochs": AT_LEAST_1, "lr": POSITIVE, "lr_biases": POSITIVE, "head_lr": POSITIVE, "freeze_lr": POSITIVE,
     "batch_size": Range(2, why="BatchNorm needs 2 or more images to train"), "eval_batch_size": AT_LEAST_1,
-    "weight_decay": AT_LEAST_0, "warmup_epochs": AT_LEAST_0, "head_epochs": AT_LEAST_0,
+    "weight_decay": AT_LEAST_0, "layer_decay": SHARE, "warmup_epochs": AT_LEAST_0, "head_epochs": AT_LEAST_0,
     "freeze_encoder_epochs": AT_LEAST_0, "lr_range": POSITIVE, "tta": AT_LEAST_0, "saliency": AT_LEAST_0,
     # methods
     "ema": FRACTION, "crop_scale": SHARE, "temperature": POSITIVE, "lambd": AT_LEAST_0, "sparsity": AT_LEAST_0,
     "projector_hidden": AT_LEAST_1, "projector_out": AT_LEAST_1, "predictor_hidden": AT_LEAST_1,
     "trainable_layers": AT_LEAST_0, "final_lr_fraction": FRACTION, "queue_size": AT_LEAST_0, "bn_splits": AT_LEAST_1,
     "invariance_weight": AT_LEAST_0, "variance_weight": AT_LEAST_0, "covariance_weight": AT_LEAST_0,
+    "mask_ratio": Range(0, 1, lo_open=True, hi_open=True), "decoder_depth": AT_LEAST_1, "decoder_width": AT_LEAST_1,
+    "decoder_heads": AT_LEAST_1,
+    "local_crops": AT_LEAST_0, "local_size": AT_LEAST_1, "local_crop_scale": SHARE, "out_dim": AT_LEAST_1,
+    "head_hidden": AT_LEAST_1, "head_bottleneck": AT_LEAST_1, "freeze_last_layer": AT_LEAST_0,
+    "student_temp": POSITIVE, "teacher_temp": POSITIVE, "warmup_teacher_temp": POSITIVE,
+    "warmup_teacher_temp_epochs": AT_LEAST_0, "center_momentum": FRACTION, "weight_decay_end": AT_LEAST_0,
+    "clip_grad": AT_LEAST_0,
 }
 # Flags with several values that must come in order: (first, second) positions and the reason.
-ORDERED = {"crop_scale": (0, 1, "MIN <= MAX"), "lr_range": (0, 1, "START < END")}
+ORDERED = {"crop_scale": (0, 1, "MIN <= MAX"), "local_crop_scale": (0, 1, "MIN <= MAX"),
+           "lr_range": (0, 1, "START < END")}
 
 
 def check_ranges(args, ranges=None):
@@ -419,7 +440,7 @@ def _config_value(parser, action, value, path, key):
     where = f"config {path}: {key}"
     if value is None:
         return None
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise UserError(f"{where}: expected true or false, got {value!r}")
         return value  # the key is the flag's dest: its value, not whether the flag was given

@@ -158,6 +158,9 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def forward(self, x):
         if not (self.training and world_size() > 1):
             return super().forward(x)
+        # statistics in float32 whatever the input (bf16 under autocast), as BatchNorm's own kernels keep them;
+        # the output in the input's dtype, as theirs
+        dtype, x = x.dtype, x.float()
         dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
         n = x.numel() // x.shape[1] * world_size()
         mean = _sum_over_ranks(x.sum(dims)) / n
@@ -169,4 +172,4 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 self.running_mean.lerp_(mean, self.momentum)
                 self.running_var.lerp_(var * n / (n - 1), self.momentum)  # unbiased, as BatchNorm keeps it
         y = centred * torch.rsqrt(var + self.eps).view(shape)
-        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+        return (y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y).to(dtype)

@@ -1,7 +1,8 @@
-"""torchvision ResNet backbones without `fc`, their initialisation, and the MLP heads of BYOL.
+"""Encoders (torchvision ResNets without `fc`, any timm model), their initialisation, and the MLP heads.
 
-The encoder keeps torchvision's module names, so its state dict loads into
-`torchvision.models.resnet18()` (or 50) with only `fc` missing."""
+A ResNet keeps torchvision's module names, so its state dict loads into `torchvision.models.resnet18()`
+(or 50) with only `fc` missing; a timm encoder's state dict loads into `timm.create_model(arch,
+num_classes=0, in_chans=.., img_size=.., patch_size=..)` (the ViT arguments for a ViT) as it is."""
 import contextlib
 import functools
 import os
@@ -14,8 +15,13 @@ from common.errors import UserError, escape
 
 from common.rundir import load_checkpoint
 
-FEATURE_DIM = {"resnet18": 512, "resnet50": 2048}
+FEATURE_DIM = {"resnet18": 512, "resnet50": 2048}  # the torchvision ResNets; any encoder: feature_dim()
+RESNETS = tuple(FEATURE_DIM)
 STEMS = ("imagenet", "small")
+POOLS = ("cls", "mean")
+# timm modules whose models are VisionTransformer (or a subclass): they take img_size / patch_size /
+# global_pool / dynamic_img_size
+VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
 # The checkpoint layout this code writes and reads; a higher number was written by a newer MedSSL.
 FORMAT_VERSION = 1
 # How pixels reach the encoder (common.data.to_input), recorded in every checkpoint so that an
@@ -23,7 +29,122 @@ FORMAT_VERSION = 1
 INPUT_SCALING = "uint8 / 255, then (x - 0.5) / 0.5; gray repeated to 3 channels for a 3-channel encoder"
 
 
-def build_encoder(arch="resnet18", stem="imagenet", in_chans=3):
+# ---------------------------------------------------------------- which encoder an --arch names
+def _timm():
+    # MEDSSL_NO_DOWNLOAD=1 (the project's offline switch) must also stop the hub's retries, and
+    # huggingface_hub reads HF_HUB_OFFLINE when it is first imported
+    if os.environ.get("MEDSSL_NO_DOWNLOAD") == "1":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import timm
+    return timm
+
+
+def check_arch(arch):
+    """A UserError unless `arch` is a torchvision ResNet or a timm model name."""
+    if arch in RESNETS:
+        return arch
+    if not isinstance(arch, str) or not _timm().is_model(arch):
+        raise UserError(f"--arch {escape(arch)!r} is neither resnet18 / resnet50 nor a timm model name; list timm's "
+                        f"with python -c \"import timm; print(timm.list_models('vit_*'))\" (or 'convnext*', ...)")
+    return arch
+
+
+def vit_arch(arch):
+    """Whether `arch` names a timm VisionTransformer (ViT, DeiT), which --patch-size and --pool configure."""
+    if arch in RESNETS:
+        return False
+    check_arch(arch)
+    return _timm().models.model_entrypoint(arch).__module__ in VIT_MODULES
+
+
+def is_vit(encoder):
+    """Whether `encoder` is a timm VisionTransformer: patch embedding, blocks, class token, position embedding."""
+    return all(hasattr(encoder, name) for name in ("patch_embed", "blocks", "cls_token", "pos_embed"))
+
+
+def feature_dim(encoder):
+    """The width D of the (B, D) features `encoder` returns."""
+    if hasattr(encoder, "num_features"):  # every timm model
+        return int(encoder.num_features)
+    return encoder.layer4[-1].conv3.out_channels if hasattr(encoder.layer4[-1], "conv3") \
+        else encoder.layer4[-1].conv2.out_channels
+
+
+def default_patch_size(size):
+    """A ViT's patch side for images of `size` px: 4 up to 32 px (7 x 7 patches at 28 px), 8 up to 96 px
+    (8 x 8 at 64 px), 16 above (the papers' ViT-S/16 and ViT-B/16 at 224 px: 14 x 14)."""
+    patch = 4 if size <= 32 else 8 if size <= 96 else 16
+    if size % patch:
+        raise UserError(f"a ViT cuts {size} px images into patches, and the default patch side {patch} does not "
+                        f"divide {size}; pass a --patch-size that divides {size}")
+    return patch
+
+
+def encoder_settings(arch, size=28, patch_size=None, pool=None):
+    """The ViT settings an encoder is built with, resolved: {"patch_size": P, "pool": "cls" | "mean"} for
+    a ViT (P from default_patch_size when None, pool "cls" when None), both None for other encoders
+    (which average-pool their last feature map), checked: a UserError names the flag that does not fit."""
+    check_arch(arch)
+    if pool is not None and pool not in POOLS:
+        raise UserError(f"--pool {escape(pool)!r}: use cls or mean")
+    if not vit_arch(arch):
+        if patch_size is not None:
+            raise UserError(f"--patch-size {patch_size} configures a ViT, not --arch {arch}; drop --patch-size")
+        if pool == "cls":
+            raise UserError(f"--pool cls takes a ViT's class token; --arch {arch} has none: drop --pool")
+        return {"patch_size": None, "pool": None}
+    if patch_size is None:
+        patch_size = default_patch_size(size)
+    if not isinstance(patch_size, int) or patch_size < 1 or size % patch_size:
+        raise UserError(f"--patch-size {patch_size} does not divide the {size} px images into whole patches; "
+                        f"pass a --patch-size that divides {size} (e.g. {default_patch_size_hint(size)})")
+    return {"patch_size": patch_size, "pool": pool or "cls"}
+
+
+def default_patch_size_hint(size):
+    return next((p for p in (4, 8, 16, 2, 7, 14, 1) if size % p == 0), 1)
+
+
+def build_encoder(arch="resnet18", stem="imagenet", in_chans=3, size=28, patch_size=None, pool=None,
+                  pretrained=False):
+    """The encoder, returning pooled (B, D) features: a torchvision ResNet without fc (`stem` small: a 3x3/1
+    conv without max-pool, MedMNIST v2's 28 px choice), or timm.create_model(arch) without its classifier
+    for `in_chans`; a ViT for `size` px images cut into `patch_size` patches (default_patch_size), pooling
+    its class token (pool "cls") or the mean of its patch tokens ("mean"), its position embedding
+    interpolated for other sides (DINO's smaller local crops). pretrained: timm's ImageNet weights."""
+    settings = encoder_settings(arch, size, patch_size, pool)
+    if arch in RESNETS:
+        return _build_resnet(arch, stem, in_chans)
+    if stem == "small":
+        raise UserError(f"--stem small is a ResNet stem; --arch {arch} has its own: drop --stem")
+    timm = _timm()
+    kwargs = dict(pretrained=pretrained, num_classes=0, in_chans=in_chans)
+    if settings["patch_size"] is not None:
+        kwargs.update(img_size=size, patch_size=settings["patch_size"], dynamic_img_size=True,
+                      global_pool="token" if settings["pool"] == "cls" else "avg")
+    encoder = timm.create_model(arch, **kwargs)
+    if settings["patch_size"] is None:
+        _check_takes_size(encoder, arch, in_chans, size)
+    return encoder
+
+
+def _check_takes_size(encoder, arch, in_chans, size):
+    """A convnet whose total stride shrinks `size` px images to nothing fails here, in one line, rather
+    than at the first training step (a forward of one blank image in eval mode, no gradients)."""
+    was_training = encoder.training
+    try:
+        with torch.no_grad():
+            out = encoder.eval()(torch.zeros(1, in_chans, size, size))
+        ok = out.ndim == 2 and out.shape[1] == feature_dim(encoder)
+    except RuntimeError:
+        ok = False
+    encoder.train(was_training)
+    if not ok:
+        raise UserError(f"--arch {arch} cannot take {size} px images (its strides shrink them to nothing); use a "
+                        f"larger --size, or a ViT (e.g. --arch vit_tiny_patch16_224, patches sized to the images)")
+
+
+def _build_resnet(arch, stem, in_chans):
     encoder = getattr(torchvision.models, arch)(weights=None)
     if stem == "small":  # MedMNIST v2's 28 px choice: keep the full resolution into layer1
         encoder.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -50,6 +171,66 @@ def _imagenet_state_dict(arch):
                         f"where there is internet and pass its path: --init /path/to/{weights.url.split('/')[-1]}")
 
 
+def _timm_imagenet(arch, in_chans, size, patch_size, pool):
+    """timm's pretrained weights for `arch` (its default tag, ImageNet for most), through the Hugging
+    Face hub, fitted by timm to in_chans, the patch side and the position grid; offline, a one-line error
+    saying which file to fetch for --init."""
+    timm = _timm()
+    cfg = timm.models.get_pretrained_cfg(arch)
+    where = (f"hf download {cfg.hf_hub_id} model.safetensors" if cfg is not None and cfg.hf_hub_id
+             else f"python -c \"import timm; timm.create_model('{arch}', pretrained=True)\"")
+    fix = (f"fetch the weights where there is internet ({where}) and pass the file: "
+           f"--init /path/to/model.safetensors")
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise UserError(f"timm has no pretrained weights for {arch}; use --init random or another --arch")
+    if os.environ.get("MEDSSL_NO_DOWNLOAD") == "1":
+        raise UserError(f"cannot download timm's weights for {arch}: downloads are off (MEDSSL_NO_DOWNLOAD=1); {fix}")
+    try:
+        return build_encoder(arch, "imagenet", in_chans, size, patch_size, pool, pretrained=True)
+    except UserError:
+        raise
+    except Exception as e:  # OSError, LocalEntryNotFoundError, HTTPError ...: could not fetch
+        raise UserError(f"cannot download timm's weights for {arch} ({type(e).__name__}; offline?); {fix}")
+
+
+def _read_state_file(path):
+    """The tensors of a .safetensors file, or what a .pt / .pth holds (rundir.load_checkpoint: tensors only)."""
+    if str(path).endswith(".safetensors"):
+        if not os.path.isfile(path):
+            raise UserError(f"checkpoint {path} does not exist")
+        safetensors = _require_safetensors()
+        try:
+            return safetensors.load_file(path, device="cpu")
+        except Exception as e:
+            raise UserError(f"{escape(path)} is truncated or corrupt ({type(e).__name__}); copy it again")
+    return load_checkpoint(path)
+
+
+def _require_safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise UserError("reading a .safetensors file needs the package safetensors; pip install safetensors")
+    return safetensors.torch
+
+
+def _tensors(state, init, what):
+    """A state dict of finite tensors out of what a file held, or a one-line UserError."""
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    elif isinstance(state, dict) and isinstance(state.get("model"), dict):  # timm / DeiT / MAE training checkpoints
+        state = state["model"]
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        held = f"a bare {type(state).__name__}" if not isinstance(state, dict) else "a dict of other values"
+        raise UserError(f"{escape(init)} holds {held}, not a MedSSL checkpoint nor {what}; pass "
+                        f"a checkpoint.pt of a MedSSL pretraining run or {what}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a diverged run's weights: training from them would stop at the NaN guard, or worse
+        raise UserError(f"{init} holds non-finite weights (NaN or inf, first in {bad[0]}); it cannot "
+                        f"initialise an encoder: use a checkpoint of a run that did not diverge")
+    return state
+
+
 def _adapt_state_dict(state, encoder, stem, in_chans):
     """Fit an ImageNet-layout state dict to this encoder: drop fc, sum conv1 over RGB for 1-channel
     input (the usual gray adaptation), keep conv1 random when the small stem's 3x3 cannot take it."""
@@ -65,31 +246,57 @@ def _adapt_state_dict(state, encoder, stem, in_chans):
     return state
 
 
-def load_encoder(init="random", arch="resnet18", stem="imagenet", in_chans=3):
-    """An encoder from `random`, `imagenet` (torchvision weights API) or a file: one of our
-    checkpoints (its `encoder`), or a torchvision-layout state dict (.pth) for offline users."""
-    encoder = build_encoder(arch, stem, in_chans)
+def _adapt_timm_state(state, encoder, in_chans):
+    """Fit a timm-layout state dict to this timm encoder: its classifier dropped; for a ViT, timm's own
+    conversion (other layouts such as DINOv2's, the position embedding resampled to this grid, the
+    patch embedding to this patch side); the first conv summed over RGB for 1 channel (timm's
+    adapt_input_conv); the final LayerNorm of the other pooling left fresh, as MAE fine-tunes its
+    mean-pooled ViT (He et al. 2022, A.1: fc_norm new, the class token's norm unused)."""
+    timm = _timm()
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    wanted = encoder.state_dict()
+    cfg = getattr(encoder, "pretrained_cfg", {}) or {}
+    classifiers = cfg.get("classifier") or ()
+    for name in (classifiers,) if isinstance(classifiers, str) else classifiers:
+        state = {k: v for k, v in state.items() if not k.startswith(name + ".") or k in wanted}
+    if is_vit(encoder):
+        state = timm.models.vision_transformer.checkpoint_filter_fn(state, encoder)
+        dropped = [k for k in state if k.split(".")[0] in ("norm", "fc_norm") and k not in wanted]
+        if dropped:
+            print(f"note: {dropped[0].split('.')[0]} of the checkpoint left out: this ViT pools with "
+                  f"{'fc_norm' if 'fc_norm.weight' in wanted else 'norm'} (--pool), which starts fresh")
+            state = {k: v for k, v in state.items() if k not in dropped}
+            state.update({k: wanted[k] for k in wanted if k.split(".")[0] in ("norm", "fc_norm") and k not in state})
+    first = cfg.get("first_conv")
+    for name in (first,) if isinstance(first, str) else (first or ()):
+        w = state.get(name + ".weight")
+        target = wanted.get(name + ".weight")
+        if w is not None and target is not None and w.ndim == 4 and w.shape[1] != target.shape[1]:
+            state[name + ".weight"] = timm.models.adapt_input_conv(in_chans, w)
+    return state
+
+
+def load_encoder(init="random", arch="resnet18", stem="imagenet", in_chans=3, size=28, patch_size=None, pool=None):
+    """An encoder (build_encoder) from `random`, `imagenet` (torchvision's weights API for a ResNet,
+    timm's hub weights for a timm model) or a file: one of our checkpoints (its `encoder`; a ViT's
+    patch side and pooling default to those it was trained with), or a torchvision-layout (ResNet) /
+    timm-layout (.pth, .safetensors) state dict for offline users."""
+    check_arch(arch)
     if init == "random":
-        return encoder
+        return build_encoder(arch, stem, in_chans, size, patch_size, pool)
+    if arch not in RESNETS:
+        return _load_timm(init, arch, stem, in_chans, size, patch_size, pool)
+    encoder = build_encoder(arch, stem, in_chans, size, patch_size, pool)
     if init == "imagenet":
         state = _imagenet_state_dict(arch)
     elif init == "barlowtwins":
         state = barlowtwins_state_dict(arch)
     else:
-        state = load_checkpoint(init)
+        state = _read_state_file(init)
         if isinstance(state, dict) and "encoder" in state and "meta" in state:
             check_meta(state["meta"], init, arch, stem, in_chans)
             state = state["encoder"]
-        elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-            held = f"a bare {type(state).__name__}" if not isinstance(state, dict) else "a dict of other values"
-            raise UserError(f"{escape(init)} holds {held}, not a MedSSL checkpoint nor a ResNet state dict; pass "
-                            f"a checkpoint.pt of a MedSSL pretraining run or a torchvision-layout state dict (.pth)")
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:  # a diverged run's weights: training from them would stop at the NaN guard, or worse
-            raise UserError(f"{init} holds non-finite weights (NaN or inf, first in {bad[0]}); it cannot "
-                            f"initialise an encoder: use a checkpoint of a run that did not diverge")
+        state = _tensors(state, init, "a ResNet state dict (torchvision layout, .pth)")
     state = _adapt_state_dict(state, encoder, stem, in_chans)
     wanted = encoder.state_dict()
     clash = [k for k, v in state.items() if k in wanted and tuple(v.shape) != tuple(wanted[k].shape)]
@@ -105,6 +312,38 @@ def load_encoder(init="random", arch="resnet18", stem="imagenet", in_chans=3):
     return encoder
 
 
+def _load_timm(init, arch, stem, in_chans, size, patch_size, pool):
+    if init == "imagenet":
+        return _timm_imagenet(arch, in_chans, size, patch_size, pool)
+    if init == "barlowtwins":
+        barlowtwins_state_dict(arch)  # refuses any arch but resnet50
+    state = _read_state_file(init)
+    if isinstance(state, dict) and "encoder" in state and "meta" in state:
+        meta = state["meta"]
+        check_meta(meta, init, arch, stem, in_chans, patch_size, pool)
+        patch_size = patch_size or meta.get("patch_size")
+        pool = pool or meta.get("pool")
+        state = state["encoder"]
+    state = _tensors(state, init, f"a timm-layout {arch} state dict (.pth, .safetensors)")
+    encoder = build_encoder(arch, stem, in_chans, size, patch_size, pool)
+    try:
+        state = _adapt_timm_state(state, encoder, in_chans)
+    except Exception as e:  # a layout timm's conversion cannot read
+        raise UserError(f"{escape(init)} does not convert to a {arch} ({type(e).__name__}: "
+                        f"{escape(str(e).splitlines()[0] if str(e) else '')}); pass a state dict of that --arch")
+    wanted = encoder.state_dict()
+    clash = [k for k, v in state.items() if k in wanted and tuple(v.shape) != tuple(wanted[k].shape)]
+    if clash:
+        raise UserError(f"{escape(init)} does not fit the {arch} / {in_chans}-channel encoder asked for ({clash[0]} is "
+                        f"{tuple(state[clash[0]].shape)}, not {tuple(wanted[clash[0]].shape)}); pass the matching "
+                        f"--arch / --in-chans" + (" / --patch-size" if is_vit(encoder) else ""))
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{escape(init)} does not fit a {arch} encoder (missing {escape(missing[:3])}, unexpected "
+                        f"{escape(unexpected[:3])}); check --arch")
+    return encoder
+
+
 def describe_state(state):
     """What a ResNet-layout state dict holds, in words: its depth and its stem's kernel and channels."""
     conv1 = state.get("conv1.weight")
@@ -116,24 +355,42 @@ def describe_state(state):
     return f"a {arch} with a {stem} stem and {conv1.shape[1]}-channel input"
 
 
-def check_meta(meta, path, arch, stem, in_chans):
+def _known_arch(arch):
+    try:
+        return check_arch(arch) is not None
+    except UserError:
+        return False
+
+
+def check_meta(meta, path, arch, stem, in_chans, patch_size=None, pool=None):
     """The metadata of a MedSSL checkpoint, checked: a dict of this format and version, with an encoder
-    this code can build, matching any of arch / stem / in_chans given (None: any)."""
+    this code can build (a ResNet or a timm model), matching any of arch / stem / in_chans / patch_size /
+    pool given (None: any). A checkpoint written without patch_size / pool holds a ResNet."""
     if not isinstance(meta, dict) or meta.get("format") != "medssl":
         raise UserError(f"{escape(path)} is not a MedSSL checkpoint (its 'meta' is missing or not MedSSL's); pass the "
-                        f"checkpoint.pt of a pretraining run, or give a torchvision state dict with --init")
+                        f"checkpoint.pt of a pretraining run, or give a torchvision or timm state dict with --init")
     version = meta.get("format_version", 1)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise UserError(f"{escape(path)} has checkpoint format {escape(version)}, newer than this MedSSL's "
                         f"{FORMAT_VERSION}; update MedSSL (git pull) to read it")
-    for key, allowed in (("arch", tuple(FEATURE_DIM)), ("stem", STEMS), ("in_chans", (1, 3))):
+    if not _known_arch(meta.get("arch")):
+        raise UserError(f"{escape(path)}: its meta names arch {escape(repr(meta.get('arch')))}, neither resnet18 / "
+                        f"resnet50 nor a timm model of this timm; the file is damaged or not a MedSSL checkpoint, or "
+                        f"needs another timm version")
+    for key, allowed in (("stem", STEMS), ("in_chans", (1, 3)), ("pool", (None, *POOLS))):
         if meta.get(key) not in allowed:
             raise UserError(f"{escape(path)}: its meta names {key} {escape(repr(meta.get(key)))}, not one of "
                             f"{', '.join(map(str, allowed))}; the file is damaged or not a MedSSL checkpoint")
-    for key, want in (("arch", arch), ("stem", stem), ("in_chans", in_chans)):
+    if meta.get("patch_size") is not None and not (isinstance(meta["patch_size"], int) and meta["patch_size"] >= 1):
+        raise UserError(f"{escape(path)}: its meta names patch_size {escape(repr(meta['patch_size']))}; the file is "
+                        f"damaged or not a MedSSL checkpoint")
+    for key, want in (("arch", arch), ("stem", stem), ("in_chans", in_chans), ("patch_size", patch_size),
+                      ("pool", pool)):
         if want is not None and meta.get(key) != want:
-            raise UserError(f"{escape(path)} holds a {meta.get('arch')} / {meta.get('stem')} stem / "
-                            f"{meta.get('in_chans')}-channel encoder, not the {key} {want} asked for; "
+            held = f"a {meta.get('arch')} / {meta.get('stem')} stem / {meta.get('in_chans')}-channel encoder" + (
+                f" with {meta.get('patch_size')} px patches and {meta.get('pool')} pooling"
+                if meta.get("patch_size") else "")
+            raise UserError(f"{escape(path)} holds {held}, not the {key} {want} asked for; "
                             f"drop --{key.replace('_', '-')} or pass --{key.replace('_', '-')} {meta.get(key)}")
     scaling = meta.get("input_scaling", INPUT_SCALING)
     if scaling != INPUT_SCALING:
@@ -142,6 +399,7 @@ def check_meta(meta, path, arch, stem, in_chans):
 
 
 def checkpoint_meta(path):
+
     """(meta, epoch) of a MedSSL pretraining checkpoint, checked (check_meta): its metadata and the
     number of epochs it had finished when saved. Read once per file version in a process."""
     try:
@@ -233,16 +491,38 @@ def projector(in_dim, spec):
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
+def _vit_groups(encoder):
+    """A ViT's blocks in the four groups that stand for layer1-4 (12 blocks: 3 each; the earlier groups
+    take one less when the depth does not split evenly)."""
+    blocks = list(encoder.blocks)
+    cuts = [round(len(blocks) * i / 4) for i in range(5)]
+    return [blocks[cuts[i]:cuts[i + 1]] for i in range(4)]
+
+
+def _vit_head_norms(encoder):
+    return [m for m in (getattr(encoder, "norm", None), getattr(encoder, "fc_norm", None)) if m is not None]
+
+
 def _stage(encoder, name):
+    if is_vit(encoder):  # stem: the patch embedding with the class / register tokens and position embedding
+        if name == "stem":
+            tokens = [getattr(encoder, t) for t in ("cls_token", "reg_token", "pos_embed")]
+            return [encoder.patch_embed, *(t for t in tokens if isinstance(t, nn.Parameter))]
+        group = _vit_groups(encoder)[STAGES.index(name) - 1]
+        return group + (_vit_head_norms(encoder) if name == "layer4" else [])
+    if not hasattr(encoder, "layer4"):
+        raise UserError(f"--freeze / --trainable name ResNet stages (or a ViT's blocks in 4 groups); this "
+                        f"{type(encoder).__name__} has neither: use --freeze none (--trainable all)")
     return [encoder.conv1, encoder.bn1] if name == "stem" else [getattr(encoder, name)]
 
 
-def _train_only(encoder, modules):
-    """requires_grad on the parameters of `modules` only; returns the trainable parameter count."""
+def _train_only(encoder, parts):
+    """requires_grad on the parameters of `parts` (modules or parameters) only; returns the trainable
+    parameter count."""
     for p in encoder.parameters():
         p.requires_grad_(False)
-    for m in modules:
-        for p in m.parameters():
+    for m in parts:
+        for p in ([m] if isinstance(m, nn.Parameter) else m.parameters()):
             p.requires_grad_(True)
     return sum(p.numel() for p in encoder.parameters() if p.requires_grad)
 
@@ -251,21 +531,58 @@ def set_trainable(encoder, which):
     """Further pretraining's trainable part (paper 003 §3.7): "all"; "none" (its first epoch trains
     the projector alone); "layer4"; or "last-block", the last residual block of layer4 alone (in a
     ResNet-50 the 1x1-3x3-1x1 bottleneck that paper 003 calls the final 3 layers, "SSLp"; in a
-    ResNet-18 a basic block). Returns the encoder's trainable parameter count."""
-    parts = {"all": [encoder], "none": [], "layer4": [encoder.layer4], "last-block": [encoder.layer4[-1]]}
-    if which not in parts:
-        raise UserError(f"unknown trainable part {which!r}; use one of {', '.join(parts)}")
-    return _train_only(encoder, parts[which])
+    ResNet-18 a basic block). A ViT: layer4 is its last quarter of blocks, last-block its last block,
+    each with the final LayerNorm. Returns the encoder's trainable parameter count."""
+    choices = ("all", "none", "layer4", "last-block")
+    if which not in choices:
+        raise UserError(f"unknown trainable part {which!r}; use one of {', '.join(choices)}")
+    if which in ("all", "none"):
+        return _train_only(encoder, [encoder] if which == "all" else [])
+    if which == "layer4" or not is_vit(encoder):
+        layer4 = _stage(encoder, "layer4")
+        return _train_only(encoder, layer4 if which == "layer4" else [encoder.layer4[-1]])
+    return _train_only(encoder, [encoder.blocks[-1], *_vit_head_norms(encoder)])
 
 
 def freeze_through(encoder, stage):
     """Freeze the stem and every stage up to and including `stage` (paper 002's freezing study):
     "layer3" leaves layer4 trainable ("layer4 + fc"), "layer4" leaves only the head outside the
-    encoder, "none" freezes nothing. Returns the encoder's trainable parameter count."""
+    encoder, "none" freezes nothing. A ViT's stages: the patch embedding (with the class token and
+    position embedding) as the stem, its blocks in four groups as layer1-4, the final LayerNorm with
+    layer4. Returns the encoder's trainable parameter count."""
     if stage != "none" and stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; use none or one of {', '.join(STAGES)}")
-    n_frozen = 0 if stage == "none" else STAGES.index(stage) + 1
+    if stage == "none":
+        return _train_only(encoder, [encoder])
+    n_frozen = STAGES.index(stage) + 1
     return _train_only(encoder, [m for name in STAGES[n_frozen:] for m in _stage(encoder, name)])
+
+
+# ---------------------------------------------------------------- layer-wise lr decay (BEiT, MAE)
+def layer_ids(encoder):
+    """(layer_of, n_layers) for optim.layer_decay_groups: layer_of(parameter name) -> 0 .. n_layers, 0
+    nearest the input, n_layers for the top (the head outside the encoder: any name the encoder does not
+    have). A ViT as BEiT and MAE number it: patch embedding and tokens 0, block i (from 0) i + 1, the final
+    norm and the head depth + 1 (timm's grouping puts a class-token ViT's final norm with its last block,
+    whose lr would then not decay). Other timm models: timm's own groups (group_matcher), the head above
+    them; a ResNet: stem 0, layer1-4 1-4, the head 5."""
+    if is_vit(encoder):
+        depth = len(encoder.blocks)
+
+        def vit_layer(name):
+            if name.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed")):
+                return 0
+            return int(name.split(".")[1]) + 1 if name.startswith("blocks.") else depth + 1
+        return vit_layer, depth + 1
+    if hasattr(encoder, "group_matcher"):
+        from timm.models._manipulate import group_parameters
+        ids = group_parameters(encoder, encoder.group_matcher(coarse=False), reverse=True)
+        top = max(ids.values()) + 1
+    else:
+        ids = {name: (STAGES.index(name.split(".")[0]) if name.split(".")[0] in STAGES else 0)
+               for name, _ in encoder.named_parameters()}
+        top = len(STAGES)
+    return (lambda name: ids.get(name, top)), top
 
 
 def frozen_bn_eval(module):

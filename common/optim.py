@@ -77,6 +77,32 @@ def schedule_step(optimizer, schedule, step, total_steps, base_lr, warmup_steps=
     return lr
 
 
+def layer_decay_groups(named_params, layer_of, n_layers, lr, decay=1.0, weight_decay=0.0):
+    """Parameter groups of layer-wise learning-rate decay (LLRD: BEiT, Bao et al. 2022 §3 and App. B;
+    MAE fine-tuning, He et al. 2022 A.1): a trainable parameter of layer layer_of(name) = i, numbered from
+    0 (the input's embedding) to n_layers (the head), trains at lr x decay^(n_layers - i), so the head
+    at lr and the layers below it ever slower. Each group keeps its factor as "lr_scale" (schedule_step
+    applies it at every step) and its starting "lr". One group per factor: decay 1 is a single group,
+    the optimiser of the plain parameter list. Every group has `weight_decay`."""
+    groups = {}
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        layer = layer_of(name)
+        if not 0 <= layer <= n_layers:
+            raise ValueError(f"layer_of({name!r}) = {layer}, outside 0 .. {n_layers}")
+        scale = decay ** (n_layers - layer)
+        group = groups.setdefault(scale, {"params": [], "lr": lr * scale, "lr_scale": scale,
+                                          "weight_decay": weight_decay, "layers": set()})
+        group["params"].append(p)
+        group["layers"].add(layer)
+    out = []
+    for scale in sorted(groups, reverse=True):
+        group = groups[scale]
+        out.append({**group, "layers": sorted(group["layers"])})  # for the reader: which layers a group holds
+    return out
+
+
 # Zbontar et al. 2021 ("Implementation details") and facebookresearch/barlowtwins' main.py: lr 0.2
 # for the weights and 0.0048 for the biases and BatchNorm parameters, both x batch / 256.
 BARLOW_BIAS_LR_RATIO = 0.0048 / 0.2

@@ -1,43 +1,55 @@
-"""The arithmetic a step runs in: bf16 autocast or float32, and the convolutions' memory layout, chosen
-once per run for its device and image side (--precision auto | fp32 | bf16).
+"""The arithmetic a step runs in: bf16 autocast or float32, the convolutions' memory layout, and on a
+CPU whether the convolutions with tiny outputs run as matrix products (common/small_convs.py), chosen
+once per run for its device, network and image side (--precision auto | fp32 | bf16).
 
 Only autocast regions compute in bf16: weights, optimiser states, losses (each method's loss casts to
 float32), EMA updates, BatchNorm statistics, metrics and checkpoints stay float32.
 
-`auto` on a CPU (a ResNet-18 forward + backward + SGD step on 2 cores with AMX-BF16 and AVX512-BF16,
-torch 2.14.1, images/s):
+`auto` on a CPU for a convolutional network (a ResNet-18 forward + backward + SGD step on 2 cores with
+AMX-BF16 and AVX512-BF16, torch 2.14.1, images/s; `python benchmarks/bench_precision.py`):
 
-    side  batch  fp32 contiguous  fp32 channels_last  bf16 contiguous  bf16 channels_last
-    28    256    863              841                 724              778
-    64    128    211              185                 282              352
-    128   64     61               62                  90               144
-    224   32     20               23                  47               67
+    side  batch  fp32 contiguous  fp32 channels_last  bf16 channels_last  + matmul tiny convs
+    28    256    863              841                 778                 1199
+    64    128    211              185                 352                 486
+    128   64     61               62                  144                 (none that small)
+    224   32     20               23                  67                  (none that small)
 
-bf16 pays from 64 px up and loses at 28 px, where the convolutions are too small for its kernels; with
-bf16 channels_last is faster at every side. In float32 contiguous is faster at 64 px (1.14x), the two
-tie at 28 px and channels_last wins from 128 px. So `auto` takes bf16 with channels_last where the CPU runs
-bf16 natively (AVX512-BF16 or AMX) and the side is at least BF16_MIN_SIDE, and float32 elsewhere:
-contiguous from BF16_MIN_SIDE up to CHANNELS_LAST_MIN_SIDE, channels_last otherwise (at 28 px the layout
-float32 runs have always had, so their results stand). A CPU without native bf16 (it would emulate it,
-several times slower) never gets it. `fp32` is float32 with channels_last at every side, the arithmetic of
-every result computed before this setting existed, bit for bit. On CUDA: bf16 with channels_last where the GPU
-supports bf16, as the GPU check measures."""
+bf16 with channels_last pays from 64 px up; at 28 px it loses only because oneDNN's convolution kernels
+are slow on 2x2 and 1x1 maps (layer3 and layer4 behind the imagenet stem), and with those convolutions
+as matrix products it is the fastest at every side. Speed is not all, though: fine-tuning a random-init
+ResNet-18 on 10% of BreastMNIST's labels at 28 px (evaluate.py's defaults, 5 seeds) scored test AUC
+0.744 +- 0.020 in float32, 0.716 +- 0.031 in bf16 and 0.690 +- 0.039 in bf16 with the matrix products.
+So `auto` takes bf16, channels_last and the matrix products where the CPU runs bf16 natively
+(AVX512-BF16 or AMX) from BF16_MIN_SIDE up, and float32 below it. A CPU without native bf16 (it would
+emulate it, several times slower) never gets bf16: float32, contiguous from BF16_MIN_SIDE up to
+CHANNELS_LAST_MIN_SIDE (1.14x at 64 px), channels_last otherwise (at 28 px the layout float32 runs have
+always had). `fp32` is float32 with channels_last at every side, the arithmetic of every result computed
+before this setting existed, bit for bit; `bf16` on a CPU is bf16 with the matrix products at every side.
+On CUDA: bf16 with channels_last where the GPU supports bf16, as the GPU check measures; never the
+matrix products."""
 from dataclasses import dataclass
 
 import torch
 
+from common import small_convs
 from common.errors import UserError
 
 CHOICES = ("auto", "fp32", "bf16")
-BF16_MIN_SIDE = 48           # between 28 px (bf16 0.9x of fp32) and 64 px (1.7x)
+BF16_MIN_SIDE = 48           # between 28 px (bf16 costs fine-tuning accuracy) and 64 px (bf16 1.9x-2.6x faster)
 CHANNELS_LAST_MIN_SIDE = 128  # float32 on the CPU: contiguous is faster below, down to BF16_MIN_SIDE
+# A ViT follows the same rule, always contiguous: channels_last changes nothing for its one convolution
+# (the patch embedding), and no convolution of it has a tiny output. Its bf16 gain on the CPU is smaller
+# than a ResNet's and depends on the load (vit_tiny at 28 px, batch 64, one thread: 1.1-1.4x in CPU time
+# per image on a busy machine); `python benchmarks/bench_precision.py --arch vit_tiny_patch16_224`.
 
 
 @dataclass(frozen=True)
 class Precision:
-    """What a run computes in: `bf16` autocast on or off, and the memory layout of images and weights."""
+    """What a run computes in: `bf16` autocast on or off, the memory layout of images and weights, and
+    whether the convolutions with tiny outputs run as matrix products (common/small_convs.py)."""
     bf16: bool
     channels_last: bool
+    matmul_small_convs: bool = False
 
     @property
     def name(self):
@@ -49,7 +61,21 @@ class Precision:
 
     def record(self):
         """The plain values a checkpoint's meta keeps, and `resolve` takes back on resume."""
-        return {"precision": self.name, "channels_last": self.channels_last}
+        return {"precision": self.name, "channels_last": self.channels_last,
+                "matmul_small_convs": self.matmul_small_convs}
+
+    def describe(self):
+        """'bf16, channels_last, tiny convolutions as matrix products' or 'fp32, contiguous': in words."""
+        return f"{self.name}, {'channels_last' if self.channels_last else 'contiguous'}" + \
+            (", tiny convolutions as matrix products" if self.matmul_small_convs else "")
+
+    def prepare(self, module, device, in_chans, side):
+        """`module` on `device` in this memory layout, its tiny convolutions (on `in_chans`-channel, `side`
+        px images) as matrix products where this Precision has them. Returns the module."""
+        module.to(device, memory_format=self.memory_format)
+        if self.matmul_small_convs:
+            small_convs.as_matmul(module, in_chans, side)
+        return module
 
     def autocast(self, device_type):
         """The autocast context of a forward: bf16 where on, a no-op elsewhere."""
@@ -67,11 +93,14 @@ def native_bf16(device):
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def resolve(requested, device, side, recorded=None):
+def resolve(requested, device, side, recorded=None, convolutional=True):
     """The Precision of a run: `requested` (--precision), on `device`, for images of `side` px. A resumed run
-    passes the `recorded` values of its checkpoint (Precision.record) and continues in them."""
+    passes the `recorded` values of its checkpoint (Precision.record) and continues in them.
+    convolutional=False: a ViT, whose one convolution (the patch embedding) gains nothing from
+    channels_last: always contiguous."""
     if recorded:
-        return Precision(recorded["precision"] == "bf16", bool(recorded["channels_last"]))
+        return Precision(recorded["precision"] == "bf16", bool(recorded["channels_last"]),
+                         bool(recorded.get("matmul_small_convs", False)))
     if requested not in CHOICES:
         raise ValueError(f"unknown precision {requested!r}; expected one of {CHOICES}")
     device = torch.device(device)
@@ -79,9 +108,9 @@ def resolve(requested, device, side, recorded=None):
         raise UserError("--precision bf16: this GPU does not support bf16; use --precision fp32 or auto")
     if device.type == "cuda":
         bf16 = requested == "bf16" or (requested == "auto" and native_bf16(device))
-        return Precision(bf16, True)
+        return Precision(bf16, convolutional)
     if requested == "fp32":  # float32 as MedSSL has always computed it: its results reproduce bit for bit
-        return Precision(False, True)
-    if requested == "bf16" or (native_bf16(device) and side >= BF16_MIN_SIDE):
-        return Precision(True, True)
-    return Precision(False, not BF16_MIN_SIDE <= side < CHANNELS_LAST_MIN_SIDE)
+        return Precision(False, convolutional)
+    if requested == "bf16" or (native_bf16(device) and side >= BF16_MIN_SIDE):  # requested is bf16 or auto here
+        return Precision(True, convolutional, matmul_small_convs=convolutional)
+    return Precision(False, convolutional and not BF16_MIN_SIDE <= side < CHANNELS_LAST_MIN_SIDE)

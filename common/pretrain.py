@@ -173,6 +173,8 @@ def setup(script, flags):
     resolved flags (plain values; written to args.yaml, with "out" filled in when none was given). Seeds
     every RNG last, so that the model built next draws its initial weights from the seed."""
     views = _views(flags)
+    # the encoder's settings, checked before anything is written: a bad --arch / --patch-size is one line
+    settings = models.encoder_settings(flags["arch"], flags["size"], flags.get("patch_size"), flags.get("pool"))
     device = dist.init_distributed(cli.pick_device(flags["device"]))
     out = flags["out"] or dist.on_main(cli.default_out, script, flags["data"])
     flags = {**flags, "out": out}
@@ -194,12 +196,13 @@ def setup(script, flags):
     inputs = rundir.provenance({s.strip(): data.describe(s, size, root, options).hash for s in source.split(",")},
                                encoder=flags.get("init"), world_size=dist.world_size())
     state = rundir.open_run(out, flags, inputs)
-    chosen = run_precision(flags["precision"], device, images.shape[-1], state)
-    print(f"precision: {chosen.name}, {'channels_last' if chosen.channels_last else 'contiguous'} "
-          f"({'as the checkpoint was trained' if state else '--precision ' + flags['precision']})", flush=True)
+    chosen = run_precision(flags["precision"], device, images.shape[-1], state,
+                           convolutional=settings["patch_size"] is None)
+    print(f"precision: {chosen.describe()} ({'as the checkpoint was trained' if state else '--precision ' + flags['precision']})", flush=True)
     cli.seed_everything(flags["seed"])
     generator = torch.Generator(device).manual_seed(flags["seed"])
-    meta = {"arch": flags["arch"], "stem": flags["stem"], "in_chans": in_chans, "args": flags, **chosen.record()}
+    meta = {"arch": flags["arch"], "stem": flags["stem"], "in_chans": in_chans, "size": size, **settings,
+            "args": flags, **chosen.record()}
     return Run(device=device, images=images, steps_per_epoch=n_steps, generator=generator, out=out, state=state,
                monitor_splits=monitor, views=views, epochs=flags["epochs"], batch_size=flags["batch_size"],
                in_chans=in_chans, schedule=_schedule(flags, n_steps), precision=chosen, compile=flags["compile"],
@@ -207,11 +210,12 @@ def setup(script, flags):
                eval_every=flags["eval_every"], tensorboard=flags["tensorboard"], meta=meta)
 
 
-def run_precision(requested, device, side, state=None):
+def run_precision(requested, device, side, state=None, convolutional=True):
     """The run's Precision (common/precision.py): that of the checkpoint of a resumed run, which it keeps; a
-    checkpoint from before --precision existed ran bf16 on CUDA and float32 elsewhere, channels_last."""
+    checkpoint without a recorded precision ran bf16 on CUDA and float32 elsewhere, channels_last.
+    convolutional=False: a ViT (precision.resolve)."""
     if state is None:
-        return precision.resolve(requested, device, side)
+        return precision.resolve(requested, device, side, convolutional=convolutional)
     meta = state.get("meta", {})
     if "precision" not in meta:
         return Precision(bf16=torch.device(device).type == "cuda", channels_last=True)
@@ -228,7 +232,8 @@ def in_memory(flags, images, device, steps=None):
                generator=torch.Generator(device).manual_seed(flags["seed"]), views=_views(flags),
                epochs=flags["epochs"], batch_size=flags["batch_size"], in_chans=flags["in_chans"],
                schedule=_schedule(flags, n_steps), compile=flags.get("compile", False),
-               precision=precision.resolve(flags.get("precision", "auto"), device, images.shape[-1]))
+               precision=precision.resolve(flags.get("precision", "auto"), device, images.shape[-1],
+                                           convolutional=not models.vit_arch(flags.get("arch") or "resnet18")))
 
 
 def main(script, get_args_parser, build, check=None, lr_auto=False):
@@ -280,10 +285,10 @@ def optimizer_step(optimizer, loss):
 
 def place(modules, run):
     """Every module on the run's device in the run's memory layout (run.precision: channels_last where it
-    makes convolutions faster); with --sync-bn, BatchNorm over the global batch under torchrun
-    (dist.sync_batchnorm)."""
+    makes convolutions faster, tiny convolutions as matrix products where that is); with --sync-bn,
+    BatchNorm over the global batch under torchrun (dist.sync_batchnorm)."""
     for module in modules.values():
-        module.to(run.device, memory_format=run.precision.memory_format)
+        run.precision.prepare(module, run.device, run.in_chans, run.images.shape[-1])
         if run.sync_bn:
             dist.sync_batchnorm(module)
 

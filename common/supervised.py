@@ -144,6 +144,8 @@ def recompute_bn_stats(model, images, forward, batch_size, frozen_bn="eval", ind
     it: training-mode BN cannot normalise one image at layer4's 1x1 maps."""
     enter_training(model, frozen_bn)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    if not bns:  # nothing to recompute (a ViT: LayerNorm only): no pass over the images
+        return
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -308,10 +310,9 @@ def seeds_precision(out, seeds, requested, device, side, convolutional=True):
     side), or, once some of its `seeds` are finished, the one their seed_<N>.json records, even where this
     resolve gives another (a resume on another device, or on a CPU without native bf16): one metrics.json
     pools seeds computed alike. A seed written before --precision existed ran bf16 on a GPU that has it and
-    float32 elsewhere, channels_last. A model without convolutions (convolutional=False: the BEiT) stays
-    contiguous, as the layout only speeds up convolutions. Printed once."""
-    fresh = precision.resolve(requested, device, side)
-    fresh = fresh if convolutional else precision.Precision(fresh.bf16, channels_last=False)
+    float32 elsewhere, channels_last. A ViT (convolutional=False: the BEiT, a timm ViT) stays contiguous, as
+    the layout only speeds up convolutions. Printed once."""
+    fresh = precision.resolve(requested, device, side, convolutional=convolutional)
     done, chosen = _finished_seeds(out, seeds), fresh
     if done:
         record, _ = _load_seed(out, done[0])
@@ -322,14 +323,9 @@ def seeds_precision(out, seeds, requested, device, side, convolutional=True):
     why = f"--precision {requested}"
     if chosen != fresh:
         why = (f"as seed{'s' if len(done) > 1 else ''} {', '.join(map(str, done))} of this run; {why} gives "
-               f"{describe_precision(fresh)} here")
-    print(f"precision: {describe_precision(chosen)} ({why})", flush=True)
+               f"{fresh.describe()} here")
+    print(f"precision: {chosen.describe()} ({why})", flush=True)
     return chosen
-
-
-def describe_precision(chosen):
-    """'bf16, channels_last' or 'fp32, contiguous': a Precision in words."""
-    return f"{chosen.name}, {'channels_last' if chosen.channels_last else 'contiguous'}"
 
 
 def epoch_line(record):

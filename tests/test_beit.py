@@ -10,7 +10,7 @@ import torch
 from transformers import BeitConfig, BeitForImageClassification, BeitImageProcessor
 
 import finetune_beit
-from common import errors, metrics, rundir, supervised
+from common import errors, metrics, optim, rundir, supervised
 from conftest import run_cli
 
 TINY = dict(image_size=32, patch_size=8, num_hidden_layers=4, hidden_size=32, num_attention_heads=2,
@@ -74,6 +74,53 @@ def test_a_step_changes_the_trainable_weights_only():
         assert changed == p.requires_grad, name
 
 
+def _beit_steps(model, optimizer, steps=3):
+    prep = {"size": (32, 32), "mode": "bicubic", "scale": 1 / 255, "normalize": True, "mean": [0.5] * 3,
+            "std": [0.5] * 3}
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, generator=g)
+        loss = supervised.classification_loss(model(pixel_values=finetune_beit.beit_inputs(images, prep)).logits,
+                                              torch.tensor([0, 1] * 4), metrics.BINARY)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_layer_decay_1_trains_exactly_as_one_adamw_over_the_trainable_parameters():
+    """--layer-decay's default: the shared LLRD groups (common/optim.py) change nothing, bit for bit."""
+    weights = []
+    for shared in (False, True):
+        torch.manual_seed(0)
+        model = BeitForImageClassification(BeitConfig(**TINY, num_labels=1))
+        finetune_beit.train_top_layers(model, 2)
+        if shared:
+            layer_of, n_layers = finetune_beit.beit_layer_ids(model)
+            params = optim.layer_decay_groups(model.named_parameters(), layer_of, n_layers, 1e-2, 1.0, 0.05)
+            assert len(params) == 1
+        else:
+            params = [p for p in model.parameters() if p.requires_grad]
+        torch.manual_seed(1)  # dropout / stochastic depth draws alike
+        weights.append(_beit_steps(model, torch.optim.AdamW(params, lr=1e-2, weight_decay=0.05)))
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+
+
+def test_layer_decay_gives_beit_layer_i_lr_times_decay_to_the_depth_minus_i():
+    model = BeitForImageClassification(BeitConfig(**TINY, num_labels=1))
+    finetune_beit.train_top_layers(model, 4)
+    model.beit.embeddings.requires_grad_(True)
+    layer_of, n_layers = finetune_beit.beit_layer_ids(model)
+    groups = optim.layer_decay_groups(model.named_parameters(), layer_of, n_layers, 1e-3, 0.5, 0.0)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    layers = finetune_beit._beit_layers(model)
+    for i, layer in enumerate(layers):  # layer i (from 0) of 4: 1e-3 x 0.5^(4 - i)
+        assert all(lr_of[id(p)] == pytest.approx(1e-3 * 0.5 ** (len(layers) - i)) for p in layer.parameters())
+    assert lr_of[id(model.classifier.weight)] == 1e-3
+    assert all(lr_of[id(p)] == pytest.approx(1e-3 * 0.5 ** 5) for p in model.beit.embeddings.parameters())
+
+
 @pytest.mark.parametrize("flag, resample, side", [("breastmnist", 3, 224), ("pneumoniamnist", 2, 224),
                                                   ("breastmnist", 3, 100), ("breastmnist", 0, 224)])
 def test_batched_preprocessing_matches_the_processor_on_real_images(real_root, flag, resample, side):
@@ -116,7 +163,7 @@ def test_cli_fine_tunes_a_tiny_beit_on_real_breastmnist(real_root, tiny_beit, tm
     out = tmp_path / "run"
     r = run_cli("finetune_beit.py", "--model", tiny_beit, "--data", "breastmnist", "--data-root", real_root,
                 "--trainable-layers", "2", "--epochs", "2", "--batch-size", "64", "--max-steps", "2",
-                "--balance", "0.4", "--positive-class", "0", "--tensorboard", "--out", str(out))
+                "--balance", "0.4", "--positive-class", "0", "--tensorboard", "--precision", "fp32", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     for name in ("metrics.json", "predictions.npz", "roc.png", "confusion.png", "log.jsonl", "args.yaml",
                  "checkpoint_seed0.pt"):

@@ -24,6 +24,22 @@ def test_config_values_are_defaults_and_flags_win(tmp_path):
         cli.parse_args(_parser(), ["--config", str(config)])
 
 
+def test_a_config_sets_an_on_off_flag_of_either_kind(tmp_path):
+    """`--x / --no-x` (BooleanOptionalAction) and a lone `--no-x` (store_false) both take true / false."""
+    import argparse
+    parser = _parser()
+    parser.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false")
+    config = tmp_path / "c.yaml"
+    config.write_text("norm_last_layer: false\nnorm_pix_loss: false\n")
+    args = cli.parse_args(parser, ["--config", str(config)])
+    assert args.norm_last_layer is False and args.norm_pix_loss is False
+    assert cli.parse_args(parser, ["--config", str(config), "--norm-last-layer"]).norm_last_layer is True
+    config.write_text("norm_last_layer: 0.5\n")
+    with pytest.raises(UserError, match="expected true or false"):
+        cli.parse_args(parser, ["--config", str(config)])
+
+
 def test_every_script_gets_the_data_flags_and_tuples_come_back_as_lists():
     args = cli.parse_args(_parser(), ["--split-ratio", "70/15/15", "--label-columns", "A,B"])
     # lists, as args.yaml reads them back: a resumed run compares its flags with those

@@ -234,3 +234,14 @@ def test_every_batch_and_feature_pass_goes_through_data_batch(tmp_path, monkeypa
         split.images = HostOnly(split.images)
     result = evaluate.run_seed(args, 0, splits, None, torch.device("cpu"), lambda record: None)
     assert result.y_score.shape == (16, 2) and np.isfinite(result.y_score).all() and calls
+
+
+@pytest.mark.parametrize("stage, blocks", [("stem", range(0, 12)), ("layer2", range(6, 12)), ("layer4", [])])
+def test_freeze_through_maps_a_vits_patch_embedding_and_block_quarters_onto_the_stages(stage, blocks):
+    encoder = models.build_encoder("vit_tiny_patch16_224", "imagenet", 1, size=28)
+    n = models.freeze_through(encoder, stage)
+    trained = {k for k, p in encoder.named_parameters() if p.requires_grad}
+    assert {int(k.split(".")[1]) for k in trained if k.startswith("blocks.")} == set(blocks)
+    assert not any(k.startswith(("patch_embed", "cls_token", "pos_embed")) for k in trained)
+    assert ("norm.weight" in trained) == bool(blocks)  # the final LayerNorm goes with layer4
+    assert n == sum(p.numel() for p in encoder.parameters() if p.requires_grad)

@@ -92,3 +92,16 @@ def test_features_are_in_eval_mode_and_restore_training_mode():
     assert f.shape == (6, 512) and encoder.training
     # eval mode: a batch's features do not depend on what else is in the batch
     assert torch.allclose(models.features(encoder, images[:1], in_chans=3), f[:1], atol=1e-5)
+
+
+def test_check_meta_takes_any_timm_model_and_reads_a_checkpoint_without_vit_keys(tmp_path):
+    meta = {"format": "medssl", "arch": "vit_tiny_patch16_224", "stem": "imagenet", "in_chans": 1, "patch_size": 4,
+            "pool": "mean"}
+    models.check_meta(meta, "x.pt", "vit_tiny_patch16_224", None, 1, 4, "mean")
+    with pytest.raises(UserError, match="neither resnet18 / resnet50 nor a timm model"):
+        models.check_meta({**meta, "arch": "vit_tiniest"}, "x.pt", None, None, None)
+    with pytest.raises(UserError, match="not the patch_size 8 asked for"):
+        models.check_meta(meta, "x.pt", None, None, None, patch_size=8)
+    path, saved = _checkpoint(tmp_path)  # a ResNet checkpoint: no size, patch_size or pool in its meta
+    loaded = models.load_encoder(path, "resnet18", "imagenet", 3, size=64)
+    assert torch.equal(loaded.layer4[1].conv2.weight, saved.layer4[1].conv2.weight)

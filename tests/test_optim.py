@@ -171,3 +171,17 @@ def test_lars_steps_equal_facebookresearch_update_rule_by_hand():
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
     assert not torch.equal(ours[3].bias, _net(1)[3].bias) and not torch.equal(ours[1].bias, _net(1)[1].bias)
+
+
+def test_layer_decay_groups_scale_each_layer_and_skip_frozen_parameters():
+    layers = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    layers[1].bias.requires_grad_(False)
+    groups = optim.layer_decay_groups(layers.named_parameters(), lambda name: int(name.split(".")[0]), 2, 0.1, 0.5,
+                                      1e-4)
+    assert [(g["lr"], g["lr_scale"], g["layers"]) for g in groups] == [(0.1, 1.0, [2]), (0.05, 0.5, [1]),
+                                                                       (0.025, 0.25, [0])]
+    assert [len(g["params"]) for g in groups] == [2, 1, 2] and all(g["weight_decay"] == 1e-4 for g in groups)
+    one = optim.layer_decay_groups(layers.named_parameters(), lambda name: int(name.split(".")[0]), 2, 0.1, 1.0)
+    assert len(one) == 1 and one[0]["params"] == [p for p in layers.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="outside 0 .. 2"):
+        optim.layer_decay_groups(layers.named_parameters(), lambda name: 3, 2, 0.1, 0.5)

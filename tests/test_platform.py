@@ -195,12 +195,14 @@ def test_a_run_records_its_precision_and_a_resume_keeps_it(real_root, tmp_path, 
             run_main(monkeypatch, "pretrain_simclr.py", *flags)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["meta"]["precision"] == "bf16" and state["meta"]["channels_last"] is True
+    assert state["meta"]["matmul_small_convs"] is True  # bf16 on a CPU: tiny convolutions as matrix products
     assert all(v.dtype == torch.float32 for v in state["encoder"].values() if v.is_floating_point())
     # whatever this machine's auto rule says now, the resumed run keeps the recorded bf16
     assert pretrain.run_precision("fp32", "cpu", 28, state).bf16
     capsys.readouterr()
     run_main(monkeypatch, "pretrain_simclr.py", *flags)
-    assert "precision: bf16, channels_last (as the checkpoint was trained)" in capsys.readouterr().out
+    assert ("precision: bf16, channels_last, tiny convolutions as matrix products (as the checkpoint was trained)"
+            in capsys.readouterr().out)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
 
 
