@@ -178,45 +178,51 @@ def crop_boxes(n, height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), dev
     return top, left, h, w
 
 
-def _grid_coords(side, start, length):
+def _grid_coords(side, start, length, in_side=None):
     """grid_sample coordinates (normalised, align_corners=False) of the pixels F.interpolate(mode=
     "bilinear", align_corners=False) reads when it resizes `length` pixels from `start` to `side`
-    (start, length: (B, k); out: (B, k, side)): the centre of output pixel i maps to
-    (i + 0.5) x length / side - 0.5, clamped to the box's first and last pixel (interpolate never
-    reads past the crop; grid_sample's border padding alone would), then p -> (2p + 1) / side - 1."""
+    (start, length: (B, k); out: (B, k, side)) in an image `in_side` px across (default `side`): the
+    centre of output pixel i maps to (i + 0.5) x length / side - 0.5, clamped to the box's first and
+    last pixel (interpolate never reads past the crop; grid_sample's border padding alone would),
+    then p -> (2p + 1) / in_side - 1."""
+    in_side = side if in_side is None else in_side
     i = _const(tuple(j + 0.5 for j in range(side)), start.device, torch.float32)
     src = ((length / side)[..., None] * i).sub_(0.5).clamp_(min=0)
     src = torch.minimum(src, (length - 1)[..., None]).add_(start[..., None])
-    return src.mul_(2 / side).add_(1 / side - 1)
+    return src.mul_(2 / in_side).add_(1 / in_side - 1)
 
 
-def _resized_crop(x, lt, wh):
+def _resized_crop(x, lt, wh, size=None):
     """resized_crop with boxes as _crop_boxes gives them."""
     B, C, H, W = x.shape
-    if H == W:
-        gx, gy = _grid_coords(W, lt, wh).unbind(1)
+    out_h, out_w = (H, W) if size is None else (size, size)
+    if H == W and out_h == out_w:
+        gx, gy = _grid_coords(out_w, lt, wh, W).unbind(1)
     else:
-        gx, gy = _grid_coords(W, lt[:, :1], wh[:, :1])[:, 0], _grid_coords(H, lt[:, 1:], wh[:, 1:])[:, 0]
-    grid = torch.stack([gx[:, None, :].expand(B, H, W), gy[:, :, None].expand(B, H, W)], dim=-1)
+        gx = _grid_coords(out_w, lt[:, :1], wh[:, :1], W)[:, 0]
+        gy = _grid_coords(out_h, lt[:, 1:], wh[:, 1:], H)[:, 0]
+    grid = torch.stack([gx[:, None, :].expand(B, out_h, out_w), gy[:, :, None].expand(B, out_h, out_w)], dim=-1)
     # float32 coordinates and samples: a bf16 grid would misplace them by up to a third of a pixel
     out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.to(x.dtype)
 
 
-def resized_crop(x, top, left, height, width):
+def resized_crop(x, top, left, height, width, size=None):
     """Crop box b (top, left, height, width: (B,) whole numbers) from image b and resize it to the
     image's own size, bilinear: torchvision.transforms.v2.functional.resized_crop for every image at
     once. Boxes never exceed the image, so every resize is an enlargement (or none), where
-    antialias=True (torchvision's default) and antialias=False give the same result."""
-    return _resized_crop(x, torch.stack([left, top], dim=1), torch.stack([width, height], dim=1))
+    antialias=True (torchvision's default) and antialias=False give the same result. `size`: resize
+    to size x size px instead (multi-crop's local views), where a box larger than that is shrunk as
+    antialias=False shrinks it (bilinear, no low-pass filter first)."""
+    return _resized_crop(x, torch.stack([left, top], dim=1), torch.stack([width, height], dim=1), size)
 
 
 # Defaults: torchvision's RandomResizedCrop, as used by BYOL (Grill et al. 2020, Table 6).
-def random_resized_crop(x, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+def random_resized_crop(x, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), size=None):
     """torchvision's RandomResizedCrop (bilinear) with every image's own box: crop_boxes, then
-    resized_crop back to the image's size."""
+    resized_crop back to the image's size, or to size x size px (resized_crop)."""
     B, C, H, W = x.shape
-    return _resized_crop(x, *_crop_boxes(B, H, W, g, scale, ratio, x.device))
+    return _resized_crop(x, *_crop_boxes(B, H, W, g, scale, ratio, x.device), size)
 
 
 # Default p=0.5: BYOL (Grill et al. 2020, Table 6) and torchvision.
@@ -754,3 +760,51 @@ def checked_spec(text):
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e))
     return text
+
+
+# ----------------------------------------------------------------------------
+# multi-crop: two global views and several small local views of every image
+# ----------------------------------------------------------------------------
+
+# DINO's crops (Caron et al. 2021 §3.1 and its code's defaults): global views of 40-100% of the
+# area at 224 px, local views of 5-40% at 96 px, i.e. at 96/224 of the global side
+GLOBAL_CROP_SCALE = (0.4, 1.0)
+LOCAL_CROP_SCALE = (0.05, 0.4)
+LOCAL_SIDE_FRACTION = 96 / 224
+
+
+def local_side(side, multiple=2):
+    """The side of the local views for global views `side` px across: DINO's 96 px at 224 scaled
+    (12 px at 28, 28 px at 64), rounded to a multiple of `multiple` (a ViT's patch size; else 2), at
+    least one of it."""
+    return max(multiple, multiple * round(side * LOCAL_SIDE_FRACTION / multiple))
+
+
+def local_view(steps, side, image_side, scale=LOCAL_CROP_SCALE, blur_p=0.5):
+    """The steps of a local view, made from those of a global view (`steps`, of images `image_side` px
+    across): its random resized crop takes `scale` of the area and resizes it to side x side px; its
+    Gaussian blur applies with probability blur_p (DINO: 0.5, between its global views' 1.0 and 0.1)
+    and keeps its sigma in the global view's pixels (DINO blurs its 96 px local crops with the same
+    0.1-2 px as its 224 px global ones). Steps without a random resized crop raise ValueError."""
+    if not any(fn is random_resized_crop for fn, _ in steps):
+        raise ValueError("the views have no random resized crop, which local views are cut with; add one "
+                         "(a preset, or 'base' in a menu)")
+    local = []
+    for fn, kw in steps:
+        if fn is random_resized_crop:
+            kw = {**kw, "scale": tuple(scale), "size": side}
+        elif fn is gaussian_blur:
+            ref = kw.get("sigma_relative_to", inspect.signature(gaussian_blur).parameters["sigma_relative_to"].default)
+            kw = {**kw, "p": blur_p, "sigma_relative_to": ref * side / image_side if ref else ref}
+        local.append((fn, kw))
+    return local
+
+
+def multi_crop(images_uint8, pair, local_steps, n_local, g):
+    """uint8 (B, C, H, W) images -> the multi-crop views of DINO (Caron et al. 2021 §3.1, after SwAV's):
+    the two global views of `pair` (what views() returns; two_views) and n_local local views made by
+    `local_steps` (local_view's), each a float32 (B, C, h, w) batch in [0, 1], all drawn from g in that
+    order: ([global 1, global 2], [local 1, ..., local n_local])."""
+    first, second = two_views(images_uint8, pair, g)
+    x = images_uint8.to(torch.float32).div_(255)
+    return [first, second], [apply_steps(x, local_steps, g) for _ in range(n_local)]

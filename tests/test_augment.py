@@ -801,3 +801,70 @@ def test_bench_augment_times_every_preset_and_both_hue_shifts(tmp_path):
     turns = torch.full((B,), 0.1)
     err_old = (bench_augment.yiq_hue(x, turns) - A._shift_hue(x, turns)).abs().mean() * 255
     assert err_old > 5
+
+
+# ----------------------------------------------------------------------------
+# multi-crop (DINO): local views resized to a smaller side, their steps, and the views of a batch
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("C, H, W, size", [(1, 28, 28, 12), (3, 64, 64, 28), (3, 20, 33, 8), (1, 28, 28, 40)])
+def test_resized_crop_to_a_size_is_torchvision_resized_crop_without_antialias(C, H, W, size):
+    import torchvision.transforms.v2.functional as TF
+    n = 32
+    x = torch.rand(n, C, H, W, generator=gen(1))
+    top, left, h, w = A.crop_boxes(n, H, W, gen(0), scale=(0.05, 1.0))
+    top[:2], left[:2], h[:2], w[:2] = torch.tensor([0.0, H - 1]), torch.tensor([0.0, 0]), \
+        torch.tensor([H, 1.0]), torch.tensor([W, 1.0])              # the whole image, a 1 x 1 box in a corner
+    out = A.resized_crop(x, top, left, h, w, size=size)
+    assert out.shape == (n, C, size, size)
+    # boxes larger than `size` are shrunk: bilinear without a low-pass filter first, antialias=False
+    expected = torch.stack([TF.resized_crop(img, int(t), int(l), int(hh), int(ww), [size, size], antialias=False)
+                            for img, t, l, hh, ww in zip(x, top, left, h, w)])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    crop = A.random_resized_crop(x, gen(5), scale=(0.05, 0.4), size=size)
+    assert torch.equal(crop, A.resized_crop(x, *A.crop_boxes(n, H, W, gen(5), (0.05, 0.4)), size=size))
+
+
+@pytest.mark.parametrize("side, multiple, expected", [(28, 2, 12), (64, 2, 28), (224, 2, 96), (28, 4, 12),
+                                                      (64, 8, 24), (224, 16, 96), (32, 16, 16)])
+def test_local_side_is_dinos_96_of_224_in_whole_multiples(side, multiple, expected):
+    assert A.local_side(side, multiple) == expected
+
+
+def test_local_view_is_the_global_view_on_a_small_crop_with_dinos_blur():
+    global_view = A.views("byol", A.GLOBAL_CROP_SCALE)[0]
+    local = A.local_view(global_view, 96, 224)
+    assert [fn for fn, _ in local] == [fn for fn, _ in global_view]
+    kw = dict(local)
+    assert kw[A.random_resized_crop] == {"scale": (0.05, 0.4), "ratio": (3 / 4, 4 / 3), "size": 96}
+    # DINO blurs its 96 px local crops with p 0.5 and the global views' 0.1-2 px: sigma 2 px at 96 px
+    assert kw[A.gaussian_blur]["p"] == 0.5 and kw[A.gaussian_blur]["sigma_relative_to"] == 96
+    assert kw[A.color_jitter] == dict(global_view)[A.color_jitter] and kw[A.solarize]["p"] == 0
+    assert dict(A.local_view(global_view, 12, 28, scale=(0.1, 0.3)))[A.random_resized_crop]["scale"] == (0.1, 0.3)
+    assert dict(A.local_view(global_view, 12, 28))[A.gaussian_blur]["sigma_relative_to"] == 96
+    with pytest.raises(ValueError, match="no random resized crop"):
+        A.local_view(A.views("vflip+blur")[0], 12, 28)
+
+
+def test_multi_crop_views_their_sizes_scales_and_order_of_draws():
+    n, C, side = 64, 1, 12
+    imgs = (copies(C, n) * 255).round().to(torch.uint8)
+    pair = A.views("byol", A.GLOBAL_CROP_SCALE)
+    local = A.local_view(pair[0], side, H)
+    (g1, g2), locals_ = A.multi_crop(imgs, pair, local, 3, gen(0))
+    assert g1.shape == g2.shape == (n, C, H, W) and len(locals_) == 3
+    assert all(v.shape == (n, C, side, side) and v.dtype == torch.float32 and 0 <= v.min() <= v.max() <= 1
+               for v in locals_)
+    # the global views are two_views' from the same draws; the local views follow, each its own
+    first, second = A.two_views(imgs, pair, gen(0))
+    assert torch.equal(g1, first) and torch.equal(g2, second)
+    assert not torch.equal(locals_[0], locals_[1]) and n_distinct(locals_[0]) >= n // 2
+    again = A.multi_crop(imgs, pair, local, 3, gen(0))
+    assert all(torch.equal(a, b) for a, b in zip(locals_, again[1]))
+    # a local crop covers 5-40% of the image; a global one 40-100%: on a horizontal ramp the span of
+    # columns a view shows (its crop's width) tells them apart
+    ramp = torch.linspace(0, 255, W).round().to(torch.uint8).expand(n, 1, H, W).contiguous()
+    only_crops = ([(A.random_resized_crop, dict(scale=A.GLOBAL_CROP_SCALE))],) * 2
+    (wide, _), (small,) = A.multi_crop(ramp, only_crops, A.local_view(only_crops[0], side, H), 1, gen(1))
+    width = lambda v: (v.amax(dim=(1, 2, 3)) - v.amin(dim=(1, 2, 3))) * (W - 1)   # noqa: E731
+    assert width(small).max() < (0.4 * 4 / 3) ** 0.5 * W and width(wide).min() > (0.4 * 3 / 4) ** 0.5 * W - 2

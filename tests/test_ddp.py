@@ -39,8 +39,9 @@ from conftest import REPO, cli_env, real_file_root, run_main, script_main
 
 ENV = cli_env()  # the CPU: bit-exact comparisons, and several processes on any machine
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+# float32: the tolerances below are float32's (bf16's rounding differs between a 16-image batch and two of 8)
 SMALL = ["--data", "breastmnist", "--epochs", "2", "--max-steps", "1", "--batch-size", "16", "--sync-bn",
-         "--device", "cpu"]
+         "--device", "cpu", "--precision", "fp32"]
 METHODS = methods.all_methods()
 
 
@@ -126,7 +127,8 @@ def optimizer_tensors(state):
 
 
 def running_stats(state, names):
-    return torch.cat([v.flatten() for name in names for k, v in state[name].items() if "running_" in k])
+    return torch.cat([torch.zeros(0), *(v.flatten() for name in names for k, v in state[name].items()
+                                        if "running_" in k)])
 
 
 def losses(run):
@@ -152,7 +154,8 @@ def test_two_processes_agree_with_each_other_and_with_one(method, runs):
     # and they match one process given the same global batch
     assert a["step"] == b["step"] == 2
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
-    assert relative(running_stats(a, modules), running_stats(b, modules)) < 1e-4
+    if len(running_stats(a, modules)):  # a ViT has no BatchNorm
+        assert relative(running_stats(a, modules), running_stats(b, modules)) < 1e-4
     moments, single = optimizer_tensors(a), optimizer_tensors(b)
     assert moments.keys() == single.keys() and moments
     for name in moments:
