@@ -18,8 +18,8 @@ bf16 with channels_last pays from 64 px up; at 28 px it loses only because oneDN
 are slow on 2x2 and 1x1 maps (layer3 and layer4 behind the imagenet stem), and with those convolutions
 as matrix products it is the fastest at every side. Speed is not all, though: fine-tuning a random-init
 ResNet-18 on 10% of BreastMNIST's labels at 28 px (evaluate.py's defaults, 5 seeds) scored test AUC
-0.744 +- 0.020 in float32, 0.716 +- 0.031 in bf16 and 0.690 +- 0.039 in bf16 with the matrix products.
-So `auto` takes bf16, channels_last and the matrix products where the CPU runs bf16 natively
+0.744 +- 0.020 in float32, 0.716 +- 0.031 in bf16 and 0.690 +- 0.039 in bf16 with the matrix products;
+at 64 px 0.767 +- 0.014 in float32 and 0.767 +- 0.024 in bf16 with the matrix products. So `auto` takes bf16, channels_last and the matrix products where the CPU runs bf16 natively
 (AVX512-BF16 or AMX) from BF16_MIN_SIDE up, and float32 below it. A CPU without native bf16 (it would
 emulate it, several times slower) never gets bf16: float32, contiguous from BF16_MIN_SIDE up to
 CHANNELS_LAST_MIN_SIDE (1.14x at 64 px), channels_last otherwise (at 28 px the layout float32 runs have

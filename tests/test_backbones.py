@@ -28,6 +28,26 @@ def test_a_vit_of_each_size_is_built_for_the_side_and_channels(arch, width, size
         assert encoder(torch.zeros(2, in_chans, size, size)).shape == (2, width)
 
 
+def test_a_vit_base_takes_a_pretraining_step():
+    """ViT-Base under SimCLR at 28 px (patch 4): one step of 4 images moves every block's weights and gives a
+    finite loss (tests/test_resume.py resumes the tiny and small ones bit-exactly)."""
+    import pretrain_simclr
+    from common import pretrain
+    args = pretrain_simclr.get_args_parser().parse_args(
+        ["--arch", "vit_base_patch16_224", "--in-chans", "1", "--batch-size", "4", "--epochs", "1", "--aug", "base",
+         "--projector-hidden", "16", "--projector-out", "8", "--precision", "fp32"])
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    run = pretrain.in_memory(vars(args), images, "cpu")
+    method = pretrain_simclr.build(args, run)
+    encoder = method.modules["encoder"]
+    assert models.feature_dim(encoder) == 768 and encoder.patch_embed.patch_size == (4, 4)
+    before = [block.mlp.fc1.weight.clone() for block in encoder.blocks]
+    loss, _ = method.step(images, 0)
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(b, block.mlp.fc1.weight) for b, block in zip(before, encoder.blocks))
+
+
 @pytest.mark.parametrize("pool, global_pool", [("cls", "token"), ("mean", "avg")])
 def test_the_encoder_state_dict_loads_strictly_into_timm_and_gives_the_same_features(pool, global_pool):
     torch.manual_seed(0)

@@ -85,3 +85,31 @@ def test_a_method_refusing_a_flag_is_named_before_anything_is_built():
         bench_speed.method_step(name, ["--batch-size", 4, "--no-such-flag", 1], torch.device("cpu"), images)
     with pytest.raises(bench_speed.FlagError, match=f"pretrain_{name}.py refuses .*--batch-size four"):
         bench_speed.method_step(name, ["--batch-size", "four"], torch.device("cpu"), images)
+
+
+def test_dino_and_mae_steps_beside_lightlys_blocks_on_heads_of_the_same_size(tmp_path):
+    """bench_lightly_methods.py at its tiniest (bf16, so that lightly's side runs under MedSSL's autocast and
+    layout): a row for every configuration and side with positive images/s and a finite loss, the MedSSL /
+    lightly ratio of each pair, and lightly's DINO head and MAE decoder as large as MedSSL's (like for like)."""
+    out = tmp_path / "methods.json"
+    text = finish(start("benchmarks/bench_lightly_methods.py", "--sizes", "28", "--batch-size", "4", "--images", "8",
+                        "--steps", "1", "--warmup", "0", "--repeats", "1", "--workers", "0", "--precision", "bf16",
+                        "--vit", "test_vit", "--local-crops", "2", "--out-dim", "64", "--head-hidden", "32",
+                        "--head-bottleneck", "16", "--decoder-depth", "1", "--decoder-width", "32",
+                        "--decoder-heads", "2", "--out", str(out)))
+    rows = {(r["method"], r["arch"], r["side"]): r for r in json.loads(out.read_text())["rows"]}
+    pairs = [("dino", "resnet18"), ("dino", "test_vit"), ("mae", "test_vit")]
+    assert set(rows) == {("byol", "resnet18", "medssl")} | {(*p, side) for p in pairs for side in ("medssl", "lightly")}
+    for key, r in rows.items():
+        assert positive(r["images_per_sec"]) and math.isfinite(r["last_loss"]) and r["size"] == 28, key
+        assert r["precision"].startswith("bf16"), key
+    for pair in pairs:
+        ours, theirs = rows[(*pair, "medssl")], rows[(*pair, "lightly")]
+        assert ours["ratio_medssl_lightly"] == pytest.approx(ours["images_per_sec"] / theirs["images_per_sec"])
+        assert f"| {pair[0]} | {pair[1]} | medssl | 28 | {ours['precision']} |" in text
+    for arch in ("resnet18", "test_vit"):  # the weight-normalised last layer's norms (out-dim of them) do not train
+        ours, theirs = rows[("dino", arch, "medssl")], rows[("dino", arch, "lightly")]
+        assert ours["head_params"] == theirs["head_params"]
+        assert ours["head_trainable"] == theirs["head_trainable"] == ours["head_params"] - 64
+    ours, theirs = rows[("mae", "test_vit", "medssl")], rows[("mae", "test_vit", "lightly")]
+    assert ours["decoder_trainable"] == theirs["decoder_trainable"]
