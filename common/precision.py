@@ -6,13 +6,13 @@ Only autocast regions compute in bf16: weights, optimiser states, losses (each m
 float32), EMA updates, BatchNorm statistics, metrics and checkpoints stay float32.
 
 `auto` on a CPU for a convolutional network (a ResNet-18 forward + backward + SGD step on 2 cores with
-AMX-BF16 and AVX512-BF16, torch 2.14.1, images/s; `python benchmarks/bench_precision.py`):
+AMX-BF16 and AVX512-BF16, 2 threads, torch 2.14.1, images/s; `python benchmarks/bench_precision.py`):
 
     side  batch  fp32 contiguous  fp32 channels_last  bf16 channels_last  + matmul tiny convs
-    28    256    863              841                 778                 1199
-    64    128    211              185                 352                 486
-    128   64     61               62                  144                 (none that small)
-    224   32     20               23                  67                  (none that small)
+    28    256    855              887                 772                 1047
+    64    128    198              195                 330                 453
+    128   64     54               62                  151                 (none that small)
+    224   32     18               23                  64                  (none that small)
 
 bf16 with channels_last pays from 64 px up; at 28 px it loses only because oneDNN's convolution kernels
 are slow on 2x2 and 1x1 maps (layer3 and layer4 behind the imagenet stem), and with those convolutions
@@ -38,9 +38,9 @@ CHOICES = ("auto", "fp32", "bf16")
 BF16_MIN_SIDE = 48           # between 28 px (bf16 costs fine-tuning accuracy) and 64 px (bf16 1.9x-2.6x faster)
 CHANNELS_LAST_MIN_SIDE = 128  # float32 on the CPU: contiguous is faster below, down to BF16_MIN_SIDE
 # A ViT follows the same rule, always contiguous: channels_last changes nothing for its one convolution
-# (the patch embedding), and no convolution of it has a tiny output. Its bf16 gain on the CPU is smaller
-# than a ResNet's and depends on the load (vit_tiny at 28 px, batch 64, one thread: 1.1-1.4x in CPU time
-# per image on a busy machine); `python benchmarks/bench_precision.py --arch vit_tiny_patch16_224`.
+# (the patch embedding), and no convolution of it has a tiny output. Its bf16 gain is smaller than a
+# ResNet's (vit_tiny_patch16_224 with the default patches, same machine, images/s, fp32 contiguous / bf16:
+# 28 px, batch 256: 117 / 163; 64 px, batch 128: 95 / 112; `bench_precision.py --arch vit_tiny_patch16_224`).
 
 
 @dataclass(frozen=True)

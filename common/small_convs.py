@@ -7,10 +7,10 @@ Why: on the CPU, oneDNN's convolution kernels are slow when the feature map is t
 half of a bf16 step's time (the backward of one 512->512 3x3 convolution: 164 ms for 9.7 GFLOP, against
 6 ms for the same arithmetic in layer1 at 16x16). The same arithmetic as a matrix product runs on the
 AMX / AVX512 GEMM kernels. A ResNet-18 forward + backward + SGD step, bf16 autocast, channels_last,
-2 cores with AMX-BF16, torch 2.14.1, images/s (conv / with this):
+2 cores with AMX-BF16, torch 2.14.1, images/s (conv / with this; benchmarks/bench_precision.py):
 
-    28 px, batch 256 (layer3 at 2x2, layer4 at 1x1; 10 convolutions):  748 / 1199
-    64 px, batch 128 (layer4 at 2x2; 5 convolutions):                  333 /  486
+    28 px, batch 256 (layer3 at 2x2, layer4 at 1x1; 10 convolutions):  772 / 1047
+    64 px, batch 128 (layer4 at 2x2; 5 convolutions):                  330 /  453
 
 In float32 the matrix product is slower at 28 px (942 / 767) and no faster at 64 px contiguous, and
 from 4x4 maps up the convolution wins (a 256->256 3x3 at 4x4: 51 ms / 111 ms), so common.precision
