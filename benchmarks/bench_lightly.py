@@ -8,11 +8,13 @@ Both train the same ResNet-18 (imagenet stem, 3 input channels: gray images repe
 BYOL heads, Adam 1e-4 and an EMA target of tau 0.99, on the same uint8 gray images of --size px:
   - medssl: the step of pretrain_byol.build(args, run) (bench_speed.method_step: the script's defaults) with
     --aug byol, Grill et al.'s view pair, drawn on the device from the uint8 tensor held there;
-    channels_last; bf16 autocast on CUDA (what the script does).
+    in the script's --precision auto (common/precision.py: bf16 on CUDA, and on a CPU with native bf16
+    from 48 px up, with its tiny convolutions as matrix products; float32 elsewhere).
   - lightly: lightly's BYOLTransform (both views at --size px, otherwise its defaults: Grill et al.'s
     pair) applied to PIL images by a torch DataLoader with --workers worker processes (default 2), then
     lightly's BYOL heads, NegativeCosineSimilarity loss and update_momentum on the same encoder, Adam; on
-    CUDA the same bf16 autocast and channels_last, so that the model's arithmetic is the same on both sides.
+    CUDA the same bf16 autocast and channels_last, so that the model's arithmetic is the same on both sides;
+    on the CPU float32, as lightly's recipe runs.
 The steps alternate in blocks of --steps, --repeats times; each side's best block counts (the least
 disturbed by other processes). Needs `pip install -r benchmarks/requirements.txt` (lightly)."""
 import argparse
