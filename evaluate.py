@@ -227,9 +227,9 @@ def _selected(info):
 # ---------------------------------------------------------------- the arithmetic of the forward passes
 def resolve_precision(args, device, images):
     """The Precision (common/precision.py) of --precision on `device` for the side the encoder sees:
-    --resize, else that of `images`. main() resolves it once per run (supervised.seeds_precision, which
-    keeps that of the finished seeds on a resume); the functions below fall back to this when called
-    without it."""
+    --resize, else that of `images`. main() checks the request with it before the run directory exists;
+    the run's own (supervised.seeds_precision, which keeps that of the finished seeds on a resume) is
+    resolved once and handed to the functions below."""
     return precision.resolve(args.precision, device, args.resize or images.shape[-1],
                              convolutional=args.patch_size is None)
 
@@ -255,13 +255,11 @@ def schedule(args, epochs=None, lr=None):
                                frozen_bn=args.frozen_bn)
 
 
-def finetune(args, encoder, train, val, test, task, n_out, seed, device, log, class_weight=None, arithmetic=None):
+def finetune(args, encoder, train, val, test, task, n_out, seed, device, log, arithmetic, class_weight=None):
     """Encoder + linear head trained on `train` (supervised.Examples), the epoch chosen on
-    validation, the test split scored, every forward pass in the Precision `arithmetic` (default:
-    resolve_precision). Paper 002's --freeze keeps the stem .. that stage fixed; paper 003's recipe
+    validation, the test split scored, every forward pass in the Precision `arithmetic`. Paper 002's --freeze keeps the stem .. that stage fixed; paper 003's recipe
     (§3.4) is --head-epochs 1 (head alone), then --lr auto (range test) with --lr-schedule 1cycle,
     with --train-aug paper003 and --tta 3. Returns (SeedRun, model)."""
-    arithmetic = arithmetic or resolve_precision(args, device, train.inputs)
     model = torch.nn.Sequential(encoder, torch.nn.Linear(models.feature_dim(encoder), n_out)).to(device)
     aug_gen = torch.Generator(device).manual_seed(seed)
     steps_aug = augment.FINETUNE_AUG[args.train_aug]
@@ -329,15 +327,15 @@ def range_test_lr(args, model, train, forward_train, task, seed, class_weight=No
     return lr
 
 
-def write_saliency(args, model, test, arithmetic=None):
+def write_saliency(args, model, test, arithmetic):
     """--saliency N: where the fine-tuned model looks on the first N test images (the same images in
     every run, so scripts/report.py can put two models' maps side by side), for each image's true
     class (its first positive label when multi-label), with the model's prediction (`predicted`: the
     argmax of its class probabilities). Maps are stored at the stored image size. In float32, whatever
-    the run's Precision (`arithmetic`, default resolve_precision: only its memory layout is taken):
+    the run's Precision (`arithmetic`: only its memory layout is taken):
     occlusion maps are differences of probabilities, which bf16's 8 significant bits would blur."""
     device = supervised.model_device(model)
-    memory_format = (arithmetic or resolve_precision(args, device, test.images)).memory_format
+    memory_format = arithmetic.memory_format
     images, labels = data.batch(test.images, slice(0, args.saliency), device), test.labels[:args.saliency]
     target = labels.argmax(dim=1) if labels.ndim == 2 else labels
     x = data.to_input(images, args.in_chans, args.resize)
@@ -362,12 +360,10 @@ def training_indices(args, labels, seed):
     return data.label_fraction_indices(labels, args.label_fraction, seed)
 
 
-def run_seed(args, seed, splits, template, device, log, arithmetic=None):
-    """One seed of the run: its SeedRun, every forward pass in the Precision `arithmetic` (default:
-    resolve_precision)."""
+def run_seed(args, seed, splits, template, device, log, arithmetic):
+    """One seed of the run: its SeedRun, every forward pass in the Precision `arithmetic`."""
     cli.seed_everything(seed)
     train, val, test = splits["train"], splits["val"], splits["test"]
-    arithmetic = arithmetic or resolve_precision(args, device, train.images)
     idx = torch.as_tensor(training_indices(args, train.labels, seed), device=device)
     y_train = train.labels[idx]  # the images stay where they are (maybe host memory): batches are gathered
     # a random init must differ per seed; a loaded one is the same weights every time
@@ -382,7 +378,7 @@ def run_seed(args, seed, splits, template, device, log, arithmetic=None):
     if args.mode in ("finetune", "fewshot"):
         supervised.check_batch_size(args.batch_size, len(idx))
         result, model = finetune(args, encoder, supervised.Examples(train.images, train.labels, idx), val, test, task,
-                                 n_out, seed, device, log, class_weight, arithmetic)
+                                 n_out, seed, device, log, arithmetic, class_weight)
         if args.saliency and seed == args.seed:
             write_saliency(args, model, test, arithmetic)
         return with_info(result, subset)
@@ -460,7 +456,7 @@ def main():
         pool=args.pool)
     pretraining = pretraining_record(args.ckpt) if args.ckpt else None
     side = args.resize or splits["train"].images.shape[-1]  # what the encoder sees
-    precision.resolve(args.precision, device, side, convolutional=args.patch_size is None)  # --precision bf16 on a GPU without it: refused before the run dir
+    resolve_precision(args, device, splits["train"].images)  # --precision bf16 on a GPU without it: refused before the run dir
 
     # ---- run directory: an --overwrite re-run moves the old run aside until this one has started
     inputs = rundir.provenance({args.data: info.hash}, encoder=args.init,

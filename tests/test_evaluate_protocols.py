@@ -31,7 +31,8 @@ def _finetune(args, encoder, log=None):
     train, val, test = _splits()
     records = [] if log is None else log
     result, model = evaluate.finetune(args, encoder, supervised.Examples(train.images, train.labels), val, test,
-                                      "binary-class", 2, 0, torch.device("cpu"), records.append)
+                                      "binary-class", 2, 0, torch.device("cpu"), records.append,
+                                      evaluate.resolve_precision(args, "cpu", train.images))
     return result.y_score, result.info, model
 
 
@@ -149,7 +150,7 @@ def test_saliency_maps_of_the_fine_tuned_model_are_saved_for_the_first_test_imag
     encoder = models.build_encoder("resnet18", "small", 3)
     _, _, model = _finetune(args, encoder)
     test = _splits()[2]
-    evaluate.write_saliency(args, model, test)
+    evaluate.write_saliency(args, model, test, evaluate.resolve_precision(args, "cpu", test.images))
     maps = np.load(tmp_path / "saliency.npz")
     assert maps["gradcam"].shape == maps["occlusion"].shape == (3, 28, 28)
     assert np.array_equal(maps["images"], test.images[:3].numpy())
@@ -232,7 +233,8 @@ def test_every_batch_and_feature_pass_goes_through_data_batch(tmp_path, monkeypa
     splits = dict(zip(("train", "val", "test"), _splits()))
     for split in splits.values():
         split.images = HostOnly(split.images)
-    result = evaluate.run_seed(args, 0, splits, None, torch.device("cpu"), lambda record: None)
+    result = evaluate.run_seed(args, 0, splits, None, torch.device("cpu"), lambda record: None,
+                               evaluate.resolve_precision(args, "cpu", splits["train"].images))
     assert result.y_score.shape == (16, 2) and np.isfinite(result.y_score).all() and calls
 
 

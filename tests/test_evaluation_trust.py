@@ -39,7 +39,8 @@ def seed_run(root, *flags, seed=0):
     splits = {s: data.load_split(args.data, s, args.size, root, "cpu", args.in_chans) for s in ("train", "val", "test")}
     if args.batch_size is None and evaluate.uses_batches(args):
         args.batch_size = supervised.default_batch_size(len(evaluate.training_indices(args, splits["train"].labels, 0)))
-    return evaluate.run_seed(args, seed, splits, None, torch.device("cpu"), lambda record: None), splits
+    arithmetic = evaluate.resolve_precision(args, "cpu", splits["train"].images)
+    return evaluate.run_seed(args, seed, splits, None, torch.device("cpu"), lambda record: None, arithmetic), splits
 
 
 def evaluate_cli(*flags, root):
