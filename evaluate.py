@@ -231,7 +231,7 @@ def resolve_precision(args, device, images):
     the run's own (supervised.seeds_precision, which keeps that of the finished seeds on a resume) is
     resolved once and handed to the functions below."""
     return precision.resolve(args.precision, device, args.resize or images.shape[-1],
-                             convolutional=args.patch_size is None)
+                             convolutional=not models.vit_arch(args.arch))
 
 
 def classifier_forward(model, in_chans, resize, arithmetic, steps=None, generator=None):
@@ -466,7 +466,7 @@ def main():
     # ---- the arithmetic of every forward pass (common/precision.py); a resumed run keeps that of its finished seeds
     seeds = list(range(args.seed, args.seed + args.seeds))
     arithmetic = supervised.seeds_precision(args.out, seeds, args.precision, device, side,
-                                            convolutional=args.patch_size is None)
+                                            convolutional=not models.vit_arch(args.arch))
 
     # ---- seeded runs, each saved as it ends; then metrics.json, predictions.npz and the plots
     full = args.mode in ("finetune", "fewshot")

@@ -197,8 +197,9 @@ def setup(script, flags):
                                encoder=flags.get("init"), world_size=dist.world_size())
     state = rundir.open_run(out, flags, inputs)
     chosen = run_precision(flags["precision"], device, images.shape[-1], state,
-                           convolutional=settings["patch_size"] is None)
-    print(f"precision: {chosen.describe()} ({'as the checkpoint was trained' if state else '--precision ' + flags['precision']})", flush=True)
+                           convolutional=not models.vit_arch(flags["arch"]))
+    why = "as the checkpoint was trained" if state else f"--precision {flags['precision']}"
+    print(f"precision: {chosen.describe()} ({why})", flush=True)
     cli.seed_everything(flags["seed"])
     generator = torch.Generator(device).manual_seed(flags["seed"])
     meta = {"arch": flags["arch"], "stem": flags["stem"], "in_chans": in_chans, "size": size, **settings,
