@@ -1,4 +1,5 @@
-# Two commands do all set-up: `make demo` and `make test` (README.md).
+# Two commands do all set-up: `make demo` and `make test` (README.md); `make setup` only installs
+# (requirements.txt and requirements-test.txt into .venv), running nothing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ ifneq ($(wildcard $(OFFLINE_MEDMNIST)/pneumoniamnist.npz),)
 export MEDMNIST_ROOT ?= $(abspath $(OFFLINE_MEDMNIST))
 endif
 
-.PHONY: demo test bench
+.PHONY: setup demo test bench
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,8 @@ $(VENV)/.installed: requirements.txt
 $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(VENV)/bin/pip install -q -r requirements-test.txt
 	touch $@
+
+setup: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
 	PY=$(PY) bash scripts/demo.sh

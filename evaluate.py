@@ -18,13 +18,7 @@ import copy
 import json
 import os
 
-import numpy as np
-import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.multiclass import OneVsRestClassifier
-from sklearn.preprocessing import StandardScaler
-
-from common import augment, cli, data, errors, metrics, models, optim, precision, rundir, saliency, supervised
+from common import cli, flags
 from common.errors import UserError
 
 # Per-mode defaults of paper 001 (§5.2-5.4): fine-tune 25 epochs at 1e-3, few-shot 25-50 epochs
@@ -91,7 +85,7 @@ def get_args_parser():
 
     # * Fine-tuning recipes of papers 002 and 003 (finetune and fewshot modes)
     g = parser.add_argument_group("fine-tuning recipes (papers 002, 003; finetune and fewshot modes)")
-    g.add_argument("--freeze", default="none", choices=["none", *models.STAGES],
+    g.add_argument("--freeze", default="none", choices=["none", *flags.STAGES],
                    help="freeze the encoder up to and including this stage (paper 002's study): layer3 trains "
                         "layer4 + the head, layer4 the head alone, stem layer1-4 + the head; a ViT's stem is its "
                         "patch embedding, its blocks in 4 groups are layer1-4")
@@ -108,14 +102,14 @@ def get_args_parser():
     g.add_argument("--head-lr", type=float, default=2e-3,
                    help="Adam lr of the head-only epochs (default 2e-3, fastai's fine_tune value; paper 003 "
                         "names a fixed Adam lr without its value)")
-    g.add_argument("--lr-schedule", default="constant", choices=list(optim.LR_SCHEDULES),
+    g.add_argument("--lr-schedule", default="constant", choices=list(flags.LR_SCHEDULES),
                    help="lr schedule of the main phase: constant (paper 001); cosine = cosine decay to 0 (paper "
                         "002); 1cycle = fastai's one-cycle, up to --lr and down again, momentum inversely (paper "
                         "003); step = x0.1 at 50%% and 75%% of the epochs (MedMNIST v2's protocol); linear = linear "
                         "decay to 0 (the Hugging Face Trainer's)")
     g.add_argument("--lr-range", type=float, nargs=3, default=[1e-7, 10.0, 100], metavar=("START", "END", "STEPS"),
                    help="sweep of --lr auto (fastai's lr_find: 1e-7 10 100)")
-    g.add_argument("--train-aug", default="none", choices=sorted(augment.FINETUNE_AUG),
+    g.add_argument("--train-aug", default="none", choices=sorted(flags.FINETUNE_AUG),
                    help="augmentation of the training batches: none (paper 001), paper003 (random crop, rotation, "
                         "flip, App. A.1)")
     g.add_argument("--tta", type=int, default=0,
@@ -131,6 +125,18 @@ def get_args_parser():
                    help="finetune / fewshot: write saliency.npz, Grad-CAM and occlusion maps of the first seed's "
                         "model on the first N test images for their true class (paper 002's figure; 0 = off)")
     return parser
+
+
+if __name__ == "__main__":
+    cli.parse_early(get_args_parser)  # --help, --version and flag errors answer before torch loads
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.preprocessing import StandardScaler
+
+from common import augment, data, errors, metrics, models, optim, precision, rundir, saliency, supervised
 
 
 def resolve_args(args):
@@ -475,7 +481,9 @@ def main():
               "backbone": {"arch": args.arch, "stem": args.stem, "in_chans": args.in_chans,
                            "patch_size": args.patch_size, "pool": args.pool},
               "class_names": list(info.class_names), "grouping": getattr(info, "grouping", None),
-              "pretraining": pretraining, "args": vars(args)}
+              "pretraining": pretraining, "args": vars(args),
+              # to predictions.npz, not metrics.json: each prediction traced to its image where the data names files
+              "file_names": data.split_files(info, "test")}
     supervised.run_seeds(args.out, seeds, lambda seed, log: run_seed(args, seed, splits, template, device, log,
                                                                       arithmetic),
                          splits["test"].labels.cpu().numpy(), info.task, header,

@@ -15,12 +15,7 @@ import json
 import os
 import sys
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-
-from common import cli, data, metrics, optim, precision, rundir, supervised
+from common import cli, flags
 from common.errors import UserError
 
 PAPER_MODEL = "microsoft/beit-large-patch16-224"
@@ -64,7 +59,7 @@ def get_args_parser():
                    help="layer-wise lr decay: the classifier and pooler train at --lr, transformer layer i of L at "
                         "--lr x decay^(L + 1 - i), the embeddings at --lr x decay^(L + 1) (default 1.0: off, paper "
                         "000; BEiT's fine-tuning: 0.65 for BEiT-base, 0.75 for BEiT-large)")
-    g.add_argument("--lr-schedule", default="linear", choices=list(optim.LR_SCHEDULES),
+    g.add_argument("--lr-schedule", default="linear", choices=list(flags.LR_SCHEDULES),
                    help="linear (default) = linear decay to 0, as the Hugging Face Trainer does by default and paper "
                         "000's Hugging Face pipeline presumably did (it does not say); constant; cosine = cosine decay to 0; "
                         "1cycle = fastai's one-cycle (up to --lr and down again); step = x0.1 at 50%% and 75%% of "
@@ -72,6 +67,17 @@ def get_args_parser():
     g.add_argument("--seeds", type=int, default=1, help="seeded repeats (seed, seed+1, ...), reported as mean ± std")
     g.add_argument("--eval-batch-size", type=int, default=128, help="images per forward pass when scoring")
     return parser
+
+
+if __name__ == "__main__":
+    cli.parse_early(get_args_parser)  # --help, --version and flag errors answer before torch loads
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import data, metrics, optim, precision, rundir, supervised
 
 
 def resolve_args(args):
@@ -349,7 +355,7 @@ def main():
     name = f"BEiT ({args.size})" + (" balanced" if args.balance is not None else "")
     header = {"data": args.data, "data_hash": info.hash, "size": args.size, "mode": "finetune_beit", "encoder": name,
               "model": args.model, "class_names": list(info.class_names), "grouping": getattr(info, "grouping", None),
-              "args": vars(args)}
+              "args": vars(args), "file_names": data.split_files(info, "test")}  # to predictions.npz
     supervised.run_seeds(args.out, seeds, lambda seed, log: run_seed(args, seed, splits, prep, device, log, arithmetic),
                          splits["test"].labels.cpu().numpy(), info.task, header,
                          title=f"{args.data} {name}", epochs_per_seed=args.epochs,

@@ -16,10 +16,9 @@ import argparse
 import json
 import os
 
-import torch
-
-from common import augment, cli, data, dist, metrics, models, optim, pretrain, rundir
+from common import cli, flags
 from common.errors import UserError
+
 
 # the method list (common/methods.py): its name in tables, its CPU config, the flags of a run of seconds
 LABEL = "Barlow Twins"
@@ -39,8 +38,8 @@ def number(text):
 
 
 def get_args_parser():
-    parser = pretrain.get_args_parser("Barlow Twins pretraining", __doc__, data_default="chestmnist")
-    cli.set_defaults(parser, aug=augment.PAPER002_MENU, epochs=300, batch_size=128, optimizer="adam", lr=2e-3,
+    parser = cli.pretrain_parser("Barlow Twins pretraining", __doc__, data_default="chestmnist")
+    cli.set_defaults(parser, aug=flags.PAPER002_MENU, epochs=300, batch_size=128, optimizer="adam", lr=2e-3,
                      weight_decay=1e-5, lr_schedule="cosine", warmup_epochs=0, notes={
                          "data": "paper 002: chest X-rays, e.g. chestmnist",
                          "aug": "default: paper 002's final set; paper002 = the same, paper003 = Barlow Twins' "
@@ -77,7 +76,7 @@ def get_args_parser():
     g.add_argument("--lr-biases", type=float, default=None, metavar="LR",
                    help="peak lr of the biases and BatchNorm parameters under --optimizer lars, on --lr's schedule "
                         "(Zbontar et al.: 0.0048 x batch/256 beside 0.2 x batch/256 for the weights; default: "
-                        f"{optim.BARLOW_BIAS_LR_RATIO:g} x --lr, their ratio)")
+                        f"{flags.BARLOW_BIAS_LR_RATIO:g} x --lr, their ratio)")
     g.add_argument("--lr-range", type=float, nargs=3, default=[1e-7, 10.0, 100], metavar=("START", "END", "STEPS"),
                    help="sweep of --lr auto: lr from START to END over STEPS steps (fastai's lr_find: 1e-7 10 100)")
 
@@ -95,6 +94,14 @@ def get_args_parser():
                         "(default); train = batch statistics, running statistics updated; their affine "
                         "weights stay frozen either way (fastai, paper 003's code, also trains those)")
     return parser
+
+
+if __name__ == "__main__":
+    cli.parse_early(get_args_parser)  # --help, --version and flag errors answer before torch loads
+
+import torch
+
+from common import data, dist, metrics, models, optim, pretrain, rundir
 
 
 def barlow_twins_loss(z1, z2, lambd):

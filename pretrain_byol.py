@@ -7,10 +7,8 @@ and brightness. BYOL itself: Grill et al. 2020.
     python pretrain_byol.py --data chestmnist --epochs 1000 --aug byol+
     torchrun --nproc_per_node=4 pretrain_byol.py --data chestmnist --epochs 1000 --aug byol+ --sync-bn
 """
-import torch
-import torch.nn.functional as F
+from common import cli
 
-from common import cli, dist, ema, models, optim, pretrain
 
 # the method list (common/methods.py): its name in tables, its CPU config, the flags of a run of seconds
 LABEL = "BYOL"
@@ -19,7 +17,7 @@ SMOKE_FLAGS = ["--projector-hidden", "32", "--predictor-hidden", "32", "--projec
 
 
 def get_args_parser():
-    parser = pretrain.get_args_parser("BYOL pretraining", __doc__, data_default="chestmnist")
+    parser = cli.pretrain_parser("BYOL pretraining", __doc__, data_default="chestmnist")
     cli.set_defaults(parser, aug="byol+", epochs=1000, batch_size=256, optimizer="adam", lr=1e-4, weight_decay=1e-6,
                      lr_schedule="constant", warmup_epochs=0, notes={
                          "data": "paper 001: chestmnist",
@@ -29,7 +27,7 @@ def get_args_parser():
                          "batch_size": "paper 001 §5.4: 256", "optimizer": "paper 001: adam",
                          "lr": "paper 001 §5.4: 1e-4", "weight_decay": "paper 001 §5.4: 1e-6",
                          "lr_schedule": "paper 001: constant; Grill et al.: cosine after 10 warm-up epochs"})
-    pretrain.add_ema_flags(parser, momentum=0.99, schedule="constant")
+    cli.add_ema_flags(parser, momentum=0.99, schedule="constant")
     cli.set_defaults(parser, notes={"ema": "paper 001 §5.1: 0.99; Grill et al.: 0.996",
                                     "ema_schedule": "paper 001: constant"})
 
@@ -41,6 +39,15 @@ def get_args_parser():
     g.add_argument("--predictor-hidden", type=int, default=4096,
                    help="predictor hidden width (default and Grill et al.: 4096)")
     return parser
+
+
+if __name__ == "__main__":
+    cli.parse_early(get_args_parser)  # --help, --version and flag errors answer before torch loads
+
+import torch
+import torch.nn.functional as F
+
+from common import dist, ema, models, optim, pretrain
 
 
 def byol_loss(p, z):

@@ -13,11 +13,9 @@ keep them from collapsing.
 import argparse
 import math
 
-import torch
-import torch.nn.functional as F
-
-from common import augment, cli, dist, ema, models, optim, pretrain
+from common import cli, flags
 from common.errors import UserError
+
 
 # the method list (common/methods.py): its name in tables, its CPU config, the flags of a run of seconds
 LABEL = "DINO"
@@ -27,8 +25,8 @@ SMOKE_FLAGS = ["--arch", "resnet18", "--head-hidden", "32", "--head-bottleneck",
 
 
 def get_args_parser():
-    parser = pretrain.get_args_parser("DINO pretraining", __doc__)
-    cli.set_defaults(parser, arch="vit_small_patch16_224", aug="byol", crop_scale=list(augment.GLOBAL_CROP_SCALE),
+    parser = cli.pretrain_parser("DINO pretraining", __doc__)
+    cli.set_defaults(parser, arch="vit_small_patch16_224", aug="byol", crop_scale=list(flags.GLOBAL_CROP_SCALE),
                      epochs=100, batch_size=1024, optimizer="adamw", lr=0.002, weight_decay=0.04,
                      lr_schedule="cosine", warmup_epochs=10, final_lr_fraction=5e-4, notes={
                          "arch": "Caron et al.: vit_small_patch16_224 (ViT-S/16) and ResNet-50",
@@ -43,7 +41,7 @@ def get_args_parser():
                          "weight_decay": "Caron et al.: 0.04 at the start of the cosine to --weight-decay-end 0.4",
                          "lr_schedule": "Caron et al.: cosine", "warmup_epochs": "Caron et al.: 10",
                          "final_lr_fraction": "Caron et al.: down to 1e-6, i.e. 5e-4 x 0.002"})
-    pretrain.add_ema_flags(parser, momentum=0.996, schedule="cosine")
+    cli.add_ema_flags(parser, momentum=0.996, schedule="cosine")
     cli.set_defaults(parser, notes={"ema": "the teacher's momentum, Caron et al. §3.1: 0.996 to 1",
                                     "ema_schedule": "Caron et al. §3.1: cosine"})
 
@@ -55,7 +53,7 @@ def get_args_parser():
     g.add_argument("--local-size", type=int, default=None, metavar="PX",
                    help="side of the local views (default: 96/224 of --size, as Caron et al.'s 96 px at 224: 12 px "
                         "at 28, 28 px at 64; for a ViT a multiple of its patch side, 24 px at 64 with 8 px patches)")
-    g.add_argument("--local-crop-scale", type=float, nargs=2, default=list(augment.LOCAL_CROP_SCALE),
+    g.add_argument("--local-crop-scale", type=float, nargs=2, default=list(flags.LOCAL_CROP_SCALE),
                    metavar=("MIN", "MAX"), help="area range of the local crops (default and Caron et al.: 0.05 0.4)")
     g.add_argument("--out-dim", type=int, default=65536, metavar="K",
                    help="output width K of the DINO head, the teacher's softmax over K dimensions (default and "
@@ -96,6 +94,15 @@ def get_args_parser():
                    help="each parameter's gradient is scaled down to this norm at most (default and Caron et al.'s "
                         "code: 3.0; 0: no clipping)")
     return parser
+
+
+if __name__ == "__main__":
+    cli.parse_early(get_args_parser)  # --help, --version and flag errors answer before torch loads
+
+import torch
+import torch.nn.functional as F
+
+from common import augment, dist, ema, models, optim, pretrain
 
 
 def teacher_temperature(epoch, warmup_temp, temp, warmup_epochs):

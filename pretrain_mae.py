@@ -12,13 +12,9 @@ is kept (a plain timm VisionTransformer: evaluate.py and timm load it); the deco
 """
 import functools
 
-import torch
-from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
-from timm.models.vision_transformer import Block
-from torch import nn
-
-from common import augment, cli, dist, models, optim, pretrain
+from common import cli
 from common.errors import UserError
+
 
 # the method list (common/methods.py): its name in tables, its CPU config, the flags of a run of seconds
 # (test_vit: timm's own test ViT, 64 wide, 6 blocks)
@@ -32,7 +28,7 @@ BETAS = (0.9, 0.95)
 
 
 def get_args_parser():
-    parser = pretrain.get_args_parser("MAE pretraining", __doc__)
+    parser = cli.pretrain_parser("MAE pretraining", __doc__)
     cli.set_defaults(parser, arch="vit_base_patch16_224", aug="base", crop_scale=[0.2, 1.0], epochs=800,
                      batch_size=4096, optimizer="adamw", lr=2.4e-3, weight_decay=0.05, lr_schedule="cosine",
                      warmup_epochs=40, final_lr_fraction=0.0, notes={
@@ -64,6 +60,17 @@ def get_args_parser():
                         "target is each patch's pixels normalised by that patch's own mean and standard deviation "
                         "(config key norm_pix_loss: true / false)")
     return parser
+
+
+if __name__ == "__main__":
+    cli.parse_early(get_args_parser)  # --help, --version and flag errors answer before torch loads
+
+import torch
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from common import augment, dist, models, optim, pretrain
 
 
 def check(args):

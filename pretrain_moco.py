@@ -13,11 +13,9 @@ keys instead, as MoCo v3 does (Chen, Xie, He 2021, Alg. 1), without v3's predict
 """
 import os
 
-import torch
-import torch.nn.functional as F
-
-from common import augment, cli, dist, ema, models, optim, pretrain
+from common import cli
 from common.errors import UserError
+
 
 # the method list (common/methods.py): its name in tables, its CPU config, the flags of a run of seconds
 LABEL = "MoCo v2"
@@ -27,7 +25,7 @@ SMOKE_FLAGS = ["--projector-hidden", "32", "--projector-out", "16", "--queue-siz
 
 
 def get_args_parser():
-    parser = pretrain.get_args_parser("MoCo v2 pretraining", __doc__)
+    parser = cli.pretrain_parser("MoCo v2 pretraining", __doc__)
     cli.set_defaults(parser, aug="moco_v2", epochs=200, batch_size=256, optimizer="sgd",
                      lr=0.03, weight_decay=1e-4, lr_schedule="cosine", warmup_epochs=0, notes={
                          "aug": "moco_v2: SimCLR's crop (area 0.2-1), flip, grayscale and blur with a colour jitter "
@@ -39,7 +37,7 @@ def get_args_parser():
                          "weight_decay": "MoCo: 1e-4, on every parameter",
                          "lr_schedule": "MoCo v2: cosine (v1: x0.1 at epochs 120 and 160 of 200)",
                          "warmup_epochs": "MoCo v2: none"})
-    pretrain.add_ema_flags(parser, momentum=0.999, schedule="constant")
+    cli.add_ema_flags(parser, momentum=0.999, schedule="constant")
     cli.set_defaults(parser, notes={"ema": "MoCo's key encoder, He et al. Eq. 2 and §4.1: 0.999",
                                     "ema_schedule": "MoCo v2: constant"})
 
@@ -68,6 +66,15 @@ def get_args_parser():
                    help="projection head hidden width (default 2048: MoCo v2's, the ResNet-50 feature width)")
     g.add_argument("--projector-out", type=int, default=128, help="projection size (default and MoCo: 128)")
     return parser
+
+
+if __name__ == "__main__":
+    cli.parse_early(get_args_parser)  # --help, --version and flag errors answer before torch loads
+
+import torch
+import torch.nn.functional as F
+
+from common import augment, dist, ema, models, optim, pretrain
 
 
 def check(args):

@@ -8,10 +8,8 @@ most (paper 001 §2.1 counts 13 SimCLR papers against 3 for BYOL).
     python pretrain_simclr.py --data pneumoniamnist --epochs 100
     torchrun --nproc_per_node=4 pretrain_simclr.py --data chestmnist --batch-size 1024 --temperature 0.1 --sync-bn
 """
-import torch
-import torch.nn.functional as F
+from common import cli
 
-from common import cli, dist, models, optim, pretrain
 
 # the method list (common/methods.py): its name in tables, its CPU config, the flags of a run of seconds
 LABEL = "SimCLR"
@@ -20,7 +18,7 @@ SMOKE_FLAGS = ["--projector-hidden", "32", "--projector-out", "16", "--aug", "si
 
 
 def get_args_parser():
-    parser = pretrain.get_args_parser("SimCLR pretraining", __doc__)
+    parser = cli.pretrain_parser("SimCLR pretraining", __doc__)
     cli.set_defaults(parser, aug="simclr", epochs=100, batch_size=256, optimizer="adam", lr=1e-3, weight_decay=1e-6,
                      lr_schedule="cosine", warmup_epochs=10, notes={
                          "aug": "simclr: random resized crop, flip, colour jitter of strength 0.8 with p 0.8, "
@@ -40,6 +38,15 @@ def get_args_parser():
                    help="projector hidden width (default 2048: SimCLR's, the ResNet-50 feature width)")
     g.add_argument("--projector-out", type=int, default=128, help="projection size (default and SimCLR: 128)")
     return parser
+
+
+if __name__ == "__main__":
+    cli.parse_early(get_args_parser)  # --help, --version and flag errors answer before torch loads
+
+import torch
+import torch.nn.functional as F
+
+from common import dist, models, optim, pretrain
 
 
 def nt_xent_loss(z1, z2, temperature):

@@ -12,10 +12,8 @@ then cosine to 0.001 x the peak, BYOL's augmentations, 1000 epochs.
     python pretrain_vicreg.py --config configs/cpu_vicreg.yaml      # a CPU-scale one, PneumoniaMNIST 28 px
     torchrun --nproc_per_node=4 pretrain_vicreg.py --config configs/vicreg.yaml --sync-bn
 """
-import torch
-import torch.nn.functional as F
+from common import cli
 
-from common import cli, dist, models, optim, pretrain
 
 # the method list (common/methods.py): its name in tables, its CPU config, the flags of a run of seconds
 LABEL = "VICReg"
@@ -24,7 +22,7 @@ SMOKE_FLAGS = ["--expander", "32-32", "--aug", "base"]
 
 
 def get_args_parser():
-    parser = pretrain.get_args_parser("VICReg pretraining", __doc__)
+    parser = cli.pretrain_parser("VICReg pretraining", __doc__)
     cli.set_defaults(parser, aug="byol", epochs=1000, batch_size=2048, optimizer="lars", lr=1.6, weight_decay=1e-6,
                      lr_schedule="cosine", warmup_epochs=10, final_lr_fraction=0.001, notes={
                          "aug": "Bardes et al.: byol (Grill et al.'s asymmetric pair)",
@@ -52,6 +50,15 @@ def get_args_parser():
                    help="expander layer widths: 8192-8192-8192 = Linear-BN-ReLU x2 + Linear (default and "
                         "Bardes et al.); one width = one Linear layer")
     return parser
+
+
+if __name__ == "__main__":
+    cli.parse_early(get_args_parser)  # --help, --version and flag errors answer before torch loads
+
+import torch
+import torch.nn.functional as F
+
+from common import dist, models, optim, pretrain
 
 
 def vicreg_terms(z, eps=1e-4):

@@ -11,12 +11,11 @@ import sys
 import tempfile
 from typing import NamedTuple
 
-import numpy as np
-import torch
-import torch.distributed as dist
 import yaml
 
-from common import data, errors, rundir
+# no torch at the top: scripts parse their flags (parse_early) before torch loads, which takes
+# seconds; the few functions here that need torch import it
+from common import __version__, errors, flags, loggers, preemption
 from common.errors import UserError, escape, progress
 
 
@@ -57,7 +56,8 @@ def reports_here(interrupt=False):
 PIP_NAMES = {"torch.utils.tensorboard": "tensorboard", "tensorboard": "tensorboard", "captum": "captum",
              "transformers": "transformers", "safetensors": "safetensors", "pydicom": "pydicom",
              "tifffile": "tifffile", "umap": "umap-learn", "sklearn": "scikit-learn", "PIL": "Pillow",
-             "yaml": "pyyaml", "skimage": "scikit-image", "cv2": "opencv-python"}
+             "yaml": "pyyaml", "skimage": "scikit-image", "cv2": "opencv-python", "wandb": "wandb",
+             "mlflow": "mlflow-skinny"}
 
 
 def require(module, feature):
@@ -80,10 +80,20 @@ def _is_local_module(name):
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _dist():
+    """torch.distributed if a process group is up, else None (without loading torch: a script that
+    never loaded it has no group)."""
+    if "torch" not in sys.modules:
+        return None
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
 def _peer_died(e):
     """A collective that failed because another torchrun process is gone (gloo: the connection
     closed or was reset; NCCL: a DistBackendError), as opposed to a bug in this process."""
-    if not dist.is_initialized() or not isinstance(e, RuntimeError):
+    dist = _dist()
+    if dist is None or not isinstance(e, RuntimeError):
         return False
     text = str(e)
     return (isinstance(e, getattr(dist, "DistBackendError", ())) or "gloo" in text.lower()
@@ -177,6 +187,7 @@ def run_main(main):
         except (AttributeError, ValueError, OSError):
             pass
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    preemption.install()  # SIGUSR1, and SIGTERM under SLURM: a training loop stops at a step's end
     ok = False
     try:
         main()
@@ -185,6 +196,13 @@ def run_main(main):
         _hold_signals()
         _say(f"error: {escape(e)}")  # one line, whatever a file's strings held
         sys.exit(2)
+    except preemption.Preempted:
+        _hold_signals()
+        tail = preemption.requeue()  # under SLURM, rank 0
+        # every rank stops at the same step; rank 0, which requeued, tells
+        rank_0 = os.environ.get("RANK", "0") == "0"
+        _say(progress.interrupted_message("stopped by SIGUSR1") + tail if rank_0 else None)
+        sys.exit(preemption.EXIT_PREEMPTED)
     except KeyboardInterrupt as e:
         _hold_signals()
         signum = e.args[0] if e.args and e.args[0] in EXIT_SIGNAL else signal.SIGINT
@@ -206,9 +224,11 @@ def run_main(main):
         sys.exit(2)
     finally:
         try:
-            rundir.finish_overwrite(ok)
+            if "common.rundir" in sys.modules:  # else no run directory was touched
+                sys.modules["common.rundir"].finish_overwrite(ok)
         finally:
-            if dist.is_initialized():
+            dist = _dist()
+            if dist is not None:
                 try:
                     dist.destroy_process_group()
                 except Exception:  # a dead peer's group may not close cleanly; the process ends anyway
@@ -218,12 +238,28 @@ def run_main(main):
 # ---------------------------------------------------------------- flags
 def one_line_errors(parser):
     """argparse's own errors (a bad type or choice, an unknown flag) as one line, exit code 2,
-    without the usage block: `error: --epochs: invalid int value: 'ten'`."""
+    without the usage block: `error: --epochs: invalid int value: 'ten'`. Every parser goes through
+    here, so this is also where --version is added."""
     def error(message):
         print(f"error: {message.removeprefix('argument ')}; see --help", file=sys.stderr)
         sys.exit(2)
     parser.error = error
+    if "--version" not in parser._option_string_actions:
+        parser.add_argument("--version", action="version", version=f"MedSSL {__version__}",
+                            help="print MedSSL's version and exit")
     return parser
+
+
+def parse_early(get_args_parser, argv=None, ranges=None):
+    """Parse the command line exactly as main() will (parse_args: --config, ranges), before the script
+    imports torch: --help and --version answer (exit 0) and bad flags give the usual one line (exit 2)
+    in a fraction of a second. It runs outside run_main, so it prints a UserError itself. On success
+    the script goes on to its heavy imports and main() parses again."""
+    try:
+        parse_args(get_args_parser(), argv, ranges)
+    except UserError as e:
+        _say(f"error: {escape(e)}")
+        sys.exit(2)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -244,7 +280,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def add_common_flags(parser, data_help="a MedMNIST 2D flag, an .npz, a folder or a CSV manifest (see docs/DATA.md)",
                      resnet=True):
     """The data / model / run flags every script shares, the flags of own images among
-    them (common.data.add_data_flags), and the help formatter that shows every default; each script
+    them (common.flags.add_data_flags), and the help formatter that shows every default; each script
     adds its own optimisation flags next to these so their help can quote its paper. resnet=False
     leaves out the model flags --arch / --stem / --in-chans / --patch-size / --pool (finetune_beit.py's
     model is named by --model)."""
@@ -256,7 +292,7 @@ def add_common_flags(parser, data_help="a MedMNIST 2D flag, an .npz, a folder or
                    help="image side; MedMNIST: 28, 64, 128 or 224; own images: any side")
     g.add_argument("--data-root", default=None,
                    help="folder with <flag>[_<size>].npz; default $MEDMNIST_ROOT, else ~/.medmnist")
-    data.add_data_flags(g)
+    flags.add_data_flags(g)
     if resnet:
         g = parser.add_argument_group("model")
         g.add_argument("--arch", default=None, metavar="NAME",
@@ -313,9 +349,12 @@ def add_pretrain_flags(parser):
     g.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="every N epochs, log the kNN AUC (k = 20) on the validation split of the first --data "
                         "flag, its train labels being the kNN memory (default 0: never)")
-    g.add_argument("--tensorboard", action="store_true",
-                   help="also write the per-epoch records and the per-step loss and lr as TensorBoard events "
-                        "in <out>/tensorboard (default off)")
+    g.add_argument("--logger", nargs="+", default=[], choices=list(loggers.MODULES), metavar="NAME",
+                   help="also log the per-epoch records and the per-step loss and lr to these trackers (default: "
+                        "none): tensorboard (<out>/tensorboard), wandb (Weights & Biases; WANDB_MODE=offline logs "
+                        "to <out>/wandb alone), mlflow ($MLFLOW_TRACKING_URI, else <out>/mlruns); a resumed run "
+                        "continues the same W&B and MLflow runs (docs/CLUSTER.md)")
+    g.add_argument("--tensorboard", action="store_true", help="the same as --logger tensorboard (default off)")
     g.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="also checkpoint every N optimiser steps inside an epoch (default 0: at epoch ends only): "
                         "a run killed mid-epoch then loses at most N steps, and the same command continues it "
@@ -338,6 +377,58 @@ def add_pretrain_flags(parser):
     return parser
 
 
+def pretrain_parser(title, doc, data_default="pneumoniamnist"):
+    """A pretraining script's parser before its own flags: data, model and run (add_common_flags),
+    then views, optimisation, and monitoring / checkpoints / torchrun (add_pretrain_flags). A method sets
+    its defaults with set_defaults (their papers' values in the help) and adds a group of its own flags."""
+    parser = argparse.ArgumentParser(title, description=doc)
+    add_common_flags(parser, data_help="dataset(s) whose train images are the unlabeled corpus: MedMNIST 2D "
+                     "flags, .npz files, folders or CSV manifests (docs/DATA.md), several joined by commas")
+    parser.set_defaults(data=data_default, arch="resnet18", stem="imagenet", in_chans=3)
+
+    # * Views
+    g = parser.add_argument_group("views")
+    g.add_argument("--aug", default="simclr", type=flags.aug_spec,
+                   help="view augmentations: a preset (" + ", ".join(flags.AUG_PRESETS) + ") or a menu of "
+                        + "+".join(flags.AUG_MENU) + " joined by '+', applied in that order with paper 002's values")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="random-resized-crop area range (none given: the preset's, 0.08 1 in most; small images may "
+                        "want a larger MIN)")
+
+    # * Optimisation
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--init", default="random",
+                   help="encoder's initial weights: random | imagenet | <checkpoint.pt or .pth>")
+    g.add_argument("--epochs", type=int, default=100, help="epochs")
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="global batch size, split evenly over torchrun's processes")
+    g.add_argument("--optimizer", default="adam", choices=flags.OPTIMIZERS,
+                   help="adam; adamw (decoupled weight decay); sgd (momentum 0.9); lars (SGD with layer-wise "
+                        "adaptive rates; biases and BatchNorm get neither weight decay nor the scaling)")
+    g.add_argument("--lr", type=lr_or_auto, default=1e-3, help="peak learning rate")
+    g.add_argument("--weight-decay", type=float, default=1e-6, help="weight decay")
+    g.add_argument("--lr-schedule", default="cosine", choices=flags.LR_SCHEDULES,
+                   help="cosine = linear warm-up over --warmup-epochs, then cosine decay to --final-lr-fraction x "
+                        "--lr; constant; 1cycle = fastai's one-cycle, up to --lr and down again; step = x0.1 at 50%% "
+                        "and 75%% of the epochs; linear = linear decay to 0")
+    g.add_argument("--warmup-epochs", type=int, default=0, help="linear warm-up epochs of --lr-schedule cosine")
+    g.add_argument("--final-lr-fraction", type=float, default=0.0, metavar="F",
+                   help="where --lr-schedule cosine ends, as a fraction of --lr")
+    add_pretrain_flags(parser)
+    return parser
+
+
+def add_ema_flags(parser, momentum, schedule="constant"):
+    """--ema and --ema-schedule: the momentum of a method's target (momentum) encoder, common.ema."""
+    g = parser.add_argument_group("momentum encoder")
+    g.add_argument("--ema", type=float, default=momentum,
+                   help="momentum (EMA decay) of the target encoder: target <- m x target + (1 - m) x online "
+                        "after every optimiser step")
+    g.add_argument("--ema-schedule", default=schedule, choices=["constant", "cosine"],
+                   help="constant m, or a cosine from m to 1 over training (Grill et al. §3.2, Caron et al. §3.1)")
+    return g
+
+
 def add_evaluation_flags(parser):
     """The flags evaluate.py and finetune_beit.py share: which class of a binary task is positive,
     and TensorBoard."""
@@ -346,9 +437,12 @@ def add_evaluation_flags(parser):
                    help="binary tasks: the class whose precision, recall (sensitivity), F1 and ROC curve are "
                         "reported, as an index or a class name (default 1, medmnist's convention; e.g. for "
                         "BreastMNIST 0 = malignant, 1 = normal, benign); specificity is the other class's recall")
-    g.add_argument("--tensorboard", action="store_true",
-                   help="also write the per-epoch records (train loss, validation AUC, lr) as TensorBoard "
-                        "scalars in <out>/tensorboard, tagged by seed (e.g. seed0/val_auc)")
+    g.add_argument("--logger", nargs="+", default=[], choices=list(loggers.MODULES), metavar="NAME",
+                   help="also log the per-epoch records (train loss, validation AUC, lr), tagged by seed (e.g. "
+                        "seed0/val_auc), to these trackers (default: none): tensorboard (<out>/tensorboard), wandb "
+                        "(Weights & Biases; WANDB_MODE=offline logs to <out>/wandb alone), mlflow "
+                        "($MLFLOW_TRACKING_URI, else <out>/mlruns)")
+    g.add_argument("--tensorboard", action="store_true", help="the same as --logger tensorboard (default off)")
     return parser
 
 
@@ -510,7 +604,7 @@ def parse_args(parser, argv=None, ranges=None):
     one_line_errors(parser)
     argv = sys.argv[1:] if argv is None else argv
     first, _ = parser.parse_known_args(argv)
-    if first.config:
+    if getattr(first, "config", None):  # the scripts/ tools have no --config
         parser.set_defaults(**_read_config(parser, first.config))
     args = parser.parse_args(argv)
     # tuples (e.g. --split-ratio) as lists: args.yaml reads them back as lists, and a resumed run
@@ -519,14 +613,18 @@ def parse_args(parser, argv=None, ranges=None):
         if isinstance(value, tuple):
             setattr(args, name, list(value))
     check_ranges(args, ranges)
-    if getattr(args, "tensorboard", False):  # before the run directory is made
-        require("torch.utils.tensorboard", "--tensorboard")
+    if hasattr(args, "logger"):  # --tensorboard is --logger tensorboard; the trackers import before the run dir
+        args.logger = loggers.chosen(args.logger, args.tensorboard)
+        for name in args.logger:
+            require(loggers.MODULES[name], "--tensorboard" if name == "tensorboard" and args.tensorboard
+                    else f"--logger {name}")
     if getattr(args, "saliency", 0):
         require("captum.attr", "--saliency")
     return args
 
 
 def pick_device(name):
+    import torch
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
     if name == "auto":
@@ -535,6 +633,8 @@ def pick_device(name):
 
 
 def seed_everything(seed):
+    import numpy as np
+    import torch
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -1,15 +1,15 @@
-"""What every pretraining method shares: its flags, its run (data, run directory, resume), its main(),
+"""What every pretraining method shares: its run (data, run directory, resume), its main(),
 and the loop.
 
 A method is one file, pretrain_<method>.py: its own flags, its loss, its heads, and `build(args, run)`,
 which makes its modules, its optimiser and its step function and hands them back as a `Method`; its
-main() is `pretrain.main(...)`. Everything else is here: the shared flags (data, model, views,
-optimisation, monitoring), the run directory and resume, the epoch's permutation, mid-epoch resume,
-checkpoints (every --save-every steps, at epoch ends at most every --save-seconds), the NaN guard, the
-kNN monitor, the per-epoch log line and TensorBoard scalars, and rank 0's duties under torchrun.
+main() is `pretrain.main(...)`. Its parser starts from cli.pretrain_parser (the shared flags, light
+enough to parse before torch loads). Everything else is here: the run directory and resume, the epoch's
+permutation, mid-epoch resume, checkpoints (every --save-every steps, at epoch ends at most every
+--save-seconds), the NaN guard, the kNN monitor, the per-epoch log line, the experiment trackers
+(--logger), preemption (SIGUSR1: a checkpoint at a step's end) and rank 0's duties under torchrun.
 Bit-exact resume rests on one order of random draws: the permutation first, then whatever the step draws
 from the same generator; keeping that order in one place is why there is one loop."""
-import argparse
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,62 +19,9 @@ import torch
 from torch.utils import _pytree
 from tqdm import tqdm
 
-from common import augment, cli, data, dist, errors, metrics, models, optim, precision, rundir
+from common import augment, cli, data, dist, errors, loggers, models, optim, precision, preemption, rundir
 from common.errors import UserError
 from common.precision import Precision
-
-
-# ---------------------------------------------------------------- the flags every method shares
-def get_args_parser(title, doc, data_default="pneumoniamnist"):
-    """A pretraining script's parser before its own flags: data, model and run (cli.add_common_flags),
-    then views, optimisation, and monitoring / checkpoints / torchrun. A method sets its defaults with
-    cli.set_defaults (their papers' values in the help) and adds a group of its own flags."""
-    parser = argparse.ArgumentParser(title, description=doc)
-    cli.add_common_flags(parser, data_help="dataset(s) whose train images are the unlabeled corpus: MedMNIST 2D "
-                         "flags, .npz files, folders or CSV manifests (docs/DATA.md), several joined by commas")
-    parser.set_defaults(data=data_default, arch="resnet18", stem="imagenet", in_chans=3)
-
-    # * Views
-    g = parser.add_argument_group("views")
-    g.add_argument("--aug", default="simclr", type=augment.checked_spec,
-                   help="view augmentations: a preset (" + ", ".join(augment.NAMES) + ") or a menu of "
-                        + "+".join(augment.MENU) + " joined by '+', applied in that order with paper 002's values")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
-                   help="random-resized-crop area range (none given: the preset's, 0.08 1 in most; small images may "
-                        "want a larger MIN)")
-
-    # * Optimisation
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--init", default="random",
-                   help="encoder's initial weights: random | imagenet | <checkpoint.pt or .pth>")
-    g.add_argument("--epochs", type=int, default=100, help="epochs")
-    g.add_argument("--batch-size", type=int, default=256,
-                   help="global batch size, split evenly over torchrun's processes")
-    g.add_argument("--optimizer", default="adam", choices=optim.OPTIMIZERS,
-                   help="adam; adamw (decoupled weight decay); sgd (momentum 0.9); lars (SGD with layer-wise "
-                        "adaptive rates; biases and BatchNorm get neither weight decay nor the scaling)")
-    g.add_argument("--lr", type=cli.lr_or_auto, default=1e-3, help="peak learning rate")
-    g.add_argument("--weight-decay", type=float, default=1e-6, help="weight decay")
-    g.add_argument("--lr-schedule", default="cosine", choices=optim.LR_SCHEDULES,
-                   help="cosine = linear warm-up over --warmup-epochs, then cosine decay to --final-lr-fraction x "
-                        "--lr; constant; 1cycle = fastai's one-cycle, up to --lr and down again; step = x0.1 at 50%% "
-                        "and 75%% of the epochs; linear = linear decay to 0")
-    g.add_argument("--warmup-epochs", type=int, default=0, help="linear warm-up epochs of --lr-schedule cosine")
-    g.add_argument("--final-lr-fraction", type=float, default=0.0, metavar="F",
-                   help="where --lr-schedule cosine ends, as a fraction of --lr")
-    cli.add_pretrain_flags(parser)
-    return parser
-
-
-def add_ema_flags(parser, momentum, schedule="constant"):
-    """--ema and --ema-schedule: the momentum of a method's target (momentum) encoder, common.ema."""
-    g = parser.add_argument_group("momentum encoder")
-    g.add_argument("--ema", type=float, default=momentum,
-                   help="momentum (EMA decay) of the target encoder: target <- m x target + (1 - m) x online "
-                        "after every optimiser step")
-    g.add_argument("--ema-schedule", default=schedule, choices=["constant", "cosine"],
-                   help="constant m, or a cosine from m to 1 over training (Grill et al. §3.2, Caron et al. §3.1)")
-    return g
 
 
 # ---------------------------------------------------------------- what a method hands the loop
@@ -129,7 +76,7 @@ class Run:
     save_every: int = 0              # optimiser steps between mid-epoch checkpoints (0: none)
     save_seconds: float = 0.0        # at least this long between epoch-end checkpoints (0: every epoch)
     eval_every: int = 0              # epochs between kNN-monitor evaluations (0: never)
-    tensorboard: bool = False
+    trackers: tuple = ()             # --logger: the experiment trackers train() logs to (common/loggers.py)
     meta: dict = field(default_factory=dict)   # plain values the checkpoint's "meta" records
 
     def __post_init__(self):
@@ -208,7 +155,8 @@ def setup(script, flags):
                monitor_splits=monitor, views=views, epochs=flags["epochs"], batch_size=flags["batch_size"],
                in_chans=in_chans, schedule=_schedule(flags, n_steps), precision=chosen, compile=flags["compile"],
                sync_bn=flags["sync_bn"], save_every=flags["save_every"], save_seconds=flags["save_seconds"],
-               eval_every=flags["eval_every"], tensorboard=flags["tensorboard"], meta=meta)
+               eval_every=flags["eval_every"],
+               trackers=tuple(loggers.chosen(flags.get("logger"), flags.get("tensorboard"))), meta=meta)
 
 
 def run_precision(requested, device, side, state=None, convolutional=True):
@@ -380,25 +328,34 @@ def epoch_line(stats, epochs, seconds_left):
 
 
 def tensorboard_writer(out, enabled):
-    """A SummaryWriter into <out>/tensorboard on rank 0 when --tensorboard is on, else None."""
-    if not (enabled and dist.is_main()):
-        return None
-    # a UserError naming the package when TensorBoard is missing (cli.parse_args checks it up front)
-    return cli.require("torch.utils.tensorboard", "--tensorboard").SummaryWriter(os.path.join(out, "tensorboard"))
+    """A SummaryWriter into <out>/tensorboard on rank 0 when `enabled`, else None (loggers.open_trackers)."""
+    trackers = loggers.open_trackers(["tensorboard"] if enabled and dist.is_main() else [], out, {})
+    return trackers[0][1] if trackers else None
 
 
 def plot_log(out, method):
-    """loss.png (and knn_val_auc.png when the monitor is on) from the run's log.jsonl."""
+    """loss.pdf / .png (and knn_val_auc.pdf / .png when the monitor is on) from the run's log.jsonl,
+    titled with the method and the data (args.yaml)."""
     import json
+    import yaml
+    from common import figures
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    try:
+        with open(os.path.join(out, "args.yaml")) as f:
+            args = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        args = {}
+    name = figures.METHOD_NAMES.get(method, method)
+    data = f" on {figures.dataset_name(args['data'])}" + (f" {args['size']} px" if args.get("size") else "") \
+        if args.get("data") else ""
     epochs = [r["epoch"] + 1 for r in records]
-    metrics.plot_training_curves({method: (epochs, [r["loss"] for r in records])}, os.path.join(out, "loss.png"),
-                                 title=f"{method} pretraining loss", ylabel="loss")
+    figures.plot_training_curves({name: (epochs, [r["loss"] for r in records])}, os.path.join(out, "loss.png"),
+                                 title=f"{name} pretraining loss{data}", ylabel=f"Training loss ({name})")
     monitored = [(r["epoch"] + 1, r["knn_val_auc"]) for r in records if "knn_val_auc" in r]
     if monitored:
-        metrics.plot_training_curves({"kNN (k = 20), validation split": tuple(zip(*monitored))},
-                                     os.path.join(out, "knn_val_auc.png"), title=f"{method}: kNN monitor",
-                                     ylabel="validation AUC")
+        figures.plot_training_curves({name: tuple(zip(*monitored))}, os.path.join(out, "knn_val_auc.png"),
+                                     title=f"kNN monitor of the {name} encoder{data}: validation split",
+                                     ylabel=figures.axis_label("knn_val_auc"))
 
 
 def restore_state(state, saved):
@@ -440,7 +397,8 @@ def train(method, run, log_every=10):
     def save(**where):
         save_run(checkpoint, objects, run.generator, meta=meta, **method.state, **where)
 
-    writer = tensorboard_writer(run.out, run.tensorboard)
+    trackers = loggers.open_trackers(run.trackers, run.out, run.meta.get("args", {})) if dist.is_main() else []
+    preemption.defer()  # SIGUSR1 (SIGTERM under SLURM) from here on: a checkpoint at the end of the step
     step, last_save, started = position["step"], time.time(), time.time()
     step_figures = {}
     first_epoch = position["epoch"]
@@ -462,13 +420,16 @@ def train(method, run, log_every=10):
             if i % log_every == 0:  # the only host sync inside an epoch
                 value = loss.item()
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{step_figures.get('lr', 0):.2e}")
-                if writer:
-                    writer.add_scalar("step/loss", value, step)
-                    for key, figure in step_figures.items():
-                        writer.add_scalar(f"step/{key}", figure, step)
-            if run.save_every and step % run.save_every == 0 and i + 1 < run.steps_per_epoch:
+                loggers.log(trackers, {"step/loss": value, **{f"step/{k}": f for k, f in step_figures.items()}},
+                            step)
+            # under torchrun the ranks agree on the signal at log steps, where the host syncs anyway
+            stopping = (dist.world_size() == 1 or i % log_every == 0) and preemption.requested(run.device)
+            if (stopping or run.save_every and step % run.save_every == 0) and i + 1 < run.steps_per_epoch:
                 save(epoch=epoch, step=step, step_in_epoch=i + 1, epoch_start=epoch_start, losses=losses)
                 last_save = time.time()
+                if stopping:
+                    loggers.close(trackers, preempted=True)
+                    preemption.stop()
         seconds = time.time() - start
         stats = {"epoch": epoch, "loss": mean_finite_loss(losses, step, epoch, run.out), **step_figures, **figures,
                  "images_per_sec": round((run.steps_per_epoch - first) * batch_size / seconds, 1)}
@@ -477,19 +438,19 @@ def train(method, run, log_every=10):
                                                             run.in_chans, precision=run.precision), 4)
         if dist.is_main():
             rundir.append_jsonl(os.path.join(run.out, "log.jsonl"), stats)
-            if writer:
-                for key, value in stats.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
-                        writer.add_scalar(f"epoch/{key}", value, epoch)
-                writer.flush()
-        if epoch + 1 == epochs or time.time() - last_save >= run.save_seconds:
+            loggers.log(trackers, {f"epoch/{k}": v for k, v in stats.items() if k != "epoch"}, epoch, axis="epoch")
+            loggers.flush(trackers)
+        stopping = preemption.requested(run.device) and epoch + 1 < epochs  # the last epoch just ends the run
+        if epoch + 1 == epochs or stopping or time.time() - last_save >= run.save_seconds:
             save(epoch=epoch + 1, step=step)
             if dist.is_main():  # the plots follow the checkpoint (matplotlib costs ~0.2 s)
                 plot_log(run.out, method.name)
             last_save = time.time()
         left = (time.time() - started) / (epoch + 1 - first_epoch) * (epochs - epoch - 1)
         print(epoch_line(stats, epochs, left), flush=True)
-    if writer:
-        writer.close()
+        if stopping:
+            loggers.close(trackers, preempted=True)
+            preemption.stop()
+    loggers.close(trackers)
     print(f"done: {checkpoint}")
     return checkpoint

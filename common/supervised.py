@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import cli, data, errors, metrics, models, optim, precision, rundir
+from common import data, errors, loggers, metrics, models, optim, precision, rundir
 from common.errors import UserError
 
 # What a run of evaluate.py / finetune_beit.py writes in its directory; --overwrite clears these
@@ -337,23 +337,22 @@ def epoch_line(record):
             f"{val}, best epoch {record['best_epoch'] + 1}")
 
 
-# the per-epoch records that become TensorBoard scalars
+# the per-epoch records that the trackers (--logger) get
 SCALARS = ("loss", "val_auc", "val_loss", "lr")
 
 
 def tensorboard_writer(out):
-    """A SummaryWriter into <out>/tensorboard (--tensorboard); a UserError naming the package when
+    """A SummaryWriter into <out>/tensorboard (loggers.open_trackers); a UserError naming the package when
     TensorBoard is not installed (cli.parse_args checks it before the run directory is made)."""
-    return cli.require("torch.utils.tensorboard", "--tensorboard").SummaryWriter(os.path.join(out, "tensorboard"))
+    return loggers.open_trackers(["tensorboard"], out, {})[0][1]
 
 
-def write_scalars(writer, record):
+def write_scalars(trackers, record):
     """One per-epoch record as scalars at step `epoch`, tagged seed<N>/<key> (a phase before the
     main one, e.g. the head-only epochs: seed<N>/<phase>/<key>)."""
     prefix = f"seed{record['seed']}/" + (f"{record['phase']}/" if record.get("phase") else "")
-    for key in SCALARS:
-        if record.get(key) is not None:
-            writer.add_scalar(prefix + key, record[key], record["epoch"])
+    loggers.log(trackers, {prefix + key: record[key] for key in SCALARS if record.get(key) is not None},
+                record["epoch"], axis="epoch")
 
 
 def run_seeds(out, seeds, run_seed, y_true, task, header, title, *, epochs_per_seed=0, class_names=None,
@@ -366,7 +365,8 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, *, epochs_per_s
     to seed_<N>.json as it ends, then metrics.json, predictions.npz and the plots from the saved files
     (metrics.write_results with `class_names`; metrics.json last). log(record) appends to log.jsonl,
     prints epoch_line, advances a progress bar over seeds and epochs (epochs_per_seed of them; 0 for
-    probes without epochs) and, with `tensorboard`, writes the record's SCALARS into <out>/tensorboard.
+    probes without epochs) and gives the record's SCALARS to the trackers of header["args"]["logger"]
+    (common/loggers.py; `tensorboard`: TensorBoard too).
     `precision` (seeds_precision), when given, is recorded in every seed's file (PRECISION_KEY) and in
     metrics.json ("precision"). Returns the metrics.json dict."""
     log_path = os.path.join(out, "log.jsonl")
@@ -390,15 +390,16 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, *, epochs_per_s
     # disable=None: the bar is drawn on a terminal only, so logs and captured stderr stay clean
     bar = tqdm(total=len(seeds) * per, initial=len(done) * per, unit="epoch", desc="seeds x epochs", disable=None,
                dynamic_ncols=True)
-    writer = tensorboard_writer(out) if tensorboard else None
+    # --logger (with --tensorboard folded in) from the script's flags, which are the trackers' config
+    config = header.get("args") or {}
+    trackers = loggers.open_trackers(loggers.chosen(config.get("logger"), tensorboard), out, config)
 
     def log(record):
         rundir.append_jsonl(log_path, record)
         if "epoch" in record:
             tqdm.write(epoch_line(record), file=sys.stdout)
             bar.update(1)
-            if writer:
-                write_scalars(writer, record)
+            write_scalars(trackers, record)
 
     try:
         for i, seed in enumerate(seeds):
@@ -427,8 +428,7 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, *, epochs_per_s
             tqdm.write(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()), file=sys.stdout)
     finally:
         bar.close()
-        if writer:
-            writer.close()
+        loggers.close(trackers)
     loaded = [_load_seed(out, seed) for seed in seeds]
     header = header if precision is None else {**header, "precision": precision.record()}
     return metrics.write_results(out, header, [r for r, _ in loaded], y_true, [s for _, s in loaded], task,

@@ -16,8 +16,22 @@ import sys
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.cli import one_line_errors, run_main  # noqa: E402
+from common import cli  # noqa: E402
 from common.errors import UserError  # noqa: E402
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories of the candidate recipes")
+    parser.add_argument("--table", default=None, help="write the candidates as a Markdown table to this file")
+    parser.add_argument("--print-flags", action="store_true",
+                        help="print the winner's --crop-scale and --lr (from its args.yaml) instead of its name")
+    return parser
+
+
+if __name__ == "__main__":
+    cli.parse_early(get_args_parser)  # --help, --version and flag errors answer before torch loads
+
 from common.rundir import atomic_write_text, read_log  # noqa: E402
 
 # the flags a recipe sweep varies, shown in the table in this order when a run has them
@@ -65,12 +79,7 @@ def check_output(path, flag):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run directories of the candidate recipes")
-    parser.add_argument("--table", default=None, help="write the candidates as a Markdown table to this file")
-    parser.add_argument("--print-flags", action="store_true",
-                        help="print the winner's --crop-scale and --lr (from its args.yaml) instead of its name")
-    args = one_line_errors(parser).parse_args()
+    args = cli.parse_args(get_args_parser())
     for run in args.runs:
         if not os.path.isdir(run):
             what = "a file" if os.path.exists(run) else "it does not exist"
@@ -104,4 +113,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run_main(main)

@@ -115,15 +115,22 @@ def real_file_root():
 
 
 def script_main(script):
-    """`python <script> ...` in this process: the body of the script's `if __name__ == "__main__":` block,
-    run in the imported module's namespace, so that a test's monkeypatch of the module applies. It reads
-    sys.argv (monkeypatch it) and exits only on an error, as the script does."""
+    """`python <script> ...` in this process: the bodies of the script's `if __name__ == "__main__":` blocks
+    in order (the early parse before its heavy imports, then main), run in the imported module's namespace,
+    so that a test's monkeypatch of the module applies. It reads sys.argv (monkeypatch it) and exits only
+    on an error, as the script does."""
     module = importlib.import_module(os.path.basename(script).removesuffix(".py"))
-    for node in ast.parse(inspect.getsource(module)).body:
-        if isinstance(node, ast.If) and ast.unparse(node.test) in ("__name__ == '__main__'", "'__main__' == __name__"):
-            code = compile(ast.Module(node.body, type_ignores=[]), module.__file__, "exec")
-            return lambda: exec(code, vars(module))
-    raise ValueError(f"{script} has no `if __name__ == \"__main__\":` block")
+    blocks = [compile(ast.Module(node.body, type_ignores=[]), module.__file__, "exec")
+              for node in ast.parse(inspect.getsource(module)).body
+              if isinstance(node, ast.If) and ast.unparse(node.test) in ("__name__ == '__main__'",
+                                                                         "'__main__' == __name__")]
+    if not blocks:
+        raise ValueError(f"{script} has no `if __name__ == \"__main__\":` block")
+
+    def run():
+        for code in blocks:
+            exec(code, vars(module))
+    return run
 
 
 def stopping_at_seed(run_seed, stop):
@@ -153,3 +160,31 @@ def tiny_run(out, args, images, steps=None):
     run = pretrain.in_memory(vars(args), images, "cpu", steps)
     run.out = str(out)
     return run
+
+
+def digest(folder):
+    """SHA-256 of every file under a folder (a run's lock file, which holds the PID, aside): what a
+    failed command must leave unchanged."""
+    sums = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if name != ".lock":
+                path = os.path.join(root, name)
+                with open(path, "rb") as f:
+                    sums[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return sums
+
+
+@pytest.fixture
+def fresh_state():
+    """A test that calls cli.run_main in-process starts with no progress and no pending --overwrite,
+    and the SIGTERM handler run_main installs is put back after it."""
+    import signal
+
+    from common import errors, rundir
+    handler = signal.getsignal(signal.SIGTERM)
+    errors.progress.reset()
+    yield
+    errors.progress.reset()
+    rundir._pending.clear()
+    signal.signal(signal.SIGTERM, handler)

@@ -1,5 +1,5 @@
-"""`<script> --help`, run once per test session and shared by test_help.py and test_readme.py (each
-run imports torch: seconds apiece), with what the run wrote, in the repository or its working directory."""
+"""`<script> --help`, run once per test session and shared by test_help.py and test_readme.py (a
+benchmark's run imports torch: seconds), with what the run wrote, in the repository or its working directory."""
 import functools
 import os
 import subprocess

@@ -4,7 +4,6 @@ ends in one line naming the fix, exit code 2 (or the signal's), no traceback, an
 written changed. In this process where the shared function shows it; a few real processes where
 only a process can (signals to a process group, torchrun, a missing package, stdout's encoding)."""
 import errno
-import hashlib
 import json
 import os
 import re
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from common import cli, errors, pretrain, supervised
-from conftest import REPO, cli_env, run_cli
+from conftest import REPO, cli_env, digest, run_cli
 
 TQDM_OR_TORCHRUN = ("epoch ", "W1", "E1", "I1")  # a progress bar; torchrun's own log lines
 
@@ -37,22 +36,7 @@ def one_line(capsys, main, code=2):
     return lines[0]
 
 
-def digest(folder):
-    sums = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            with open(os.path.join(root, name), "rb") as f:
-                sums[os.path.relpath(os.path.join(root, name), folder)] = hashlib.sha256(f.read()).hexdigest()
-    return sums
-
-
-@pytest.fixture(autouse=True)
-def fresh_state():
-    handler = signal.getsignal(signal.SIGTERM)
-    errors.progress.reset()
-    yield
-    errors.progress.reset()
-    signal.signal(signal.SIGTERM, handler)
+pytestmark = pytest.mark.usefixtures("fresh_state")
 
 
 # ---------------------------------------------------------------- OS errors: the last line of defence
@@ -194,8 +178,9 @@ def test_torchrun_errors_print_once_and_every_rank_exits_2(real_root, tmp_path):
 
 def test_a_dead_peer_is_one_line_saying_what_is_kept(capsys, tmp_path, monkeypatch):
     (tmp_path / "checkpoint.pt").write_bytes(b"weights")
-    monkeypatch.setattr(cli.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(cli.dist, "destroy_process_group", lambda: None)
+    import torch.distributed  # cli imports it only where a process group may be up
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)
 
     def main():
         errors.progress.update(out=str(tmp_path), epoch=1, step=12)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from common import cli, dist, errors, methods, models, rundir
-from conftest import REAL_ROOT, REPO, real_file_root, run_cli, run_main
+from conftest import REAL_ROOT, REPO, digest, real_file_root, run_cli, run_main
 
 TQDM = re.compile(r"^\s*epoch \d+: +\d+%\|")
 PRETRAINING = tuple(m.script.removesuffix(".py") for m in methods.all_methods())  # every method's script
@@ -59,27 +59,7 @@ def cli_one_line(r, code=2):
     return lines[0]
 
 
-def digest(folder):
-    """SHA-256 of every file under a run folder (the lock file, which holds the PID, aside)."""
-    sums = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            if name != ".lock":
-                path = os.path.join(root, name)
-                with open(path, "rb") as f:
-                    sums[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return sums
-
-
-@pytest.fixture(autouse=True)
-def fresh_state():
-    """Each test starts with no progress and no pending --overwrite; the SIGTERM handler run_main
-    installs is put back."""
-    handler = signal.getsignal(signal.SIGTERM)
-    errors.progress.reset()
-    yield
-    rundir._pending.clear()
-    signal.signal(signal.SIGTERM, handler)
+pytestmark = pytest.mark.usefixtures("fresh_state")
 
 
 # ---------------------------------------------------------------- configs and the command line

@@ -157,7 +157,7 @@ def test_ema_momentum_is_constant_or_a_cosine_to_its_final_value():
 
 # ---------------------------------------------------------------- flags and main()
 def test_set_defaults_appends_the_papers_notes_and_refuses_unknown_ones():
-    parser = pretrain.get_args_parser("test", "doc")
+    parser = cli.pretrain_parser("test", "doc")
     cli.set_defaults(parser, notes={"lr": "Chen et al.: 0.3 x batch / 256", "epochs": "paper: 800"}, lr=0.3, epochs=7)
     args = parser.parse_args([])
     assert args.lr == 0.3 and args.epochs == 7
@@ -173,7 +173,7 @@ def test_main_refuses_lr_auto_for_a_method_without_a_range_test(tmp_path, monkey
     monkeypatch.setattr("sys.argv", ["pretrain_x.py", "--lr", "auto", "--out", str(out)])
     build = lambda args, run: pytest.fail("built")  # noqa: E731
     with pytest.raises(SystemExit) as stop:
-        cli.run_main(lambda: pretrain.main("pretrain_x", lambda: pretrain.get_args_parser("x", "doc"), build))
+        cli.run_main(lambda: pretrain.main("pretrain_x", lambda: cli.pretrain_parser("x", "doc"), build))
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert "--lr auto (an LR range test) is pretrain_barlow.py's; give pretrain_x.py a number" in err
