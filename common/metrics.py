@@ -8,11 +8,7 @@ import os
 import warnings
 
 import numpy as np
-import matplotlib
-
-matplotlib.use("Agg")  # headless: plots are only ever written to files
-import matplotlib.pyplot as plt  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
+from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
     confusion_matrix,
@@ -287,32 +283,6 @@ def brier(y_true, y_score, task):
     return float(np.mean((s - y) ** 2))
 
 
-def plot_reliability(y_true, y_score, task, path, title="", n_bins=15):
-    """Write a reliability diagram PNG: the accuracy of each confidence bin (bars; bins as in
-    expected_calibration_error) against the diagonal of perfect calibration, each bin's mean
-    confidence marked, and the ECE written on it. Returns the ECE."""
-    task, y, s = _prepare(y_true, y_score, task)
-    count, confidence, accuracy = _calibration_bins(*_top_label(y, s, task), n_bins)
-    ece = float(np.sum(count * np.abs(accuracy - confidence)) / count.sum())
-    used = count > 0
-    centres = (np.arange(n_bins) + 0.5) / n_bins
-    fig, ax = _new_axes(title)
-    ax.bar(centres[used], accuracy[used], width=1 / n_bins, edgecolor="k", lw=0.5, alpha=0.75,
-           label="accuracy in the bin")
-    ax.plot(confidence[used], confidence[used], "r_", ms=9, mew=1.5, label="mean confidence in the bin")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
-    ax.text(0.03, 0.95, f"ECE {ece:.3f} ({n_bins} bins, n={int(count.sum())})", fontsize=8, va="top",
-            transform=ax.transAxes)
-    ax.set_xlabel("confidence of the predicted label")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_aspect("equal")
-    legend_below(ax, 3)
-    _save(fig, path)
-    return ece
-
-
 def _logits(y_score, task):
     """Logits whose softmax (sigmoid, multi-label) gives the scores back: log p for class
     probabilities (a binary P(class 1) as the two columns 1 - p, p), log-odds per label. Clipped
@@ -476,127 +446,6 @@ def mean_std(values):
     return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else 0.0)
 
 
-def wrap(text, width=48):
-    """A title broken into lines of at most `width` characters, so it fits above a small plot."""
-    import textwrap
-    return "\n".join(textwrap.wrap(str(text), width)) if text else ""
-
-
-def _new_axes(title, size=(4.5, 4.2)):
-    fig, ax = plt.subplots(figsize=size, dpi=110)
-    if title:
-        ax.set_title(wrap(title, int(11 * size[0])), fontsize=9)
-    return fig, ax
-
-
-def _save(fig, path):
-    folder = os.path.dirname(os.fspath(path))
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    # "tight" grows the canvas to what is drawn: a long title or a legend below the axes is kept whole
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)  # figures are not freed otherwise; long runs would leak memory
-
-
-def legend_below(ax, n_entries, fontsize=7):
-    """A legend under the axes, off the curves, in up to 3 columns."""
-    ncol = 1 if n_entries <= 3 else (2 if n_entries <= 8 else 3)
-    return ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol, fontsize=fontsize,
-                     frameon=False)
-
-
-def integer_epochs(ax):
-    """Epoch axes tick at whole epochs only (a 3-epoch run otherwise gets 0.5, 1.5, ...). Call it
-    after plotting: a single epoch is widened to one epoch each side, where MaxNLocator alone would
-    fall back to fractional ticks."""
-    from matplotlib.ticker import MaxNLocator
-    lo, hi = ax.get_xlim()
-    if hi - lo < 2:
-        middle = round((lo + hi) / 2)
-        ax.set_xlim(middle - 1, middle + 1)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def log_scale_needed(values, ratio=30.0):
-    """True when positive values span more than `ratio` (BYOL ~2 and Barlow Twins ~560 on one axis)."""
-    v = np.asarray([x for x in np.ravel(values) if np.isfinite(x)], dtype=float)
-    return bool(v.size and v.min() > 0 and v.max() / v.min() > ratio)
-
-
-def plot_roc(y_true, y_score, task, path, title="", class_names=None, positive_class=1):
-    """Write a ROC-curve PNG (the positive class's curve for a binary task, else one per class /
-    label with its name); returns the plotted AUC. The legend sits below the axes."""
-    task, y, s = _prepare(y_true, y_score, task)
-    fig, ax = _new_axes(title)
-    if task == BINARY:
-        names = _names(class_names, 2, task)
-        pos = positive_class
-        curves = [(f"{names[pos]} (positive class)", y == pos, s if pos == 1 else 1 - s)]
-    else:
-        names = _names(class_names, s.shape[1], task)
-        target = (lambda j: y[:, j]) if task == MULTI_LABEL else (lambda j: y == j)
-        curves = [(names[j], target(j), s[:, j]) for j in range(s.shape[1])]
-    if len(curves) > 10:  # matplotlib's default cycle repeats after 10 colours
-        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
-    for name, yt, sc in curves:
-        fpr, tpr, _ = roc_curve(yt, sc)
-        ax.plot(fpr, tpr, lw=1.2, label=f"{name}: AUC {roc_auc_score(yt, sc):.3f}")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set_xlabel("False positive rate (1 - specificity)")
-    ax.set_ylabel("True positive rate (sensitivity)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_aspect("equal")
-    overall = _auc(y, s, task)
-    if task != BINARY:
-        ax.text(0.98, 0.02, f"macro AUC {overall:.3f}", ha="right", va="bottom", fontsize=8, transform=ax.transAxes)
-    legend_below(ax, len(curves))
-    _save(fig, path)
-    return overall
-
-
-def plot_confusion(cm, path, class_names=None, title=""):
-    """Write a confusion-matrix heatmap PNG: each cell shows its count and its row percentage
-    (true class = row, so the diagonal is each class's recall), coloured by that percentage so a
-    small class's errors are as visible as a large one's; class names on both axes.
-
-    A (L, 2, 2) multi-label stack is drawn as one L x 4 table, a row per label with the
-    columns TN, FP, FN, TP (sklearn's [[TN, FP], [FN, TP]] order flattened), which keeps a
-    single readable heatmap instead of a grid of tiny plots.
-    """
-    import textwrap
-    cm = np.asarray(cm)
-    if cm.ndim == 3:
-        data = cm.reshape(len(cm), 4)
-        rows = _names(class_names, len(cm), MULTI_LABEL)
-        cols, xlabel, ylabel = ["TN", "FP", "FN", "TP"], "", "label"
-    elif cm.ndim == 2 and cm.shape[0] == cm.shape[1]:
-        data = cm
-        rows = cols = _names(class_names, len(cm), MULTI_CLASS)
-        xlabel, ylabel = "predicted class", "true class"
-    else:
-        raise ValueError(f"cm must be (C, C) or (L, 2, 2), got {cm.shape}")
-    totals = data.sum(axis=1, keepdims=True)
-    pct = np.divide(100.0 * data, totals, out=np.zeros(data.shape), where=totals > 0)
-    side = max(4.0, 0.75 * max(len(cols), len(rows)) + 2)
-    fig, ax = _new_axes(title, size=(side + 0.8, side))
-    image = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
-    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    bar.set_label("% of the true class (row)", fontsize=7)
-    bar.ax.tick_params(labelsize=7)
-    short = lambda names: ["\n".join(textwrap.wrap(n, 14, break_long_words=False)) for n in names]  # noqa: E731
-    ax.set_xticks(range(len(cols)), short(cols), fontsize=7, rotation=45 if len(cols) > 4 else 0,
-                  ha="right" if len(cols) > 4 else "center")
-    ax.set_yticks(range(len(rows)), short(rows), fontsize=7)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    small = 6 if len(cols) > 6 else 8
-    for (i, j), v in np.ndenumerate(data):  # white text on dark cells so the numbers stay legible
-        ax.text(j, i, f"{v:g}\n{pct[i, j]:.0f}%", ha="center", va="center", fontsize=small,
-                color="white" if pct[i, j] > 55 else "black")
-    _save(fig, path)
-
-
 def knn_scores(memory, memory_labels, queries, k, task, n_classes):
     """Class scores of `queries` from their k nearest `memory` features by cosine similarity: the
     mean one-hot (or multi-hot) label of the neighbours. Written in torch rather than with
@@ -616,36 +465,9 @@ def knn_scores(memory, memory_labels, queries, k, task, n_classes):
 
 
 def plot_lr_range(lrs, losses, chosen, path, title="LR range test"):
-    """Write the LR range test's curve (loss against lr, log scale) with the chosen lr marked."""
-    fig, ax = _new_axes(title)
-    ax.plot(lrs, losses, lw=1)
-    ax.axvline(chosen, color="r", ls="--", lw=0.8, label=f"chosen lr {chosen:.2e}")
-    ax.set_xscale("log")
-    if log_scale_needed(losses):
-        ax.set_yscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("loss (smoothed)")
-    ax.grid(alpha=0.3)
-    legend_below(ax, 1, fontsize=8)
-    _save(fig, path)
-
-
-def plot_training_curves(series, path, title="", ylabel="loss", xlabel="epoch"):
-    """Write curves of per-epoch values: series = {label: (epochs, values)}, e.g. a pretraining
-    run's loss and its kNN monitor AUC on two calls. Whole-epoch ticks; a log axis when the values
-    span more than 30x; the legend below the axes."""
-    fig, ax = _new_axes(title)
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, ms=3, lw=1.2, label=label)
-    integer_epochs(ax)
-    if log_scale_needed([v for _, ys in series.values() for v in ys]):
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if len(series) > 1 or any(series):
-        legend_below(ax, len(series))
-    _save(fig, path)
+    """common.figures.plot_lr_range, for scripts that draw it from here."""
+    from common import figures
+    return figures.plot_lr_range(lrs, losses, chosen, path, title)
 
 
 def mwu_min_p(n_a, n_b):
@@ -903,11 +725,14 @@ def paired_runs_test(group_a, group_b, seed=0):
 
 # ---------------------------------------------------------------- one evaluation's outputs
 def write_results(out, header, per_seed, y_true, scores, task, first_seed, title, class_names=None,
-                  positive_class=1):
+                  positive_class=1, file_names=None):
     """What evaluate.py and finetune_beit.py leave in `out`: metrics.json (header, mean / std over
     seeds, per-seed results, the first seed's per-class metrics and confusion matrix with the class
     names, and for binary tasks which class is positive), predictions.npz (test labels and scores of
-    every seed), roc.png and confusion.png of the first seed, reliability.png (every seed's test
+    every seed, each row's index in the test split and, where the data has them, its file names:
+    `file_names`, or the header's "file_names", which stays out of metrics.json), and the figures
+    (common.figures, PDF + PNG): roc (mean curve over seeds with its band, AUC mean ± std, the
+    reported operating point), confusion (summed over seeds), reliability (every seed's test
     predictions pooled), and a printed summary. per_seed[i]["test"] should come from
     evaluation_metrics (or classification_metrics) with the same positive_class; balanced accuracy,
     ECE and Brier are added from the seed's scores where it lacks them. A key only some seeds have
@@ -915,7 +740,11 @@ def write_results(out, header, per_seed, y_true, scores, task, first_seed, title
     written last (a directory holding it is a finished run). Returns the metrics.json dict."""
     import json
 
+    from common import figures
     from common.rundir import atomic_write_text
+    header = dict(header)
+    file_names = header.pop("file_names", None) if file_names is None else file_names
+    header.pop("file_names", None)
     per_seed = [_with_calibration(r, y_true, sc, task) for r, sc in zip(per_seed, scores)]
     names = list(dict.fromkeys(k for r in per_seed for k in r["test"]))
     values = {k: [r["test"][k] for r in per_seed if k in r["test"]] for k in names}
@@ -931,15 +760,28 @@ def write_results(out, header, per_seed, y_true, scores, task, first_seed, title
               "per_class_first_seed": per_class_metrics(y_true, scores[0], task, labels),
               "confusion_first_seed": cm.tolist(),
               "per_seed": per_seed}
+    rows = {"index": np.arange(len(np.asarray(y_true)))}
+    if file_names is not None:
+        if len(file_names) != len(rows["index"]):
+            raise ValueError(f"{len(file_names)} file names for {len(rows['index'])} test images")
+        rows["file_names"] = np.array([str(f) for f in file_names])
     np.savez(os.path.join(out, "predictions.npz"), y_true=y_true, y_score=scores[0],
-             y_score_per_seed=np.stack(scores), seeds=np.array([r["seed"] for r in per_seed]))
-    plot_roc(y_true, scores[0], task, os.path.join(out, "roc.png"), title=title, class_names=labels,
-             positive_class=positive_class)
-    plot_confusion(cm, os.path.join(out, "confusion.png"), class_names=labels, title=title)
-    pooled = f"{len(scores)} seeds pooled" if len(scores) > 1 else f"seed {first_seed}"
-    plot_reliability(np.concatenate([np.asarray(y_true)] * len(scores)),
-                     np.concatenate([np.asarray(s) for s in scores]), task, os.path.join(out, "reliability.png"),
-                     title=f"{title}: reliability, {pooled}")
+             y_score_per_seed=np.stack(scores), seeds=np.array([r["seed"] for r in per_seed]), **rows)
+    # figures: titles from the header (never a path), every seed shown
+    seeds = len(scores)
+    point = figures.operating_point(result["mean"], labels[positive_class], seeds) if task == BINARY else None
+    figures.plot_roc(y_true, list(scores), task, os.path.join(out, "roc.png"),
+                     title=figures.run_title(result, seeds, "Test ROC"), class_names=labels,
+                     positive_class=positive_class, operating_point=point)
+    summed = sum(confusion(y_true, s, task) for s in scores)
+    call = "argmax" if _check_task(task) == MULTI_CLASS else "P > 0.5"
+    figures.plot_confusion(summed, os.path.join(out, "confusion.png"), class_names=labels,
+                           title=figures.run_title(result, seeds, f"Test confusion ({call}"
+                                                   + (f", summed over {seeds} seeds)" if seeds > 1 else ")")))
+    figures.plot_reliability(np.concatenate([np.asarray(y_true)] * seeds),
+                             np.concatenate([np.asarray(s) for s in scores]), task, os.path.join(out, "reliability.png"),
+                             title=figures.run_title(result, seeds, "Reliability" + (f" ({seeds} seeds pooled)"
+                                                                                     if seeds > 1 else "")))
     print(f"\n{title} test, n={len(per_seed)} seeds"
           + (f"; positive class: {labels[positive_class]}" if task == BINARY else ""))
     width = max(len(k) for k in names if k not in THRESHOLD_KEYS)

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import torch
 
-from common import metrics  # also sets matplotlib's headless backend before pyplot loads
+from common import figures  # also sets matplotlib's headless backend before pyplot loads
 import matplotlib.pyplot as plt  # noqa: E402
 
 
@@ -114,8 +114,8 @@ def _display(image):
 
 
 def plot_overlay_grid(images, maps, path, title="", alpha=0.5, row_labels=None, predicted=None):
-    """Write a PNG grid: a row per image; columns: the input, then each model's map laid over it
-    (jet colour map, `alpha` opaque), with one colorbar for the map scale. images: N images (any
+    """Write a grid (PDF and 300 dpi PNG, figures.save): a row per image; columns: the input, then
+    each model's map laid over it (jet colour map, `alpha` opaque), with one colorbar for the map scale. images: N images (any
     layout _display takes); maps: an ordered dict {column label: (N, H, W) array in [0, 1]}, e.g.
     {"Barlow Twins": a, "random init": b}. row_labels: N strings under each input, e.g. the true
     class; predicted: {column label: N strings}, e.g. each model's predicted class, shown under
@@ -148,16 +148,11 @@ def plot_overlay_grid(images, maps, path, title="", alpha=0.5, row_labels=None, 
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
-        fig.suptitle(metrics.wrap(title, int(22 * cols)), fontsize=9)
+        fig.suptitle(figures.wrap(title, int(22 * cols)), fontsize=9)
     # keep the top 0.45 inch for the title: tight_layout alone lets it sit on the column headings
     fig.tight_layout(rect=(0, 0, 1, 1 - (0.45 if title else 0) / fig.get_figheight()))
     if shown_map is not None:
         bar = fig.colorbar(shown_map, ax=axes[:, 1:].ravel().tolist(), fraction=0.04, pad=0.03)
         bar.set_label("evidence for the class (1 = strongest in the image)", fontsize=7)
         bar.ax.tick_params(labelsize=7)
-    folder = os.path.dirname(os.fspath(path))
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return figures.save(fig, path, title)  # a PDF beside a 300 dpi PNG

@@ -26,8 +26,31 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.cli import one_line_errors, run_main  # noqa: E402
+from common import cli  # noqa: E402
 from common.errors import UserError  # noqa: E402
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--a", nargs="+", required=True, metavar="RUN", help="metrics.json files or run directories of group A")
+    parser.add_argument("--b", nargs="+", required=True, metavar="RUN", help="metrics.json files or run directories of group B")
+    parser.add_argument("--metrics", default="auc,acc,weighted_f1",
+                        help="comma-separated test metrics to compare (default: %(default)s)")
+    parser.add_argument("--names", nargs=2, metavar=("A", "B"), default=None,
+                        help="names of the two groups in the table's header (default: from their metrics.json: "
+                             "encoder, mode, data and size, label fraction)")
+    parser.add_argument("--allow-mismatch", action="store_true",
+                        help="compare runs whose protocol differs (data, split, size, mode, label fraction, shots, "
+                             "probe, resize, positive class) with a warning, instead of refusing")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the paired bootstrap on the test images (non-binary tasks; default: 0)")
+    parser.add_argument("--json", metavar="FILE", help="also write the comparison as JSON to FILE")
+    return parser
+
+
+if __name__ == "__main__":
+    cli.parse_early(get_args_parser)  # --help, --version and flag errors answer before scipy and sklearn load
+
 from common.metrics import compare_samples, group_mismatches, group_name, paired_runs_test  # noqa: E402
 
 
@@ -129,21 +152,7 @@ def check_output(path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--a", nargs="+", required=True, metavar="RUN", help="metrics.json files or run directories of group A")
-    parser.add_argument("--b", nargs="+", required=True, metavar="RUN", help="metrics.json files or run directories of group B")
-    parser.add_argument("--metrics", default="auc,acc,weighted_f1",
-                        help="comma-separated test metrics to compare (default: %(default)s)")
-    parser.add_argument("--names", nargs=2, metavar=("A", "B"), default=None,
-                        help="names of the two groups in the table's header (default: from their metrics.json: "
-                             "encoder, mode, data and size, label fraction)")
-    parser.add_argument("--allow-mismatch", action="store_true",
-                        help="compare runs whose protocol differs (data, split, size, mode, label fraction, shots, "
-                             "probe, resize, positive class) with a warning, instead of refusing")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the paired bootstrap on the test images (non-binary tasks; default: 0)")
-    parser.add_argument("--json", metavar="FILE", help="also write the comparison as JSON to FILE")
-    args = one_line_errors(parser).parse_args()
+    args = cli.parse_args(get_args_parser())
     names = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if not names:
         raise UserError("--metrics is empty; give e.g. --metrics auc,acc")
@@ -180,4 +189,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run_main(main)

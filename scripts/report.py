@@ -1,7 +1,22 @@
-"""A paper's report from its run directories: report.md (each table with our numbers, mean ± std over
-seeds with n, beside the published ones marked "quoted", and Welch / Mann-Whitney p-values for the
-comparisons the paper makes), the figures as PNGs, and runs.csv (one line per run and seed). Rows or
-figures whose runs are missing say "not run: <reason>", never leave a gap.
+"""A report of run directories: report.md, its figures (each a PDF and a 300 dpi PNG) and runs.csv
+(one line per evaluation run and seed).
+
+Without a spec, every run found is reported: name run folders, a glob, or a folder above them (walked
+for evaluation runs, which hold metrics.json, and pretraining runs, which hold log.jsonl and
+checkpoint.pt):
+
+    python scripts/report.py runs/ --out results/mine
+
+report.md then has a table of the evaluation runs (data, encoder, mode, labels used, seeds, test AUC
+and ACC as mean ± sample std over seeds), the comparisons of every two runs of one protocol (as below:
+Welch and Mann-Whitney over seeds, and DeLong's test or a paired bootstrap on the same test images),
+"What holds" (the differences at p < 0.05, in words), the pretraining runs' loss and kNN monitor, and
+each evaluation run's ROC (mean over seeds, ± 1 SD band, the reported operating point).
+
+With a spec, a paper's report: each table with our numbers, mean ± std over seeds with n, beside the
+published ones marked "quoted", Welch / Mann-Whitney p-values for the comparisons the paper makes,
+and the figures it names. Rows or figures whose runs are missing say "not run: <reason>", never leave
+a gap. A row label keeps one colour in every figure.
 
     python scripts/report.py --spec results/paper001/spec.yaml --out results/paper001
 
@@ -49,14 +64,29 @@ import os
 import re
 import sys
 
-import numpy as np
-import yaml
-from sklearn.metrics import roc_curve
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import metrics, saliency  # noqa: E402  (metrics also makes matplotlib headless)
-from common.cli import run_main  # noqa: E402
+from common import cli  # noqa: E402
 from common.errors import UserError  # noqa: E402
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="*", metavar="RUN",
+                        help="run directories, globs or parent folders (walked for evaluation runs' metrics.json and "
+                             "pretraining runs' log.jsonl + checkpoint.pt): a report without a spec (default: none)")
+    parser.add_argument("--spec", default=None,
+                        help="YAML or JSON file describing the tables and figures, instead of RUN (default: none)")
+    parser.add_argument("--out", required=True, help="folder for report.md, runs.csv and the figures (PDF and PNG)")
+    return parser
+
+
+if __name__ == "__main__":
+    cli.parse_early(get_args_parser)  # --help, --version and flag errors answer before matplotlib loads
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from common import figures, metrics, saliency  # noqa: E402  (figures also makes matplotlib headless)
 import matplotlib.pyplot as plt  # noqa: E402
 
 NAMES = {"auc": "AUC", "acc": "ACC", "f1": "F1", "weighted_f1": "weighted F1"}
@@ -199,8 +229,11 @@ def differences(found):
                      for field, a, b, _ in found)
 
 
-def comparison_lines(table, names, samples, groups=None):
+def comparison_lines(table, names, samples, groups=None, results=None):
+    """The comparisons of table["compare"] as Markdown lines; `results`, a list, also gets each
+    (pair, metric, compare_samples result) and (pair, None, paired_runs_test result)."""
     groups = groups or {}
+    results = [] if results is None else results
     allowed = allowed_fields(table)
     lines = ["| comparison | metric | A | B | B − A | 95% CI of B − A | p (Welch) | p (Mann-Whitney) |",
              "|---" * 8 + "|"]
@@ -231,6 +264,7 @@ def comparison_lines(table, names, samples, groups=None):
                 lines.append(f"| {b} vs {a} | {NAMES.get(m, m)} | {cell(va)} | {cell(vb)} | – | – | n/a | n/a |")
                 continue
             c = metrics.compare_samples(va, vb)
+            results.append((f"{b} vs {a}", m, c))
             ci = "n/a" if c["diff_ci95_low"] is None else f"[{c['diff_ci95_low']:+.3f}, {c['diff_ci95_high']:+.3f}]"
             lines.append(f"| {b} vs {a} | {NAMES.get(m, m)} | {cell(va)} | {cell(vb)} | {c['diff']:+.3f} | {ci} | "
                          f"{p_text(c['welch_p'])} | {p_text(c['mwu_p'])} |")
@@ -240,6 +274,7 @@ def comparison_lines(table, names, samples, groups=None):
             result, _ = metrics.paired_runs_test(groups[a], groups[b])
             if result is not None:
                 paired.append((f"{b} vs {a}", result))
+                results.append((f"{b} vs {a}", None, result))
     lines += ["", "Welch's t-test (unequal variances) with its 95% interval of B − A, and the two-sided Mann-Whitney "
                   "U test, over the per-seed test values; n/a with fewer than 2 values a side or no variance at all.",
               ""]
@@ -266,20 +301,16 @@ def paired_lines(paired):
 
 
 # ---------------------------------------------------------------- figures
-def roc_points(y_true, y_score, task):
-    """Binary: the ROC curve of P(class 1). Otherwise the macro average of the one-vs-rest (or
-    per-label) curves on a common false-positive grid, the curve whose area is the table's AUC."""
-    y, s = np.asarray(y_true), np.asarray(y_score, dtype=float)
-    if task == metrics.BINARY:
-        return roc_curve(y.ravel(), s[:, -1] if s.ndim == 2 else s)[:2]
-    y = y if task == metrics.MULTI_LABEL else y.reshape(-1, 1) == np.arange(s.shape[1])
-    grid = np.linspace(0, 1, 201)
-    return grid, np.mean([np.interp(grid, *roc_curve(y[:, j], s[:, j])[:2]) for j in range(s.shape[1])], axis=0)
+def seed_roc(y_true, y_score, task, positive_class=1):
+    """One seed's ROC as TPR on figures.FPR_GRID: a binary task's positive class, otherwise the macro
+    average of the one-vs-rest (or per-label) curves, the curve whose area is the table's AUC."""
+    curves = figures.roc_targets(y_true, [y_score], task, positive_class=positive_class)
+    return np.mean([figures.roc_on_grid(target, scores[0]) for _, target, scores in curves], axis=0)
 
 
 def axes(title, xlabel, ylabel):
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=110)
-    ax.set_title(metrics.wrap(title, 55), fontsize=10)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.set_title(figures.wrap(title, 55), fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -287,32 +318,49 @@ def axes(title, xlabel, ylabel):
 
 
 def save(fig, ax, path):
+    """PDF and 300 dpi PNG (figures.save), a legend naming the rows."""
     handles = ax.get_legend_handles_labels()[0]
     if handles:  # below the axes, where it covers no curve
-        metrics.legend_below(ax, len(handles), fontsize=8)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return os.path.basename(path)
+        figures.legend_below(ax, len(handles), fontsize=8)
+    return os.path.basename(figures.save(fig, path))
 
 
-def band(ax, xs, groups, label):
-    """Mean line with a ± std band (sample std) over each x's values."""
+def band(ax, xs, groups, label, colour=None):
+    """Mean line with a ± 1 SD band (sample std) over each x's values."""
     mean, std = np.array([metrics.mean_std(g) for g in groups]).T
-    ax.plot(xs, mean, marker="o" if len(xs) < 20 else None, ms=4, label=label)
-    ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+    line, = ax.plot(xs, mean, marker="o" if len(xs) < 20 else None, ms=4, label=label, color=colour)
+    ax.fill_between(xs, mean - std, mean + std, alpha=0.2, color=line.get_color(), lw=0)
+
+
+def positive_of(run):
+    return (run.get("positive_class") or {}).get("index", 1)
 
 
 # Each figure function gets the rows that have files, as (row, runs, files): runs are the metrics.json
-# contents beside the files (an empty list for files not written by evaluate.py).
-def roc_figure(fig, path, found):
-    plot, ax = axes(fig["title"], "false positive rate", "true positive rate")
+# contents beside the files (an empty list for files not written by evaluate.py); and the report's
+# colours, {row label: colour}.
+def roc_figure(fig, path, found, palette):
+    plot, ax = axes(fig["title"], "False positive rate (1 − specificity)", "True positive rate (sensitivity)")
+    banded = False
     for row, runs, files in found:
-        p, task = np.load(files[0]), runs[0]["task"]
-        fpr, tpr = roc_points(p["y_true"], p["y_score"], task)
-        ax.plot(fpr, tpr, lw=1.2, label=f"{row['label']} (AUC {metrics.auc(p['y_true'], p['y_score'], task):.3f})")
+        y, scores = metrics.read_predictions(os.path.dirname(files[0]))
+        tprs = np.array([seed_roc(y, s, runs[0]["task"], positive_of(runs[0])) for s in scores])
+        aucs = [metrics.auc(y, s, runs[0]["task"]) for s in scores]
+        mean, std = metrics.mean_std(aucs)
+        spread = f" ± {std:.3f}" if len(aucs) > 1 else ""
+        line, = ax.plot(figures.FPR_GRID, tprs.mean(axis=0), lw=1.4, color=palette.get(row["label"]),
+                        label=f"{row['label']}: AUC {mean:.3f}{spread} ({len(aucs)} seed{'s' * (len(aucs) > 1)})")
+        if len(tprs) > 1:
+            banded, sd = True, tprs.std(axis=0, ddof=1)
+            ax.fill_between(figures.FPR_GRID, np.clip(tprs.mean(axis=0) - sd, 0, 1),
+                            np.clip(tprs.mean(axis=0) + sd, 0, 1), color=line.get_color(), alpha=0.2, lw=0)
+    if banded:  # the band's meaning, once
+        ax.fill_between([], [], [], color="grey", alpha=0.2, lw=0, label="± 1 SD of the TPR over seeds")
     ax.plot([0, 1], [0, 1], "k--", lw=0.7)
-    return [save(plot, ax, path)], ("Test split; each curve is the first seed of the row's first run (with several "
-                                    "classes or labels: the macro average of their one-vs-rest curves).")
+    return [save(plot, ax, path)], ("Test split; each curve is the mean over the seeds of the row's first run "
+                                    "(TPR interpolated on a common false-positive grid), the band ± 1 SD over "
+                                    "those seeds; with several classes or labels, the macro average of their "
+                                    "one-vs-rest curves. The AUC is the mean ± SD of the seeds' AUCs.")
 
 
 def numbered(path, n):
@@ -320,27 +368,28 @@ def numbered(path, n):
     return [f"{os.path.splitext(path)[0]}_{i}.png" for i in range(n)]
 
 
-def confusion_figure(fig, path, found):
+def confusion_figure(fig, path, found, palette):
     pngs = numbered(path, len(found))
     for png, (row, runs, files) in zip(pngs, found):
-        p = np.load(files[0])
-        metrics.plot_confusion(metrics.confusion(p["y_true"], p["y_score"], runs[0]["task"]), png,
-                               class_names=fig.get("class_names") or runs[0].get("class_names"),
-                               title=f"{fig['title']}: {row['label']}")
-    return [os.path.basename(p) for p in pngs], ("Test split, first seed of each row's first run; rows are true "
-                                                 "classes, each cell its count and its share of the row.")
+        y, scores = metrics.read_predictions(os.path.dirname(files[0]))
+        summed = sum(metrics.confusion(y, s, runs[0]["task"]) for s in scores)
+        seeds = f", summed over {len(scores)} seeds" if len(scores) > 1 else ""
+        figures.plot_confusion(summed, png, class_names=fig.get("class_names") or runs[0].get("class_names"),
+                               title=f"{fig['title']}: {row['label']}{seeds}")
+    return [os.path.basename(p) for p in pngs], ("Test split, every seed of each row's first run summed; rows are "
+                                                 "true classes, each cell its count and its share of the row.")
 
 
-def curve_figure(fig, path, found):
+def curve_figure(fig, path, found, palette):
     x, metric = fig.get("x", "label_fraction"), fig.get("metric", "auc")
-    plot, ax = axes(fig["title"], x.replace("_", " "), f"test {NAMES.get(metric, metric)}")
+    plot, ax = axes(fig["title"], x.replace("_", " ").capitalize(), f"Test {NAMES.get(metric, metric)}")
     for row, runs, _ in found:
         by_x = {}
         for r in runs:
             if x not in r.get("args", {}):
                 raise UserError(f"figure {fig['title']!r}: a run of {row['label']!r} has no flag {x!r} in its args")
             by_x.setdefault(r["args"][x], []).extend(pooled([r], metric))
-        band(ax, sorted(by_x), [by_x[v] for v in sorted(by_x)], row["label"])
+        band(ax, sorted(by_x), [by_x[v] for v in sorted(by_x)], row["label"], palette.get(row["label"]))
     if fig.get("log_x"):
         ax.set_xscale("log")
     return [save(plot, ax, path)], f"Mean ± std (band) of the test {NAMES.get(metric, metric)} over seeds at each {x}."
@@ -371,31 +420,33 @@ def loss_series(path, key="loss"):
     return list(series.values())
 
 
-def loss_figure(fig, path, found):
+def loss_figure(fig, path, found, palette):
     key = fig.get("key", "loss")
-    plot, ax, empty = *axes(fig["title"], "epoch", "training loss" if key == "loss" else key.replace("_", " ")), []
+    plot, ax, empty = *axes(fig["title"], "Epoch", figures.axis_label(key)), []
     for row, _, files in found:
         series = [s for f in files for s in loss_series(f, key)]
         epochs = sorted({e for s in series for e in s})
         if not epochs:  # a run stopped before its first epoch ended
             empty.append(row["label"])
             continue
-        band(ax, epochs, [[s[e] for s in series if e in s] for e in epochs], f"{row['label']} (n={len(series)})")
-    metrics.integer_epochs(ax)
+        # epochs counted from 1, as the runs' own loss.png and their progress lines count them
+        band(ax, [e + 1 for e in epochs], [[s[e] for s in series if e in s] for e in epochs],
+             f"{row['label']} (n={len(series)})", palette.get(row["label"]))
+    figures.integer_epochs(ax)
     drawn = [v for line in ax.get_lines() for v in line.get_ydata()]
     # the spec's log_y, or a log axis by itself when the rows' losses differ by orders of magnitude
     log_y = fig.get("log_y", "auto")
-    if log_y is True or (log_y == "auto" and metrics.log_scale_needed(drawn)):
+    if log_y is True or (log_y == "auto" and figures.log_scale_needed(drawn)):
         ax.set_yscale("log")
     return [save(plot, ax, path)], ("Mean ± std (band) over the row's runs and seeds, per epoch."
                                     + (f" No epoch logged yet: {', '.join(empty)}." if empty else ""))
 
 
-def lr_range_figure(fig, path, found):
+def lr_range_figure(fig, path, found, palette):
     pngs = numbered(path, len(found))
     for png, (row, _, files) in zip(pngs, found):
         r = read_json(files[0])
-        metrics.plot_lr_range(r["lrs"], r["losses"], r["chosen"], png, title=f"{fig['title']}: {row['label']}")
+        figures.plot_lr_range(r["lrs"], r["losses"], r["chosen"], png, title=f"{fig['title']}: {row['label']}")
     return [os.path.basename(p) for p in pngs], "Loss against learning rate in the range test; dashed: the lr chosen."
 
 
@@ -405,7 +456,7 @@ def class_names_beside(path):
     return read_json(beside).get("class_names") if os.path.isfile(beside) else None
 
 
-def saliency_figure(fig, path, found):
+def saliency_figure(fig, path, found, palette):
     key, grids = fig.get("map", "gradcam"), [(row["label"], np.load(files[0])) for row, _, files in found]
     for label, s in grids[1:]:
         if "index" in s and not np.array_equal(s["index"], grids[0][1]["index"]):
@@ -428,7 +479,7 @@ FIGURES = {"roc": (roc_figure, "predictions.npz", True), "confusion": (confusion
            "lr_range": (lr_range_figure, "lr_range*.json", False), "saliency": (saliency_figure, "saliency.npz", False)}
 
 
-def figure_section(fig, out, used):
+def figure_section(fig, out, used, palette=None):
     if fig.get("kind") not in FIGURES:
         raise UserError(f"figure {fig['title']!r}: kind must be one of {', '.join(FIGURES)}, got {fig.get('kind')!r}")
     draw, pattern, evaluated = FIGURES[fig["kind"]]
@@ -440,11 +491,16 @@ def figure_section(fig, out, used):
         if reason:
             notes.append(f"- {row['label']}: {'partly run' if files else 'not run'}: {reason}")
     name = fig.get("file") or re.sub(r"[^a-z0-9]+", "_", fig["title"].lower()).strip("_") + ".png"
-    pngs, caption = draw(fig, os.path.join(out, name), found) if found else ([], "")
+    pngs, caption = draw(fig, os.path.join(out, name), found, palette or {}) if found else ([], "")
     lines = [f"### {fig['title']}", ""]
     if pngs:  # several PNGs on one line sit side by side in rendered Markdown
-        lines += [" ".join(f"![{fig['title']}]({png})" for png in pngs), "", caption, ""]
+        lines += [" ".join(f"![{fig['title']}]({png})" for png in pngs), "", caption + " " + vector_links(pngs), ""]
     return lines + (notes + [""] if notes else [])
+
+
+def vector_links(pngs):
+    """Links to the PDFs beside the PNGs, for a paper."""
+    return "Vector: " + ", ".join(f"[{os.path.splitext(p)[0]}.pdf]({os.path.splitext(p)[0]}.pdf)" for p in pngs) + "."
 
 
 # ---------------------------------------------------------------- report and CSV
@@ -495,8 +551,10 @@ def build_report(spec, out):
     for table in spec.get("tables", []):
         lines += table_section(table, used)
     lines += ["## Figures", ""] if spec.get("figures") else []
+    # one colour per row label in every figure of the report
+    palette = figures.colours(row["label"] for fig in spec.get("figures", []) for row in fig["rows"])
     for fig in spec.get("figures", []):
-        lines += figure_section(fig, out, used)
+        lines += figure_section(fig, out, used, palette)
     n = write_csv(os.path.join(out, "runs.csv"), used)
     lines += [f"Every run behind this report, one line per run and seed, with its test metrics and flags: "
               f"[runs.csv](runs.csv) ({n} lines)."]
@@ -506,13 +564,161 @@ def build_report(spec, out):
     return path
 
 
+# ---------------------------------------------------------------- a report without a spec
+def discover(paths):
+    """(evaluation run folders, pretraining run folders) under `paths`: run folders, metrics.json or
+    log.jsonl files, globs, or parent folders walked (hidden folders, e.g. an --overwrite's .old-*,
+    skipped). An evaluation run holds metrics.json; a pretraining run log.jsonl and checkpoint.pt."""
+    evaluations, pretrainings = [], []
+    for given in paths:
+        for path in sorted(glob.glob(given)) or [given]:
+            if os.path.isfile(path):
+                path = os.path.dirname(path) or "."
+            if not os.path.isdir(path):
+                raise UserError(f"{given}: no such run folder or file; give run folders, a glob or a parent folder")
+            for folder, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                if "metrics.json" in files:
+                    evaluations.append(os.path.normpath(folder))
+                elif "log.jsonl" in files and "checkpoint.pt" in files:
+                    pretrainings.append(os.path.normpath(folder))
+    return list(dict.fromkeys(evaluations)), list(dict.fromkeys(pretrainings))
+
+
+def run_labels(folders):
+    """{folder: its name}: the folder's own name, or its path below the folders' common parent when
+    two share a name."""
+    names = [os.path.basename(os.path.abspath(f)) for f in folders]
+    if len(set(names)) < len(names):
+        root = os.path.commonpath([os.path.abspath(f) for f in folders])
+        names = [os.path.relpath(os.path.abspath(f), root) for f in folders]
+    return dict(zip(folders, names))
+
+
+def baseline_first(a, b, runs):
+    """A comparison's pair ordered (A, B) with a random or ImageNet init as A, else by name."""
+    plain = [label for label in (a, b) if runs[label].get("encoder") in ("random", "imagenet")]
+    return (plain[0], b if plain[0] == a else a) if len(plain) == 1 else tuple(sorted((a, b)))
+
+
+def what_holds(results, n_pairs):
+    """The differences that hold across seeds (Welch p < 0.05) or on the same test images (paired
+    test p < 0.05), as plain sentences."""
+    lines = []
+    for pair, metric, r in results:
+        b, a = pair.split(" vs ", 1)
+        if metric is not None and r["welch_p"] is not None and r["welch_p"] < 0.05:
+            lines.append(f"- {b} has a {'higher' if r['diff'] > 0 else 'lower'} test {NAMES.get(metric, metric)} than "
+                         f"{a}: {r['mean_b']:.3f} vs {r['mean_a']:.3f} ({r['diff']:+.3f}, 95% CI "
+                         f"[{r['diff_ci95_low']:+.3f}, {r['diff_ci95_high']:+.3f}]; Welch p = {p_text(r['welch_p'])}, "
+                         f"{r['n_b']} and {r['n_a']} seeds).")
+        elif metric is None and r["p"] is not None and r["p"] < 0.05:
+            lines.append(f"- On the same {r['n_images']} test images, {b}'s seed-averaged scores have a "
+                         f"{'higher' if r['diff'] > 0 else 'lower'} AUC than {a}'s: {r['auc_b']:.3f} vs "
+                         f"{r['auc_a']:.3f} ({r['method']}, p = {p_text(r['p'])}).")
+    if not n_pairs:
+        return ["- Nothing was compared: no two evaluation runs share a protocol (data, split, size, mode, label "
+                "fraction, shots, probe, resize, positive class)."]
+    if not lines:
+        return ["- No difference between these runs holds at p < 0.05."]
+    return lines + [f"- These p-values are not corrected for the {n_pairs} comparison{'s' * (n_pairs > 1)} made."]
+
+
+def auto_report(paths, out):
+    """report.md, runs.csv and the figures of every run found under `paths` (discover), without a spec:
+    a table of the evaluation runs, the tests between runs of one protocol and what holds, each run's
+    ROC, and the pretraining runs' loss and kNN monitor. Returns the report's path."""
+    evaluations, pretrainings = discover(paths)
+    if not evaluations and not pretrainings:
+        raise UserError(f"no run under {', '.join(paths)}: an evaluation run holds metrics.json, a pretraining run "
+                        f"log.jsonl and checkpoint.pt; give their folders or a folder above them")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file; give a folder for report.md, runs.csv and the figures")
+    os.makedirs(out, exist_ok=True)
+    labels = run_labels(evaluations + pretrainings)
+    palette = figures.colours(labels.values())
+    used, runs = {}, {}
+    for folder in evaluations:
+        path = os.path.join(folder, "metrics.json")
+        run = read_json(path)
+        if not isinstance(run, dict) or not isinstance(run.get("per_seed"), list):
+            raise UserError(f"{path} has no per-seed results: is it a metrics.json of evaluate.py?")
+        runs[labels[folder]] = run
+        used[path] = [run, ["table"]]
+    lines = [f"# Report of {len(evaluations)} evaluation and {len(pretrainings)} pretraining runs", ""]
+    if evaluations:
+        lines += ["## Evaluation runs (test split)", "",
+                  "| run | data | encoder | mode | labels | seeds | AUC | ACC |", "|---" * 8 + "|"]
+        for folder in evaluations:
+            run, args = runs[labels[folder]], runs[labels[folder]].get("args") or {}
+            fraction = (f"{args['shots']} per class" if run.get("mode") == "fewshot" and "shots" in args else
+                        f"{100 * float(args.get('label_fraction', 1.0)):g}%")
+            mode = figures.MODE_NAMES.get(run.get("mode"), run.get("mode"))
+            if run.get("mode") == "linear_probe" and args.get("probe"):
+                mode += f" ({args['probe']})"
+            data = figures.dataset_name(run.get("data")) + (f" {run['size']} px" if run.get("size") else "")
+            lines.append(f"| {labels[folder]} | {data} | {figures.encoder_name(run) or '–'} | "
+                         f"{mode} | {fraction} | {len(run['per_seed'])} | {cell(pooled([run], 'auc'))} | "
+                         f"{cell(pooled([run], 'acc'))} |")
+        lines += ["", "Mean ± sample SD over seeds (n), as each run's metrics.json reports them.", ""]
+        # tests between runs of one protocol
+        pairs = [baseline_first(a, b, runs) for i, a in enumerate(runs) for b in list(runs)[i + 1:]
+                 if runs[a].get("task") == runs[b].get("task") and not metrics.protocol_mismatches(runs[a], runs[b])]
+        if pairs:
+            samples = {label: {m: pooled([run], m) for m in ("auc", "acc")} for label, run in runs.items()}
+            groups = {labels[f]: [(runs[labels[f]], f)] for f in evaluations}
+            results = []
+            table = {"title": "Comparisons", "compare": pairs}
+            lines += ["## Comparisons", ""] + comparison_lines(table, ["auc", "acc"], samples, groups, results)
+        else:
+            results = []
+        lines += ["## What holds", ""] + what_holds(results, len(pairs)) + [""]
+    lines += ["## Figures", ""] if evaluations or pretrainings else []
+    if pretrainings:
+        rows = [{"label": labels[f], "runs": glob.escape(f)} for f in pretrainings]
+        lines += figure_section({"kind": "loss", "title": "Pretraining loss", "rows": rows}, out, used, palette)
+        monitored = [row for row, f in zip(rows, pretrainings)
+                     if loss_series(os.path.join(f, "log.jsonl"), "knn_val_auc")]
+        if monitored:
+            lines += figure_section({"kind": "loss", "title": "kNN monitor during pretraining (validation split)",
+                                     "key": "knn_val_auc", "rows": monitored, "file": "knn_monitor.png"}, out, used,
+                                    palette)
+    for folder in evaluations:
+        label, run = labels[folder], runs[labels[folder]]
+        try:
+            y, scores = metrics.read_predictions(folder)
+        except (OSError, ValueError) as e:
+            lines += [f"### Test ROC of {label}", "", f"- no ROC: {getattr(e, 'strerror', None) or e}", ""]
+            continue
+        names, positive = run.get("class_names"), positive_of(run)
+        point = figures.operating_point(run.get("mean") or {}, names[positive] if names else str(positive),
+                                        len(scores)) if run.get("task") == metrics.BINARY else None
+        name = "roc_" + re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_") + ".png"
+        figures.plot_roc(y, list(scores), run["task"], os.path.join(out, name),
+                         title=figures.run_title(run, len(scores), f"Test ROC of {label}"), class_names=names,
+                         positive_class=positive, operating_point=point)
+        lines += [f"### Test ROC of {label}", "", f"![Test ROC of {label}]({name})", "",
+                  "Mean ROC over the run's seeds (TPR interpolated on a common false-positive grid), the band ± 1 SD "
+                  "over seeds, the marked point the run's reported operating point. " + vector_links([name]), ""]
+    n = write_csv(os.path.join(out, "runs.csv"), used)
+    lines += [f"Every evaluation run behind this report, one line per run and seed, with its test metrics and flags: "
+              f"[runs.csv](runs.csv) ({n} lines)."]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", required=True, help="YAML or JSON file describing the tables and figures")
-    parser.add_argument("--out", required=True, help="folder for report.md, runs.csv and the PNGs")
-    args = parser.parse_args()
+    args = cli.parse_args(get_args_parser())
+    if bool(args.runs) == bool(args.spec):
+        raise UserError("give run folders (a report of every run found) or --spec FILE (a report as the spec "
+                        "describes it), one of the two")
     if os.path.exists(args.out) and not os.path.isdir(args.out):  # before any figure is drawn
         raise UserError(f"--out {args.out} is a file; give a folder for report.md, runs.csv and the figures")
+    if args.runs:
+        print(f"wrote {auto_report(args.runs, args.out)}")
+        return
     try:
         with open(args.spec) as f:
             spec = yaml.safe_load(f)  # JSON is YAML too
@@ -522,4 +728,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run_main(main)

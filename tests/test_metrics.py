@@ -15,6 +15,7 @@ from sklearn.metrics import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # so plain `pytest` works as well as `python -m pytest`
 
+from common import figures as F  # noqa: E402
 from common import metrics as M  # noqa: E402
 
 BIN, MC, ML, ORD = M.BINARY, M.MULTI_CLASS, M.MULTI_LABEL, M.ORDINAL
@@ -360,10 +361,11 @@ def test_confusion_hand_counted():
 def test_plot_roc_writes_png_and_reports_the_auc(task, tmp_path):
     y, s = make(task, n=120, seed=4)
     path = tmp_path / "sub" / "roc.png"
-    shown = M.plot_roc(y, s, task, path, title=task)
-    assert shown == M.auc(y, s, task)
+    shown = F.plot_roc(y, [s], task, path, title=task)
+    assert shown["auc"] == (M.auc(y, s, task), 0.0)
     data = path.read_bytes()
     assert len(data) > 1000 and data[:8] == PNG_MAGIC
+    assert (path.parent / "roc.pdf").read_bytes()[:4] == b"%PDF"
 
 
 @pytest.mark.parametrize("task", [MC, ML])
@@ -377,45 +379,46 @@ def test_plot_confusion_writes_png_of_consistent_counts(task, tmp_path):
         correct = cm[:, 0, 0] + cm[:, 1, 1]
         assert np.mean(correct / 120) == pytest.approx(M.acc(y, s, task))
     path = tmp_path / "cm.png"
-    M.plot_confusion(cm, path, title="cm")
+    F.plot_confusion(cm, path, title="cm")
     data = path.read_bytes()
     assert len(data) > 1000 and data[:8] == PNG_MAGIC
     with pytest.raises(ValueError):
-        M.plot_confusion(np.zeros((2, 3)), tmp_path / "bad.png")
+        F.plot_confusion(np.zeros((2, 3)), tmp_path / "bad.png")
 
 
 def test_log_axis_only_when_values_span_orders_of_magnitude():
-    assert M.log_scale_needed([2.1, 1.4, 560, 380])          # BYOL and Barlow Twins losses on one axis
-    assert not M.log_scale_needed([2.1, 1.4, 1.2])
-    assert not M.log_scale_needed([-1.0, 500.0])             # a log axis cannot show non-positive values
-    assert not M.log_scale_needed([])
+    assert F.log_scale_needed([2.1, 1.4, 560, 380])          # BYOL and Barlow Twins losses on one axis
+    assert not F.log_scale_needed([2.1, 1.4, 1.2])
+    assert not F.log_scale_needed([-1.0, 500.0])             # a log axis cannot show non-positive values
+    assert not F.log_scale_needed([])
 
 
 def test_training_curves_tick_whole_epochs_and_go_log_for_mixed_scales(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
     seen = {}
-    real_save = M._save
+    real_save = F.save
 
-    def record(fig, path):
+    def record(fig, path, title=None):
         ax = fig.axes[0]
         fig.canvas.draw()
         seen[os.path.basename(path)] = (ax.get_yscale(), [t for t in ax.get_xticks() if 0 <= t <= 2],
                                         ax.get_legend() is not None)
-        real_save(fig, path)
-    monkeypatch.setattr(M, "_save", record)
-    M.plot_training_curves({"BYOL": ([0, 1, 2], [2.1, 1.6, 1.4]), "Barlow Twins": ([0, 1, 2], [560, 420, 380])},
+        return real_save(fig, path, title)
+    monkeypatch.setattr(F, "save", record)
+    F.plot_training_curves({"BYOL": ([0, 1, 2], [2.1, 1.6, 1.4]), "Barlow Twins": ([0, 1, 2], [560, 420, 380])},
                            tmp_path / "both.png", title="pretraining loss")
-    M.plot_training_curves({"BYOL": ([0, 1, 2], [2.1, 1.6, 1.4])}, tmp_path / "one.png")
+    F.plot_training_curves({"BYOL": ([0, 1, 2], [2.1, 1.6, 1.4])}, tmp_path / "one.png", title="BYOL loss")
     assert seen["both.png"][0] == "log" and seen["one.png"][0] == "linear"
     for scale, ticks, legend in seen.values():
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
-        assert legend
+    # a legend names two series; one series is named by the title
+    assert seen["both.png"][2] and not seen["one.png"][2]
     assert (tmp_path / "both.png").read_bytes()[:8] == PNG_MAGIC
     # one monitored epoch (a 5-epoch run with --eval-every 5): whole-epoch ticks around it, not 4.74 ... 5.22
     seen.clear()
-    monkeypatch.setattr(M, "_save", lambda fig, path: seen.update(ticks=list(fig.axes[0].get_xticks()),
-                                                                   xlim=fig.axes[0].get_xlim()))
-    M.plot_training_curves({"kNN": ([5], [0.96])}, tmp_path / "knn.png")
+    monkeypatch.setattr(F, "save", lambda fig, path, title=None: seen.update(ticks=list(fig.axes[0].get_xticks()),
+                                                                              xlim=fig.axes[0].get_xlim()))
+    F.plot_training_curves({"kNN": ([5], [0.96])}, tmp_path / "knn.png")
     inside = [t for t in seen["ticks"] if seen["xlim"][0] <= t <= seen["xlim"][1]]
     assert 5 in inside and all(float(t).is_integer() for t in inside), seen
     plt.close("all")
@@ -423,31 +426,28 @@ def test_training_curves_tick_whole_epochs_and_go_log_for_mixed_scales(tmp_path,
 
 def test_confusion_plot_shows_class_names_and_row_percentages(tmp_path, monkeypatch):
     texts = {}
-    real_save = M._save
+    real_save = F.save
 
-    def record(fig, path):
+    def record(fig, path, title=None):
         ax = fig.axes[0]
         texts["cells"] = [t.get_text() for t in ax.texts]
         texts["x"] = [t.get_text() for t in ax.get_xticklabels()]
         texts["colorbar"] = len(fig.axes) == 2
-        real_save(fig, path)
-    monkeypatch.setattr(M, "_save", record)
-    M.plot_confusion(np.array([[30, 10], [5, 15]]), tmp_path / "cm.png", class_names=["malignant", "normal, benign"])
+        return real_save(fig, path, title)
+    monkeypatch.setattr(F, "save", record)
+    F.plot_confusion(np.array([[30, 10], [5, 15]]), tmp_path / "cm.png", class_names=["malignant", "normal, benign"])
     assert texts["cells"] == ["30\n75%", "10\n25%", "5\n25%", "15\n75%"]
     assert texts["x"] == ["malignant", "normal, benign"] and texts["colorbar"]
 
 
 def test_binary_roc_is_the_positive_class_curve_with_the_same_auc(tmp_path, monkeypatch):
     y, s = make(BIN, n=150, seed=15)
-    labels = {}
-    real_save = M._save
-    monkeypatch.setattr(M, "_save", lambda fig, path: (labels.setdefault(os.path.basename(path), [
-        t.get_text() for t in fig.axes[0].get_legend().get_texts()]), real_save(fig, path)))
-    one = M.plot_roc(y, s, BIN, tmp_path / "one.png", class_names=["malignant", "normal, benign"])
-    zero = M.plot_roc(y, s, BIN, tmp_path / "zero.png", class_names=["malignant", "normal, benign"], positive_class=0)
-    assert one == zero == pytest.approx(roc_auc_score(y, s[:, 1]))  # AUC of class 0 on 1 - score is the same
-    assert labels["zero.png"] == [f"malignant (positive class): AUC {one:.3f}"]
-    assert labels["one.png"] == [f"normal, benign (positive class): AUC {one:.3f}"]
+    one = F.plot_roc(y, [s], BIN, tmp_path / "one.png", class_names=["malignant", "normal, benign"])
+    zero = F.plot_roc(y, [s], BIN, tmp_path / "zero.png", class_names=["malignant", "normal, benign"], positive_class=0)
+    auc = one["auc"][0]
+    assert auc == zero["auc"][0] == pytest.approx(roc_auc_score(y, s[:, 1]))  # AUC of class 0 on 1 - score is the same
+    assert zero["legend"] == [f"malignant (positive class): AUC {auc:.3f}"]  # one seed: no spread, no band
+    assert one["legend"] == [f"normal, benign (positive class): AUC {auc:.3f}"]
 
 
 def test_compare_samples_against_a_constant_side_warns_nothing_and_matches_the_one_sample_test():
@@ -599,11 +599,10 @@ def test_brier_matches_sklearn():
 def test_reliability_diagram_is_written_and_shows_the_ece(tmp_path, monkeypatch):
     y, s = make(MC, n=200, seed=31)
     seen = {}
-    real_save = M._save
-    monkeypatch.setattr(M, "_save", lambda fig, path: (seen.update(texts=[t.get_text() for t in fig.axes[0].texts],
-                                                                     title=fig.axes[0].get_title()),
-                                                       real_save(fig, path)))
-    ece = M.plot_reliability(y, s, MC, tmp_path / "rel.png", title="seed 0")
+    real_save = F.save
+    monkeypatch.setattr(F, "save", lambda fig, path, title=None: (seen.update(
+        texts=[t.get_text() for t in fig.axes[0].texts], title=fig.axes[0].get_title()), real_save(fig, path, title)))
+    ece = F.plot_reliability(y, s, MC, tmp_path / "rel.png", title="seed 0")
     assert ece == M.expected_calibration_error(y, s, MC)
     assert seen["texts"] == [f"ECE {ece:.3f} (15 bins, n=200)"] and seen["title"] == "seed 0"
     assert (tmp_path / "rel.png").read_bytes()[:8] == PNG_MAGIC

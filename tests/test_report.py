@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import yaml
 from scipy import stats
-from sklearn.metrics import roc_curve
+from sklearn.metrics import roc_auc_score, roc_curve
 
-from common import metrics
+from common import figures, metrics
 from common.errors import UserError
 from scripts import report
 
@@ -122,16 +122,22 @@ def test_unknown_comparison_and_malformed_spec_are_one_line_errors(tmp_path):
         report.build_report({"figures": [{"title": "F", "kind": "saliency", "rows": rows}]}, str(tmp_path / "out"))
 
 
-def test_roc_points_binary_is_sklearns_curve_and_multiclass_area_is_the_macro_auc():
+def test_seed_roc_binary_is_sklearns_curve_and_multiclass_area_is_the_macro_auc():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 100)
     score = np.stack([1 - rng.random(100), rng.random(100) + 0.3 * y], axis=1)
-    fpr, tpr = report.roc_points(y[:, None], score, metrics.BINARY)
-    assert np.array_equal(fpr, roc_curve(y, score[:, 1])[0]) and np.array_equal(tpr, roc_curve(y, score[:, 1])[1])
+    fpr, tpr, _ = roc_curve(y, score[:, 1])
+    tpr_grid = report.seed_roc(y[:, None], score, metrics.BINARY)
+    inside = ~np.isin(figures.FPR_GRID, fpr)  # off sklearn's points: its curve linearly interpolated
+    np.testing.assert_allclose(tpr_grid[inside], np.interp(figures.FPR_GRID[inside], fpr, tpr))
+    # class 0 positive: the curve of 1 - P(class 1) for y == 0, the same area
+    zero = report.seed_roc(y[:, None], score, metrics.BINARY, positive_class=0)
+    assert np.trapezoid(zero, figures.FPR_GRID) == pytest.approx(roc_auc_score(y, score[:, 1]), abs=0.01)
     y3 = rng.integers(0, 3, 300)
     score3 = rng.random((300, 3)) + 0.5 * np.eye(3)[y3]
-    fpr, tpr = report.roc_points(y3, score3, metrics.MULTI_CLASS)
-    assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.auc(y3, score3, metrics.MULTI_CLASS), abs=0.005)
+    tpr3 = report.seed_roc(y3, score3, metrics.MULTI_CLASS)
+    assert np.trapezoid(tpr3, figures.FPR_GRID) == pytest.approx(metrics.auc(y3, score3, metrics.MULTI_CLASS),
+                                                                 abs=0.005)
 
 
 def test_loss_series_splits_seeds_and_skips_head_only_epochs(tmp_path):
@@ -176,9 +182,9 @@ def test_every_figure_kind_is_drawn_and_a_missing_row_is_named(tmp_path, monkeyp
                     "rows": [{"label": "pretrained", "runs": str(tmp_path / "lf*")}]})
     drawn, band = [], report.band
 
-    def recording_band(ax, xs, groups, label):  # what the curve and loss figures plot
+    def recording_band(ax, xs, groups, label, colour=None):  # what the curve and loss figures plot
         drawn.append((list(xs), groups))
-        band(ax, xs, groups, label)
+        band(ax, xs, groups, label, colour)
     monkeypatch.setattr(report, "band", recording_band)
 
     text = open(report.build_report({"title": "Figures", "figures": figures}, str(tmp_path / "out"))).read()
@@ -190,7 +196,8 @@ def test_every_figure_kind_is_drawn_and_a_missing_row_is_named(tmp_path, monkeyp
     assert text.count("- ImageNet: not run: offline: no ImageNet weights") == 5
     # the label-efficiency curve groups the pooled seeds by each run's --label-fraction
     assert ([0.1, 0.5, 1.0], [[0.6, 0.64], [0.7, 0.74], [0.8, 0.8]]) in drawn
-    assert ([0, 1, 2, 3], [[1.0, 2.0], [0.5, 1.0], [1 / 3, 2 / 3], [0.25, 0.5]]) in drawn  # both seeds' losses
+    # both seeds' losses, epochs counted from 1
+    assert ([1, 2, 3, 4], [[1.0, 2.0], [0.5, 1.0], [1 / 3, 2 / 3], [0.25, 0.5]]) in drawn
 
 
 def test_cli_reads_a_yaml_spec(tmp_path, monkeypatch, capsys):
