@@ -439,6 +439,17 @@ def load_split(flag, split, size=28, root=None, device="cpu", in_chans=3, option
     return Split(images, labels.to(device), flag, info.task, info.n_classes, info)
 
 
+def split_files(info, split):
+    """The file of each image of a split, in the split's order, as the conversion listed it: relative to
+    the folder (or to a CSV manifest's folder). None for a MedMNIST flag or an npz, whose images have no
+    files (their index in the split names them)."""
+    if info.kind not in ("folder", "csv"):
+        return None
+    with np.load(info.path) as npz:
+        files = json.loads(npz["meta"].tobytes()).get("files", {}).get(split)
+    return None if files is None else [str(f) for f in files]
+
+
 def _check_split_classes(info, split, labels):
     """Refuses a split whose scores would be undefined: val and test need every class (AUC is one-vs-rest
     per class; val's picks the epoch or probe), every label of a multi-label task both 0 and 1; train
