@@ -26,7 +26,8 @@ except ImportError:  # Windows: no advisory locks, run directories are not locke
 
 
 # Flags that may differ when the same run is re-launched (where it runs, how it is resumed).
-_RELAUNCH_FLAGS = {"device", "overwrite", "config", "out", "compile", "save_every", "save_seconds", "tensorboard"}
+_RELAUNCH_FLAGS = {"device", "overwrite", "config", "out", "compile", "save_every", "save_seconds", "tensorboard",
+                   "logger"}
 
 
 # ---------------------------------------------------------------- the OS says no
@@ -85,13 +86,20 @@ def lock_run_dir(out):
 # with the folder; the names cannot drift. Anything else (a user's file, a data set's images, a
 # folder, a run nested inside) is never moved or removed: --overwrite refuses a folder holding it.
 RUN_FILES = (r"args\.yaml", r"log\.jsonl", r"metrics\.json", r"predictions\.npz", r"saliency\.npz",
-             r"checkpoint(_seed\d+)?\.pt", r"seed_\d+\.json", r"roc\.png", r"confusion\.png", r"loss\.png",
-             r"reliability\.png", r"knn_val_auc\.png", r"lr_range(_seed\d+)?\.(json|png)", r"provenance\.json")
+             r"checkpoint(_seed\d+)?\.pt", r"seed_\d+\.json", r"(roc|confusion|loss|reliability|knn_val_auc|map)\.(png|pdf)",
+             r"lr_range(_seed\d+)?\.(json|png|pdf)", r"provenance\.json", r"embeddings\.(npz|csv|parquet)",
+             r"map\.npz", r"trackers\.json")
 TENSORBOARD = "tensorboard"  # a run's folder of TensorBoard event files (--tensorboard)
+# the folders W&B and MLflow log into (--logger), a run's own where its trackers.json names that tracker
+TRACKER_FOLDERS = {"wandb": "wandb", "mlruns": "mlflow"}
+# export.py's folder beside a checkpoint: exactly these files, nothing else
+EXPORT = "export"
+EXPORT_FILES = ("encoder.safetensors", "hf/config.json", "hf/model.safetensors", "hf/README.md")
 _RUN_FILE = re.compile("|".join(RUN_FILES))
 _EVENTS = re.compile(r"events\.out\.tfevents\..+")
 # a checkpoint or a result, written atomically: once one is there the new run has started (see ASIDE)
-_STARTED = re.compile(r"checkpoint(_seed\d+)?\.pt|seed_\d+\.json|metrics\.json|lr_range(_seed\d+)?\.json")
+_STARTED = re.compile(r"checkpoint(_seed\d+)?\.pt|seed_\d+\.json|metrics\.json|lr_range(_seed\d+)?\.json"
+                      r"|embeddings\.npz")
 # written beside a run by scripts/reproduce_lib.sh (the shell holds output.log open): left where they are
 _BESIDE = ("output.log", "not_run.txt")
 # _atomic_replace's temporary files of run files (mkstemp adds 8 characters of [a-z0-9_])
@@ -110,11 +118,40 @@ def _is_tensorboard(path):
     return True
 
 
+def _is_export(path):
+    """A folder export.py wrote: its files (EXPORT_FILES, some of them) and nothing else."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    found = []
+    for root, dirs, files in os.walk(path):
+        if any(os.path.islink(os.path.join(root, n)) for n in dirs + files):
+            return False
+        found += [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/") for f in files]
+    return all(f in EXPORT_FILES for f in found)
+
+
+def _tracker_folder(out, name):
+    """A W&B or MLflow folder of the run in `out`: its trackers.json (a run file) names that tracker."""
+    path = os.path.join(out, name)
+    if os.path.islink(path) or not os.path.isdir(path) or not _owned(out, "trackers.json"):
+        return False
+    try:
+        with open(os.path.join(out, "trackers.json")) as f:
+            return TRACKER_FOLDERS[name] in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def _owned(out, name):
-    """Whether `name` in `out` is a file (or the TensorBoard folder) of a run, by its name."""
+    """Whether `name` in `out` is a file (or a folder: TensorBoard's, W&B's, MLflow's, an export) of a
+    run, by its name."""
     path = os.path.join(out, name)
     if name == TENSORBOARD:
         return _is_tensorboard(path)
+    if name == EXPORT:
+        return _is_export(path)
+    if name in TRACKER_FOLDERS:
+        return _tracker_folder(out, name)
     return bool(_RUN_FILE.fullmatch(name)) and os.path.isfile(path) and not os.path.islink(path)
 
 

@@ -182,6 +182,45 @@ def test_overwrite_removes_the_runs_files_alone(tmp_path, capsys, no_pending):
     assert (out / "log.jsonl").read_text() == '{"run": "new"}\n'
 
 
+def _outputs(out, trackers):
+    """What a run's optional outputs add to its folder: vector figures, an export beside the checkpoint,
+    and the W&B and MLflow folders of the trackers its trackers.json names."""
+    for name in ("roc.pdf", "loss.pdf", "lr_range.pdf", "embeddings.csv", "map.png"):
+        (out / name).write_text("run")
+    for name in rundir.EXPORT_FILES:
+        (out / "export" / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / "export" / name).write_text("run")
+    (out / "trackers.json").write_text(json.dumps({t: "id0" for t in trackers}))
+    for folder in ("wandb/offline-run-1/files", "mlruns/0/abc/metrics"):
+        os.makedirs(out / folder)
+        (out / folder / "values").write_text("run")
+
+
+@pytest.mark.parametrize("case", ["all ours", "export with a user's file", "wandb not in trackers.json"])
+def test_overwrite_takes_exports_figures_and_tracker_folders_only_when_the_run_wrote_them(tmp_path, capsys,
+                                                                                          no_pending, case):
+    out = tmp_path / "run"
+    _run(out, OLD, "old")
+    _outputs(out, ["mlflow"] if case == "wandb not in trackers.json" else ["wandb", "mlflow"])
+    if case == "export with a user's file":
+        (out / "export" / "hf" / "notes.md").write_text("mine")
+    before = _digest(tmp_path)
+    if case == "all ours":
+        _run(out, NEW, "new")
+        assert sorted(os.listdir(out)) == [".lock", "args.yaml", "checkpoint_seed0.pt", "log.jsonl", "metrics.json",
+                                           "roc.png", "seed_0.json", "tensorboard"]
+        return
+    named = {"export with a user's file": "export/", "wandb not in trackers.json": "wandb/"}[case]
+    line = _refusal(capsys, lambda: rundir.prepare_run_dir(str(out), NEW, done_file="metrics.json"))
+    assert line.startswith(f"error: {out} holds {named}, which MedSSL did not write")
+    assert _digest(tmp_path) == before
+
+
+def test_export_files_are_the_ones_export_py_writes():
+    import export
+    assert set(rundir.EXPORT_FILES) == {export.ENCODER_FILE} | {f"{export.HF_DIR}/{n}" for n in export.HF_FILES}
+
+
 def test_every_file_the_scripts_write_into_a_run_directory_is_a_run_file():
     """A file a script writes into its --out that RUN_FILES lacks would make --overwrite refuse every
     run of that script: each os.path.join(out, "<name>") of the scripts and common/ is one of them."""
@@ -193,7 +232,13 @@ def test_every_file_the_scripts_write_into_a_run_directory_is_a_run_file():
     for path in sources:
         with open(path) as f:
             found |= set(re.findall(r"join\((?:args\.|run\.|self\.)?out, f?\"([^\"]+)\"", f.read()))
-    files = {re.sub(r"\{[^}]*\}", "0", name) for name in found if "." in name}
+    # a placeholder extension stands for each value its flag takes (embed.py's --format, a figure's PDF and PNG)
+    values = {"args.format": ("csv", "parquet"), "ext": ("png", "pdf")}
+    files = set()
+    for name in (n for n in found if "." in n):
+        placeholder = re.fullmatch(r"(.*)\.\{([^}]*)\}", name)
+        names = [f"{placeholder[1]}.{ext}" for ext in values[placeholder[2]]] if placeholder else [name]
+        files |= {re.sub(r"\{[^}]*\}", "0", n) for n in names}
     assert {"metrics.json", "checkpoint.pt", "checkpoint_seed0.pt", "seed_0.json", "loss.png"} <= files
     assert [name for name in sorted(files) if not rundir._RUN_FILE.fullmatch(name)] == []
     assert "tensorboard" in found and rundir.TENSORBOARD == "tensorboard"
