@@ -33,6 +33,7 @@ directories or of the files themselves):
           - {label: ImageNet init, runs: "runs/p001/pneu-ft-imagenet", published: {auc: 0.82, acc: 0.86}}
           - {label: BYOL+, runs: "runs/p001/pneu-ft-byolplus-s*", not_run: "needs a GPU", published: {auc: 0.86}}
         compare: [[ImageNet init, BYOL+]]     # A vs B: B - A, its 95% CI, Welch p, Mann-Whitney p per metric
+        unit: seed                           # or run: one value per run (its seeds' mean), for nested seeds
         allow_mismatch: [mode]               # protocol fields the compared runs may differ in (or true: any)
     figures:                                  # rows as in tables (YAML anchors avoid repeating them)
       - {kind: roc, title: "PneumoniaMNIST ROC", rows: [...]}    # overlaid, from predictions.npz
@@ -157,6 +158,16 @@ def pooled(runs, metric):
     return [s["test"][metric] for r in runs for s in r["per_seed"] if metric in s["test"]]
 
 
+def values(runs, metric, unit="seed"):
+    """A row's sample: its per-seed values (unit: seed), or one value per run, the mean over its seeds
+    (unit: run). With nested seeds (pretraining runs x evaluation seeds) the run is the independent
+    unit: the evaluation seeds of one encoder share its pretraining, so pooling them would count one
+    pretraining run as several (pseudo-replication)."""
+    if unit == "seed":
+        return pooled(runs, metric)
+    return [float(np.mean(v)) for v in (pooled([r], metric) for r in runs) if v]
+
+
 # ---------------------------------------------------------------- tables
 def cell(values):
     if not values:
@@ -184,12 +195,14 @@ def table_section(table, used):
         header += [NAMES.get(m, m)] + ([f"{NAMES.get(m, m)}, published"] if m in quoted else [])
     lines = [f"## {table['title']}", ""] + ([table["note"].strip(), ""] if table.get("note") else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    samples, groups, gaps = {}, {}, []
+    samples, groups, gaps, seeds = {}, {}, [], set()
+    unit = table.get("unit", "seed")
     for row in rows:
         runs, files, reason = load_runs(row, used, table["title"])
         if runs and reason:
             gaps.append(f"- {row['label']}: partly run: {reason}")
-        samples[row["label"]] = {m: pooled(runs, m) for m in names} if runs else None
+        samples[row["label"]] = {m: values(runs, m, unit) for m in names} if runs else None
+        seeds |= {len(r["per_seed"]) for r in runs}
         groups[row["label"]] = [(run, os.path.dirname(f)) for run, f in zip(runs, files)]
         cells = [row["label"]]
         for i, m in enumerate(names):
@@ -206,8 +219,12 @@ def table_section(table, used):
         lines += gaps + [""]
     if quoted:
         lines += [f"Published values are quoted from {table.get('source', 'the paper')}, not re-measured.", ""]
+    if unit == "run":
+        per = " or ".join(str(n) for n in sorted(seeds)) or "its"
+        lines += [f"Each value is one run's mean over {per} evaluation seeds; mean ± std and n are over runs, the "
+                  f"independent unit (pretraining runs, not evaluation seeds).", ""]
     if table.get("compare"):
-        lines += comparison_lines(table, names, samples, groups)
+        lines += comparison_lines(table, names, samples, groups, unit=unit)
     return lines
 
 
@@ -229,7 +246,7 @@ def differences(found):
                      for field, a, b, _ in found)
 
 
-def comparison_lines(table, names, samples, groups=None, results=None):
+def comparison_lines(table, names, samples, groups=None, results=None, unit="seed"):
     """The comparisons of table["compare"] as Markdown lines; `results`, a list, also gets each
     (pair, metric, compare_samples result) and (pair, None, paired_runs_test result)."""
     groups = groups or {}
@@ -270,14 +287,14 @@ def comparison_lines(table, names, samples, groups=None, results=None):
                          f"{p_text(c['welch_p'])} | {p_text(c['mwu_p'])} |")
             if c["mwu_min_p"] is not None and c["mwu_min_p"] >= 0.05:
                 few.setdefault((c["n_a"], c["n_b"], c["mwu_min_p"]), []).append(f"{b} vs {a}")
-        if groups.get(a) and groups.get(b):
+        if groups.get(a) and groups.get(b) and unit == "seed":  # an ensemble of seeds, not a sample of runs
             result, _ = metrics.paired_runs_test(groups[a], groups[b])
             if result is not None:
                 paired.append((f"{b} vs {a}", result))
                 results.append((f"{b} vs {a}", None, result))
+    over = "the per-seed test values" if unit == "seed" else "the runs' means (one value per run)"
     lines += ["", "Welch's t-test (unequal variances) with its 95% interval of B − A, and the two-sided Mann-Whitney "
-                  "U test, over the per-seed test values; n/a with fewer than 2 values a side or no variance at all.",
-              ""]
+                  f"U test, over {over}; n/a with fewer than 2 values a side or no variance at all.", ""]
     for (n_a, n_b, p), pairs in few.items():
         notes.append(f"- {', '.join(dict.fromkeys(pairs))}: with {n_a} and {n_b} values the exact Mann-Whitney test "
                      f"cannot go below p = {p:.3f}, so p < 0.05 is out of its reach.")
@@ -388,11 +405,12 @@ def curve_figure(fig, path, found, palette):
         for r in runs:
             if x not in r.get("args", {}):
                 raise UserError(f"figure {fig['title']!r}: a run of {row['label']!r} has no flag {x!r} in its args")
-            by_x.setdefault(r["args"][x], []).extend(pooled([r], metric))
+            by_x.setdefault(r["args"][x], []).extend(values([r], metric, fig.get("unit", "seed")))
         band(ax, sorted(by_x), [by_x[v] for v in sorted(by_x)], row["label"], palette.get(row["label"]))
     if fig.get("log_x"):
         ax.set_xscale("log")
-    return [save(plot, ax, path)], f"Mean ± std (band) of the test {NAMES.get(metric, metric)} over seeds at each {x}."
+    over = "seeds" if fig.get("unit", "seed") == "seed" else "runs (each the mean of its seeds)"
+    return [save(plot, ax, path)], f"Mean ± std (band) of the test {NAMES.get(metric, metric)} over {over} at each {x}."
 
 
 def loss_series(path, key="loss"):
@@ -534,6 +552,9 @@ def check_spec(spec):
                     raise UserError(f"{item['title']!r}: every row needs a `label` (and `runs`), got {row!r}")
             if kind == "tables":
                 allowed_fields(item)
+            if item.get("unit", "seed") not in ("seed", "run"):
+                raise UserError(f"{item['title']!r}: unit must be seed (every evaluation seed a value) or run (one "
+                                f"value per run, its seeds' mean: for nested seeds), got {item['unit']!r}")
 
 
 def build_report(spec, out):

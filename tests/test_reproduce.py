@@ -3,6 +3,7 @@ directory, and writes a spec that scripts/report.py turns into a report whose ev
 a bad argument is one line on stderr and exit 2."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -36,6 +37,13 @@ EXPECTED = {
         ["--batch-size 256", "--epochs 150 --warmup-epochs 10", "--crop-scale <chosen> 1 --lr <chosen>",
          "--seeds 5", "--label-fraction 0.01 --epochs 100", "--label-fraction 0.1 --epochs 40 --batch-size 128",
          "--epochs 30 --batch-size 128 --out", "/transfer-probe-simclr\n"]),
+    "reproduce_label_efficiency_round2.sh": (
+        ["pretrain_moco.py", "pretrain_vicreg.py", "pretrain_dino.py", "pretrain_mae.py", "--crop-scale 0.14 1 --lr 3e-3",
+         "--seeds 2 --seed 4", "--head-epochs 1 --head-lr 2e-3", "--layer-decay 0.65",
+         "--init random --in-chans 1 --arch vit_tiny_patch16_224 --patch-size 4 --pool mean", "/transfer-ft-mae-s2\n"],
+        ["--batch-size 256 --seed 2 --crop-scale 0.35 1 --lr 1e-3 --epochs 40 --warmup-epochs 2", "--seeds 5 --seed 10",
+         "--crop-scale <chosen> 1 --lr <chosen>", "--epochs 100 --batch-size 32 --head-epochs 50 --head-lr 2e-3",
+         "--epochs 10 --batch-size 128 --layer-decay 0.65", "/transfer-ft-random_vit-s2\n"]),
     "reproduce_further_pretraining.sh": (
         ["--init barlowtwins --arch resnet50", "--trainable last-block", "--trainable all",
          "--data breastmnist,pneumoniamnist", "--freeze layer4", "--seeds 3"],
@@ -124,7 +132,7 @@ def test_data_replaces_the_stand_ins_of_each_paper(name, quick, tmp_path):
     if name == "reproduce_byol.sh":  # the corpus only: the evaluations stay on the paper's MedMNIST sets
         assert all(flags in run for run in pretrain)
         assert all(f"--data {own}" not in run for run in evaluate) and "--data breastmnist" in result.stdout
-    elif name == "reproduce_label_efficiency.sh":  # corpus and main task; the transfer task stays BreastMNIST
+    elif name.startswith("reproduce_label_efficiency"):  # corpus and main task; the transfer task stays BreastMNIST
         transfer = [run for run in evaluate if "/transfer-" in run]
         assert transfer and all("--data breastmnist" in run for run in transfer)
         assert all(flags in run for run in pretrain + evaluate if run not in transfer)
@@ -136,7 +144,7 @@ def test_data_replaces_the_stand_ins_of_each_paper(name, quick, tmp_path):
     else:  # paper 002: corpus and downstream task; BEiT: every row
         assert all(flags in run for run in pretrain + evaluate)
     medmnist = ("pneumoniamnist", "breastmnist", "dermamnist", "chestmnist")
-    if name not in ("reproduce_byol.sh", "reproduce_label_efficiency.sh"):
+    if name not in ("reproduce_byol.sh", "reproduce_label_efficiency.sh", "reproduce_label_efficiency_round2.sh"):
         replaced = [run for run in pretrain + evaluate if "base-sslq" not in run]
         assert not [run for run in replaced if any(f"--data {m}" in run or f",{m}" in run for m in medmnist)]
     with open(tmp_path / "results" / "spec.yaml") as f:
@@ -271,3 +279,105 @@ def test_methods_runs_the_study_for_a_subset_with_the_same_commands(tmp_path):
         result, runs = dry_run(METHODS=bad)
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and word in result.stderr
         assert not runs and not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- round two: units shared by copies of the script
+FAKE_PY = """#!{python}
+# stands in for the training scripts: writes the files a finished run leaves, and logs the run
+import json, os, sys, time
+argv = sys.argv[1:]
+if argv[0] == "-" or argv[0].startswith("scripts/"):  # select_recipe.py, report.py: the real ones
+    os.execv({python!r}, [{python!r}, *argv])
+flag = lambda name, default=None: argv[argv.index(name) + 1] if name in argv else default
+out = flag("--out")
+with open({log!r}, "a") as f:
+    f.write(out + "\\n")
+time.sleep(0.3)  # long enough for two copies to meet on a run
+os.makedirs(out, exist_ok=True)
+ckpt = flag("--ckpt", "")
+pretrain_seed = int(ckpt.split("-s")[-1].split("/")[0]) if ckpt else 0
+seed, seeds = int(flag("--seed", 0)), int(flag("--seeds", 1))
+args = {{"epochs": int(flag("--epochs", 1)), "mode": flag("--mode"), "label_fraction": float(flag("--label-fraction", 1)),
+        "crop_scale": [float(flag("--crop-scale", 0.35)), 1.0], "lr": float(flag("--lr", 0.001)), "batch_size": 64}}
+with open(os.path.join(out, "args.yaml"), "w") as f:
+    json.dump(args, f)
+if argv[0].startswith("pretrain_"):
+    with open(os.path.join(out, "log.jsonl"), "w") as f:  # the sweep's best: crop floor 0.35, the higher lr
+        f.write(json.dumps({{"epoch": 0, "loss": 1.0, "knn_val_auc": args["crop_scale"][0] + args["lr"]}}) + "\\n")
+    import torch  # an encoder that FAKE_ENCODER changes, as a pretraining run that is not reproduced would
+    weights = torch.full((2,), float(seed) + float(os.environ.get("FAKE_ENCODER", 0)))
+    torch.save({{"encoder": {{"w": weights}}, "epoch": args["epochs"]}}, os.path.join(out, "checkpoint.pt"))
+# pretraining run s: test AUC 0.80 + 0.02 s, + 0.002 for its second evaluation seed
+per_seed = [{{"seed": k, "test": {{"auc": 0.80 + 0.02 * pretrain_seed + 0.002 * (k - seed), "acc": 0.7}}}}
+            for k in range(seed, seed + seeds)]
+with open(os.path.join(out, "metrics.json"), "w") as f:
+    json.dump({{"per_seed": per_seed, "args": args}}, f)
+"""
+
+
+def _round2(tmp_path, copies=1, **env):
+    log = tmp_path / "ran.log"
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PY.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    env = {**os.environ, "QUICK": "1", "PY": str(fake), "RUNS": str(tmp_path / "runs"), "METHODS": "byol mae",
+           "PRETRAIN_SEEDS": "0 1", "RESULTS": str(tmp_path / "results"), **env}
+    procs = [subprocess.Popen(["bash", "scripts/reproduce_label_efficiency_round2.sh"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(copies)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    return (log.read_text().splitlines() if log.exists() else []), outputs
+
+
+def test_round2_copies_share_the_runs_archive_whole_units_and_report_over_pretraining_runs(tmp_path):
+    ran, outputs = _round2(tmp_path, copies=2)
+    assert len(ran) == len(set(ran)), "a run ran twice"
+    # 4 MAE sweep runs; per pretraining seed: 2 pretraining runs, 14 evaluations each, 8 of each random init
+    assert len(ran) == 4 + 2 * (2 * 15 + 2 * 8)
+    assert all(any(line.startswith("done") for line in out.splitlines()) for out in outputs)  # both worked
+    archive = tmp_path / "results" / "runs"
+    units = sorted(p.name for p in archive.glob("unit-*.done"))
+    assert units == [f"unit-{u}-s{s}.done" for u in ("byol", "mae", "random", "random_vit") for s in (0, 1)]
+    assert (archive / "unit-byol-s1.done").read_text().splitlines()[:2] == ["probe-lf0.01-byol-s1", "ft-lf0.01-byol-s1"]
+    assert json.loads((archive / "ft-lf0.1-mae-s1" / "metrics.json").read_text())["per_seed"][0]["seed"] == 2
+    assert "--crop-scale 0.35 1.0 --lr 0.0045" in (archive / "sweep-mae.flags").read_text()
+    chosen_rows = [r for r in (archive / "sweep-mae.md").read_text().splitlines() if r.endswith("| yes |")]
+    assert len(chosen_rows) == 1 and chosen_rows[0].startswith("| sweep-mae-crop0.35-lr4.5e-3 |")
+    assert all((archive / d / "seconds.txt").read_text().strip().isdigit() for d in ("pretrain-mae-s0", "ld-lf1-byol-s1"))
+    report_md = (tmp_path / "results" / "report.md").read_text()
+    # each pretraining run is one value, its evaluation seeds' mean: 0.801 and 0.821, not four pooled seeds
+    assert "| LP-FT, BYOL | 0.811 ± 0.014 (n=2) |" in report_md
+    assert "Each value is one run's mean over 2 evaluation seeds" in report_md
+    assert "over the runs' means (one value per run)" in report_md
+
+    # the run directories gone (a new machine): the archived units are not run again; a unit cut short
+    # runs its pretraining again (for its encoder) and the evaluations it lacks, and nothing else
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "ran.log").unlink()
+    (archive / "unit-byol-s0.done").unlink()
+    shutil.rmtree(archive / "ld-lf1-byol-s0")
+    ran, _ = _round2(tmp_path)
+    assert [r.split("/")[-1] for r in ran] == ["pretrain-byol-s0", "ld-lf1-byol-s0"]
+    assert (archive / "unit-byol-s0.done").exists()
+
+
+def test_round2_evaluations_of_another_encoder_are_run_again(tmp_path):
+    ran, _ = _round2(tmp_path, METHODS="byol", PRETRAIN_SEEDS="0")
+    archive = tmp_path / "results" / "runs"
+    before = (archive / "ft-lf1-byol-s0" / "metrics.json").stat().st_mtime_ns
+    shutil.rmtree(tmp_path / "runs")
+    (archive / "unit-byol-s0.done").unlink()
+    shutil.rmtree(archive / "ld-lf1-byol-s0")
+    (tmp_path / "ran.log").unlink()
+    ran, outputs = _round2(tmp_path, METHODS="byol", PRETRAIN_SEEDS="0", FAKE_ENCODER="1")
+    assert "encoder differs from the one its archived evaluations used" in outputs[0]
+    assert len(ran) == 15 and (archive / "ft-lf1-byol-s0" / "metrics.json").stat().st_mtime_ns > before
+
+
+def test_round2_stop_at_starts_no_pretraining(tmp_path):
+    ran, outputs = _round2(tmp_path, STOP_AT="0", METHODS="byol")
+    assert ran and not [r for r in ran if "/pretrain-" in r or "/sweep-" in r]
+    assert not [r for r in ran if r.endswith("-byol-s0") or r.endswith("-byol-s1")]  # no encoder, no evaluation
+    assert "stop    " in outputs[0] and "pretrain-byol-s0 (STOP_AT has passed" in outputs[0]
+    units = sorted(p.name for p in (tmp_path / "results" / "runs").glob("unit-*.done"))
+    assert units == ["unit-random-s0.done", "unit-random-s1.done"]

@@ -1,0 +1,428 @@
+#!/usr/bin/env bash
+# The label-efficiency study, second round: which method, and can fine-tuning keep the gain? Seven
+# methods (BYOL, SimCLR, Barlow Twins, MoCo v2, VICReg, DINO, MAE) each pretrain on PneumoniaMNIST's
+# train images (labels unused) at one budget, 3 pretraining seeds each, after a recipe sweep judged on
+# the kNN monitor of the validation split alone (round one's sweep is reused for BYOL, SimCLR and Barlow
+# Twins). Every encoder is then linearly probed and fine-tuned three ways (plain, LP-FT: the head first
+# on the frozen encoder, then everything; layer-wise lr decay) on 1%, 10% and 100% of the labels, and
+# transferred to BreastMNIST, 5 evaluation seeds per pretraining run; random inits (the ResNet-18 and
+# MAE's ViT-Tiny) are the baselines. The report averages each run's evaluation seeds and compares
+# pretraining runs, the independent unit (report.py's `unit: run`).
+#
+#   bash scripts/reproduce_label_efficiency_round2.sh              # the round (docs/REPRODUCING.md gives times)
+#   for i in 1 2; do OMP_NUM_THREADS=1 bash scripts/reproduce_label_efficiency_round2.sh & done   # two workers
+#   QUICK=1 bash scripts/reproduce_label_efficiency_round2.sh      # a check of the whole pipeline in minutes
+#   bash scripts/reproduce_label_efficiency_round2.sh --dry-run    # (or DRY_RUN=1) list the runs, write the spec
+#   METHODS="byol dino" PRETRAIN_SEEDS="0 1" bash scripts/reproduce_label_efficiency_round2.sh   # a part of it
+#   DATA=path/to/xrays TRANSFER=path/to/other bash scripts/reproduce_label_efficiency_round2.sh   # your own images
+#
+# A unit is one pretraining run and every evaluation of its encoder. When a unit is complete, the small
+# files of its runs (args.yaml, metrics.json, log.jsonl, provenance.json) are copied into the results
+# folder ($RESULTS/runs), which the report reads, and the unit is never run again, even where the run
+# directories ($RUNS, with the checkpoints) are gone. Finished runs are skipped and an interrupted
+# pretraining resumes from its checkpoint, so re-running continues the round. Several copies may run at
+# once (one per core): each takes the next run no live copy holds ($RUNS/claims), sweep runs first, and
+# a pretraining run waits for its method's sweep; STOP_AT (seconds since 1970) stops new pretraining runs. Each step's wall time goes to $RUNS/seconds.tsv and
+# into the results.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PAPER="Label efficiency, round 2"
+SCALE_NAME=$([[ ${QUICK:-0} == 1 ]] && echo "QUICK (pipeline check)" || echo "study")
+QUICK=${QUICK:-0}
+ALL_METHODS="byol simclr barlow moco vicreg dino mae"
+read -ra METHODS <<<"${METHODS:-$ALL_METHODS}"
+read -ra PRETRAIN_SEEDS <<<"${PRETRAIN_SEEDS:-0 1 2}"
+FRACTIONS=(0.01 0.1 1)
+declare -A PERCENT=([0.01]=1% [0.1]=10% [1]=100%)
+declare -A METHOD_NAMES=([random]="random init" [random_vit]="random init (ViT-Tiny)" [byol]=BYOL [simclr]=SimCLR
+                         [barlow]="Barlow Twins" [moco]="MoCo v2" [vicreg]=VICReg [dino]=DINO [mae]="MAE (ViT-Tiny)")
+# each method's own views, loss and optimiser, from its CPU config (DINO: ResNet-18; MAE: ViT-Tiny/4)
+declare -A CONFIG=([byol]=configs/cpu_byol.yaml [simclr]=configs/cpu_simclr.yaml [barlow]=configs/cpu_barlow.yaml
+                   [moco]=configs/cpu_moco.yaml [vicreg]=configs/cpu_vicreg.yaml [dino]=configs/cpu_dino.yaml
+                   [mae]=configs/cpu_mae.yaml)
+# round one's sweep chose crop floor 0.35 and Adam lr 1e-3 for each of its three methods (its report);
+# the new methods sweep their crop floor (DINO: of its global crops) and lr: the config's lr, and 3x it
+declare -A CHOSEN=([byol]="--crop-scale 0.35 1 --lr 1e-3" [simclr]="--crop-scale 0.35 1 --lr 1e-3"
+                   [barlow]="--crop-scale 0.35 1 --lr 1e-3")
+declare -A FLOORS=([moco]="0.08 0.35" [vicreg]="0.08 0.35" [dino]="0.14 0.4" [mae]="0.2 0.35")
+declare -A LRS=([moco]="0.03 0.09" [vicreg]="0.05 0.15" [dino]="1e-3 3e-3" [mae]="1.5e-3 4.5e-3")
+BATCH=256                 # one batch for every method: the same images per step and per epoch
+LAYER_DECAY=0.65          # BEiT's and MAE's value for ViT-B fine-tuning
+EVAL_SEEDS=5
+TRANSFER=${TRANSFER:-}
+if [[ $QUICK == 1 ]]; then
+  FOLDER=quick/label_efficiency_round2
+  EPOCHS=${EPOCHS:-2}
+  SWEEP=(--epochs 1 --max-steps 2 --warmup-epochs 0 --eval-every 1)
+  LIMIT=(--max-steps 2)     # QUICK caps every pretraining and fine-tuning epoch at 2 batches
+  MONITOR=1
+  EVAL_SEEDS=2
+  BATCH=64
+else
+  FOLDER=label_efficiency/round2
+  EPOCHS=${EPOCHS:-40}
+  SWEEP=(--epochs 5 --warmup-epochs 1 --eval-every 5)   # round one's proxy of the long run
+  LIMIT=()
+  MONITOR=10
+fi
+[[ $EPOCHS =~ ^[1-9][0-9]*$ ]] || { echo "error: EPOCHS must be a positive whole number, got '$EPOCHS'" >&2; exit 2; }
+WARMUP=$((EPOCHS >= 20 ? 2 : 1))
+STOP_AT=${STOP_AT:-9999999999}  # a time (seconds since 1970, `date -d 18:00 +%s`) after which no pretraining starts
+[[ $STOP_AT =~ ^[0-9]+$ ]] || { echo "error: STOP_AT must be seconds since 1970 (date -d 18:00 +%s), got '$STOP_AT'" >&2; exit 2; }
+DATA_REPLACES="PneumoniaMNIST (the pretraining corpus and the downstream task)"
+source scripts/reproduce_lib.sh
+((${#METHODS[@]})) || die "METHODS is empty; give one or more of: $ALL_METHODS"
+for m in "${METHODS[@]}"; do
+  [[ -v "CONFIG[$m]" ]] || die "METHODS: unknown method '$m'; give one or more of: $ALL_METHODS"
+done
+((${#PRETRAIN_SEEDS[@]})) || die "PRETRAIN_SEEDS is empty; give seeds such as '0 1 2'"
+for s in "${PRETRAIN_SEEDS[@]}"; do
+  [[ $s =~ ^[0-9]+$ ]] || die "PRETRAIN_SEEDS: '$s' is not a whole number"
+done
+BASELINES=(random)
+[[ " ${METHODS[*]} " == *" mae "* ]] && BASELINES+=(random_vit)
+[[ $EPOCHS == 40 || $QUICK == 1 ]] || FOLDER+=-e$EPOCHS
+[[ -z ${DATA:-} ]] || FOLDER+=-$(data_name "$DATA")
+[[ -z $TRANSFER ]] || FOLDER+=-to-$(data_name "$TRANSFER")
+RUNS=${RUNS:-runs/$FOLDER}
+RESULTS=${RESULTS:-results/$FOLDER}
+ARCHIVE=$RESULTS/runs
+parse_args "$@"
+MAIN=(--data pneumoniamnist)
+OTHER=(--data breastmnist)
+[[ -n $DATA ]] && MAIN=(--data "$DATA" "${DATA_ARGS[@]}")
+if [[ -n $TRANSFER ]]; then
+  [[ -e $TRANSFER || ( $TRANSFER != */* && $TRANSFER != *.* ) ]] ||
+    die "TRANSFER=$TRANSFER: no such file or folder; give a MedMNIST flag, a folder, a CSV manifest or an .npz (docs/DATA.md)"
+  OTHER=(--data "$TRANSFER")
+  echo "# TRANSFER=$TRANSFER replaces BreastMNIST"
+fi
+COMMON=(--in-chans 1 --batch-size "$BATCH")
+VIT=(--arch vit_tiny_patch16_224 --patch-size 4 --pool mean)   # MAE's encoder, for its random init
+
+# ---------------------------------------------------------------- the evaluation protocol
+# fine-tuning: 100 to 360 optimiser steps at every fraction (round one's; PneumoniaMNIST: 1% = 47 images,
+# 1 batch of 32 x 100 epochs; 10% = 470, 3 batches of 128 x 40; 100% = 4,708, 36 x 10); BatchNorm
+# statistics recomputed before each validation; the epoch with the best validation AUC is kept.
+# LP-FT (Kumar et al. 2022): the head alone on the frozen encoder for half as many epochs (Adam 2e-3),
+# then everything as plain fine-tuning. Layer-wise decay: the head at the lr, each layer below at
+# LAYER_DECAY times the one above (ResNet: layer4 .. stem; ViT: its blocks).
+declare -A FT_EPOCHS=([0.01]=100 [0.1]=40 [1]=10)
+declare -A FT_BATCH=([0.01]=32 [0.1]=128 [1]=128)
+TRANSFER_EPOCHS=30
+if [[ $QUICK == 1 ]]; then
+  FT_EPOCHS=([0.01]=2 [0.1]=2 [1]=2)
+  TRANSFER_EPOCHS=2
+fi
+declare -A VARIANT_FLAGS=([ft]="" [ld]="--layer-decay $LAYER_DECAY")
+PROBE=(--mode linear_probe --seeds "$EVAL_SEEDS")
+FINETUNE=(--mode finetune --precise-bn on --seeds "$EVAL_SEEDS" "${LIMIT[@]}")
+
+# timed DIR COMMAND...: step, unless DIR's results are archived already, another copy holds DIR or,
+# for a pretraining run, STOP_AT has passed; a run that finishes is archived with its wall time. With
+# PLAN=1 it only adds DIR to DIRS.
+timed() {
+  local dir=$1 start=$SECONDS
+  DIRS+=("$dir")
+  ((PLAN)) && return 0
+  [[ $DRY_RUN == 1 ]] && { step "$@"; return 0; }
+  archived_run "$dir" && return 0
+  if ! finished "$dir"; then
+    if [[ ${dir##*/} == pretrain-* || ${dir##*/} == sweep-* ]] && (($(date +%s) >= STOP_AT)); then
+      echo "stop    $dir (STOP_AT has passed: no pretraining starts)"
+      return 0
+    fi
+    claim "${dir##*/}" || { echo "skip    $dir (another copy runs it)"; return 0; }
+    step "$@"
+  fi
+  if finished "$dir"; then archive_run "$dir" "$((SECONDS - start))"; fi
+}
+PLAN=0
+
+# archive_run DIR SECONDS: DIR's small files (flags, per-seed metrics, log, provenance) into
+# $ARCHIVE/<name>, with its wall time (the first one measured, if it ran again) in seconds.txt
+archive_run() {
+  local to=$ARCHIVE/${1##*/} name
+  mkdir -p "$to"
+  for name in args.yaml log.jsonl provenance.json metrics.json; do  # metrics.json last: it marks a whole copy
+    if [[ -f $1/$name ]]; then cp "$1/$name" "$to/$name.tmp" && mv "$to/$name.tmp" "$to/$name"; fi
+  done
+  [[ -f $to/seconds.txt ]] || echo "$2" >"$to/seconds.txt"
+}
+
+# archived_run DIR: an evaluation whose results are in $ARCHIVE (a pretraining run always runs, or
+# resumes: its checkpoint, which its evaluations need, is never archived)
+archived_run() { [[ ${1##*/} != pretrain-* && -f $ARCHIVE/${1##*/}/metrics.json ]]; }
+archived() { [[ -f $ARCHIVE/unit-$1.done ]]; }
+
+# encoder_sha256 CHECKPOINT: the hash of its encoder's weights (names, shapes and values)
+encoder_sha256() {
+  "$PY" - "$1" <<'EOF'
+import hashlib, sys, torch
+encoder = torch.load(sys.argv[1], map_location="cpu", weights_only=True)["encoder"]
+h = hashlib.sha256()
+for name in sorted(encoder):
+    h.update(f"{name}{tuple(encoder[name].shape)}".encode())
+    h.update(encoder[name].float().numpy().tobytes())
+print(h.hexdigest())
+EOF
+}
+
+# same_encoder PRETRAIN-DIR EVAL-DIRS...: the archived evaluations of a unit were made with the encoder
+# its pretraining run has now (a pretraining run repeated where the first one's checkpoint is gone is
+# bit-identical on the same CPU and thread count); where it is not, they are dropped from the archive,
+# to be run again on this encoder
+same_encoder() {
+  local pre=$1 hash to=$ARCHIVE/${1##*/} dir
+  shift
+  hash=$(encoder_sha256 "$pre/checkpoint.pt")
+  if [[ -f $to/encoder.sha256 && $(cat "$to/encoder.sha256") != "$hash" ]]; then
+    echo "warning: $pre's encoder differs from the one its archived evaluations used; running them again"
+    for dir in "$@"; do rm -rf "${ARCHIVE:?}/${dir##*/}"; done
+  fi
+  mkdir -p "$to"
+  echo "$hash" >"$to/encoder.sha256"
+}
+
+# evaluations NAME VARIANTS...: every evaluation of one encoder (the flags FROM; evaluation seeds from
+# SEED0), for the unit NAME (timed adds their run directories to DIRS)
+evaluations() {
+  local name=$1 variant f dir extra
+  shift
+  for f in "${FRACTIONS[@]}"; do
+    dir=$RUNS/probe-lf$f-$name
+    timed "$dir" "$PY" evaluate.py "${FROM[@]}" "${MAIN[@]}" "${PROBE[@]}" --seed "$SEED0" --label-fraction "$f" \
+      --out "$dir"
+    for variant in "$@"; do
+      dir=$RUNS/$variant-lf$f-$name
+      extra=()
+      [[ $variant == lpft ]] && extra=(--head-epochs $((FT_EPOCHS[$f] > 1 ? FT_EPOCHS[$f] / 2 : 1)) --head-lr 2e-3)
+      [[ $variant == ld ]] && extra=(--layer-decay "$LAYER_DECAY")
+      timed "$dir" "$PY" evaluate.py "${FROM[@]}" "${MAIN[@]}" "${FINETUNE[@]}" --seed "$SEED0" --label-fraction "$f" \
+        --epochs "${FT_EPOCHS[$f]}" --batch-size "${FT_BATCH[$f]}" "${extra[@]}" --out "$dir"
+    done
+  done
+  # transfer: BreastMNIST's 546 training images, 4 full batches x 30 epochs
+  dir=$RUNS/transfer-probe-$name
+  timed "$dir" "$PY" evaluate.py "${FROM[@]}" "${OTHER[@]}" "${PROBE[@]}" --seed "$SEED0" --out "$dir"
+  dir=$RUNS/transfer-ft-$name
+  timed "$dir" "$PY" evaluate.py "${FROM[@]}" "${OTHER[@]}" "${FINETUNE[@]}" --seed "$SEED0" \
+    --epochs "$TRANSFER_EPOCHS" --batch-size 128 --out "$dir"
+}
+
+# claim UNIT: true when this copy of the script takes UNIT, which no other live copy holds (a claim
+# whose process is gone is taken over); a dry run claims everything
+claim() {
+  [[ $DRY_RUN == 1 ]] && return 0
+  mkdir -p "$RUNS/claims"
+  (
+    flock 9
+    holder=$(cat "$RUNS/claims/$1" 2>/dev/null || true)
+    if [[ -n $holder && $holder != "$$" ]] && kill -0 "$holder" 2>/dev/null; then exit 1; fi
+    echo "$$" >"$RUNS/claims/$1"
+  ) 9>"$RUNS/claims/.lock"
+}
+
+# ---------------------------------------------------------------- recipe sweep (validation only)
+SWEPT=()
+for m in "${METHODS[@]}"; do [[ -v "CHOSEN[$m]" ]] || SWEPT+=("$m"); done
+sweep_dir() { echo "$RUNS/sweep-$1-crop$2-lr$3"; }
+sweep_run() {  # sweep_run METHOD FLOOR LR: one candidate, unless another copy holds it
+  timed "$(sweep_dir "$@")" "$PY" "pretrain_$1.py" --config "${CONFIG[$1]}" "${MAIN[@]}" "${COMMON[@]}" --seed 0 \
+    "${SWEEP[@]}" --crop-scale "$2" 1 --lr "$3" "${LIMIT[@]}" --out "$(sweep_dir "$@")"
+}
+sweep() {  # sweep METHOD: every candidate this copy can take
+  local floor lr
+  [[ -f $ARCHIVE/sweep-$1.flags ]] && return 0
+  for floor in ${FLOORS[$1]}; do for lr in ${LRS[$1]}; do sweep_run "$1" "$floor" "$lr"; done; done
+}
+
+# chosen METHOD: round one's recipe, or the flags of the sweep run with the best kNN validation AUC
+# (scripts/select_recipe.py; its table in $ARCHIVE/sweep-METHOD.md), once every candidate has
+# finished or failed, waiting for those another copy runs
+chosen() {
+  local m=$1 floor lr dir pending candidates
+  if [[ -v "CHOSEN[$m]" ]]; then echo "${CHOSEN[$m]}"; return 0; fi
+  [[ -f $ARCHIVE/sweep-$m.flags ]] && { cat "$ARCHIVE/sweep-$m.flags"; return 0; }
+  [[ $DRY_RUN == 1 ]] && { echo "--crop-scale <chosen> 1 --lr <chosen>"; return 0; }
+  while :; do
+    pending=0 candidates=()
+    for floor in ${FLOORS[$m]}; do
+      for lr in ${LRS[$m]}; do
+        dir=$(sweep_dir "$m" "$floor" "$lr")
+        candidates+=("$dir")
+        [[ -f $dir/not_run.txt ]] || finished "$dir" || { sweep_run "$m" "$floor" "$lr" >&2; pending=1; }
+      done
+    done
+    ((pending == 0)) && break
+    for dir in "${candidates[@]}"; do [[ -f $dir/not_run.txt ]] || finished "$dir" || pending=2; done
+    ((pending == 1)) && continue
+    echo "waiting for the sweep of $m (another copy runs it)" >&2
+    sleep 60
+  done
+  mkdir -p "$ARCHIVE"
+  "$PY" scripts/select_recipe.py "${candidates[@]}" --print-flags --table "$ARCHIVE/sweep-$m.md" \
+    >"$RUNS/sweep-$m.flags" 2>"$RUNS/sweep-$m.err" || return 1
+  mv "$RUNS/sweep-$m.flags" "$ARCHIVE/sweep-$m.flags"
+  cat "$ARCHIVE/sweep-$m.flags"
+}
+
+[[ $DRY_RUN == 1 ]] || mkdir -p "$RUNS"
+for m in "${SWEPT[@]}"; do sweep "$m"; done
+
+# ---------------------------------------------------------------- units: a pretraining run and its evaluations
+# complete UNIT DIRS...: every evaluation of the unit is archived; it is marked, and never run again
+complete() {
+  local unit=$1 dir
+  shift
+  [[ $DRY_RUN == 1 ]] && return 1
+  for dir in "$@"; do archived_run "$dir" || return 1; done
+  printf '%s\n' "${@##*/}" >"$ARCHIVE/unit-$unit.done"
+  echo "archived unit $unit"
+}
+# two passes: the second takes up the evaluations of units whose pretraining another copy ran meanwhile
+for pass in $([[ $DRY_RUN == 1 ]] && echo 1 || echo 1 2); do
+  for s in "${PRETRAIN_SEEDS[@]}"; do
+    for unit in "${BASELINES[@]}" "${METHODS[@]}"; do
+      name=$unit-s$s
+      if archived "$name"; then ((pass > 1)) || echo "skip    unit $name (archived)"; continue; fi
+      SEED0=$((s * EVAL_SEEDS))  # unit s: evaluation seeds 5s .. 5s+4, the same for every method and baseline
+      if [[ $unit == random* ]]; then
+        FROM=(--init random --in-chans 1)  # the random weights follow the evaluation seed
+        [[ $unit == random_vit ]] && FROM+=("${VIT[@]}")
+        DIRS=()
+        evaluations "$name" ft
+        complete "$name" "${DIRS[@]}" || true
+        continue
+      fi
+      pre=$RUNS/pretrain-$name
+      FROM=(--ckpt "$pre/checkpoint.pt")
+      DIRS=() PLAN=1
+      evaluations "$name" ft lpft ld
+      PLAN=0 evals=("${DIRS[@]}")
+      complete "$name" "${evals[@]}" && continue  # archived evaluations need no encoder
+      if ! flags=$(chosen "$unit"); then
+        echo "not run unit $name: the sweep of $unit chose nothing ($(cat "$RUNS/sweep-$unit.err" 2>/dev/null))"
+        continue
+      fi
+      read -ra recipe <<<"$flags"
+      DIRS=()
+      timed "$pre" "$PY" "pretrain_$unit.py" --config "${CONFIG[$unit]}" "${MAIN[@]}" "${COMMON[@]}" --seed "$s" \
+        "${recipe[@]}" --epochs "$EPOCHS" --warmup-epochs "$WARMUP" --eval-every "$MONITOR" "${LIMIT[@]}" --out "$pre"
+      if [[ $DRY_RUN == 0 ]]; then
+        finished "$pre" || continue  # another copy pretrains it, or STOP_AT passed
+        same_encoder "$pre" "${evals[@]}"
+      fi
+      evaluations "$name" ft lpft ld
+      complete "$name" "${evals[@]}" || true
+    done
+  done
+done
+
+# ---------------------------------------------------------------- report spec
+mkdir -p "$RESULTS"
+INITS=("${BASELINES[@]}" "${METHODS[@]}")
+sweeps=""
+for m in "${SWEPT[@]}"; do
+  [[ -f $ARCHIVE/sweep-$m.md ]] && sweeps+=$'\n'"${METHOD_NAMES[$m]}:"$'\n\n'"$(cat "$ARCHIVE/sweep-$m.md")"$'\n'
+done
+listed() { paste -sd, - | sed 's/,\([^,]*\)$/ and \1/; s/,/, /g'; }
+NO_SWEEP="(round one's for BYOL, SimCLR and Barlow Twins; the others not run yet)"
+INTRO=""
+if [[ $QUICK == 1 ]]; then
+  INTRO="QUICK mode: a check of the pipeline (1-epoch sweep runs and $EPOCHS-epoch pretraining of at most 2
+batches of 64, 2 fine-tuning epochs of at most 2 batches, $EVAL_SEEDS evaluation seeds), not the study's numbers.
+"
+fi
+INTRO="${INTRO}Pretraining: $(for m in "${METHODS[@]}"; do echo "${METHOD_NAMES[$m]}"; done | listed) on
+${DATA:-PneumoniaMNIST}'s train images (labels unused), 1-channel, 28 px, batch $BATCH, $EPOCHS epochs each (warm-up
+$WARMUP, the config's schedule), pretraining seeds ${PRETRAIN_SEEDS[*]}; a ResNet-18 for every method but MAE (ViT-Tiny,
+patch 4, mean pooling). Each method keeps its own views, loss and optimiser (configs/cpu_<method>.yaml); BYOL, SimCLR
+and Barlow Twins keep round one's sweep winner (crop floor 0.35, Adam lr 1e-3), the other methods sweep their
+crop floor and lr (${SWEEP[*]}, kNN AUC on the validation split), the best going on to the full budget.
+Downstream, for each pretraining run s: evaluation seeds 5s .. 5s+$((EVAL_SEEDS - 1)) (the label subset, the head, the
+batches), shared with the random-init baseline's unit s, whose weights also follow the seed. Linear probe: logistic
+regression, L2 strength chosen on validation. Fine-tuning (Adam 1e-3, weight decay 1e-6, BatchNorm statistics
+recomputed before each validation, the best validation epoch kept; ${FT_EPOCHS[0.01]} epochs of batch ${FT_BATCH[0.01]} at 1%,
+${FT_EPOCHS[0.1]} of ${FT_BATCH[0.1]} at 10%, ${FT_EPOCHS[1]} of ${FT_BATCH[1]} at 100%; transfer: $TRANSFER_EPOCHS of 128): plain; LP-FT (Kumar
+et al. 2022: the head alone on the frozen encoder for half as many epochs, Adam 2e-3, then plain fine-tuning);
+layer-wise lr decay $LAYER_DECAY per layer below the head. Random inits are fine-tuned plainly.
+Statistics: each run's value is the mean over its $EVAL_SEEDS evaluation seeds, and runs are compared (n = number of
+pretraining runs): the evaluation seeds of one encoder share its pretraining, so pooling them would count one
+pretraining run several times. Welch's t-test on the run means; with 3 runs a side the exact Mann-Whitney test
+cannot go below p = 0.100, so Welch's p < 0.05 is the criterion, without correction for the number of comparisons.
+Recipe sweep, kNN AUC on the validation split:
+${sweeps:-$NO_SWEEP}"
+if [[ -n $DATA || -n $TRANSFER ]]; then
+  INTRO="$INTRO
+Own data: ${DATA:-PneumoniaMNIST} is the corpus and the downstream task, ${TRANSFER:-BreastMNIST} the transfer task."
+fi
+row() { echo "      - {label: \"$1\", runs: \"$ARCHIVE/$2\"}"; }
+baseline_of() { [[ $1 == mae ]] && echo random_vit || echo random; }
+table() {  # table TITLE PREFIX VARIANTS...: one row per init and variant, each method compared with its baseline
+  local title=$1 prefix=$2 init v
+  shift 2
+  echo "  - title: \"$title\""
+  echo "    metrics: [auc, acc]"
+  echo "    unit: run"
+  echo "    rows:"
+  for init in "${INITS[@]}"; do
+    for v in "$@"; do
+      [[ $init == random* && $v != ft && $v != probe ]] && continue
+      row "${VNAME[$v]}, ${METHOD_NAMES[$init]}" "$v-$prefix$init-s*"
+    done
+  done
+  local pairs=() m
+  for m in "${METHODS[@]}"; do
+    for v in "$@"; do
+      [[ $v == ft || $v == probe ]] || continue
+      pairs+=("[\"${VNAME[$v]}, ${METHOD_NAMES[$(baseline_of "$m")]}\", \"${VNAME[$v]}, ${METHOD_NAMES[$m]}\"]")
+    done
+    for v in "$@"; do
+      [[ $v == lpft || $v == ld ]] && pairs+=("[\"${VNAME[ft]}, ${METHOD_NAMES[$m]}\", \"${VNAME[$v]}, ${METHOD_NAMES[$m]}\"]")
+    done
+  done
+  local IFS=,
+  echo "    compare: [${pairs[*]}]"
+}
+declare -A VNAME=([probe]=probe [ft]=fine-tune [lpft]=LP-FT [ld]="layer decay")
+figure() {  # figure TITLE RUN-PREFIX
+  echo "  - kind: curve"
+  echo "    title: \"$1\""
+  echo "    x: label_fraction"
+  echo "    metric: auc"
+  echo "    log_x: true"
+  echo "    unit: run"
+  echo "    rows:"
+  for init in "${INITS[@]}"; do row "${METHOD_NAMES[$init]}" "$2*-$init-s*"; done
+}
+{
+  spec_head "which method, and can fine-tuning keep the gain?"
+  for f in "${FRACTIONS[@]}"; do
+    table "${DATA:-PneumoniaMNIST}, ${PERCENT[$f]} of the labels: linear probe and fine-tuning (test)" "lf$f-" probe ft lpft ld
+  done
+  echo "  - title: \"Transfer to ${TRANSFER:-BreastMNIST} (test)\""
+  echo "    metrics: [auc, acc]"
+  echo "    unit: run"
+  echo "    rows:"
+  for init in "${INITS[@]}"; do
+    row "probe, ${METHOD_NAMES[$init]}" "transfer-probe-$init-s*"
+    row "fine-tune, ${METHOD_NAMES[$init]}" "transfer-ft-$init-s*"
+  done
+  echo "figures:"
+  figure "Linear probe: test AUC against the label fraction" "probe-lf"
+  figure "Fine-tuning: test AUC against the label fraction" "ft-lf"
+  figure "LP-FT: test AUC against the label fraction" "lpft-lf"
+  figure "Layer-wise lr decay: test AUC against the label fraction" "ld-lf"
+  echo "  - kind: loss"
+  echo "    title: \"Pretraining: kNN AUC on the validation split\""
+  echo "    key: knn_val_auc"
+  echo "    log_y: false"
+  echo "    rows:"
+  for m in "${METHODS[@]}"; do row "${METHOD_NAMES[$m]}" "pretrain-$m-s0"; done
+} >"$RESULTS/spec.yaml.$$"
+# copies that finish together write the report one after the other
+exec 9<"$0"
+flock 9
+mv "$RESULTS/spec.yaml.$$" "$RESULTS/spec.yaml"
+make_report
