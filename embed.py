@@ -85,9 +85,9 @@ def resolve_args(args):
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be positive, got {value}")
     if args.format == "parquet":
-        cli.require("pyarrow.parquet", "--format parquet")
+        errors.require("pyarrow.parquet", "--format parquet")
     if args.map_method == "umap" and not args.no_map:
-        cli.require("umap", "--map-method umap")
+        errors.require("umap", "--map-method umap")
     args.out = args.out or cli.default_out("embed", args.data)
     encoder_size = None
     if args.ckpt:

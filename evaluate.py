@@ -136,7 +136,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
-from common import augment, data, errors, metrics, models, optim, precision, rundir, saliency, supervised
+from common import augment, data, errors, figures, metrics, models, optim, precision, rundir, saliency, supervised
 
 
 def resolve_args(args):
@@ -329,7 +329,7 @@ def range_test_lr(args, model, train, forward_train, task, seed, class_weight=No
     lrs, losses, lr = optim.lr_range_test(batch_loss, optimizer, [model], start, end, int(steps))
     name = os.path.join(args.out, f"lr_range_seed{seed}")
     rundir.atomic_write_text(name + ".json", json.dumps({"lrs": lrs, "losses": losses, "chosen": lr}))
-    metrics.plot_lr_range(lrs, losses, lr, name + ".png", title=f"LR range test, seed {seed}")
+    figures.plot_lr_range(lrs, losses, lr, name + ".png", title=f"LR range test, seed {seed}")
     return lr
 
 

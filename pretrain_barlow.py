@@ -101,7 +101,7 @@ if __name__ == "__main__":
 
 import torch
 
-from common import data, dist, metrics, models, optim, pretrain, rundir
+from common import data, dist, figures, models, optim, pretrain, rundir
 
 
 def barlow_twins_loss(z1, z2, lambd):
@@ -225,7 +225,7 @@ def lr_from_range_test(args, encoder, projector, run):
     if dist.is_main():
         rundir.atomic_write_text(os.path.join(args.out, "lr_range.json"),
                                 json.dumps({"lrs": lrs, "losses": losses, "chosen": lr}))
-        metrics.plot_lr_range(lrs, losses, lr, os.path.join(args.out, "lr_range.png"),
+        figures.plot_lr_range(lrs, losses, lr, os.path.join(args.out, "lr_range.png"),
                               title=f"LR range test ({args.optimizer}, {args.trainable})")
     print(f"LR range test: lr {lr:.3g} chosen from {len(lrs)} steps ({start:g} to {lrs[-1]:.3g})")
     return lr

@@ -2,7 +2,6 @@
 every script's command line shares."""
 import argparse
 import errno
-import importlib
 import math
 import os
 import random
@@ -50,25 +49,6 @@ def reports_here(interrupt=False):
         return False
     except OSError:
         return os.environ["RANK"] == "0"
-
-
-# the pip names of the modules this project imports only where a feature needs them
-PIP_NAMES = {"torch.utils.tensorboard": "tensorboard", "tensorboard": "tensorboard", "captum": "captum",
-             "transformers": "transformers", "safetensors": "safetensors", "pydicom": "pydicom",
-             "tifffile": "tifffile", "umap": "umap-learn", "sklearn": "scikit-learn", "PIL": "Pillow",
-             "yaml": "pyyaml", "skimage": "scikit-image", "cv2": "opencv-python", "wandb": "wandb",
-             "mlflow": "mlflow-skinny"}
-
-
-def require(module, feature):
-    """Import an optional dependency, or raise a UserError naming the package to install: called
-    where a flag turns the feature on, before anything is written."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        package = PIP_NAMES.get(module, PIP_NAMES.get(module.split(".")[0], module.split(".")[0]))
-        raise UserError(f"{feature} needs the package {package}, which is not installed or does not import "
-                        f"({e}); pip install {package}, or run without {feature}")
 
 
 def _is_local_module(name):
@@ -132,7 +112,7 @@ def environment_line(e):
         return (f"error: another torchrun process stopped ({reason}); this one "
                 f"{progress.interrupted_message('stopped')}")
     if isinstance(e, ModuleNotFoundError) and e.name and not _is_local_module(e.name):
-        package = PIP_NAMES.get(e.name, PIP_NAMES.get(e.name.split(".")[0], e.name.split(".")[0]))
+        package = errors.pip_name(e.name)
         return f"error: this run needs the package {package}, which is not installed: pip install {package}"
     if isinstance(e, OSError) and e.errno is not None:
         what = e.strerror or os.strerror(e.errno)
@@ -616,10 +596,10 @@ def parse_args(parser, argv=None, ranges=None):
     if hasattr(args, "logger"):  # --tensorboard is --logger tensorboard; the trackers import before the run dir
         args.logger = loggers.chosen(args.logger, args.tensorboard)
         for name in args.logger:
-            require(loggers.MODULES[name], "--tensorboard" if name == "tensorboard" and args.tensorboard
+            errors.require(loggers.MODULES[name], "--tensorboard" if name == "tensorboard" and args.tensorboard
                     else f"--logger {name}")
     if getattr(args, "saliency", 0):
-        require("captum.attr", "--saliency")
+        errors.require("captum.attr", "--saliency")
     return args
 
 

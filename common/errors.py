@@ -1,6 +1,7 @@
 """What a user is told when something goes wrong: the error that becomes one line and exit code 2, and
 where a run is when it is interrupted. The bottom of common/: it imports nothing of the project, so every
 module can raise and report without an import cycle."""
+import importlib
 import os
 
 
@@ -59,3 +60,27 @@ progress = Progress()
 class ReportedElsewhere(Exception):
     """Raised on the other ranks when one rank failed in a step they share (dist.on_main): that rank
     prints the line, these exit with code 2 in silence."""
+
+
+# the pip names of the modules this project imports only where a feature needs them
+PIP_NAMES = {"torch.utils.tensorboard": "tensorboard", "tensorboard": "tensorboard", "captum": "captum",
+             "transformers": "transformers", "safetensors": "safetensors", "pydicom": "pydicom",
+             "tifffile": "tifffile", "umap": "umap-learn", "sklearn": "scikit-learn", "PIL": "Pillow",
+             "yaml": "pyyaml", "skimage": "scikit-image", "cv2": "opencv-python", "wandb": "wandb",
+             "mlflow": "mlflow-skinny"}
+
+
+def pip_name(module):
+    """The package that provides `module` (its top-level name, unless PIP_NAMES says otherwise)."""
+    return PIP_NAMES.get(module, PIP_NAMES.get(module.split(".")[0], module.split(".")[0]))
+
+
+def require(module, feature):
+    """Import an optional dependency, or raise a UserError naming the package to install: called
+    where a flag turns the feature on, before anything is written."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        package = pip_name(module)
+        raise UserError(f"{feature} needs the package {package}, which is not installed or does not import "
+                        f"({e}); pip install {package}, or run without {feature}")

@@ -5,6 +5,9 @@ loads no tracker (nor torch): each is imported when a run opens it."""
 import json
 import os
 
+from common import errors
+from common.errors import UserError
+
 # --logger's choices, and the module each imports (cli.parse_args requires them before the run directory)
 MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 IDS = "trackers.json"  # the W&B and MLflow run ids of the run in this directory
@@ -36,17 +39,14 @@ def _first_line(e):
 
 
 def _tensorboard(out):
-    from common import cli
-    return cli.require(MODULES["tensorboard"], "--logger tensorboard").SummaryWriter(os.path.join(out, "tensorboard"))
+    return errors.require(MODULES["tensorboard"], "--logger tensorboard").SummaryWriter(os.path.join(out, "tensorboard"))
 
 
 def _wandb(out, config, run_id):
     """A W&B run: project $WANDB_PROJECT or medssl, named after the run directory, its files in <out>/wandb
     (or $WANDB_DIR); resume="allow" continues `run_id`. WANDB_MODE=offline logs to those files alone
     (`wandb sync` uploads them later)."""
-    from common import cli
-    from common.errors import UserError
-    wandb = cli.require("wandb", "--logger wandb")
+    wandb = errors.require("wandb", "--logger wandb")
     try:
         return wandb.init(project=os.environ.get("WANDB_PROJECT") or "medssl",
                           name=os.path.basename(os.path.abspath(out)), dir=None if os.environ.get("WANDB_DIR") else out,
@@ -64,9 +64,7 @@ def mlflow_uri(out):
 def _mlflow(out, config, run_id):
     """An MLflow client and run id: the run `run_id` where the tracking store still has it, else a new run
     in experiment $MLFLOW_EXPERIMENT_NAME or medssl, named after the run directory, the flags its params."""
-    from common import cli
-    from common.errors import UserError
-    cli.require("mlflow", "--logger mlflow")
+    errors.require("mlflow", "--logger mlflow")
     from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient

@@ -11,7 +11,6 @@ Every map is (N, H, W) at the input's resolution, in [0, 1], scaled per image by
 means "no evidence for the class" and stays 0 (a min-max stretch would turn the least negative
 pixel of an empty map into apparent evidence)."""
 import contextlib
-import os
 
 import numpy as np
 import torch

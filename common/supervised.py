@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import data, errors, loggers, metrics, models, optim, precision, rundir
+from common import data, errors, loggers, metrics, models, optim, precision, results, rundir
 from common.errors import UserError
 
 # What a run of evaluate.py / finetune_beit.py writes in its directory; --overwrite clears these
@@ -363,7 +363,7 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, *, epochs_per_s
     `temperature_scaling`, both splits' probabilities first divided by the temperature fitted on
     validation) and scores saved
     to seed_<N>.json as it ends, then metrics.json, predictions.npz and the plots from the saved files
-    (metrics.write_results with `class_names`; metrics.json last). log(record) appends to log.jsonl,
+    (results.write_results with `class_names`; metrics.json last). log(record) appends to log.jsonl,
     prints epoch_line, advances a progress bar over seeds and epochs (epochs_per_seed of them; 0 for
     probes without epochs) and gives the record's SCALARS to the trackers of header["args"]["logger"]
     (common/loggers.py; `tensorboard`: TensorBoard too).
@@ -431,7 +431,7 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, *, epochs_per_s
         loggers.close(trackers)
     loaded = [_load_seed(out, seed) for seed in seeds]
     header = header if precision is None else {**header, "precision": precision.record()}
-    return metrics.write_results(out, header, [r for r, _ in loaded], y_true, [s for _, s in loaded], task,
+    return results.write_results(out, header, [r for r, _ in loaded], y_true, [s for _, s in loaded], task,
                                  seeds[0], title=title, class_names=class_names, positive_class=positive_class)
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_curve
 
-from common import figures, metrics
+from common import figures, metrics, results
 from scripts import report
 
 BIN, MC = metrics.BINARY, metrics.MULTI_CLASS
@@ -67,7 +67,7 @@ def written_run(tmp_path, monkeypatch, n_seeds=3, header=None):
         return seen["result"]
     monkeypatch.setattr(figures, "plot_roc", recording)
     monkeypatch.setattr(metrics, "bootstrap_auc_ci", lambda *a, **k: (0.5, 0.9))  # 1000 resamples, not tested here
-    metrics.write_results(str(tmp_path), header or {"data": "breastmnist", "size": 28, "mode": "linear_probe",
+    results.write_results(str(tmp_path), header or {"data": "breastmnist", "size": 28, "mode": "linear_probe",
                                                     "encoder": "random", "args": {"label_fraction": 0.1}},
                           per_seed, y[:, None], scores, BIN, 0, "t", class_names=["malignant", "benign"],
                           positive_class=0)
@@ -141,13 +141,13 @@ def test_a_series_keeps_its_colour_across_figures_and_methods_their_own(tmp_path
 
 def evaluation_dir(folder, encoder, aucs_seed, strength, n_seeds):
     # (tests using it stub metrics.bootstrap_auc_ci: its 1000 resamples are not what is tested here)
-    """An evaluation run folder written by metrics.write_results (the real format)."""
+    """An evaluation run folder written by results.write_results (the real format)."""
     folder.mkdir(parents=True)
     y, scores = seeds_of(n_seeds, strength=strength, seed=aucs_seed)
     per_seed = [{"seed": i, "test": metrics.evaluation_metrics(y, s, BIN)} for i, s in enumerate(scores)]
     header = {"data": "breastmnist", "size": 28, "mode": "linear_probe", "encoder": encoder,
               "args": {"label_fraction": 1.0, "probe": "logreg"}}
-    return metrics.write_results(str(folder), header, per_seed, y[:, None], scores, BIN, 0, "t",
+    return results.write_results(str(folder), header, per_seed, y[:, None], scores, BIN, 0, "t",
                                  class_names=["malignant", "benign"])
 
 

@@ -17,6 +17,7 @@ sys.path.insert(0, REPO)  # so plain `pytest` works as well as `python -m pytest
 
 from common import figures as F  # noqa: E402
 from common import metrics as M  # noqa: E402
+from common import results  # noqa: E402
 
 BIN, MC, ML, ORD = M.BINARY, M.MULTI_CLASS, M.MULTI_LABEL, M.ORDINAL
 ROOT = os.environ.get("MEDMNIST_ROOT", os.path.join(REPO, "..", "shared", "data", "medmnist"))
@@ -322,7 +323,7 @@ def test_write_results_names_the_positive_class_and_stores_per_class_metrics(tmp
     y, s = make(BIN, n=80, seed=14)
     names = ["malignant", "normal, benign"]
     per_seed = [{"seed": 0, "test": M.classification_metrics(y, s, BIN, positive_class=0)}]
-    r = M.write_results(str(tmp_path), {"data": "x"}, per_seed, y, [s], BIN, 0, "t", class_names=names,
+    r = results.write_results(str(tmp_path), {"data": "x"}, per_seed, y, [s], BIN, 0, "t", class_names=names,
                         positive_class=0)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["positive_class"] == {"index": 0, "name": "malignant"} == r["positive_class"]
@@ -800,7 +801,7 @@ def test_write_results_reports_calibration_and_the_threshold_and_takes_old_recor
     yv, sv = make(BIN, n=60, seed=40)
     per_seed = [{"seed": 0, "test": M.evaluation_metrics(y, s, BIN, 1, yv, sv)},
                 {"seed": 1, "test": M.classification_metrics(y, s2, BIN)}]  # an older seed record
-    r = M.write_results(str(tmp_path), {"data": "x"}, per_seed, y, [s, s2], BIN, 0, "t")
+    r = results.write_results(str(tmp_path), {"data": "x"}, per_seed, y, [s, s2], BIN, 0, "t")
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["mean"] == r["mean"]
     eces = [M.expected_calibration_error(y, sc, BIN) for sc in (s, s2)]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common import cli, convert, data, metrics, models, pretrain, rundir, supervised
+from common import cli, convert, data, models, pretrain, results, rundir, supervised
 from conftest import real_arrays, run_cli, stopping_at_seed
 from test_faults import cli_one_line, digest, one_line, parser_of
 
@@ -226,7 +226,7 @@ def test_evaluation_seeds_are_never_pooled_across_encoders(real_root, tmp_path, 
     assert digest(out) == before
     ckpt.write_bytes(original)  # restored: a new mtime, the same content
     pooled = []  # the seeds' records as metrics.json would pool them (its bootstrap CI costs ~5 s here)
-    monkeypatch.setattr(metrics, "write_results", lambda out, header, records, *a, **k: pooled.extend(records))
+    monkeypatch.setattr(results, "write_results", lambda out, header, records, *a, **k: pooled.extend(records))
     capsys.readouterr()
     in_process("evaluate.py", flags, monkeypatch)
     assert "seed 0 finished" in capsys.readouterr().out
