@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from medmnist import INFO
 
+from common import flags
 from common.errors import UserError
 
 FLAGS_2D = sorted(flag for flag, info in INFO.items() if not info["python_class"].endswith("3D"))
@@ -23,8 +24,8 @@ SIZES = (28, 64, 128, 224)
 
 @dataclass(frozen=True)
 class DataOptions:
-    """How own images are read; defaults are the flags' defaults (add_data_flags)."""
-    split_ratio: tuple = (0.8, 0.1, 0.1)  # train / val / test fractions of a drawn split
+    """How own images are read; defaults are the flags' defaults (flags.add_data_flags)."""
+    split_ratio: tuple = flags.SPLIT_RATIO  # train / val / test fractions of a drawn split
     label_columns: tuple = ()            # CSV 0/1 columns of a multi-label task
     uncertain: str = "error"             # CSV multi-label -1: error | zero | one
     blank: str = "zero"                  # CSV multi-label blank cell: zero | one | error
@@ -74,8 +75,7 @@ class Split:
 
 UNLABELED = "unlabeled"
 TASKS = ("binary-class", "multi-class", "multi-label, binary-class")
-CROPS = ("center", "pad", "stretch")
-POLICIES = ("zero", "one", "error")
+CROPS, POLICIES = flags.CROPS, flags.POLICIES  # --crop and the CSV label policies (their flags: common/flags.py)
 
 
 def file_name(flag, size):
@@ -138,52 +138,7 @@ def locate(flag, size, root=None):
     return path
 
 
-# ---------------------------------------------------------------- flags and options of own data
-def _ratio(text):
-    """argparse type of --split-ratio: "80/10/10" or "0.8,0.1,0.1" -> fractions summing to 1."""
-    import argparse
-    try:
-        parts = [float(p) for p in str(text).replace(",", "/").split("/")]
-    except ValueError:
-        parts = []
-    if len(parts) != 3 or min(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"expected three positive parts train/val/test, e.g. 80/10/10, got {text!r}")
-    return tuple(p / sum(parts) for p in parts)
-
-
-def add_data_flags(group):
-    """The flags of own images (folders, CSV manifests, npz files) on an argparse group; their dests are
-    DataOptions' fields, so options_from(vars(args)) collects them."""
-    group.add_argument("--split-ratio", type=_ratio, default=DataOptions.split_ratio, metavar="TRAIN/VAL/TEST",
-                       help="split drawn (seeded, stratified by class) for class folders or a CSV without a split "
-                            "column, stored with the cache (default 80/10/10)")
-    group.add_argument("--label-columns", type=lambda t: tuple(c.strip() for c in t.split(",") if c.strip()),
-                       default=(), metavar="A,B,...",
-                       help="CSV manifest: these 0/1 columns are the labels of a multi-label task (CheXpert-style)")
-    group.add_argument("--uncertain-label", dest="uncertain", default="error", choices=POLICIES,
-                       help="CSV multi-label cells of -1 (uncertain): error (default), or read as zero or one "
-                            "(CheXpert's U-Zeros / U-Ones)")
-    group.add_argument("--blank-label", dest="blank", default="zero", choices=POLICIES,
-                       help="CSV multi-label blank cells (not mentioned): zero (default), one or error")
-    group.add_argument("--group-column", default=None, metavar="NAME",
-                       help="keep each patient's images in one split. CSV manifest: the column of patient ids "
-                            "(default: a column named patient_id, patient, subject_id, subject or group, if any); "
-                            "class folders: 'folder' reads DIR/<class>/<patient>/...; an npz: its *_groups arrays; "
-                            "'none': image by image")
-    group.add_argument("--allow-group-leak", action="store_true",
-                       help="use a given split (split column, split folders, npz) even if it puts one patient in "
-                            "two splits; a warning says how many (default: refused)")
-    group.add_argument("--crop", default="center", choices=CROPS,
-                       help="own images to square before the resize: center crop (default), pad with black, stretch")
-    group.add_argument("--cache-dir", default=None,
-                       help="where own images are cached as npz (default $MEDSSL_CACHE, else .medssl-cache beside "
-                            "the data)")
-    group.add_argument("--host-memory", action="store_true",
-                       help="keep the images in pinned host memory and copy each batch to the GPU (automatic when "
-                            "a split does not fit in GPU memory)")
-    return group
-
-
+# ---------------------------------------------------------------- options of own data (flags.add_data_flags)
 def options_from(values):
     """DataOptions from a mapping of flag values (e.g. vars(args)); absent ones keep their defaults."""
     fields = DataOptions.__dataclass_fields__

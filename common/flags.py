@@ -1,7 +1,8 @@
 """What the flags offer (choices, defaults quoted in help, the --aug names) and the flags of own
 images, in a module that imports no torch: every script parses its command line before loading torch,
 so --help, --version and a mistyped flag answer at once. The modules that implement these values
-(augment, optim, models, data) hold the same ones; tests/test_startup.py checks that they agree."""
+(optim, models, data) take them from here; augment's presets and menu, which it defines with their
+code, are repeated here and checked against it by tests/test_startup.py."""
 import argparse
 
 # common.optim

@@ -11,6 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
+from common import flags
 from common.errors import UserError, escape
 
 from common.rundir import load_checkpoint
@@ -488,7 +489,7 @@ def projector(in_dim, spec):
 
 
 # ---------------------------------------------------------------- freezing parts of an encoder
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+STAGES = flags.STAGES  # the stages --freeze names
 
 
 def _vit_groups(encoder):

@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from common import flags
 from common.errors import UserError
 
 
@@ -39,7 +40,7 @@ def one_cycle_momentum(step, total_steps, pct_start=0.25, moms=(0.95, 0.85, 0.95
     return _cos_interp((step - peak) / max(total_steps - peak, 1), moms[1], moms[2])
 
 
-LR_SCHEDULES = ("constant", "cosine", "1cycle", "step", "linear")
+LR_SCHEDULES = flags.LR_SCHEDULES
 
 
 def learning_rate(schedule, step, total_steps, base_lr, warmup_steps=0, final_fraction=0.0):
@@ -179,7 +180,7 @@ def adam(params, lr, weight_decay, device, decoupled=False):
     return kind(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
+OPTIMIZERS = flags.OPTIMIZERS
 
 
 def make_optimizer(name, params, lr, weight_decay, device="cpu", bias_lr_ratio=1.0, momentum=0.9):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common import convert, data
+from common import convert, data, flags
 from common.errors import UserError
 from conftest import REAL_ROOT, real_arrays
 
@@ -284,7 +284,7 @@ def test_host_memory_mode_gives_the_same_batch_as_device_mode(layouts):
 def test_data_flags_become_options():
     import argparse
     parser = argparse.ArgumentParser()
-    data.add_data_flags(parser.add_argument_group("data"))
+    flags.add_data_flags(parser.add_argument_group("data"))
     args = parser.parse_args(["--split-ratio", "70/15/15", "--label-columns", "A, B", "--uncertain-label", "zero",
                               "--crop", "pad", "--host-memory", "--group-column", "subject", "--allow-group-leak"])
     options = data.options_from(vars(args))
