@@ -74,16 +74,7 @@ INITS=(random "${METHODS[@]}")
 RUNS=${RUNS:-runs/$FOLDER}
 RESULTS=${RESULTS:-results/$FOLDER}
 parse_args "$@"
-MAIN=(--data pneumoniamnist)
-OTHER=(--data breastmnist)
-[[ -n $DATA ]] && MAIN=(--data "$DATA" "${DATA_ARGS[@]}")
-if [[ -n $TRANSFER ]]; then
-  # as DATA=: a path must exist; a bare name (a MedMNIST flag such as dermamnist) is checked by evaluate.py
-  [[ -e $TRANSFER || ( $TRANSFER != */* && $TRANSFER != *.* ) ]] ||
-    die "TRANSFER=$TRANSFER: no such file or folder; give a MedMNIST flag, a folder, a CSV manifest or an .npz (docs/DATA.md)"
-  OTHER=(--data "$TRANSFER")
-  echo "# TRANSFER=$TRANSFER replaces BreastMNIST"
-fi
+main_and_transfer
 COMMON=(--in-chans 1 --batch-size "$BATCH" --seed 0)
 
 # ---------------------------------------------------------------- recipe sweep (validation only)
@@ -184,7 +175,6 @@ if [[ $QUICK == 1 ]]; then
 batches of 64, 2 fine-tuning epochs of at most 3 batches, $SEEDS seeds), not the study's numbers.
 "
 fi
-listed() { paste -sd, - | sed 's/,\([^,]*\)$/ and \1/; s/,/, /g'; }  # "a, b and c"
 names=$(for m in "${METHODS[@]}"; do echo "${METHOD_NAMES[$m]}"; done | listed)
 views=$(for m in "${METHODS[@]}"; do sed -n 's/^aug: *//p' "${CONFIG[$m]}"; done | listed)
 INTRO="${INTRO}Pretraining: $names on ${DATA:-PneumoniaMNIST}'s train images (labels unused),
@@ -223,12 +213,7 @@ table() {  # table TITLE RUN-PREFIX ROW-PREFIX
   compare "$3"
 }
 figure() {  # figure TITLE RUN-PREFIX
-  echo "  - kind: curve"
-  echo "    title: \"$1\""
-  echo "    x: label_fraction"
-  echo "    metric: auc"
-  echo "    log_x: true"
-  echo "    rows:"
+  fraction_figure "$1"
   for init in "${INITS[@]}"; do row "${METHOD_NAMES[$init]}" "$2*-$init"; done
 }
 {
@@ -248,11 +233,7 @@ figure() {  # figure TITLE RUN-PREFIX
     echo "    rows:"
     row "${METHOD_NAMES[$m]}" "pretrain-$m"
   done
-  echo "  - kind: loss"
-  echo "    title: \"Pretraining: kNN AUC on the validation split\""
-  echo "    key: knn_val_auc"
-  echo "    log_y: false"
-  echo "    rows:"
+  knn_figure
   for m in "${METHODS[@]}"; do row "${METHOD_NAMES[$m]}" "pretrain-$m"; done
 } >"$RESULTS/spec.yaml"
 make_report

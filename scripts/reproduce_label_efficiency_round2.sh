@@ -88,15 +88,7 @@ RUNS=${RUNS:-runs/$FOLDER}
 RESULTS=${RESULTS:-results/$FOLDER}
 ARCHIVE=$RESULTS/runs
 parse_args "$@"
-MAIN=(--data pneumoniamnist)
-OTHER=(--data breastmnist)
-[[ -n $DATA ]] && MAIN=(--data "$DATA" "${DATA_ARGS[@]}")
-if [[ -n $TRANSFER ]]; then
-  [[ -e $TRANSFER || ( $TRANSFER != */* && $TRANSFER != *.* ) ]] ||
-    die "TRANSFER=$TRANSFER: no such file or folder; give a MedMNIST flag, a folder, a CSV manifest or an .npz (docs/DATA.md)"
-  OTHER=(--data "$TRANSFER")
-  echo "# TRANSFER=$TRANSFER replaces BreastMNIST"
-fi
+main_and_transfer
 COMMON=(--in-chans 1 --batch-size "$BATCH")
 VIT=(--arch vit_tiny_patch16_224 --patch-size 4 --pool mean)   # MAE's encoder, for its random init
 
@@ -326,7 +318,6 @@ sweeps=""
 for m in "${SWEPT[@]}"; do
   [[ -f $ARCHIVE/sweep-$m.md ]] && sweeps+=$'\n'"${METHOD_NAMES[$m]}:"$'\n\n'"$(cat "$ARCHIVE/sweep-$m.md")"$'\n'
 done
-listed() { paste -sd, - | sed 's/,\([^,]*\)$/ and \1/; s/,/, /g'; }
 NO_SWEEP="(round one's for BYOL, SimCLR and Barlow Twins; the others not run yet)"
 INTRO=""
 if [[ $QUICK == 1 ]]; then
@@ -387,13 +378,7 @@ table() {  # table TITLE PREFIX VARIANTS...: one row per init and variant, each 
 }
 declare -A VNAME=([probe]=probe [ft]=fine-tune [lpft]=LP-FT [ld]="layer decay")
 figure() {  # figure TITLE RUN-PREFIX
-  echo "  - kind: curve"
-  echo "    title: \"$1\""
-  echo "    x: label_fraction"
-  echo "    metric: auc"
-  echo "    log_x: true"
-  echo "    unit: run"
-  echo "    rows:"
+  fraction_figure "$1" run
   for init in "${INITS[@]}"; do row "${METHOD_NAMES[$init]}" "$2*-$init-s*"; done
 }
 {
@@ -414,11 +399,7 @@ figure() {  # figure TITLE RUN-PREFIX
   figure "Fine-tuning: test AUC against the label fraction" "ft-lf"
   figure "LP-FT: test AUC against the label fraction" "lpft-lf"
   figure "Layer-wise lr decay: test AUC against the label fraction" "ld-lf"
-  echo "  - kind: loss"
-  echo "    title: \"Pretraining: kNN AUC on the validation split\""
-  echo "    key: knn_val_auc"
-  echo "    log_y: false"
-  echo "    rows:"
+  knn_figure
   for m in "${METHODS[@]}"; do row "${METHOD_NAMES[$m]}" "pretrain-$m-s0"; done
 } >"$RESULTS/spec.yaml.$$"
 # copies that finish together write the report one after the other

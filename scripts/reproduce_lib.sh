@@ -142,3 +142,41 @@ make_report() {
   fi
   "$PY" scripts/report.py --spec "$RESULTS/spec.yaml" --out "$RESULTS"
 }
+
+# ---------------------------------------------------------------- the label-efficiency scripts
+# main_and_transfer: MAIN, the corpus and downstream task (DATA, else PneumoniaMNIST), and OTHER, the
+# transfer task (TRANSFER, else BreastMNIST); a TRANSFER path must exist, a bare name (a MedMNIST flag
+# such as dermamnist) is checked by evaluate.py
+main_and_transfer() {
+  MAIN=(--data pneumoniamnist)
+  OTHER=(--data breastmnist)
+  [[ -n $DATA ]] && MAIN=(--data "$DATA" "${DATA_ARGS[@]}")
+  if [[ -n ${TRANSFER:-} ]]; then
+    [[ -e $TRANSFER || ( $TRANSFER != */* && $TRANSFER != *.* ) ]] ||
+      die "TRANSFER=$TRANSFER: no such file or folder; give a MedMNIST flag, a folder, a CSV manifest or an .npz (docs/DATA.md)"
+    OTHER=(--data "$TRANSFER")
+    echo "# TRANSFER=$TRANSFER replaces BreastMNIST"
+  fi
+}
+
+listed() { paste -sd, - | sed 's/,\([^,]*\)$/ and \1/; s/,/, /g'; }  # lines on stdin as "a, b and c"
+
+# fraction_figure TITLE [UNIT]: a spec figure's head, test AUC against the label fraction (rows follow)
+fraction_figure() {
+  echo "  - kind: curve"
+  echo "    title: \"$1\""
+  echo "    x: label_fraction"
+  echo "    metric: auc"
+  echo "    log_x: true"
+  [[ -z ${2:-} ]] || echo "    unit: $2"
+  echo "    rows:"
+}
+
+# knn_figure: a spec figure's head, the pretraining runs' kNN monitor (rows follow)
+knn_figure() {
+  echo "  - kind: loss"
+  echo "    title: \"Pretraining: kNN AUC on the validation split\""
+  echo "    key: knn_val_auc"
+  echo "    log_y: false"
+  echo "    rows:"
+}
