@@ -329,12 +329,7 @@ def add_pretrain_flags(parser):
     g.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="every N epochs, log the kNN AUC (k = 20) on the validation split of the first --data "
                         "flag, its train labels being the kNN memory (default 0: never)")
-    g.add_argument("--logger", nargs="+", default=[], choices=list(loggers.MODULES), metavar="NAME",
-                   help="also log the per-epoch records and the per-step loss and lr to these trackers (default: "
-                        "none): tensorboard (<out>/tensorboard), wandb (Weights & Biases; WANDB_MODE=offline logs "
-                        "to <out>/wandb alone), mlflow ($MLFLOW_TRACKING_URI, else <out>/mlruns); a resumed run "
-                        "continues the same W&B and MLflow runs (docs/CLUSTER.md)")
-    g.add_argument("--tensorboard", action="store_true", help="the same as --logger tensorboard (default off)")
+    _add_logger_flags(g, "the per-epoch records and the per-step loss and lr")
     g.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="also checkpoint every N optimiser steps inside an epoch (default 0: at epoch ends only): "
                         "a run killed mid-epoch then loses at most N steps, and the same command continues it "
@@ -417,13 +412,17 @@ def add_evaluation_flags(parser):
                    help="binary tasks: the class whose precision, recall (sensitivity), F1 and ROC curve are "
                         "reported, as an index or a class name (default 1, medmnist's convention; e.g. for "
                         "BreastMNIST 0 = malignant, 1 = normal, benign); specificity is the other class's recall")
-    g.add_argument("--logger", nargs="+", default=[], choices=list(loggers.MODULES), metavar="NAME",
-                   help="also log the per-epoch records (train loss, validation AUC, lr), tagged by seed (e.g. "
-                        "seed0/val_auc), to these trackers (default: none): tensorboard (<out>/tensorboard), wandb "
-                        "(Weights & Biases; WANDB_MODE=offline logs to <out>/wandb alone), mlflow "
-                        "($MLFLOW_TRACKING_URI, else <out>/mlruns)")
-    g.add_argument("--tensorboard", action="store_true", help="the same as --logger tensorboard (default off)")
+    _add_logger_flags(g, "the per-epoch records (train loss, validation AUC, lr), tagged by seed (e.g. seed0/val_auc)")
     return parser
+
+
+def _add_logger_flags(group, what):
+    group.add_argument("--logger", nargs="+", default=[], choices=list(loggers.MODULES), metavar="NAME",
+                       help=f"also log {what} to these trackers (default: none): tensorboard (<out>/tensorboard), "
+                            "wandb (Weights & Biases; WANDB_MODE=offline logs to <out>/wandb alone), mlflow "
+                            "($MLFLOW_TRACKING_URI, else <out>/mlruns); a resumed run continues the same W&B and "
+                            "MLflow runs (docs/CLUSTER.md)")
+    group.add_argument("--tensorboard", action="store_true", help="the same as --logger tensorboard (default off)")
 
 
 # ---------------------------------------------------------------- ranges of the numeric flags

@@ -576,9 +576,14 @@ def build_report(spec, out):
     palette = figures.colours(row["label"] for fig in spec.get("figures", []) for row in fig["rows"])
     for fig in spec.get("figures", []):
         lines += figure_section(fig, out, used, palette)
+    return write_report(out, lines, used)
+
+
+def write_report(out, lines, used):
+    """report.md (`lines`, then a line on runs.csv) and runs.csv (every run read, one line per run and seed)."""
     n = write_csv(os.path.join(out, "runs.csv"), used)
-    lines += [f"Every run behind this report, one line per run and seed, with its test metrics and flags: "
-              f"[runs.csv](runs.csv) ({n} lines)."]
+    lines = lines + [f"Every run behind this report, one line per run and seed, with its test metrics and flags: "
+                     f"[runs.csv](runs.csv) ({n} lines)."]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -721,13 +726,7 @@ def auto_report(paths, out):
         lines += [f"### Test ROC of {label}", "", f"![Test ROC of {label}]({name})", "",
                   "Mean ROC over the run's seeds (TPR interpolated on a common false-positive grid), the band ± 1 SD "
                   "over seeds, the marked point the run's reported operating point. " + vector_links([name]), ""]
-    n = write_csv(os.path.join(out, "runs.csv"), used)
-    lines += [f"Every evaluation run behind this report, one line per run and seed, with its test metrics and flags: "
-              f"[runs.csv](runs.csv) ({n} lines)."]
-    path = os.path.join(out, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
+    return write_report(out, lines, used)
 
 
 def main():
