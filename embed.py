@@ -89,27 +89,8 @@ def resolve_args(args):
     if args.map_method == "umap" and not args.no_map:
         errors.require("umap", "--map-method umap")
     args.out = args.out or cli.default_out("embed", args.data)
-    encoder_size = None
-    if args.ckpt:
-        meta, _ = models.checkpoint_meta(args.ckpt)
-        models.check_meta(meta, args.ckpt, args.arch, args.stem, args.in_chans, args.patch_size, args.pool)
-        args.arch, args.stem, args.in_chans = meta["arch"], meta["stem"], meta["in_chans"]
-        args.patch_size, args.pool = meta.get("patch_size"), meta.get("pool")
-        encoder_size = meta.get("size") or meta.get("args", {}).get("size")
-        if args.size is None and encoder_size:
-            args.size = encoder_size
-            print(f"note: embedding at {args.size} px, the size {errors.escape(args.ckpt)} was pretrained at",
-                  flush=True)
-        elif encoder_size and args.size != encoder_size:
-            print(f"warning: {errors.escape(args.ckpt)} was pretrained on {encoder_size} px images; embedding at "
-                  f"--size {args.size} as asked (drop --size to embed at {encoder_size})", flush=True)
-    args.size = args.size or 28
-    args.init = args.ckpt or args.init or "random"
-    args.arch, args.stem = args.arch or "resnet18", args.stem or "imagenet"
-    args.in_chans = args.in_chans or 3
-    args.encoder_size = encoder_size or args.resize or args.size
-    settings = models.encoder_settings(args.arch, args.encoder_size, args.patch_size, args.pool)
-    args.patch_size, args.pool = settings["patch_size"], settings["pool"]
+    vars(args).update(models.resolve_encoder(args.ckpt, args.init, args.arch, args.stem, args.in_chans,
+                                             args.patch_size, args.pool, args.size, args.resize, doing="embedding"))
     return args
 
 

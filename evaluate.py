@@ -168,30 +168,8 @@ def resolve_args(args):
     if args.layer_decay != 1.0 and not full_model:
         raise UserError(f"--layer-decay applies to --mode finetune / fewshot, not {args.mode}")
     args.out = args.out or cli.default_out(f"evaluate-{args.mode}", args.data)
-    encoder_size = None  # the side the encoder's position embedding is built for (a ViT)
-    if args.ckpt:
-        meta, _ = models.checkpoint_meta(args.ckpt)
-        models.check_meta(meta, args.ckpt, args.arch, args.stem, args.in_chans, args.patch_size, args.pool)
-        args.arch, args.stem, args.in_chans = meta["arch"], meta["stem"], meta["in_chans"]
-        args.patch_size, args.pool = meta.get("patch_size"), meta.get("pool")
-        pretrained_size = meta.get("size") or meta.get("args", {}).get("size")
-        encoder_size = pretrained_size
-        if args.size is None and pretrained_size:
-            args.size = pretrained_size
-            print(f"note: evaluating at {args.size} px, the size {errors.escape(args.ckpt)} was pretrained at",
-                  flush=True)
-        elif pretrained_size and args.size != pretrained_size:
-            print(f"warning: {errors.escape(args.ckpt)} was pretrained on {pretrained_size} px images; evaluating "
-                  f"at --size {args.size} as asked (drop --size to evaluate at {pretrained_size})", flush=True)
-    args.size = args.size or 28
-    args.init = args.ckpt or args.init or "random"
-    args.arch, args.stem = args.arch or "resnet18", args.stem or "imagenet"
-    args.in_chans = args.in_chans or 3
-    # the encoder: a ResNet or timm model, a ViT's patch side and pooling resolved (for the side it is
-    # built for: the pretraining's, else the side it sees) and recorded in args.yaml and metrics.json
-    args.encoder_size = encoder_size or args.resize or args.size
-    settings = models.encoder_settings(args.arch, args.encoder_size, args.patch_size, args.pool)
-    args.patch_size, args.pool = settings["patch_size"], settings["pool"]
+    vars(args).update(models.resolve_encoder(args.ckpt, args.init, args.arch, args.stem, args.in_chans,
+                                             args.patch_size, args.pool, args.size, args.resize))
     if args.saliency and not (args.arch in models.RESNETS):
         raise UserError(f"--saliency's Grad-CAM reads a ResNet stage; --arch {args.arch} has none: drop --saliency")
     return args

@@ -410,6 +410,35 @@ def checkpoint_meta(path):
     return _checkpoint_meta(path, (stat.st_size, stat.st_mtime_ns))
 
 
+def resolve_encoder(ckpt, init, arch, stem, in_chans, patch_size, pool, size, resize=None, doing="evaluating"):
+    """The encoder a script works on, as a dict of its flags' values (init, arch, stem, in_chans,
+    patch_size, pool, size, encoder_size): a checkpoint's recorded settings (a flag that conflicts with
+    them is refused), else the flags, else MedSSL's defaults. `size` (the images' side) defaults to the
+    side the checkpoint was pretrained at, which is noted, and one that differs from it is warned about;
+    `encoder_size` is the side the encoder is built for (a ViT's position embedding): the pretraining's,
+    else the side it sees."""
+    pretrained_size = None
+    if ckpt:
+        meta, _ = checkpoint_meta(ckpt)
+        check_meta(meta, ckpt, arch, stem, in_chans, patch_size, pool)
+        arch, stem, in_chans = meta["arch"], meta["stem"], meta["in_chans"]
+        patch_size, pool = meta.get("patch_size"), meta.get("pool")
+        pretrained_size = meta.get("size") or meta.get("args", {}).get("size")
+        if size is None and pretrained_size:
+            size = pretrained_size
+            print(f"note: {doing} at {size} px, the size {escape(ckpt)} was pretrained at", flush=True)
+        elif pretrained_size and size != pretrained_size:
+            print(f"warning: {escape(ckpt)} was pretrained on {pretrained_size} px images; {doing} at --size {size} "
+                  f"as asked (drop --size to use {pretrained_size})", flush=True)
+    size = size or 28
+    arch = arch or "resnet18"
+    encoder_size = pretrained_size or resize or size
+    settings = encoder_settings(arch, encoder_size, patch_size, pool)
+    return {"init": ckpt or init or "random", "arch": arch, "stem": stem or "imagenet", "in_chans": in_chans or 3,
+            "patch_size": settings["patch_size"], "pool": settings["pool"], "size": size,
+            "encoder_size": encoder_size}
+
+
 @functools.lru_cache(maxsize=8)
 def _checkpoint_meta(path, version):
     checkpoint = load_checkpoint(path)
