@@ -16,14 +16,16 @@
 #   METHODS="byol dino" PRETRAIN_SEEDS="0 1" bash scripts/reproduce_label_efficiency_round2.sh   # a part of it
 #   DATA=path/to/xrays TRANSFER=path/to/other bash scripts/reproduce_label_efficiency_round2.sh   # your own images
 #
-# A unit is one pretraining run and every evaluation of its encoder. When a unit is complete, the small
-# files of its runs (args.yaml, metrics.json, log.jsonl, provenance.json) are copied into the results
-# folder ($RESULTS/runs), which the report reads, and the unit is never run again, even where the run
-# directories ($RUNS, with the checkpoints) are gone. Finished runs are skipped and an interrupted
-# pretraining resumes from its checkpoint, so re-running continues the round. Several copies may run at
-# once (one per core): each takes the next run no live copy holds ($RUNS/claims), sweep runs first, and
-# a pretraining run waits for its method's sweep; STOP_AT (seconds since 1970) stops new pretraining runs. Each step's wall time goes to $RUNS/seconds.tsv and
-# into the results.
+# A unit is one pretraining run and every evaluation of its encoder. As each run finishes, its small
+# files (args.yaml, log.jsonl, provenance.json, metrics.json) and its wall time (seconds.txt) are copied
+# into the results folder ($RESULTS/runs), which the report reads; an archived evaluation is never run
+# again, even where the run directories ($RUNS, with the checkpoints) are gone, and a unit whose
+# evaluations are all archived is marked complete. A unit cut short repeats its pretraining (seeded, so
+# the same encoder on the same CPU and thread count; its encoder's hash is checked, and evaluations made
+# with another encoder are run again) and runs what it lacks. Finished runs are skipped and an
+# interrupted pretraining resumes from its checkpoint. Several copies may run at once (one per core):
+# each takes the next run no live copy holds ($RUNS/claims), sweep runs first, and a pretraining run
+# waits for its method's sweep. STOP_AT (seconds since 1970) stops new pretraining runs, evaluations go on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAPER="Label efficiency, round 2"
