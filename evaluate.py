@@ -466,7 +466,7 @@ def main():
                                                                       arithmetic),
                          splits["test"].labels.cpu().numpy(), info.task, header,
                          title=f"{args.data} {args.mode}, encoder {args.init}", epochs_per_seed=epochs,
-                         class_names=info.class_names, positive_class=positive, tensorboard=args.tensorboard,
+                         class_names=info.class_names, positive_class=positive,
                          y_val=splits["val"].labels.cpu().numpy(), temperature_scaling=args.temperature_scaling,
                          precision=arithmetic)
 

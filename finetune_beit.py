@@ -359,7 +359,7 @@ def main():
     supervised.run_seeds(args.out, seeds, lambda seed, log: run_seed(args, seed, splits, prep, device, log, arithmetic),
                          splits["test"].labels.cpu().numpy(), info.task, header,
                          title=f"{args.data} {name}", epochs_per_seed=args.epochs,
-                         class_names=info.class_names, positive_class=positive, tensorboard=args.tensorboard,
+                         class_names=info.class_names, positive_class=positive,
                          y_val=splits["val"].labels.cpu().numpy(), precision=arithmetic)
 
 

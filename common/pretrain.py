@@ -327,12 +327,6 @@ def epoch_line(stats, epochs, seconds_left):
     return "  ".join(parts)
 
 
-def tensorboard_writer(out, enabled):
-    """A SummaryWriter into <out>/tensorboard on rank 0 when `enabled`, else None (loggers.open_trackers)."""
-    trackers = loggers.open_trackers(["tensorboard"] if enabled and dist.is_main() else [], out, {})
-    return trackers[0][1] if trackers else None
-
-
 def plot_log(out, method):
     """loss.pdf / .png (and knn_val_auc.pdf / .png when the monitor is on) from the run's log.jsonl,
     titled with the method and the data (args.yaml)."""

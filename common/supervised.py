@@ -341,12 +341,6 @@ def epoch_line(record):
 SCALARS = ("loss", "val_auc", "val_loss", "lr")
 
 
-def tensorboard_writer(out):
-    """A SummaryWriter into <out>/tensorboard (loggers.open_trackers); a UserError naming the package when
-    TensorBoard is not installed (cli.parse_args checks it before the run directory is made)."""
-    return loggers.open_trackers(["tensorboard"], out, {})[0][1]
-
-
 def write_scalars(trackers, record):
     """One per-epoch record as scalars at step `epoch`, tagged seed<N>/<key> (a phase before the
     main one, e.g. the head-only epochs: seed<N>/<phase>/<key>)."""
@@ -356,7 +350,7 @@ def write_scalars(trackers, record):
 
 
 def run_seeds(out, seeds, run_seed, y_true, task, header, title, *, epochs_per_seed=0, class_names=None,
-              positive_class=1, tensorboard=False, y_val=None, temperature_scaling=False, precision=None):
+              positive_class=1, y_val=None, temperature_scaling=False, precision=None):
     """The seeded repeats: run_seed(seed, log) -> SeedRun for every seed not finished in `out`, each
     seed's test metrics (metrics.evaluation_metrics with `positive_class`, binary tasks; the decision
     threshold chosen on the validation labels `y_val` and the seed's val_score; with
@@ -366,7 +360,7 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, *, epochs_per_s
     (results.write_results with `class_names`; metrics.json last). log(record) appends to log.jsonl,
     prints epoch_line, advances a progress bar over seeds and epochs (epochs_per_seed of them; 0 for
     probes without epochs) and gives the record's SCALARS to the trackers of header["args"]["logger"]
-    (common/loggers.py; `tensorboard`: TensorBoard too).
+    (common/loggers.py; cli.parse_args folds --tensorboard into it).
     `precision` (seeds_precision), when given, is recorded in every seed's file (PRECISION_KEY) and in
     metrics.json ("precision"). Returns the metrics.json dict."""
     log_path = os.path.join(out, "log.jsonl")
@@ -392,7 +386,7 @@ def run_seeds(out, seeds, run_seed, y_true, task, header, title, *, epochs_per_s
                dynamic_ncols=True)
     # --logger (with --tensorboard folded in) from the script's flags, which are the trackers' config
     config = header.get("args") or {}
-    trackers = loggers.open_trackers(loggers.chosen(config.get("logger"), tensorboard), out, config)
+    trackers = loggers.open_trackers(loggers.chosen(config.get("logger"), config.get("tensorboard")), out, config)
 
     def log(record):
         rundir.append_jsonl(log_path, record)

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from common import cli, errors, pretrain, supervised
+from common import cli, errors, loggers
 from conftest import REPO, cli_env, digest, run_cli
 
 TQDM_OR_TORCHRUN = ("epoch ", "W1", "E1", "I1")  # a progress bar; torchrun's own log lines
@@ -122,11 +122,10 @@ def test_tensorboard_absent_is_one_line_before_the_run_directory(capsys, tmp_pat
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "--tensorboard needs the package tensorboard" in lines[0] and "pip install tensorboard" in lines[0]
     assert not out.exists()
-    # the writers of both loops say the same, for a caller that skipped parse_args
+    # the trackers' opener says the same, for a caller that skipped parse_args
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # None in sys.modules: ImportError
-    for make in (lambda: supervised.tensorboard_writer(str(out)), lambda: pretrain.tensorboard_writer(str(out), True)):
-        assert "pip install tensorboard" in one_line(capsys, make)
-    assert pretrain.tensorboard_writer(str(out), False) is None and not out.exists()
+    assert "pip install tensorboard" in one_line(capsys, lambda: loggers.open_trackers(["tensorboard"], str(out), {}))
+    assert loggers.open_trackers([], str(out), {}) == [] and not out.exists()
 
 
 # ---------------------------------------------------------------- signals while a folder converts
