@@ -121,27 +121,29 @@ timed() {
   ((PLAN)) && return 0
   [[ $DRY_RUN == 1 ]] && { step "$@"; return 0; }
   archived_run "$dir" && return 0
-  if ! finished "$dir"; then
-    if [[ ${dir##*/} == pretrain-* || ${dir##*/} == sweep-* ]] && (($(date +%s) >= STOP_AT)); then
-      echo "stop    $dir (STOP_AT has passed: no pretraining starts)"
-      return 0
-    fi
-    claim "${dir##*/}" || { echo "skip    $dir (another copy runs it)"; return 0; }
-    step "$@"
+  if finished "$dir"; then  # the copy that ran it archives it; if that copy is gone, this one does
+    if claim "${dir##*/}"; then archive_run "$dir" -1; fi
+    return 0
   fi
+  if [[ ${dir##*/} == pretrain-* || ${dir##*/} == sweep-* ]] && (($(date +%s) >= STOP_AT)); then
+    echo "stop    $dir (STOP_AT has passed: no pretraining starts)"
+    return 0
+  fi
+  claim "${dir##*/}" || { echo "skip    $dir (another copy runs it)"; return 0; }
+  step "$@"
   if finished "$dir"; then archive_run "$dir" "$((SECONDS - start))"; fi
 }
 PLAN=0
 
 # archive_run DIR SECONDS: DIR's small files (flags, per-seed metrics, log, provenance) into
-# $ARCHIVE/<name>, with its wall time (the first one measured, if it ran again) in seconds.txt
+# $ARCHIVE/<name>, with its wall time in seconds.txt (the first one measured; -1: not measured)
 archive_run() {
   local to=$ARCHIVE/${1##*/} name
   mkdir -p "$to"
   for name in args.yaml log.jsonl provenance.json metrics.json; do  # metrics.json last: it marks a whole copy
-    if [[ -f $1/$name ]]; then cp "$1/$name" "$to/$name.tmp" && mv "$to/$name.tmp" "$to/$name"; fi
+    if [[ -f $1/$name ]]; then cp "$1/$name" "$to/$name.$$" && mv "$to/$name.$$" "$to/$name"; fi
   done
-  [[ -f $to/seconds.txt ]] || echo "$2" >"$to/seconds.txt"
+  if [[ $2 -ge 0 && ! -f $to/seconds.txt ]]; then echo "$2" >"$to/seconds.txt"; fi
 }
 
 # archived_run DIR: an evaluation whose results are in $ARCHIVE (a pretraining run always runs, or
@@ -231,6 +233,8 @@ sweep() {  # sweep METHOD: every candidate this copy can take
   for floor in ${FLOORS[$1]}; do for lr in ${LRS[$1]}; do sweep_run "$1" "$floor" "$lr"; done; done
 }
 
+swept() { [[ -f $1/not_run.txt ]] || finished "$1"; }  # a sweep run that finished, or failed
+
 # chosen METHOD: round one's recipe, or the flags of the sweep run with the best kNN validation AUC
 # (scripts/select_recipe.py; its table in $ARCHIVE/sweep-METHOD.md), once every candidate has
 # finished or failed, waiting for those another copy runs
@@ -245,12 +249,12 @@ chosen() {
       for lr in ${LRS[$m]}; do
         dir=$(sweep_dir "$m" "$floor" "$lr")
         candidates+=("$dir")
-        [[ -f $dir/not_run.txt ]] || finished "$dir" || { sweep_run "$m" "$floor" "$lr" >&2; pending=1; }
+        swept "$dir" || sweep_run "$m" "$floor" "$lr" >&2  # runs it, unless another copy does or STOP_AT passed
+        swept "$dir" || pending=1
       done
     done
     ((pending == 0)) && break
-    for dir in "${candidates[@]}"; do [[ -f $dir/not_run.txt ]] || finished "$dir" || pending=2; done
-    ((pending == 1)) && continue
+    (($(date +%s) < STOP_AT)) || return 1  # the sweep cannot finish before no pretraining may start
     echo "waiting for the sweep of $m (another copy runs it)" >&2
     sleep 60
   done

@@ -375,9 +375,10 @@ def test_round2_evaluations_of_another_encoder_are_run_again(tmp_path):
 
 
 def test_round2_stop_at_starts_no_pretraining(tmp_path):
-    ran, outputs = _round2(tmp_path, STOP_AT="0", METHODS="byol")
+    ran, outputs = _round2(tmp_path, STOP_AT="0", METHODS="byol mae")
     assert ran and not [r for r in ran if "/pretrain-" in r or "/sweep-" in r]
-    assert not [r for r in ran if r.endswith("-byol-s0") or r.endswith("-byol-s1")]  # no encoder, no evaluation
+    assert not [r for r in ran if "-byol-s" in r or "-mae-s" in r]  # no encoder, no evaluation
     assert "stop    " in outputs[0] and "pretrain-byol-s0 (STOP_AT has passed" in outputs[0]
+    assert "not run unit mae-s0: the sweep of mae chose nothing" in outputs[0]
     units = sorted(p.name for p in (tmp_path / "results" / "runs").glob("unit-*.done"))
-    assert units == ["unit-random-s0.done", "unit-random-s1.done"]
+    assert units == [f"unit-{u}-s{s}.done" for u in ("random", "random_vit") for s in (0, 1)]
