@@ -325,6 +325,29 @@ for m in "${SWEPT[@]}"; do
   [[ -f $ARCHIVE/sweep-$m.md ]] && sweeps+=$'\n'"${METHOD_NAMES[$m]}:"$'\n\n'"$(cat "$ARCHIVE/sweep-$m.md")"$'\n'
 done
 NO_SWEEP="(round one's for BYOL, SimCLR and Barlow Twins; the others not run yet)"
+# wall_times: a Markdown table, per method, of the mean wall time of a pretraining run and of a unit's
+# evaluations (seconds.txt of the archived runs), and how many units are complete
+wall_times() {
+  local init unit dir f sum pre npre total n
+  echo "| encoder | pretraining run, min | a unit's evaluations, min | units complete |"
+  echo "|---|---|---|---|"
+  for init in "${INITS[@]}"; do
+    pre=0 npre=0 total=0 n=0
+    for f in "$ARCHIVE"/pretrain-"$init"-s*/seconds.txt; do
+      if [[ -f $f ]]; then pre=$((pre + $(cat "$f"))) npre=$((npre + 1)); fi
+    done
+    for unit in "$ARCHIVE"/unit-"$init"-s*.done; do
+      [[ -f $unit ]] || continue
+      sum=0
+      while read -r dir; do
+        if [[ -f $ARCHIVE/$dir/seconds.txt ]]; then sum=$((sum + $(cat "$ARCHIVE/$dir/seconds.txt"))); fi
+      done <"$unit"
+      total=$((total + sum)) n=$((n + 1))
+    done
+    echo "| ${METHOD_NAMES[$init]} | $( ((npre)) && echo $((pre / npre / 60)) || echo –) |" \
+         "$( ((n)) && echo $((total / n / 60)) || echo –) | $n |"
+  done
+}
 INTRO=""
 if [[ $QUICK == 1 ]]; then
   INTRO="QUICK mode: a check of the pipeline (1-epoch sweep runs and $EPOCHS-epoch pretraining of at most 2
@@ -349,7 +372,11 @@ pretraining runs): the evaluation seeds of one encoder share its pretraining, so
 pretraining run several times. Welch's t-test on the run means; with 3 runs a side the exact Mann-Whitney test
 cannot go below p = 0.100, so Welch's p < 0.05 is the criterion, without correction for the number of comparisons.
 Recipe sweep, kNN AUC on the validation split:
-${sweeps:-$NO_SWEEP}"
+${sweeps:-$NO_SWEEP}
+
+Wall time, one core each (two copies of the script on 2 cores, OMP_NUM_THREADS=1), mean over the runs archived:
+
+$(wall_times)"
 if [[ -n $DATA || -n $TRANSFER ]]; then
   INTRO="$INTRO
 Own data: ${DATA:-PneumoniaMNIST} is the corpus and the downstream task, ${TRANSFER:-BreastMNIST} the transfer task."
@@ -391,6 +418,14 @@ figure() {  # figure TITLE RUN-PREFIX
   spec_head "which method, and can fine-tuning keep the gain?"
   for f in "${FRACTIONS[@]}"; do
     table "${DATA:-PneumoniaMNIST}, ${PERCENT[$f]} of the labels: linear probe and fine-tuning (test)" "lf$f-" probe ft lpft ld
+  done
+  for f in "${FRACTIONS[@]}"; do  # every method's pretraining runs together: does a variant help in general?
+    echo "  - title: \"${PERCENT[$f]} of the labels, the pretrained encoders of every method together (test)\""
+    echo "    metrics: [auc, acc]"
+    echo "    unit: run"
+    echo "    rows:"
+    for v in ft lpft ld; do row "${VNAME[$v]}, every method" "$v-lf$f-[!r]*-s*"; done  # [!r]: not random init
+    echo "    compare: [[\"fine-tune, every method\", \"LP-FT, every method\"], [\"fine-tune, every method\", \"layer decay, every method\"]]"
   done
   echo "  - title: \"Transfer to ${TRANSFER:-BreastMNIST} (test)\""
   echo "    metrics: [auc, acc]"

@@ -349,6 +349,9 @@ def test_round2_copies_share_the_runs_archive_whole_units_and_report_over_pretra
     assert "| LP-FT, BYOL | 0.811 ± 0.014 (n=2) |" in report_md
     assert "Each value is one run's mean over 2 evaluation seeds" in report_md
     assert "over the runs' means (one value per run)" in report_md
+    # every method's pretraining runs together (BYOL's and MAE's, 2 each), and the wall times
+    assert "| LP-FT, every method | 0.811 ± 0.012 (n=4) |" in report_md
+    assert "| BYOL | 0 | 0 | 2 |" in report_md and "| random init (ViT-Tiny) | – | 0 | 2 |" in report_md
 
     # the run directories gone (a new machine): the archived units are not run again; a unit cut short
     # runs its pretraining again (for its encoder) and the evaluations it lacks, and nothing else
