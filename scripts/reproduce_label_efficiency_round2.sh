@@ -361,7 +361,7 @@ patch 4, mean pooling). Each method keeps its own views, loss and optimiser (con
 and Barlow Twins keep round one's sweep winner (crop floor 0.35, Adam lr 1e-3), the other methods sweep their
 crop floor and lr (${SWEEP[*]}, kNN AUC on the validation split), the best going on to the full budget.
 Downstream, for each pretraining run s: evaluation seeds 5s .. 5s+$((EVAL_SEEDS - 1)) (the label subset, the head, the
-batches), shared with the random-init baseline's unit s, whose weights also follow the seed. Linear probe: logistic
+batches), the same for the random-init baseline's unit s, whose weights also follow the seed. Linear probe: logistic
 regression, L2 strength chosen on validation. Fine-tuning (Adam 1e-3, weight decay 1e-6, BatchNorm statistics
 recomputed before each validation, the best validation epoch kept; ${FT_EPOCHS[0.01]} epochs of batch ${FT_BATCH[0.01]} at 1%,
 ${FT_EPOCHS[0.1]} of ${FT_BATCH[0.1]} at 10%, ${FT_EPOCHS[1]} of ${FT_BATCH[1]} at 100%; transfer: $TRANSFER_EPOCHS of 128): plain; LP-FT (Kumar

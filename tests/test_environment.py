@@ -169,9 +169,10 @@ def test_torchrun_errors_print_once_and_every_rank_exits_2(real_root, tmp_path):
     ours = [line for line in lines_of(r.stderr) if line.startswith("error:")]
     assert ours == ["error: --batch-size 5 is the global batch and must split evenly over the 2 torchrun "
                     "processes"], r.stderr[-3000:]
-    # torchrun's report: the first rank out exited 2; the other did the same, or torchrun stopped it (143)
+    # torchrun's report: the first rank out exited 2; the other did the same, or torchrun stopped it (143;
+    # -15 when its SIGTERM came before the rank, still importing, had installed its handler)
     codes = re.findall(r"exitcode  : (-?\d+)", r.stderr)
-    assert r.returncode != 0 and codes and set(codes) <= {"2", "143"} and "2" in codes, r.stderr[-3000:]
+    assert r.returncode != 0 and codes and set(codes) <= {"2", "143", "-15"} and "2" in codes, r.stderr[-3000:]
     assert not [line for line in lines_of(r.stderr) if line.startswith(("interrupted", "RuntimeError"))]
 
 
