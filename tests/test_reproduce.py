@@ -292,7 +292,7 @@ flag = lambda name, default=None: argv[argv.index(name) + 1] if name in argv els
 out = flag("--out")
 with open({log!r}, "a") as f:
     f.write(out + "\\n")
-time.sleep(0.3)  # long enough for two copies to meet on a run
+time.sleep(0.1)  # long enough for two copies to meet on a run
 os.makedirs(out, exist_ok=True)
 ckpt = flag("--ckpt", "")
 pretrain_seed = int(ckpt.split("-s")[-1].split("/")[0]) if ckpt else 0
@@ -330,38 +330,38 @@ def _round2(tmp_path, copies=1, **env):
 
 
 def test_round2_copies_share_the_runs_archive_whole_units_and_report_over_pretraining_runs(tmp_path):
-    ran, outputs = _round2(tmp_path, copies=2)
+    ran, outputs = _round2(tmp_path, copies=2, METHODS="mae")
     assert len(ran) == len(set(ran)), "a run ran twice"
-    # 4 MAE sweep runs; per pretraining seed: 2 pretraining runs, 14 evaluations each, 8 of each random init
-    assert len(ran) == 4 + 2 * (2 * 15 + 2 * 8)
+    # 4 sweep runs; per pretraining seed: a pretraining run and its 14 evaluations, 8 of each random init
+    assert len(ran) == 4 + 2 * (15 + 2 * 8)
     assert all(any(line.startswith("done") for line in out.splitlines()) for out in outputs)  # both worked
     archive = tmp_path / "results" / "runs"
     units = sorted(p.name for p in archive.glob("unit-*.done"))
-    assert units == [f"unit-{u}-s{s}.done" for u in ("byol", "mae", "random", "random_vit") for s in (0, 1)]
-    assert (archive / "unit-byol-s1.done").read_text().splitlines()[:2] == ["probe-lf0.01-byol-s1", "ft-lf0.01-byol-s1"]
+    assert units == [f"unit-{u}-s{s}.done" for u in ("mae", "random", "random_vit") for s in (0, 1)]
+    assert (archive / "unit-mae-s1.done").read_text().splitlines()[:2] == ["probe-lf0.01-mae-s1", "ft-lf0.01-mae-s1"]
     assert json.loads((archive / "ft-lf0.1-mae-s1" / "metrics.json").read_text())["per_seed"][0]["seed"] == 2
     assert "--crop-scale 0.35 1.0 --lr 0.0045" in (archive / "sweep-mae.flags").read_text()
     chosen_rows = [r for r in (archive / "sweep-mae.md").read_text().splitlines() if r.endswith("| yes |")]
     assert len(chosen_rows) == 1 and chosen_rows[0].startswith("| sweep-mae-crop0.35-lr4.5e-3 |")
-    assert all((archive / d / "seconds.txt").read_text().strip().isdigit() for d in ("pretrain-mae-s0", "ld-lf1-byol-s1"))
+    assert all((archive / d / "seconds.txt").read_text().strip().isdigit() for d in ("pretrain-mae-s0", "ld-lf1-mae-s1"))
     report_md = (tmp_path / "results" / "report.md").read_text()
     # each pretraining run is one value, its evaluation seeds' mean: 0.801 and 0.821, not four pooled seeds
-    assert "| LP-FT, BYOL | 0.811 ± 0.014 (n=2) |" in report_md
+    assert "| LP-FT, MAE (ViT-Tiny) | 0.811 ± 0.014 (n=2) |" in report_md
     assert "Each value is one run's mean over 2 evaluation seeds" in report_md
     assert "over the runs' means (one value per run)" in report_md
-    # every method's pretraining runs together (BYOL's and MAE's, 2 each), and the wall times
-    assert "| LP-FT, every method | 0.811 ± 0.012 (n=4) |" in report_md
-    assert "| BYOL | 0 | 0 | 2 |" in report_md and "| random init (ViT-Tiny) | – | 0 | 2 |" in report_md
+    # every method's pretraining runs together (MAE's two here), and the wall times
+    assert "| layer decay, every method | 0.811 ± 0.014 (n=2) |" in report_md
+    assert "| MAE (ViT-Tiny) | 0 | 0 | 2 |" in report_md and "| random init (ViT-Tiny) | – | 0 | 2 |" in report_md
 
     # the run directories gone (a new machine): the archived units are not run again; a unit cut short
     # runs its pretraining again (for its encoder) and the evaluations it lacks, and nothing else
     shutil.rmtree(tmp_path / "runs")
     (tmp_path / "ran.log").unlink()
-    (archive / "unit-byol-s0.done").unlink()
-    shutil.rmtree(archive / "ld-lf1-byol-s0")
-    ran, _ = _round2(tmp_path)
-    assert [r.split("/")[-1] for r in ran] == ["pretrain-byol-s0", "ld-lf1-byol-s0"]
-    assert (archive / "unit-byol-s0.done").exists()
+    (archive / "unit-mae-s0.done").unlink()
+    shutil.rmtree(archive / "ld-lf1-mae-s0")
+    ran, _ = _round2(tmp_path, METHODS="mae")
+    assert [r.split("/")[-1] for r in ran] == ["pretrain-mae-s0", "ld-lf1-mae-s0"]
+    assert (archive / "unit-mae-s0.done").exists()
 
 
 def test_round2_evaluations_of_another_encoder_are_run_again(tmp_path):
