@@ -230,10 +230,15 @@ sweep_run() {  # sweep_run METHOD FLOOR LR: one candidate, unless another copy h
 sweep() {  # sweep METHOD: every candidate this copy can take
   local floor lr
   [[ -f $ARCHIVE/sweep-$1.flags ]] && return 0
-  for floor in ${FLOORS[$1]}; do for lr in ${LRS[$1]}; do sweep_run "$1" "$floor" "$lr"; done; done
+  for floor in ${FLOORS[$1]}; do
+    for lr in ${LRS[$1]}; do swept "$(sweep_dir "$1" "$floor" "$lr")" || sweep_run "$1" "$floor" "$lr"; done
+  done
 }
 
-swept() { [[ -f $1/not_run.txt ]] || finished "$1"; }  # a sweep run that finished, or failed
+# swept DIR: a sweep run that finished (archived, or in $RUNS) or failed; sweep_copy DIR: where its
+# files are (the archived copy, where $RUNS may be gone)
+swept() { [[ -f $ARCHIVE/${1##*/}/log.jsonl || -f $1/not_run.txt ]] || finished "$1"; }
+sweep_copy() { if [[ -f $ARCHIVE/${1##*/}/log.jsonl ]]; then echo "$ARCHIVE/${1##*/}"; else echo "$1"; fi; }
 
 # chosen METHOD: round one's recipe, or the flags of the sweep run with the best kNN validation AUC
 # (scripts/select_recipe.py; its table in $ARCHIVE/sweep-METHOD.md), once every candidate has
@@ -248,9 +253,9 @@ chosen() {
     for floor in ${FLOORS[$m]}; do
       for lr in ${LRS[$m]}; do
         dir=$(sweep_dir "$m" "$floor" "$lr")
-        candidates+=("$dir")
         swept "$dir" || sweep_run "$m" "$floor" "$lr" >&2  # runs it, unless another copy does or STOP_AT passed
         swept "$dir" || pending=1
+        candidates+=("$(sweep_copy "$dir")")
       done
     done
     ((pending == 0)) && break

@@ -359,9 +359,10 @@ def test_round2_copies_share_the_runs_archive_whole_units_and_report_over_pretra
     (tmp_path / "ran.log").unlink()
     (archive / "unit-mae-s0.done").unlink()
     shutil.rmtree(archive / "ld-lf1-mae-s0")
+    (archive / "sweep-mae.flags").unlink()  # chosen again from the archived sweep runs, which do not run again
     ran, _ = _round2(tmp_path, METHODS="mae")
     assert [r.split("/")[-1] for r in ran] == ["pretrain-mae-s0", "ld-lf1-mae-s0"]
-    assert (archive / "unit-mae-s0.done").exists()
+    assert (archive / "unit-mae-s0.done").exists() and "--lr 0.0045" in (archive / "sweep-mae.flags").read_text()
 
 
 def test_round2_evaluations_of_another_encoder_are_run_again(tmp_path):
