@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # headless: figures are only ever written to files
 import matplotlib.pyplot as plt  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from common import metrics  # noqa: E402
+from common import methods, metrics  # noqa: E402
 
 DPI = 300
 FPR_GRID = np.linspace(0.0, 1.0, 201)  # where the ROC curves of several seeds are averaged
@@ -26,13 +26,19 @@ FPR_GRID = np.linspace(0.0, 1.0, 201)  # where the ROC curves of several seeds a
 PALETTE = plt.get_cmap("tab10").colors
 METHOD_COLOURS = {"byol": 0, "barlow": 1, "simclr": 2, "moco": 3, "vicreg": 4, "dino": 5, "mae": 6, "beit": 9,
                   "imagenet": 7, "random": 8}
-METHOD_NAMES = {"byol": "BYOL", "barlow": "Barlow Twins", "simclr": "SimCLR", "moco": "MoCo v2", "vicreg": "VICReg",
-                "dino": "DINO", "mae": "MAE"}
 MODE_NAMES = {"linear_probe": "linear probe", "finetune": "fine-tuning", "fewshot": "few-shot fine-tuning",
               "knn": "kNN", "finetune_beit": "BEiT fine-tuning"}
 
 
 # ---------------------------------------------------------------- names and colours
+def method_name(method):
+    """A pretraining method's name in tables and figures (its LABEL in the method list), else as given."""
+    try:
+        return methods.get(str(method)).label
+    except KeyError:
+        return str(method)
+
+
 def method_key(name):
     """The METHOD_COLOURS key a series name refers to ("Barlow Twins, seed 1" -> barlow), or None."""
     words = re.findall(r"[a-z0-9]+", str(name).lower())
@@ -67,7 +73,7 @@ def encoder_name(run):
     init", the run folder's name of a checkpoint whose method is not recorded; never a path."""
     method = (run.get("pretraining") or {}).get("method")
     if method:
-        return f"{METHOD_NAMES.get(method, method)} encoder"
+        return f"{method_name(method)} encoder"
     encoder = run.get("encoder")
     if encoder in (None, ""):
         return None

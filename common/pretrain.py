@@ -339,7 +339,7 @@ def plot_log(out, method):
             args = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError):
         args = {}
-    name = figures.METHOD_NAMES.get(method, method)
+    name = figures.method_name(method)
     data = f" on {figures.dataset_name(args['data'])}" + (f" {args['size']} px" if args.get("size") else "") \
         if args.get("data") else ""
     epochs = [r["epoch"] + 1 for r in records]
