@@ -256,7 +256,7 @@ def finetune(args, encoder, train, val, test, task, n_out, seed, device, log, ar
     # ---- paper 003 §3.4: the head alone first, encoder frozen (its BN too, with --frozen-bn eval)
     if args.head_epochs:
         models.freeze_through(encoder, "layer4")
-        head_opt = torch.optim.Adam(model[1].parameters(), lr=args.head_lr, weight_decay=args.weight_decay)
+        head_opt = optim.adam(model[1].parameters(), args.head_lr, args.weight_decay, device)
         head = supervised.train_select(model, head_opt, train, val, task, seed, schedule(args, args.head_epochs),
                                        forward, forward_train=forward_train,
                                        log=lambda r: log({"phase": "head", **r}), class_weight=class_weight)
@@ -273,7 +273,7 @@ def finetune(args, encoder, train, val, test, task, n_out, seed, device, log, ar
     layer_of, n_layers = models.layer_ids(encoder)
     groups = optim.layer_decay_groups(model.named_parameters(), lambda name: layer_of(name.removeprefix("0.")),
                                       n_layers, lr, args.layer_decay, args.weight_decay)
-    optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=args.weight_decay)
+    optimizer = optim.adam(groups, lr, args.weight_decay, device)
     chosen = supervised.train_select(model, optimizer, train, val, task, seed,
                                      schedule(args, lr=None if args.lr_schedule == "constant" else lr),
                                      forward, forward_train=forward_train, log=log, class_weight=class_weight)
@@ -293,8 +293,8 @@ def range_test_lr(args, model, train, forward_train, task, seed, class_weight=No
     afterwards), on batches drawn with their own generator; curve and pick saved per seed."""
     supervised.enter_training(model, args.frozen_bn)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=args.lr_range[0], weight_decay=args.weight_decay)
     device = supervised.model_device(model)
+    optimizer = optim.adam(params, args.lr_range[0], args.weight_decay, device)
     gen = torch.Generator(device).manual_seed(seed + 1)
     batch = min(args.batch_size, len(train))
 

@@ -294,7 +294,7 @@ def run_seed(args, seed, splits, prep, device, log, arithmetic):
     layer_of, n_layers = beit_layer_ids(model)
     groups = optim.layer_decay_groups(model.named_parameters(), layer_of, n_layers, args.lr, args.layer_decay,
                                       args.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = optim.adam(groups, args.lr, args.weight_decay, device, decoupled=True)
     # LayerNorm, not BatchNorm: the last, partial batch is kept, as the Hugging Face Trainer does; and
     # the whole model trains in training mode, as the Trainer does (stochastic depth on in frozen layers)
     schedule = supervised.Schedule(epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps,

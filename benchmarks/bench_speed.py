@@ -266,14 +266,13 @@ def build_step(cfg, variant, device, images):
 
     if workload == "finetune":  # evaluate.finetune + supervised.train_select, --mode finetune defaults (Adam 1e-3)
         import evaluate
-        from common import supervised
+        from common import optim, supervised
         args = evaluate.get_args_parser().parse_args(["--mode", "finetune", "--out", "-"])
         head = torch.nn.Linear(feature_dim, 2)  # a binary task, as PneumoniaMNIST / BreastMNIST
         place(encoder, head)
         models.freeze_through(encoder, args.freeze)
         model = torch.nn.Sequential(compiled(encoder), head)
-        optimizer = torch.optim.Adam(model.parameters(), lr=evaluate.MODE_DEFAULTS["finetune"]["lr"],
-                                     weight_decay=args.weight_decay)
+        optimizer = optim.adam(model.parameters(), evaluate.MODE_DEFAULTS["finetune"]["lr"], args.weight_decay, device)
         labels = torch.randint(0, 2, (len(images),), generator=gen, device=device)
         supervised.enter_training(model, args.frozen_bn)
 

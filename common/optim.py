@@ -172,10 +172,12 @@ class LARS(torch.optim.Optimizer):
 
 
 def adam(params, lr, weight_decay, device, decoupled=False):
-    """Adam (or AdamW) in a handful of kernels rather than ~10 per parameter: fused on CUDA, foreach on
-    the CPU (bit-identical to the per-parameter loop there; 72 fewer ops x 10 for a ResNet-18 + MLPs)."""
+    """Adam (or AdamW) as one fused kernel over every parameter, on the CPU as on CUDA: a ResNet-18's
+    step takes 17 ms on one CPU thread against 150-160 ms for the per-parameter loop or foreach (torch
+    2.14), which at the small batches of fine-tuning on few labels was a third of each step. Same
+    update; the fused kernel rounds differently (parameters within ~1e-5 after a few steps)."""
     kind = torch.optim.AdamW if decoupled else torch.optim.Adam
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type in ("cpu", "cuda"):
         return kind(params, lr=lr, weight_decay=weight_decay, fused=True)
     return kind(params, lr=lr, weight_decay=weight_decay, foreach=True)
 

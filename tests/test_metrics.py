@@ -222,6 +222,21 @@ def test_bootstrap_ci_contains_point_narrows_and_is_reproducible():
     assert a[0] <= wide[0] <= wide[1] <= a[1]  # a 50% interval sits inside the 95% one
 
 
+@pytest.mark.parametrize("task", [BIN, MC, ML])
+def test_bootstrap_ci_is_the_percentile_interval_of_sklearns_auc_on_the_same_resamples(task):
+    y, s = make(task, n=120, seed=5)
+    _, yy, ss = M._prepare(y, s, task)
+    k = M._n_classes(ss, task)
+    resamples = M._resamples(yy, task, k, 300, np.random.default_rng(7))
+    if task == BIN:
+        reference = [roc_auc_score(yy[i], ss[i]) for i in resamples]
+    else:
+        reference = [roc_auc_score(yy[i], ss[i], average="macro") if task == ML else
+                     np.mean([roc_auc_score(yy[i] == c, ss[i][:, c]) for c in range(k)]) for i in resamples]
+    low, high = M.bootstrap_auc_ci(y, s, task, n_boot=300, seed=7)
+    assert (low, high) == pytest.approx(tuple(np.percentile(reference, [2.5, 97.5])), abs=1e-12)
+
+
 def test_bootstrap_redraws_resamples_missing_a_class():
     # Class 2 has a single sample: most resamples of 10 miss it, and must be redrawn.
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 2])

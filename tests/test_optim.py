@@ -185,3 +185,32 @@ def test_layer_decay_groups_scale_each_layer_and_skip_frozen_parameters():
     assert len(one) == 1 and one[0]["params"] == [p for p in layers.parameters() if p.requires_grad]
     with pytest.raises(ValueError, match="outside 0 .. 2"):
         optim.layer_decay_groups(layers.named_parameters(), lambda name: 3, 2, 0.1, 0.5)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_adam_is_one_fused_kernel_on_the_cpu_and_follows_torchs_reference_update(decoupled):
+    """optim.adam (fused on the CPU) against torch's per-parameter Adam / AdamW: the same update, with
+    groups at their own lr, an lr schedule and weight decay, to the fused kernel's rounding."""
+    def train(make):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
+                                    torch.nn.Linear(8 * 6 * 6, 3))
+        groups = [{"params": model[0].parameters(), "lr": 3e-4}, {"params": [*model[1].parameters(),
+                                                                         *model[3].parameters()]}]
+        opt = make(groups)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(20):
+            opt.param_groups[1]["lr"] = 1e-3 * (1 - step / 20)
+            x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return opt, torch.cat([p.detach().flatten() for p in model.parameters()])
+    kind = torch.optim.AdamW if decoupled else torch.optim.Adam
+    ours, mine = train(lambda g: optim.adam(g, 1e-3, 0.05, "cpu", decoupled=decoupled))
+    ref, theirs = train(lambda g: kind(g, lr=1e-3, weight_decay=0.05, foreach=False))
+    assert ours.param_groups[0]["fused"] and isinstance(ours, kind)
+    start = train(lambda g: kind(g, lr=0.0))[1]
+    assert (theirs - start).abs().max() > 1e-3                     # the parameters did move
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=2e-5)  # ... by the same update (without the weight decay: 2e-3)
