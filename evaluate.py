@@ -99,6 +99,10 @@ def get_args_parser():
     g.add_argument("--head-epochs", type=int, default=0,
                    help="first train the head alone for N epochs on the frozen encoder, Adam at --head-lr "
                         "(paper 003 §3.4: 1), then the main phase")
+    g.add_argument("--val-every", type=int, default=1, metavar="N",
+                   help="validate after every N-th epoch and the last, the epoch kept chosen among those (default "
+                        "1). With few labels an epoch is one step and validation most of its cost: 5 at 1%% of "
+                        "PneumoniaMNIST's labels makes a 100-epoch run 1.8x faster on a CPU")
     g.add_argument("--head-lr", type=float, default=2e-3,
                    help="Adam lr of the head-only epochs (default 2e-3, fastai's fine_tune value; paper 003 "
                         "names a fixed Adam lr without its value)")
@@ -152,11 +156,14 @@ def resolve_args(args):
     full_model = args.mode in ("finetune", "fewshot")
     for flag, used in (("--freeze", args.freeze != "none"), ("--lr auto", args.lr == "auto"),
                        ("--head-epochs", args.head_epochs), ("--tta", args.tta), ("--train-aug", args.train_aug != "none"),
-                       ("--saliency", args.saliency), ("--precise-bn", args.precise_bn == "on")):
+                       ("--saliency", args.saliency), ("--precise-bn", args.precise_bn == "on"),
+                       ("--val-every", args.val_every != 1)):
         if used and not full_model:
             raise UserError(f"{flag} applies to --mode finetune / fewshot, not {args.mode}")
     if args.resize is not None and args.resize <= 0:
         raise UserError(f"--resize must be a positive image side, got {args.resize}")
+    if args.val_every < 1:
+        raise UserError(f"--val-every must be 1 or more (validate after every N-th epoch), got {args.val_every}")
     if args.head_epochs < 0 or args.tta < 0:
         raise UserError("--head-epochs and --tta must be 0 or more")
     if args.tta and args.train_aug == "none":
@@ -236,7 +243,7 @@ def schedule(args, epochs=None, lr=None):
     """The supervised.Schedule of this command (epochs: another phase's count)."""
     return supervised.Schedule(epochs=epochs or args.epochs, batch_size=args.batch_size, max_steps=args.max_steps,
                                lr=lr, lr_schedule=args.lr_schedule, precise_bn=args.precise_bn == "on",
-                               frozen_bn=args.frozen_bn)
+                               frozen_bn=args.frozen_bn, val_every=args.val_every)
 
 
 def finetune(args, encoder, train, val, test, task, n_out, seed, device, log, arithmetic, class_weight=None):

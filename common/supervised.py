@@ -178,7 +178,8 @@ class Examples:
 class Schedule:
     """How train_select trains. lr: the peak lr of lr_schedule, set every step (None: the optimiser's
     lr throughout); full_batches: drop the last partial batch (BatchNorm needs more than one image);
-    precise_bn: recompute_bn_stats before each validation; frozen_bn: see enter_training."""
+    precise_bn: recompute_bn_stats before each validation; frozen_bn: see enter_training; val_every:
+    validate after every val_every-th epoch and the last."""
     epochs: int
     batch_size: int
     max_steps: Optional[int] = None
@@ -188,6 +189,7 @@ class Schedule:
     precise_bn: bool = False
     frozen_bn: str = "eval"
     eval_batch_size: int = 512
+    val_every: int = 1
 
     def steps(self, n):
         steps = max(1, n // self.batch_size) if self.full_batches else math.ceil(n / self.batch_size)
@@ -220,8 +222,8 @@ def check_finite_loss(losses, seed, epoch, lr):
 
 def train_select(model, optimizer, train, val, task, seed, schedule, forward, *, forward_train=None, log=None,
                  class_weight=None):
-    """Train `model` for schedule.epochs on `train` (Examples), validating after every epoch, and
-    load the weights of the best one (selection_score) back. forward(batch) -> logits on unaugmented
+    """Train `model` for schedule.epochs on `train` (Examples), validating after every epoch (every
+    schedule.val_every-th and the last), and load the weights of the best one (selection_score) back. forward(batch) -> logits on unaugmented
     inputs (validation, precise BN); forward_train for the training batches (default forward).
     Batches are drawn from a generator seeded with `seed`; losses stay on the device until the epoch
     ends (one host sync per epoch). log(record) gets one record per epoch; class_weight: see
@@ -253,6 +255,11 @@ def train_select(model, optimizer, train, val, task, seed, schedule, forward, *,
         lr = optimizer.param_groups[0]["lr"]
         mean_loss = check_finite_loss(losses, seed, epoch, lr)
         seen = min(steps * schedule.batch_size, n)
+        if (epoch + 1) % schedule.val_every and epoch != schedule.epochs - 1:  # no validation this epoch
+            if log:
+                log({"seed": seed, "epoch": epoch, "epochs": schedule.epochs, "loss": mean_loss, "lr": lr,
+                     "best_epoch": best["epoch"], "images_per_sec": round(seen / (time.time() - start), 1)})
+            continue
         if schedule.precise_bn:
             recompute_bn_stats(model, train.inputs, forward, schedule.batch_size, schedule.frozen_bn, train.index)
         y_score = probabilities(model, val.inputs, task, forward, schedule.eval_batch_size)
@@ -331,10 +338,15 @@ def seeds_precision(out, seeds, requested, device, side, convolutional=True):
 def epoch_line(record):
     """One printed line per epoch: loss, validation AUC (or loss) and the best epoch so far."""
     phase = f" {record['phase']}" if record.get("phase") else ""
-    val = f"val AUC {record['val_auc']:.4f}" if record.get("val_auc") is not None else \
-        f"val loss {record['val_loss']:.4f} (AUC undefined)"
+    if record.get("val_auc") is not None:
+        val = f"val AUC {record['val_auc']:.4f}"
+    elif "val_loss" in record:
+        val = f"val loss {record['val_loss']:.4f} (AUC undefined)"
+    else:
+        val = "not validated (--val-every)"
+    best = record["best_epoch"] + 1 if record["best_epoch"] >= 0 else "none yet"
     return (f"seed {record['seed']}{phase} epoch {record['epoch'] + 1}/{record['epochs']}: loss {record['loss']:.4f}, "
-            f"{val}, best epoch {record['best_epoch'] + 1}")
+            f"{val}, best epoch {best}")
 
 
 # the per-epoch records that the trackers (--logger) get

@@ -97,18 +97,21 @@ VIT=(--arch vit_tiny_patch16_224 --patch-size 4 --pool mean)   # MAE's encoder, 
 # ---------------------------------------------------------------- the evaluation protocol
 # fine-tuning: 100 to 360 optimiser steps at every fraction (round one's; PneumoniaMNIST: 1% = 47 images,
 # 1 batch of 32 x 100 epochs; 10% = 470, 3 batches of 128 x 40; 100% = 4,708, 36 x 10); BatchNorm
-# statistics recomputed before each validation; the epoch with the best validation AUC is kept.
+# statistics recomputed before each validation; the epoch with the best validation AUC is kept, among
+# those validated: every 5th epoch at 1% and every 2nd at 10% and in transfer (about every 5 steps; at 1%
+# an epoch is one step, and validating after each was most of the run), every epoch at 100%.
 # LP-FT (Kumar et al. 2022): the head alone on the frozen encoder for half as many epochs (Adam 2e-3),
 # then everything as plain fine-tuning. Layer-wise decay: the head at the lr, each layer below at
 # LAYER_DECAY times the one above (ResNet: layer4 .. stem; ViT: its blocks).
 declare -A FT_EPOCHS=([0.01]=100 [0.1]=40 [1]=10)
 declare -A FT_BATCH=([0.01]=32 [0.1]=128 [1]=128)
-TRANSFER_EPOCHS=30
+declare -A VAL_EVERY=([0.01]=5 [0.1]=2 [1]=1)
+TRANSFER_EPOCHS=30 TRANSFER_VAL_EVERY=2
 if [[ $QUICK == 1 ]]; then
   FT_EPOCHS=([0.01]=2 [0.1]=2 [1]=2)
-  TRANSFER_EPOCHS=2
+  VAL_EVERY=([0.01]=1 [0.1]=1 [1]=1)
+  TRANSFER_EPOCHS=2 TRANSFER_VAL_EVERY=1
 fi
-declare -A VARIANT_FLAGS=([ft]="" [ld]="--layer-decay $LAYER_DECAY")
 PROBE=(--mode linear_probe --seeds "$EVAL_SEEDS")
 FINETUNE=(--mode finetune --precise-bn on --seeds "$EVAL_SEEDS" "${LIMIT[@]}")
 
@@ -195,7 +198,8 @@ evaluations() {
       [[ $variant == lpft ]] && extra=(--head-epochs $((FT_EPOCHS[$f] > 1 ? FT_EPOCHS[$f] / 2 : 1)) --head-lr 2e-3)
       [[ $variant == ld ]] && extra=(--layer-decay "$LAYER_DECAY")
       timed "$dir" "$PY" evaluate.py "${FROM[@]}" "${MAIN[@]}" "${FINETUNE[@]}" --seed "$SEED0" --label-fraction "$f" \
-        --epochs "${FT_EPOCHS[$f]}" --batch-size "${FT_BATCH[$f]}" "${extra[@]}" --out "$dir"
+        --epochs "${FT_EPOCHS[$f]}" --batch-size "${FT_BATCH[$f]}" --val-every "${VAL_EVERY[$f]}" "${extra[@]}" \
+        --out "$dir"
     done
   done
   # transfer: BreastMNIST's 546 training images, 4 full batches x 30 epochs
@@ -203,7 +207,7 @@ evaluations() {
   timed "$dir" "$PY" evaluate.py "${FROM[@]}" "${OTHER[@]}" "${PROBE[@]}" --seed "$SEED0" --out "$dir"
   dir=$RUNS/transfer-ft-$name
   timed "$dir" "$PY" evaluate.py "${FROM[@]}" "${OTHER[@]}" "${FINETUNE[@]}" --seed "$SEED0" \
-    --epochs "$TRANSFER_EPOCHS" --batch-size 128 --out "$dir"
+    --epochs "$TRANSFER_EPOCHS" --batch-size 128 --val-every "$TRANSFER_VAL_EVERY" --out "$dir"
 }
 
 # claim UNIT: true when this copy of the script takes UNIT, which no other live copy holds (a claim
@@ -283,10 +287,17 @@ complete() {
   printf '%s\n' "${@##*/}" >"$ARCHIVE/unit-$unit.done"
   echo "archived unit $unit"
 }
+# one method (its baseline first) at a time, its pretraining seeds together: each method is compared
+# across its pretraining runs as soon as it is done, however far the round has got
+ORDER=(random)
+for m in "${METHODS[@]}"; do
+  [[ $m == mae ]] && ORDER+=(random_vit)
+  ORDER+=("$m")
+done
 # two passes: the second takes up the evaluations of units whose pretraining another copy ran meanwhile
 for pass in $([[ $DRY_RUN == 1 ]] && echo 1 || echo 1 2); do
-  for s in "${PRETRAIN_SEEDS[@]}"; do
-    for unit in "${BASELINES[@]}" "${METHODS[@]}"; do
+  for unit in "${ORDER[@]}"; do
+    for s in "${PRETRAIN_SEEDS[@]}"; do
       name=$unit-s$s
       if archived "$name"; then ((pass > 1)) || echo "skip    unit $name (archived)"; continue; fi
       SEED0=$((s * EVAL_SEEDS))  # unit s: evaluation seeds 5s .. 5s+4, the same for every method and baseline
@@ -368,7 +379,8 @@ crop floor and lr (${SWEEP[*]}, kNN AUC on the validation split), the best going
 Downstream, for each pretraining run s: evaluation seeds 5s .. 5s+$((EVAL_SEEDS - 1)) (the label subset, the head, the
 batches), the same for the random-init baseline's unit s, whose weights also follow the seed. Linear probe: logistic
 regression, L2 strength chosen on validation. Fine-tuning (Adam 1e-3, weight decay 1e-6, BatchNorm statistics
-recomputed before each validation, the best validation epoch kept; ${FT_EPOCHS[0.01]} epochs of batch ${FT_BATCH[0.01]} at 1%,
+recomputed before each validation, the best validated epoch kept, validating every ${VAL_EVERY[0.01]} / ${VAL_EVERY[0.1]} / ${VAL_EVERY[1]} epochs at
+1 / 10 / 100% and every $TRANSFER_VAL_EVERY in transfer; ${FT_EPOCHS[0.01]} epochs of batch ${FT_BATCH[0.01]} at 1%,
 ${FT_EPOCHS[0.1]} of ${FT_BATCH[0.1]} at 10%, ${FT_EPOCHS[1]} of ${FT_BATCH[1]} at 100%; transfer: $TRANSFER_EPOCHS of 128): plain; LP-FT (Kumar
 et al. 2022: the head alone on the frozen encoder for half as many epochs, Adam 2e-3, then plain fine-tuning);
 layer-wise lr decay $LAYER_DECAY per layer below the head. Random inits are fine-tuned plainly.

@@ -42,8 +42,9 @@ EXPECTED = {
          "--seeds 2 --seed 4", "--head-epochs 1 --head-lr 2e-3", "--layer-decay 0.65",
          "--init random --in-chans 1 --arch vit_tiny_patch16_224 --patch-size 4 --pool mean", "/transfer-ft-mae-s2\n"],
         ["--batch-size 256 --seed 2 --crop-scale 0.35 1 --lr 1e-3 --epochs 40 --warmup-epochs 2", "--seeds 5 --seed 10",
-         "--crop-scale <chosen> 1 --lr <chosen>", "--epochs 100 --batch-size 32 --head-epochs 50 --head-lr 2e-3",
-         "--epochs 10 --batch-size 128 --layer-decay 0.65", "/transfer-ft-random_vit-s2\n"]),
+         "--crop-scale <chosen> 1 --lr <chosen>", "--epochs 100 --batch-size 32 --val-every 5 --head-epochs 50 --head-lr 2e-3",
+         "--epochs 40 --batch-size 128 --val-every 2", "--epochs 10 --batch-size 128 --val-every 1 --layer-decay 0.65",
+         "--epochs 30 --batch-size 128 --val-every 2", "/transfer-ft-random_vit-s2\n"]),
     "reproduce_further_pretraining.sh": (
         ["--init barlowtwins --arch resnet50", "--trainable last-block", "--trainable all",
          "--data breastmnist,pneumoniamnist", "--freeze layer4", "--seeds 3"],
@@ -386,3 +387,16 @@ def test_round2_stop_at_starts_no_pretraining(tmp_path):
     assert "not run unit mae-s0: the sweep of mae chose nothing" in outputs[0]
     units = sorted(p.name for p in (tmp_path / "results" / "runs").glob("unit-*.done"))
     assert units == [f"unit-{u}-s{s}.done" for u in ("random", "random_vit") for s in (0, 1)]
+    # one method (or baseline) at a time, its pretraining seeds together
+    order = list(dict.fromkeys(r.split("/")[-1].split("-", 2)[-1] for r in ran))
+    assert order == ["random-s0", "random-s1", "random_vit-s0", "random_vit-s1"]
+
+
+def test_round2_archive_is_kept_by_git():
+    """The archive of finished runs is what a fresh clone reports from and skips: git must not ignore it."""
+    if not os.path.exists(os.path.join(REPO, ".git")):
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "results/label_efficiency/round2/runs/unit-byol-s0.done",
+                              "results/label_efficiency/round2/runs/ft-lf1-byol-s0/metrics.json"], cwd=REPO,
+                             capture_output=True, text=True)
+    assert ignored.returncode == 1 and not ignored.stdout  # 1: none of them ignored

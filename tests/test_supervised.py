@@ -110,6 +110,30 @@ def test_train_select_keeps_the_best_epoch_and_logs_one_record_per_epoch():
     assert round(final, 5) == aucs[chosen.best_epoch]  # the best epoch's weights are loaded back
 
 
+def test_val_every_validates_every_nth_and_the_last_epoch_and_keeps_the_best_of_those():
+    """The same seeded training with --val-every 3 over 7 epochs: validation after epochs 3, 6 and 7
+    only, with the AUCs the every-epoch run had there, and the best of those three kept."""
+    def run(val_every):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(4, 2)
+        train, val = _features(32, torch.arange(32) % 2), _features(16, torch.arange(16) % 2, seed=1)
+        records = []
+        chosen = supervised.train_select(head, torch.optim.SGD(head.parameters(), lr=0.5), train, val,
+                                         metrics.BINARY, 0, supervised.Schedule(epochs=7, batch_size=8,
+                                                                                val_every=val_every),
+                                         head, log=records.append)
+        return chosen, records
+    every, all_records = run(1)
+    sparse, records = run(3)
+    assert [r["epoch"] for r in records] == list(range(7))  # one record per epoch still
+    validated = [r["epoch"] for r in records if "val_auc" in r]
+    assert validated == [2, 5, 6]
+    assert [r["val_auc"] for r in records if "val_auc" in r] == [all_records[e]["val_auc"] for e in validated]
+    aucs = {e: all_records[e]["val_auc"] for e in validated}
+    assert sparse.best_epoch == max(validated, key=lambda e: (aucs[e], -e))
+    assert "not validated" in supervised.epoch_line(records[0]) and "none yet" in supervised.epoch_line(records[0])
+
+
 def test_an_undefined_validation_auc_selects_on_the_validation_loss():
     """A validation split of one class has no AUC: the epoch of lowest validation loss is kept."""
     torch.manual_seed(0)
