@@ -423,6 +423,15 @@ table() {  # table TITLE PREFIX VARIANTS...: one row per init and variant, each 
       [[ $v == lpft || $v == ld ]] && pairs+=("[\"${VNAME[ft]}, ${METHOD_NAMES[$m]}\", \"${VNAME[$v]}, ${METHOD_NAMES[$m]}\"]")
     done
   done
+  # which method: round one's leader (BYOL's probe, highest at every fraction) against each other method
+  if [[ " ${METHODS[*]} " == *" byol "* ]]; then
+    for m in "${METHODS[@]}"; do
+      [[ $m == byol ]] && continue
+      for v in probe ft; do
+        [[ " $* " == *" $v "* ]] && pairs+=("[\"${VNAME[$v]}, BYOL\", \"${VNAME[$v]}, ${METHOD_NAMES[$m]}\"]")
+      done
+    done
+  fi
   local IFS=,
   echo "    compare: [${pairs[*]}]"
 }
@@ -452,6 +461,13 @@ figure() {  # figure TITLE RUN-PREFIX
     row "probe, ${METHOD_NAMES[$init]}" "transfer-probe-$init-s*"
     row "fine-tune, ${METHOD_NAMES[$init]}" "transfer-ft-$init-s*"
   done
+  transfer_pairs=()
+  for m in "${METHODS[@]}"; do
+    for v in probe fine-tune; do
+      transfer_pairs+=("[\"$v, ${METHOD_NAMES[$(baseline_of "$m")]}\", \"$v, ${METHOD_NAMES[$m]}\"]")
+    done
+  done
+  (IFS=,; echo "    compare: [${transfer_pairs[*]}]")
   echo "figures:"
   figure "Linear probe: test AUC against the label fraction" "probe-lf"
   figure "Fine-tuning: test AUC against the label fraction" "ft-lf"
