@@ -505,6 +505,26 @@ def compare_samples(a, b):
     return out
 
 
+def compare_pairs(a, b):
+    """Paired samples of a metric (a[i] and b[i] from the same unit, e.g. one pretraining run evaluated
+    two ways): the mean of the differences b - a, their sample std, the paired t-test with its 95%
+    interval of the mean difference (scipy's ttest_rel), and in how many pairs b is higher. p and the
+    interval are None with fewer than 2 pairs or differences without variance."""
+    from scipy import stats
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if a.size != b.size:
+        raise ValueError(f"paired samples need one value each per pair, got {a.size} and {b.size}")
+    d = b - a
+    mean, std = mean_std(d) if d.size else (float("nan"), 0.0)
+    out = {"n": int(d.size), "diff": mean, "std": std, "b_higher": int((d > 0).sum()), "t": None, "p": None,
+           "ci95_low": None, "ci95_high": None}
+    if d.size >= 2 and np.ptp(d) > 0:
+        t = stats.ttest_rel(b, a)
+        ci = t.confidence_interval(0.95)
+        out.update(t=float(t.statistic), p=float(t.pvalue), ci95_low=float(ci.low), ci95_high=float(ci.high))
+    return out
+
+
 # ---------------------------------------------------------------- paired tests on the same test images
 def delong_test(y_true, score_a, score_b, alpha=0.05):
     """DeLong, DeLong & Clarke-Pearson (1988) test of two correlated ROC AUCs: two binary classifiers

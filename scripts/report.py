@@ -35,6 +35,9 @@ directories or of the files themselves):
         compare: [[ImageNet init, BYOL+]]     # A vs B: B - A, its 95% CI, Welch p, Mann-Whitney p per metric
         unit: seed                           # or run: one value per run (its seeds' mean), for nested seeds
         allow_mismatch: [mode]               # protocol fields the compared runs may differ in (or true: any)
+        compare_paired: [[fine-tune, LP-FT]] # rows whose runs pair up (same encoder checkpoint and seeds):
+                                             # the paired t-test over the runs' differences
+        runs_expected: 3                     # a row with fewer runs gets a "partly run" line
     figures:                                  # rows as in tables (YAML anchors avoid repeating them)
       - {kind: roc, title: "PneumoniaMNIST ROC", rows: [...]}    # overlaid, from predictions.npz
       - {kind: confusion, title: ..., rows: [...], class_names: [normal, pneumonia]}  # a PNG per row
@@ -214,6 +217,9 @@ def table_section(table, used):
                 value = row.get("published", {}).get(m)
                 cells.append("–" if value is None else f"{value} (quoted)")
         lines.append("| " + " | ".join(cells) + " |")
+        expected = table.get("runs_expected")
+        if runs and expected and len(runs) < expected:
+            gaps.append(f"- {row['label']}: {len(runs)} of the {expected} runs expected")
     lines.append("")
     if gaps:
         lines += gaps + [""]
@@ -225,7 +231,55 @@ def table_section(table, used):
                   f"independent unit (pretraining runs, not evaluation seeds).", ""]
     if table.get("compare"):
         lines += comparison_lines(table, names, samples, groups, unit=unit)
+    if table.get("compare_paired"):
+        lines += paired_run_lines(table, names, groups)
     return lines
+
+
+def pair_key(run):
+    """What makes two evaluation runs a pair: the same encoder checkpoint (or init) and the same seeds."""
+    args = run.get("args", {})
+    return args.get("ckpt") or args.get("init"), tuple(s.get("seed") for s in run["per_seed"])
+
+
+def paired_run_lines(table, names, groups):
+    """table["compare_paired"]: pairs of rows whose runs pair up by pair_key (e.g. one pretraining
+    run fine-tuned two ways), each run one value (its seeds' mean): the paired t-test over the
+    differences, which the spread between encoders does not enter as Welch's test over two rows would."""
+    lines = ["| paired comparison | metric | pairs | mean B − A | 95% CI | p (paired t) | B higher in |",
+             "|---" * 7 + "|"]
+    notes = []
+    for a, b in table["compare_paired"]:
+        for label in (a, b):
+            if label not in groups:
+                raise UserError(f"table {table['title']!r} compares {label!r}, which is not one of its rows")
+        runs_a = {pair_key(r): r for r, _ in groups[a]}
+        runs_b = {pair_key(r): r for r, _ in groups[b]}
+        keys = [k for k in runs_a if k in runs_b]
+        unpaired = len(runs_a) + len(runs_b) - 2 * len(keys)
+        if unpaired:
+            notes.append(f"- {b} vs {a}: {unpaired} run{'s' * (unpaired > 1)} without a partner left out")
+        if not keys:
+            lines.append(f"| {b} vs {a} | – | 0 | – | – | not run: no runs that pair up | – |")
+            continue
+        refused = [f for f in metrics.group_mismatches([runs_a[k] for k in keys], [runs_b[k] for k in keys])
+                   if f[0] not in allowed_fields(table)]
+        if refused:
+            lines.append(f"| {b} vs {a} | – | {len(keys)} | – | – | not compared: the runs differ in "
+                         f"{refused[0][0]} | – |")
+            continue
+        for m in names:
+            va, vb = values([runs_a[k] for k in keys], m, "run"), values([runs_b[k] for k in keys], m, "run")
+            if len(va) != len(keys) or len(vb) != len(keys):
+                lines.append(f"| {b} vs {a} | {NAMES.get(m, m)} | {len(keys)} | – | – | n/a | – |")
+                continue
+            c = metrics.compare_pairs(va, vb)
+            ci = "n/a" if c["ci95_low"] is None else f"[{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}]"
+            lines.append(f"| {b} vs {a} | {NAMES.get(m, m)} | {c['n']} | {c['diff']:+.3f} | {ci} | {p_text(c['p'])} | "
+                         f"{c['b_higher']} of {c['n']} |")
+    lines += ["", "Paired: each pair is one encoder (checkpoint or init) evaluated both ways with the same evaluation "
+                  "seeds, each side its seeds' mean; the paired t-test over the pairs' differences B − A.", ""]
+    return lines + (notes + [""] if notes else [])
 
 
 def allowed_fields(table):
@@ -552,6 +606,9 @@ def check_spec(spec):
                     raise UserError(f"{item['title']!r}: every row needs a `label` (and `runs`), got {row!r}")
             if kind == "tables":
                 allowed_fields(item)
+            for pair in item.get("compare_paired") or []:
+                if not isinstance(pair, list) or len(pair) != 2:
+                    raise UserError(f"{item['title']!r}: compare_paired takes pairs of row labels, got {pair!r}")
             if item.get("unit", "seed") not in ("seed", "run"):
                 raise UserError(f"{item['title']!r}: unit must be seed (every evaluation seed a value) or run (one "
                                 f"value per run, its seeds' mean: for nested seeds), got {item['unit']!r}")

@@ -115,14 +115,22 @@ fi
 PROBE=(--mode linear_probe --seeds "$EVAL_SEEDS")
 FINETUNE=(--mode finetune --precise-bn on --seeds "$EVAL_SEEDS" "${LIMIT[@]}")
 
-# timed DIR COMMAND...: step, unless DIR's results are archived already, another copy holds DIR or,
-# for a pretraining run, STOP_AT has passed; a run that finishes is archived with its wall time. With
-# PLAN=1 it only adds DIR to DIRS.
+# timed DIR PY ARGS...: step, unless DIR's results are archived already (by the same command), another
+# copy holds DIR or, for a pretraining run, STOP_AT has passed; a run that finishes is archived with its
+# wall time and command. With PLAN=1 it only adds DIR to DIRS.
+declare -A COMMAND_OF=()
 timed() {
   local dir=$1 start=$SECONDS
   DIRS+=("$dir")
+  local args="${*:3}"
+  COMMAND_OF[$dir]=${args//"$RUNS/"/<runs>/}  # where the runs are kept is not part of the protocol
   ((PLAN)) && return 0
   [[ $DRY_RUN == 1 ]] && { step "$@"; return 0; }
+  if [[ ${dir##*/} != pretrain-* && -f $ARCHIVE/${dir##*/}/metrics.json ]] && ! archived_run "$dir" &&
+     claim "${dir##*/}"; then
+    echo "rerun   $dir (archived with other flags: $(cat "$ARCHIVE/${dir##*/}/command.txt"))"
+    rm -rf "${ARCHIVE:?}/${dir##*/}" "$dir"
+  fi
   archived_run "$dir" && return 0
   if finished "$dir"; then  # the copy that ran it archives it; if that copy is gone, this one does
     if claim "${dir##*/}"; then archive_run "$dir" -1; fi
@@ -139,19 +147,26 @@ timed() {
 PLAN=0
 
 # archive_run DIR SECONDS: DIR's small files (flags, per-seed metrics, log, provenance) into
-# $ARCHIVE/<name>, with its wall time in seconds.txt (the first one measured; -1: not measured)
+# $ARCHIVE/<name>, with its wall time in seconds.txt (the first one measured; -1: not measured) and its
+# command in command.txt
 archive_run() {
   local to=$ARCHIVE/${1##*/} name
   mkdir -p "$to"
+  echo "${COMMAND_OF[$1]}" >"$to/command.txt"
   for name in args.yaml log.jsonl provenance.json metrics.json; do  # metrics.json last: it marks a whole copy
     if [[ -f $1/$name ]]; then cp "$1/$name" "$to/$name.$$" && mv "$to/$name.$$" "$to/$name"; fi
   done
   if [[ $2 -ge 0 && ! -f $to/seconds.txt ]]; then echo "$2" >"$to/seconds.txt"; fi
 }
 
-# archived_run DIR: an evaluation whose results are in $ARCHIVE (a pretraining run always runs, or
-# resumes: its checkpoint, which its evaluations need, is never archived)
-archived_run() { [[ ${1##*/} != pretrain-* && -f $ARCHIVE/${1##*/}/metrics.json ]]; }
+# archived_run DIR: an evaluation whose results are in $ARCHIVE, made by the command this copy would run
+# (runs archived before commands were recorded count as made by it). A pretraining run always runs, or
+# resumes: its checkpoint, which its evaluations need, is never archived.
+archived_run() {
+  local to=$ARCHIVE/${1##*/}
+  [[ ${1##*/} != pretrain-* && -f $to/metrics.json ]] || return 1
+  [[ ! -f $to/command.txt || $(cat "$to/command.txt") == "${COMMAND_OF[$1]}" ]]
+}
 archived() { [[ -f $ARCHIVE/unit-$1.done ]]; }
 
 # encoder_sha256 CHECKPOINT: the hash of its encoder's weights (names, shapes and values)
@@ -177,7 +192,7 @@ same_encoder() {
   hash=$(encoder_sha256 "$pre/checkpoint.pt")
   if [[ -f $to/encoder.sha256 && $(cat "$to/encoder.sha256") != "$hash" ]]; then
     echo "warning: $pre's encoder differs from the one its archived evaluations used; running them again"
-    for dir in "$@"; do rm -rf "${ARCHIVE:?}/${dir##*/}"; done
+    for dir in "$@"; do rm -rf "${ARCHIVE:?}/${dir##*/}" "$dir"; done  # and the run directories made with it
   fi
   mkdir -p "$to"
   echo "$hash" >"$to/encoder.sha256"
@@ -217,10 +232,20 @@ claim() {
   mkdir -p "$RUNS/claims"
   (
     flock 9
-    holder=$(cat "$RUNS/claims/$1" 2>/dev/null || true)
-    if [[ -n $holder && $holder != "$$" ]] && kill -0 "$holder" 2>/dev/null; then exit 1; fi
-    echo "$$" >"$RUNS/claims/$1"
+    read -r pid started 2>/dev/null <"$RUNS/claims/$1" || true
+    if [[ -n ${pid:-} && $pid != "$$" ]] && kill -0 "$pid" 2>/dev/null &&
+       [[ -z ${started:-} || $(started_at "$pid") == "$started" ]]; then exit 1; fi
+    echo "$$ $(started_at $$)" >"$RUNS/claims/$1"
   ) 9>"$RUNS/claims/.lock"
+}
+# started_at PID: when the process started (clock ticks since boot; empty without /proc), so that a
+# claim is not held by a later process that reuses a dead copy's PID
+started_at() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+  stat=${stat##*) }  # after "pid (command) ": the state is field 3 of the line, the start time 22
+  read -ra stat <<<"$stat"
+  echo "${stat[19]}"
 }
 
 # ---------------------------------------------------------------- recipe sweep (validation only)
@@ -342,26 +367,27 @@ for m in "${SWEPT[@]}"; do
 done
 NO_SWEEP="(round one's for BYOL, SimCLR and Barlow Twins; the others not run yet)"
 # wall_times: a Markdown table, per method, of the mean wall time of a pretraining run and of a unit's
-# evaluations (seconds.txt of the archived runs), and how many units are complete
+# evaluations (seconds.txt of the archived runs: the attempt that finished; units whose every evaluation
+# was timed), and how many units are complete
 wall_times() {
-  local init unit dir f sum pre npre total n
+  local init unit dir f sum pre npre total n done timed
   echo "| encoder | pretraining run, min | a unit's evaluations, min | units complete |"
   echo "|---|---|---|---|"
   for init in "${INITS[@]}"; do
-    pre=0 npre=0 total=0 n=0
+    pre=0 npre=0 total=0 n=0 done=0
     for f in "$ARCHIVE"/pretrain-"$init"-s*/seconds.txt; do
       if [[ -f $f ]]; then pre=$((pre + $(cat "$f"))) npre=$((npre + 1)); fi
     done
     for unit in "$ARCHIVE"/unit-"$init"-s*.done; do
       [[ -f $unit ]] || continue
-      sum=0
+      sum=0 timed=1 done=$((done + 1))
       while read -r dir; do
-        if [[ -f $ARCHIVE/$dir/seconds.txt ]]; then sum=$((sum + $(cat "$ARCHIVE/$dir/seconds.txt"))); fi
+        if [[ -f $ARCHIVE/$dir/seconds.txt ]]; then sum=$((sum + $(cat "$ARCHIVE/$dir/seconds.txt"))); else timed=0; fi
       done <"$unit"
-      total=$((total + sum)) n=$((n + 1))
+      if ((timed)); then total=$((total + sum)) n=$((n + 1)); fi
     done
     echo "| ${METHOD_NAMES[$init]} | $( ((npre)) && echo $((pre / npre / 60)) || echo –) |" \
-         "$( ((n)) && echo $((total / n / 60)) || echo –) | $n |"
+         "$( ((n)) && echo $((total / n / 60)) || echo –) | $done |"
   done
 }
 INTRO=""
@@ -391,7 +417,8 @@ cannot go below p = 0.100, so Welch's p < 0.05 is the criterion, without correct
 Recipe sweep, kNN AUC on the validation split:
 ${sweeps:-$NO_SWEEP}
 
-Wall time, one core each (two copies of the script on 2 cores, OMP_NUM_THREADS=1), mean over the runs archived:
+Wall time, one core each (two copies of the script on 2 cores, OMP_NUM_THREADS=1), mean over the archived runs (a
+run resumed after an interruption counts the attempt that finished; a unit counts when every evaluation was timed):
 
 $(wall_times)"
 if [[ -n $DATA || -n $TRANSFER ]]; then
@@ -406,6 +433,7 @@ table() {  # table TITLE PREFIX VARIANTS...: one row per init and variant, each 
   echo "  - title: \"$title\""
   echo "    metrics: [auc, acc]"
   echo "    unit: run"
+  echo "    runs_expected: ${#PRETRAIN_SEEDS[@]}"
   echo "    rows:"
   for init in "${INITS[@]}"; do
     for v in "$@"; do
@@ -413,14 +441,14 @@ table() {  # table TITLE PREFIX VARIANTS...: one row per init and variant, each 
       row "${VNAME[$v]}, ${METHOD_NAMES[$init]}" "$v-$prefix$init-s*"
     done
   done
-  local pairs=() m
+  local pairs=() paired=() m
   for m in "${METHODS[@]}"; do
     for v in "$@"; do
       [[ $v == ft || $v == probe ]] || continue
       pairs+=("[\"${VNAME[$v]}, ${METHOD_NAMES[$(baseline_of "$m")]}\", \"${VNAME[$v]}, ${METHOD_NAMES[$m]}\"]")
     done
     for v in "$@"; do
-      [[ $v == lpft || $v == ld ]] && pairs+=("[\"${VNAME[ft]}, ${METHOD_NAMES[$m]}\", \"${VNAME[$v]}, ${METHOD_NAMES[$m]}\"]")
+      [[ $v == lpft || $v == ld ]] && paired+=("[\"${VNAME[ft]}, ${METHOD_NAMES[$m]}\", \"${VNAME[$v]}, ${METHOD_NAMES[$m]}\"]")
     done
   done
   # which method: round one's leader (BYOL's probe, highest at every fraction) against each other method
@@ -434,6 +462,8 @@ table() {  # table TITLE PREFIX VARIANTS...: one row per init and variant, each 
   fi
   local IFS=,
   echo "    compare: [${pairs[*]}]"
+  # LP-FT and layer decay against plain fine-tuning of the same encoders: paired by pretraining run
+  echo "    compare_paired: [${paired[*]}]"
 }
 declare -A VNAME=([probe]=probe [ft]=fine-tune [lpft]=LP-FT [ld]="layer decay")
 figure() {  # figure TITLE RUN-PREFIX
@@ -451,11 +481,13 @@ figure() {  # figure TITLE RUN-PREFIX
     echo "    unit: run"
     echo "    rows:"
     for v in ft lpft ld; do row "${VNAME[$v]}, every method" "$v-lf$f-[!r]*-s*"; done  # [!r]: not random init
-    echo "    compare: [[\"fine-tune, every method\", \"LP-FT, every method\"], [\"fine-tune, every method\", \"layer decay, every method\"]]"
+    echo "    runs_expected: $((${#METHODS[@]} * ${#PRETRAIN_SEEDS[@]}))"
+    echo "    compare_paired: [[\"fine-tune, every method\", \"LP-FT, every method\"], [\"fine-tune, every method\", \"layer decay, every method\"]]"
   done
   echo "  - title: \"Transfer to ${TRANSFER:-BreastMNIST} (test)\""
   echo "    metrics: [auc, acc]"
   echo "    unit: run"
+  echo "    runs_expected: ${#PRETRAIN_SEEDS[@]}"
   echo "    rows:"
   for init in "${INITS[@]}"; do
     row "probe, ${METHOD_NAMES[$init]}" "transfer-probe-$init-s*"

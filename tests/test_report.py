@@ -318,3 +318,43 @@ def test_rows_scored_on_the_same_test_images_get_the_paired_test(tmp_path):
     assert line_of(text, "| B vs A | 60 |") == (f"| B vs A | 60 | {ref['auc_a']:.3f} | {ref['auc_b']:.3f} | "
                                                 f"{ref['diff']:+.3f} | [{ref['ci_low']:+.3f}, {ref['ci_high']:+.3f}] | "
                                                 f"{report.p_text(ref['p'])} | DeLong |")
+
+
+def test_paired_rows_pair_runs_by_encoder_and_seeds_and_take_the_paired_t_test(tmp_path):
+    """Three encoders far apart, each fine-tuned two ways: Welch's test over the two rows drowns the
+    small, consistent difference in the spread between encoders; the paired test over the same
+    encoders finds it. A run without a partner is left out and said; a short row is said."""
+    ft = {"e0": 0.70, "e1": 0.80, "e2": 0.90}
+    gain = {"e0": 0.010, "e1": 0.012, "e2": 0.011}
+    args = {"arch": "resnet18", "label_fraction": 0.1, "epochs": 5, "device": "cpu"}
+    for e, auc in ft.items():
+        write_run(tmp_path / f"ft-{e}", [auc - 0.01, auc + 0.01], args={**args, "ckpt": f"runs/{e}/checkpoint.pt"})
+        write_run(tmp_path / f"lpft-{e}", [auc + gain[e] - 0.01, auc + gain[e] + 0.01],
+                  args={**args, "ckpt": f"runs/{e}/checkpoint.pt"})
+    write_run(tmp_path / "lpft-e3", [0.5, 0.5], args={**args, "ckpt": "runs/e3/checkpoint.pt"})
+    spec = {"title": "X", "tables": [{
+        "title": "T", "metrics": ["auc"], "unit": "run", "runs_expected": 4,
+        "rows": [{"label": "fine-tune", "runs": str(tmp_path / "ft-*")}, {"label": "LP-FT", "runs": str(tmp_path / "lpft-*")}],
+        "compare": [["fine-tune", "LP-FT"]], "compare_paired": [["fine-tune", "LP-FT"]]}]}
+    text = open(report.build_report(spec, str(tmp_path / "out"))).read()
+    diffs = list(gain.values())
+    expected = stats.ttest_rel([ft[e] + gain[e] for e in ft], list(ft.values()))
+    paired = line_of(text, "| LP-FT vs fine-tune | AUC | 3 |")
+    assert f"| {np.mean(diffs):+.3f} |" in paired and "| 3 of 3 |" in paired
+    assert f"| {expected.pvalue:.3f} |" in paired and expected.pvalue < 0.05
+    welch = line_of(text, "| LP-FT vs fine-tune | AUC | 0.800")
+    assert float(welch.split("|")[7]) > 0.05  # the same runs unpaired (with e3's): no difference holds
+    assert "LP-FT vs fine-tune: 1 run without a partner left out" in text
+    assert "- fine-tune: 3 of the 4 runs expected" in text and "- LP-FT: 3 of" not in text
+
+
+def test_compare_pairs_is_scipys_paired_t_test():
+    a, b = [0.70, 0.80, 0.90, 0.85], [0.72, 0.81, 0.93, 0.84]
+    c = metrics.compare_pairs(a, b)
+    t = stats.ttest_rel(b, a)
+    assert c["n"] == 4 and c["b_higher"] == 3 and c["diff"] == pytest.approx(np.mean(np.subtract(b, a)))
+    assert c["p"] == pytest.approx(t.pvalue) and c["t"] == pytest.approx(t.statistic)
+    assert c["ci95_low"] < c["diff"] < c["ci95_high"]
+    assert metrics.compare_pairs([0.7], [0.8])["p"] is None  # one pair: no test
+    with pytest.raises(ValueError):
+        metrics.compare_pairs([0.7, 0.8], [0.8])

@@ -379,6 +379,27 @@ def test_round2_evaluations_of_another_encoder_are_run_again(tmp_path):
     assert len(ran) == 15 and (archive / "ft-lf1-byol-s0" / "metrics.json").stat().st_mtime_ns > before
 
 
+def test_round2_an_archived_run_of_other_flags_runs_again_and_a_reused_pid_holds_no_claim(tmp_path):
+    ran, _ = _round2(tmp_path, METHODS="byol", PRETRAIN_SEEDS="0")
+    archive = tmp_path / "results" / "runs"
+    command = (archive / "lpft-lf0.1-byol-s0" / "command.txt").read_text()
+    assert "--head-epochs 1 --head-lr 2e-3" in command and "<runs>/pretrain-byol-s0/checkpoint.pt" in command
+    assert str(tmp_path) not in command  # where the runs were kept is not part of the command
+    # an evaluation archived by another protocol (here: another head lr), and the unit marked complete
+    (archive / "lpft-lf0.1-byol-s0" / "command.txt").write_text(command.replace("--head-lr 2e-3", "--head-lr 1e-2"))
+    (archive / "unit-byol-s0.done").unlink()
+    # a claim left by a dead copy whose PID a live process (this one) now has: not held
+    (tmp_path / "runs" / "claims" / "ld-lf1-byol-s0").write_text(f"{os.getpid()} 1\n")
+    shutil.rmtree(archive / "ld-lf1-byol-s0")
+    shutil.rmtree(tmp_path / "runs" / "ld-lf1-byol-s0")
+    (tmp_path / "ran.log").unlink()
+    ran, outputs = _round2(tmp_path, METHODS="byol", PRETRAIN_SEEDS="0")
+    assert sorted(r.split("/")[-1] for r in ran) == ["ld-lf1-byol-s0", "lpft-lf0.1-byol-s0"]
+    assert "rerun   " in outputs[0] and "--head-lr 1e-2" in outputs[0]
+    assert (archive / "lpft-lf0.1-byol-s0" / "command.txt").read_text() == command
+    assert (archive / "unit-byol-s0.done").exists()
+
+
 def test_round2_stop_at_starts_no_pretraining(tmp_path):
     ran, outputs = _round2(tmp_path, STOP_AT="0", METHODS="byol mae")
     assert ran and not [r for r in ran if "/pretrain-" in r or "/sweep-" in r]
