@@ -223,8 +223,9 @@ def check_finite_loss(losses, seed, epoch, lr):
 def train_select(model, optimizer, train, val, task, seed, schedule, forward, *, forward_train=None, log=None,
                  class_weight=None):
     """Train `model` for schedule.epochs on `train` (Examples), validating after every epoch (every
-    schedule.val_every-th and the last), and load the weights of the best one (selection_score) back. forward(batch) -> logits on unaugmented
-    inputs (validation, precise BN); forward_train for the training batches (default forward).
+    schedule.val_every-th and the last), and load the weights of the best validated one
+    (selection_score) back. forward(batch) -> logits on unaugmented inputs (validation, precise BN);
+    forward_train for the training batches (default forward).
     Batches are drawn from a generator seeded with `seed`; losses stay on the device until the epoch
     ends (one host sync per epoch). log(record) gets one record per epoch; class_weight: see
     classification_loss. Returns a Selection."""
@@ -255,26 +256,23 @@ def train_select(model, optimizer, train, val, task, seed, schedule, forward, *,
         lr = optimizer.param_groups[0]["lr"]
         mean_loss = check_finite_loss(losses, seed, epoch, lr)
         seen = min(steps * schedule.batch_size, n)
-        if (epoch + 1) % schedule.val_every and epoch != schedule.epochs - 1:  # no validation this epoch
-            if log:
-                log({"seed": seed, "epoch": epoch, "epochs": schedule.epochs, "loss": mean_loss, "lr": lr,
-                     "best_epoch": best["epoch"], "images_per_sec": round(seen / (time.time() - start), 1)})
-            continue
-        if schedule.precise_bn:
-            recompute_bn_stats(model, train.inputs, forward, schedule.batch_size, schedule.frozen_bn, train.index)
-        y_score = probabilities(model, val.inputs, task, forward, schedule.eval_batch_size)
-        if not np.isfinite(y_score).all():
-            raise UserError(f"the validation outputs became non-finite at seed {seed}, epoch {epoch}; lower --lr "
-                            f"(now {lr:g})")
-        score, val_auc = selection_score(y_val, y_score, task)
-        if score > best["score"]:  # what can change: the trainable weights and every buffer (BN statistics)
-            state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-            state.update({k: v.detach().clone() for k, v in model.named_buffers()})
-            best = {"score": score, "val_auc": val_auc, "epoch": epoch, "state": state}
+        validation = {}  # the epoch's validation AUC (or loss, the AUC undefined), on validated epochs only
+        if (epoch + 1) % schedule.val_every == 0 or epoch == schedule.epochs - 1:
+            if schedule.precise_bn:
+                recompute_bn_stats(model, train.inputs, forward, schedule.batch_size, schedule.frozen_bn, train.index)
+            y_score = probabilities(model, val.inputs, task, forward, schedule.eval_batch_size)
+            if not np.isfinite(y_score).all():
+                raise UserError(f"the validation outputs became non-finite at seed {seed}, epoch {epoch}; lower "
+                                f"--lr (now {lr:g})")
+            score, val_auc = selection_score(y_val, y_score, task)
+            if score > best["score"]:  # what can change: the trainable weights and every buffer (BN statistics)
+                state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+                state.update({k: v.detach().clone() for k, v in model.named_buffers()})
+                best = {"score": score, "val_auc": val_auc, "epoch": epoch, "state": state}
+            validation = {"val_auc": None if val_auc is None else round(val_auc, 5),
+                          **({} if val_auc is not None else {"val_loss": round(-score, 5)})}
         if log:
-            log({"seed": seed, "epoch": epoch, "epochs": schedule.epochs, "loss": mean_loss, "lr": lr,
-                 "val_auc": None if val_auc is None else round(val_auc, 5),
-                 **({} if val_auc is not None else {"val_loss": round(-score, 5)}),
+            log({"seed": seed, "epoch": epoch, "epochs": schedule.epochs, "loss": mean_loss, "lr": lr, **validation,
                  "best_epoch": best["epoch"], "images_per_sec": round(seen / (time.time() - start), 1)})
     model.load_state_dict(best["state"], strict=False)
     return Selection(best["val_auc"], best["epoch"], "val_auc" if best["val_auc"] is not None else "val_loss")

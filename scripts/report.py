@@ -248,11 +248,9 @@ def paired_run_lines(table, names, groups):
     differences, which the spread between encoders does not enter as Welch's test over two rows would."""
     lines = ["| paired comparison | metric | pairs | mean B − A | 95% CI | p (paired t) | B higher in |",
              "|---" * 7 + "|"]
-    notes = []
-    for a, b in table["compare_paired"]:
-        for label in (a, b):
-            if label not in groups:
-                raise UserError(f"table {table['title']!r} compares {label!r}, which is not one of its rows")
+    notes, allowed = [], allowed_fields(table)
+    for pair in table["compare_paired"]:
+        a, b = check_pair(table, pair, groups)
         runs_a = {pair_key(r): r for r, _ in groups[a]}
         runs_b = {pair_key(r): r for r, _ in groups[b]}
         keys = [k for k in runs_a if k in runs_b]
@@ -263,7 +261,7 @@ def paired_run_lines(table, names, groups):
             lines.append(f"| {b} vs {a} | – | 0 | – | – | not run: no runs that pair up | – |")
             continue
         refused = [f for f in metrics.group_mismatches([runs_a[k] for k in keys], [runs_b[k] for k in keys])
-                   if f[0] not in allowed_fields(table)]
+                   if f[0] not in allowed]
         if refused:
             lines.append(f"| {b} vs {a} | – | {len(keys)} | – | – | not compared: the runs differ in "
                          f"{refused[0][0]} | – |")
@@ -300,6 +298,14 @@ def differences(found):
                      for field, a, b, _ in found)
 
 
+def check_pair(table, pair, rows):
+    """A comparison's two row labels, or a one-line error naming the one that is not a row of `table`."""
+    for label in pair:
+        if label not in rows:
+            raise UserError(f"table {table['title']!r} compares {label!r}, which is not one of its rows")
+    return pair
+
+
 def comparison_lines(table, names, samples, groups=None, results=None, unit="seed"):
     """The comparisons of table["compare"] as Markdown lines; `results`, a list, also gets each
     (pair, metric, compare_samples result) and (pair, None, paired_runs_test result)."""
@@ -310,10 +316,7 @@ def comparison_lines(table, names, samples, groups=None, results=None, unit="see
              "|---" * 8 + "|"]
     notes, paired, few = [], [], {}
     for pair in table["compare"]:
-        a, b = pair
-        for label in (a, b):
-            if label not in samples:
-                raise UserError(f"table {table['title']!r} compares {label!r}, which is not one of its rows")
+        a, b = check_pair(table, pair, samples)
         missing = [label for label in (a, b) if samples[label] is None]
         if missing:
             lines.append(f"| {b} vs {a} | – | – | – | – | – | not run: {', '.join(missing)} | – |")
