@@ -162,8 +162,6 @@ def resolve_args(args):
             raise UserError(f"{flag} applies to --mode finetune / fewshot, not {args.mode}")
     if args.resize is not None and args.resize <= 0:
         raise UserError(f"--resize must be a positive image side, got {args.resize}")
-    if args.val_every < 1:
-        raise UserError(f"--val-every must be 1 or more (validate after every N-th epoch), got {args.val_every}")
     if args.head_epochs < 0 or args.tta < 0:
         raise UserError("--head-epochs and --tta must be 0 or more")
     if args.tta and args.train_aug == "none":

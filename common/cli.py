@@ -462,6 +462,7 @@ RANGES = {
     "size": AT_LEAST_1, "resize": AT_LEAST_1, "patch_size": AT_LEAST_1,
     "seed": Range(0, 2 ** 32, hi_open=True, words="in [0, 2**32) (numpy's seeds)"),
     "seeds": AT_LEAST_1, "max_steps": AT_LEAST_1, "save_every": AT_LEAST_0, "save_seconds": AT_LEAST_0, "eval_every": AT_LEAST_0,
+    "val_every": AT_LEAST_1,
     "label_fraction": SHARE, "shots": AT_LEAST_1, "balance": Range(0, 0.5, lo_open=True),
     # optimisation
     "epochs": AT_LEAST_1, "lr": POSITIVE, "lr_biases": POSITIVE, "head_lr": POSITIVE, "freeze_lr": POSITIVE,
