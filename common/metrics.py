@@ -602,6 +602,11 @@ def paired_auc_test(y_true, score_a, score_b, task, seed=0):
 # the upsampling and, for binary tasks, the positive class. The encoder is what is compared.
 PROTOCOL_FIELDS = ("data", "split", "grouping", "size", "mode", "label_fraction", "shots", "probe", "resize",
                    "positive_class")
+# How a fine-tuned (or SGD-probed) model trains: what must also agree where a comparison is about the
+# encoder alone, e.g. several pretraining runs of one study fine-tuned by one protocol. A logistic-
+# regression probe trains by none of them.
+TRAINING_FIELDS = ("epochs", "batch_size", "lr", "lr_schedule", "weight_decay", "freeze", "layer_decay", "frozen_bn",
+                   "precise_bn", "head_epochs", "head_lr", "val_every", "train_aug", "tta", "class_weight", "max_steps")
 
 
 def _protocol_value(run, field):
@@ -617,15 +622,18 @@ def _protocol_value(run, field):
     if (field == "shots" and mode != "fewshot") or (field == "label_fraction" and mode == "fewshot") \
             or (field == "probe" and mode != "linear_probe"):
         return False, None
+    if field in TRAINING_FIELDS and mode == "linear_probe" and args.get("probe", "logreg") == "logreg":
+        return False, None
     return field in args, args.get(field)
 
 
-def protocol_mismatches(run_a, run_b):
-    """[(field, value in run_a, value in run_b)] for every PROTOCOL_FIELDS entry in which two
-    metrics.json dicts differ; fields either run does not record are skipped. The data is compared by
-    its hash (field "data_hash") when both runs record one, else by name."""
+def protocol_mismatches(run_a, run_b, fields=PROTOCOL_FIELDS):
+    """[(field, value in run_a, value in run_b)] for every entry of `fields` (PROTOCOL_FIELDS, and
+    TRAINING_FIELDS where the training must agree too) in which two metrics.json dicts differ; fields
+    either run does not record are skipped. The data is compared by its hash (field "data_hash") when
+    both runs record one, else by name."""
     found = []
-    for field in PROTOCOL_FIELDS:
+    for field in fields:
         if field == "data" and "data_hash" in run_a and "data_hash" in run_b:
             field = "data_hash"
         (known_a, a), (known_b, b) = _protocol_value(run_a, field), _protocol_value(run_b, field)
@@ -634,16 +642,16 @@ def protocol_mismatches(run_a, run_b):
     return found
 
 
-def group_mismatches(runs_a, runs_b):
-    """Protocol mismatches of two groups of runs (metrics.json dicts) to be compared: every run of
+def group_mismatches(runs_a, runs_b, fields=PROTOCOL_FIELDS):
+    """Mismatches in `fields` of two groups of runs (metrics.json dicts) to be compared: every run of
     either group against the first run of group A. [(field, its value there, the other value, index
     of the other run in runs_a + runs_b)], one entry per field (its first occurrence)."""
     runs = list(runs_a) + list(runs_b)
     found = {}
     for i, run in enumerate(runs[1:], start=1):
-        for field, a, b in protocol_mismatches(runs[0], run):
+        for field, a, b in protocol_mismatches(runs[0], run, fields):
             found.setdefault(field, (field, a, b, i))
-    return [found[f] for f in sorted(found, key=lambda f: PROTOCOL_FIELDS.index("data" if f == "data_hash" else f))]
+    return [found[f] for f in sorted(found, key=lambda f: fields.index("data" if f == "data_hash" else f))]
 
 
 def _encoder_name(encoder):

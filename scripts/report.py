@@ -35,6 +35,7 @@ directories or of the files themselves):
         compare: [[ImageNet init, BYOL+]]     # A vs B: B - A, its 95% CI, Welch p, Mann-Whitney p per metric
         unit: seed                           # or run: one value per run (its seeds' mean), for nested seeds
         allow_mismatch: [mode]               # protocol fields the compared runs may differ in (or true: any)
+        same_training: true                  # the compared runs must also train alike (metrics.TRAINING_FIELDS)
         compare_paired: [[fine-tune, LP-FT]] # rows whose runs pair up (same encoder checkpoint and seeds):
                                              # the paired t-test over the runs' differences
         runs_expected: 3                     # a row with fewer runs gets a "partly run" line
@@ -53,9 +54,10 @@ downloaded), the row's `not_run`, else "no <file> under <glob>". A row that is o
 (2 of 3 seeds) is reported with what it has, and a "partly run" line under the table.
 
 A comparison needs runs of one protocol (data, split and grouping, size, mode, label fraction, shots,
-probe, resize, positive class: common.metrics.PROTOCOL_FIELDS); a pair that differs in a field the
-table's `allow_mismatch` does not list is not compared, and says why; an allowed difference is named
-under the table. Pairs whose runs scored the same test images (identical y_true in their
+probe, resize, positive class: common.metrics.PROTOCOL_FIELDS; with `same_training`, also epochs,
+batch, lr, layer decay, head epochs and the other fields of common.metrics.TRAINING_FIELDS); a pair
+that differs in a field the table's `allow_mismatch` does not list is not compared, and says why; an
+allowed difference is named under the table, and a row whose own runs differ says so. Pairs whose runs scored the same test images (identical y_true in their
 predictions.npz) are also tested image by image on their seed-averaged scores: DeLong's test of the
 two AUCs (binary tasks) or a paired bootstrap. A note says when the numbers of seeds cannot give a
 Mann-Whitney p below 0.05."""
@@ -121,7 +123,8 @@ def find(row, pattern):
     notes = sorted({open(os.path.join(d, "not_run.txt")).read().strip() for d in empty
                     if os.path.isfile(os.path.join(d, "not_run.txt"))})
     if not files:
-        return [], "; ".join(notes) or row.get("not_run") or f"no {pattern} under {', '.join(globs) or '(no runs)'}"
+        where = (globs[0] + (f" (and {len(globs) - 1} more)" if len(globs) > 1 else "")) if globs else "(no runs)"
+        return [], "; ".join(notes) or row.get("not_run") or f"no {pattern} under {where}"
     if empty:  # e.g. one seed of three failed: the pooled numbers must not hide it
         return files, f"{len(empty)} matched run directories have no {pattern}: {'; '.join(notes) or ', '.join(empty)}"
     return files, None
@@ -187,7 +190,13 @@ def p_text(p):
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
-def table_section(table, used):
+def fields_of(table):
+    """The fields a table's compared runs must share: the protocol's, and the training's with `same_training`."""
+    return metrics.PROTOCOL_FIELDS + (metrics.TRAINING_FIELDS if table.get("same_training") else ())
+
+
+def table_section(table, used, tests=None):
+    """A table's Markdown lines; `tests`, a list, gets one entry per comparison and metric tested."""
     names, rows = table.get("metrics", ["auc", "acc"]), table["rows"]
     labels = [r["label"] for r in rows]
     if len(set(labels)) < len(labels):
@@ -204,6 +213,9 @@ def table_section(table, used):
         runs, files, reason = load_runs(row, used, table["title"])
         if runs and reason:
             gaps.append(f"- {row['label']}: partly run: {reason}")
+        mixed = metrics.group_mismatches(runs[:1], runs[1:], fields_of(table))
+        if mixed:  # e.g. one pretraining run's fine-tuning made with other epochs than the others'
+            gaps.append(f"- {row['label']}: its runs differ in {differences(mixed)}")
         samples[row["label"]] = {m: values(runs, m, unit) for m in names} if runs else None
         seeds |= {len(r["per_seed"]) for r in runs}
         groups[row["label"]] = [(run, os.path.dirname(f)) for run, f in zip(runs, files)]
@@ -230,29 +242,37 @@ def table_section(table, used):
         lines += [f"Each value is one run's mean over {per} evaluation seeds; mean ± std and n are over runs, the "
                   f"independent unit (pretraining runs, not evaluation seeds).", ""]
     if table.get("compare"):
-        lines += comparison_lines(table, names, samples, groups, unit=unit)
+        lines += comparison_lines(table, names, samples, groups, results=tests, unit=unit)
     if table.get("compare_paired"):
-        lines += paired_run_lines(table, names, groups)
+        lines += paired_run_lines(table, names, groups, tests)
     return lines
 
 
-def pair_key(run):
-    """What makes two evaluation runs a pair: the same encoder checkpoint (or init) and the same seeds."""
+def pair_key(run, folder):
+    """What makes two evaluation runs a pair: the same encoder and the same seeds. The encoder is the
+    checkpoint's content (its sha256 in the run's provenance.json) where recorded, so that a checkpoint
+    moved or replaced pairs by what it holds; else its path (or the init's name)."""
     args = run.get("args", {})
-    return args.get("ckpt") or args.get("init"), tuple(s.get("seed") for s in run["per_seed"])
+    encoder = args.get("ckpt") or args.get("init")
+    provenance = os.path.join(folder, "provenance.json")
+    if os.path.isfile(provenance):
+        encoder = (read_json(provenance).get("encoder") or {}).get("sha256") or encoder
+    return encoder, tuple(s.get("seed") for s in run["per_seed"])
 
 
-def paired_run_lines(table, names, groups):
+def paired_run_lines(table, names, groups, tests=None):
     """table["compare_paired"]: pairs of rows whose runs pair up by pair_key (e.g. one pretraining
     run fine-tuned two ways), each run one value (its seeds' mean): the paired t-test over the
-    differences, which the spread between encoders does not enter as Welch's test over two rows would."""
+    differences, which the spread between encoders does not enter as Welch's test over two rows would.
+    `tests`, a list, gets one entry per pair and metric tested."""
+    tests = [] if tests is None else tests
     lines = ["| paired comparison | metric | pairs | mean B − A | 95% CI | p (paired t) | B higher in |",
              "|---" * 7 + "|"]
     notes, allowed = [], allowed_fields(table)
     for pair in table["compare_paired"]:
         a, b = check_pair(table, pair, groups)
-        runs_a = {pair_key(r): r for r, _ in groups[a]}
-        runs_b = {pair_key(r): r for r, _ in groups[b]}
+        runs_a = {pair_key(r, d): r for r, d in groups[a]}
+        runs_b = {pair_key(r, d): r for r, d in groups[b]}
         keys = [k for k in runs_a if k in runs_b]
         unpaired = len(runs_a) + len(runs_b) - 2 * len(keys)
         if unpaired:
@@ -260,8 +280,8 @@ def paired_run_lines(table, names, groups):
         if not keys:
             lines.append(f"| {b} vs {a} | – | 0 | – | – | not run: no runs that pair up | – |")
             continue
-        refused = [f for f in metrics.group_mismatches([runs_a[k] for k in keys], [runs_b[k] for k in keys])
-                   if f[0] not in allowed]
+        refused = [f for f in metrics.group_mismatches([runs_a[k] for k in keys], [runs_b[k] for k in keys],
+                                                       fields_of(table)) if f[0] not in allowed]
         if refused:
             lines.append(f"| {b} vs {a} | – | {len(keys)} | – | – | not compared: the runs differ in "
                          f"{refused[0][0]} | – |")
@@ -272,6 +292,7 @@ def paired_run_lines(table, names, groups):
                 lines.append(f"| {b} vs {a} | {NAMES.get(m, m)} | {len(keys)} | – | – | n/a | – |")
                 continue
             c = metrics.compare_pairs(va, vb)
+            tests.append((f"{b} vs {a}", m, c))
             ci = "n/a" if c["ci95_low"] is None else f"[{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}]"
             lines.append(f"| {b} vs {a} | {NAMES.get(m, m)} | {c['n']} | {c['diff']:+.3f} | {ci} | {p_text(c['p'])} | "
                          f"{c['b_higher']} of {c['n']} |")
@@ -283,10 +304,10 @@ def paired_run_lines(table, names, groups):
 def allowed_fields(table):
     """The protocol fields a table's comparisons may differ in (`allow_mismatch`: a list, or true for any)."""
     allow = table.get("allow_mismatch") or []
+    known = set(fields_of(table)) | {"data_hash"}
     if allow is True:
-        return set(metrics.PROTOCOL_FIELDS) | {"data_hash"}
+        return known
     fields = [allow] if isinstance(allow, str) else allow
-    known = set(metrics.PROTOCOL_FIELDS) | {"data_hash"}
     if not isinstance(fields, list) or not set(fields) <= known:
         raise UserError(f"table {table['title']!r}: allow_mismatch must be true or a list of "
                         f"{', '.join(sorted(known))}; got {allow!r}")
@@ -321,7 +342,8 @@ def comparison_lines(table, names, samples, groups=None, results=None, unit="see
         if missing:
             lines.append(f"| {b} vs {a} | – | – | – | – | – | not run: {', '.join(missing)} | – |")
             continue
-        found = metrics.group_mismatches([r for r, _ in groups.get(a, [])], [r for r, _ in groups.get(b, [])])
+        found = metrics.group_mismatches([r for r, _ in groups.get(a, [])], [r for r, _ in groups.get(b, [])],
+                                         fields_of(table))
         refused = [f for f in found if f[0] not in allowed]
         if refused:
             lines.append(f"| {b} vs {a} | – | – | – | – | – | not compared: the runs differ in "
@@ -342,7 +364,7 @@ def comparison_lines(table, names, samples, groups=None, results=None, unit="see
             ci = "n/a" if c["diff_ci95_low"] is None else f"[{c['diff_ci95_low']:+.3f}, {c['diff_ci95_high']:+.3f}]"
             lines.append(f"| {b} vs {a} | {NAMES.get(m, m)} | {cell(va)} | {cell(vb)} | {c['diff']:+.3f} | {ci} | "
                          f"{p_text(c['welch_p'])} | {p_text(c['mwu_p'])} |")
-            if c["mwu_min_p"] is not None and c["mwu_min_p"] >= 0.05:
+            if c["mwu_p"] is not None and c["mwu_min_p"] is not None and c["mwu_min_p"] >= 0.05:
                 few.setdefault((c["n_a"], c["n_b"], c["mwu_min_p"]), []).append(f"{b} vs {a}")
         if groups.get(a) and groups.get(b) and unit == "seed":  # an ensemble of seeds, not a sample of runs
             result, _ = metrics.paired_runs_test(groups[a], groups[b])
@@ -629,8 +651,14 @@ def build_report(spec, out):
         raise UserError(f"cannot create the folder --out {out}: {e.strerror}")
     used = {}  # metrics.json path -> [its contents, the tables / figures rows that use it]
     lines = [f"# {spec.get('title', 'Report')}", ""] + ([spec["intro"].strip(), ""] if spec.get("intro") else [])
+    tests = []  # (comparison, metric, result) of every test the tables make
     for table in spec.get("tables", []):
-        lines += table_section(table, used)
+        lines += table_section(table, used, tests)
+    tests = [t for t in tests if any(t[2].get(k) is not None for k in ("p", "welch_p", "mwu_p"))]  # n/a: no test
+    if len(tests) > 1:
+        lines += [f"Multiplicity: the tables above make {len(tests)} tests (Welch's and Mann-Whitney's p of one "
+                  f"pair of rows on one metric counting as one), none corrected for the others: were no "
+                  f"difference real, about {0.05 * len(tests):.1f} of them would still reach p < 0.05 by chance.", ""]
     lines += ["## Figures", ""] if spec.get("figures") else []
     # one colour per row label in every figure of the report
     palette = figures.colours(row["label"] for fig in spec.get("figures", []) for row in fig["rows"])

@@ -116,33 +116,43 @@ PROBE=(--mode linear_probe --seeds "$EVAL_SEEDS")
 FINETUNE=(--mode finetune --precise-bn on --seeds "$EVAL_SEEDS" "${LIMIT[@]}")
 
 # timed DIR PY ARGS...: step, unless DIR's results are archived already (by the same command), another
-# copy holds DIR or, for a pretraining run, STOP_AT has passed; a run that finishes is archived with its
-# wall time and command. With PLAN=1 it only adds DIR to DIRS.
+# copy holds DIR or, for a pretraining run, STOP_AT has passed. A run made by another command (its
+# command.txt, archived or in DIR) runs again from the start. A run that finishes is archived with its
+# command and, when this copy ran all of it, its wall time. With PLAN=1 it only adds DIR to DIRS.
 declare -A COMMAND_OF=()
 timed() {
-  local dir=$1 start=$SECONDS
+  local dir=$1 start=$SECONDS name=${1##*/} other="" file resumed=0
   DIRS+=("$dir")
   local args="${*:3}"
   COMMAND_OF[$dir]=${args//"$RUNS/"/<runs>/}  # where the runs are kept is not part of the protocol
   ((PLAN)) && return 0
-  [[ $DRY_RUN == 1 ]] && { step "$@"; return 0; }
-  if [[ ${dir##*/} != pretrain-* && -f $ARCHIVE/${dir##*/}/metrics.json ]] && ! archived_run "$dir" &&
-     claim "${dir##*/}"; then
-    echo "rerun   $dir (archived with other flags: $(cat "$ARCHIVE/${dir##*/}/command.txt"))"
-    rm -rf "${ARCHIVE:?}/${dir##*/}" "$dir"
+  if archived_run "$dir"; then [[ $DRY_RUN == 0 ]] || echo "archived $dir"; return 0; fi
+  for file in "$ARCHIVE/$name/command.txt" "$dir/command.txt"; do
+    [[ -f $file && $(cat "$file") != "${COMMAND_OF[$dir]}" ]] && other=$(cat "$file")
+  done
+  if [[ -n $other ]] && { [[ $DRY_RUN == 1 ]] || claim "$name"; }; then
+    echo "rerun   $dir (made with other flags: $other)"
+    if [[ $DRY_RUN == 0 ]]; then
+      rm -rf "$dir"  # and the archived copy, but for a pretraining run's encoder.sha256 (same_encoder's record)
+      find "$ARCHIVE/$name" -mindepth 1 -maxdepth 1 ! -name encoder.sha256 -exec rm -rf {} + 2>/dev/null || true
+    fi
   fi
-  archived_run "$dir" && return 0
+  [[ $DRY_RUN == 1 ]] && { step "$@"; return 0; }
   if finished "$dir"; then  # the copy that ran it archives it; if that copy is gone, this one does
-    if claim "${dir##*/}"; then archive_run "$dir" -1; fi
+    if claim "$name"; then archive_run "$dir" -1; fi
     return 0
   fi
-  if [[ ${dir##*/} == pretrain-* || ${dir##*/} == sweep-* ]] && (($(date +%s) >= STOP_AT)); then
+  if [[ $name == pretrain-* || $name == sweep-* ]] && (($(date +%s) >= STOP_AT)); then
     echo "stop    $dir (STOP_AT has passed: no pretraining starts)"
     return 0
   fi
-  claim "${dir##*/}" || { echo "skip    $dir (another copy runs it)"; return 0; }
+  claim "$name" || { echo "skip    $dir (another copy runs it)"; return 0; }
+  # a run resumed from an earlier attempt's checkpoint or seeds: this attempt's time is not the run's
+  if [[ -f $dir/checkpoint.pt ]] || compgen -G "$dir/seed_*.json" >/dev/null; then resumed=1; fi
+  mkdir -p "$dir"
+  echo "${COMMAND_OF[$dir]}" >"$dir/command.txt"
   step "$@"
-  if finished "$dir"; then archive_run "$dir" "$((SECONDS - start))"; fi
+  if finished "$dir"; then archive_run "$dir" "$((resumed ? -1 : SECONDS - start))"; fi
 }
 PLAN=0
 
@@ -159,15 +169,13 @@ archive_run() {
   if [[ $2 -ge 0 && ! -f $to/seconds.txt ]]; then echo "$2" >"$to/seconds.txt"; fi
 }
 
-# archived_run DIR: an evaluation whose results are in $ARCHIVE, made by the command this copy would run
-# (runs archived before commands were recorded count as made by it). A pretraining run always runs, or
-# resumes: its checkpoint, which its evaluations need, is never archived.
+# archived_run DIR: an evaluation whose results are in $ARCHIVE, made by the command this copy would run.
+# A pretraining run always runs, or resumes: its checkpoint, which its evaluations need, is never archived.
 archived_run() {
   local to=$ARCHIVE/${1##*/}
-  [[ ${1##*/} != pretrain-* && -f $to/metrics.json ]] || return 1
-  [[ ! -f $to/command.txt || $(cat "$to/command.txt") == "${COMMAND_OF[$1]}" ]]
+  [[ ${1##*/} != pretrain-* && -f $to/metrics.json && -f $to/command.txt &&
+     $(cat "$to/command.txt") == "${COMMAND_OF[$1]}" ]]
 }
-archived() { [[ -f $ARCHIVE/unit-$1.done ]]; }
 
 # encoder_sha256 CHECKPOINT: the hash of its encoder's weights (names, shapes and values)
 encoder_sha256() {
@@ -189,6 +197,9 @@ EOF
 same_encoder() {
   local pre=$1 hash to=$ARCHIVE/${1##*/} dir
   shift
+  mkdir -p "$RUNS/claims"
+  exec 8>"$RUNS/claims/.encoder.lock"
+  flock 8  # two copies must not both find a new encoder and remove what the other has just started
   hash=$(encoder_sha256 "$pre/checkpoint.pt")
   if [[ -f $to/encoder.sha256 && $(cat "$to/encoder.sha256") != "$hash" ]]; then
     echo "warning: $pre's encoder differs from the one its archived evaluations used; running them again"
@@ -196,6 +207,7 @@ same_encoder() {
   fi
   mkdir -p "$to"
   echo "$hash" >"$to/encoder.sha256"
+  flock -u 8
 }
 
 # evaluations NAME VARIANTS...: every evaluation of one encoder (the flags FROM; evaluation seeds from
@@ -303,13 +315,23 @@ chosen() {
 for m in "${SWEPT[@]}"; do sweep "$m"; done
 
 # ---------------------------------------------------------------- units: a pretraining run and its evaluations
-# complete UNIT DIRS...: every evaluation of the unit is archived; it is marked, and never run again
+# complete UNIT DIRS...: every evaluation of the unit is archived, made by this copy's commands; it is
+# marked ($ARCHIVE/unit-UNIT.done: its runs, which the wall times read). A marked unit whose runs were
+# made otherwise (the protocol changed since) loses its mark and runs what differs.
 complete() {
-  local unit=$1 dir
+  local unit=$1 dir marker=$ARCHIVE/unit-$1.done
   shift
+  for dir in "$@"; do
+    archived_run "$dir" && continue
+    [[ $DRY_RUN == 1 ]] || rm -f "$marker"
+    return 1
+  done
+  if [[ -f $marker && $(cat "$marker") == "$(printf '%s\n' "${@##*/}")" ]]; then
+    ((pass > 1)) || echo "skip    unit $unit (archived)"
+    return 0
+  fi
   [[ $DRY_RUN == 1 ]] && return 1
-  for dir in "$@"; do archived_run "$dir" || return 1; done
-  printf '%s\n' "${@##*/}" >"$ARCHIVE/unit-$unit.done"
+  printf '%s\n' "${@##*/}" >"$marker"
   echo "archived unit $unit"
 }
 # one method (its baseline first) at a time, its pretraining seeds together: each method is compared
@@ -324,30 +346,42 @@ for pass in $([[ $DRY_RUN == 1 ]] && echo 1 || echo 1 2); do
   for unit in "${ORDER[@]}"; do
     for s in "${PRETRAIN_SEEDS[@]}"; do
       name=$unit-s$s
-      if archived "$name"; then ((pass > 1)) || echo "skip    unit $name (archived)"; continue; fi
       SEED0=$((s * EVAL_SEEDS))  # unit s: evaluation seeds 5s .. 5s+4, the same for every method and baseline
       if [[ $unit == random* ]]; then
         FROM=(--init random --in-chans 1)  # the random weights follow the evaluation seed
         [[ $unit == random_vit ]] && FROM+=("${VIT[@]}")
-        DIRS=()
+        DIRS=() PLAN=1
         evaluations "$name" ft
-        complete "$name" "${DIRS[@]}" || true
+        PLAN=0 evals=("${DIRS[@]}")
+        complete "$name" "${evals[@]}" && continue
+        evaluations "$name" ft
+        complete "$name" "${evals[@]}" || true
         continue
       fi
       pre=$RUNS/pretrain-$name
       FROM=(--ckpt "$pre/checkpoint.pt")
-      DIRS=() PLAN=1
-      evaluations "$name" ft lpft ld
-      PLAN=0 evals=("${DIRS[@]}")
-      complete "$name" "${evals[@]}" && continue  # archived evaluations need no encoder
       if ! flags=$(chosen "$unit"); then
         echo "not run unit $name: the sweep of $unit chose nothing ($(cat "$RUNS/sweep-$unit.err" 2>/dev/null))"
         continue
       fi
       read -ra recipe <<<"$flags"
+      pretrain() {
+        timed "$pre" "$PY" "pretrain_$unit.py" --config "${CONFIG[$unit]}" "${MAIN[@]}" "${COMMON[@]}" --seed "$s" \
+          "${recipe[@]}" --epochs "$EPOCHS" --warmup-epochs "$WARMUP" --eval-every "$MONITOR" "${LIMIT[@]}" --out "$pre"
+      }
+      DIRS=() PLAN=1
+      pretrain
+      evaluations "$name" ft lpft ld
+      PLAN=0 evals=("${DIRS[@]:1}")
+      # archived evaluations need no encoder, unless it was pretrained by another recipe (then it runs again)
+      made=$ARCHIVE/pretrain-$name/command.txt
+      if [[ -f $made && $(cat "$made") != "${COMMAND_OF[$pre]}" ]]; then
+        [[ $DRY_RUN == 1 ]] || rm -f "$ARCHIVE/unit-$name.done"
+      elif complete "$name" "${evals[@]}"; then
+        continue
+      fi
       DIRS=()
-      timed "$pre" "$PY" "pretrain_$unit.py" --config "${CONFIG[$unit]}" "${MAIN[@]}" "${COMMON[@]}" --seed "$s" \
-        "${recipe[@]}" --epochs "$EPOCHS" --warmup-epochs "$WARMUP" --eval-every "$MONITOR" "${LIMIT[@]}" --out "$pre"
+      pretrain
       if [[ $DRY_RUN == 0 ]]; then
         finished "$pre" || continue  # another copy pretrains it, or STOP_AT passed
         same_encoder "$pre" "${evals[@]}"
@@ -359,6 +393,10 @@ for pass in $([[ $DRY_RUN == 1 ]] && echo 1 || echo 1 2); do
 done
 
 # ---------------------------------------------------------------- report spec
+# a part of the round (METHODS, PRETRAIN_SEEDS) reports in a folder of its own, beside the whole round's
+if [[ "${METHODS[*]}" != "$ALL_METHODS" || "${PRETRAIN_SEEDS[*]}" != "0 1 2" ]]; then
+  RESULTS+=/part-$(IFS=-; echo "${METHODS[*]}")-s$(IFS=-; echo "${PRETRAIN_SEEDS[*]}")
+fi
 mkdir -p "$RESULTS"
 INITS=("${BASELINES[@]}" "${METHODS[@]}")
 sweeps=""
@@ -367,27 +405,33 @@ for m in "${SWEPT[@]}"; do
 done
 NO_SWEEP="(round one's for BYOL, SimCLR and Barlow Twins; the others not run yet)"
 # wall_times: a Markdown table, per method, of the mean wall time of a pretraining run and of a unit's
-# evaluations (seconds.txt of the archived runs: the attempt that finished; units whose every evaluation
-# was timed), and how many units are complete
+# evaluations (for each kind of evaluation, e.g. ft-lf0.1, the mean of its timed runs, summed over the
+# kinds; "–" while a kind has none), how many archived runs were timed (seconds.txt: run whole by one
+# attempt) and how many units are complete
 wall_times() {
-  local init unit dir f sum pre npre total n done timed
-  echo "| encoder | pretraining run, min | a unit's evaluations, min | units complete |"
-  echo "|---|---|---|---|"
+  local init dir kind pre npre runs timed total units untimed
+  echo "| encoder | pretraining run, min | a unit's evaluations, min | runs timed | units complete |"
+  echo "|---|---|---|---|---|"
   for init in "${INITS[@]}"; do
-    pre=0 npre=0 total=0 n=0 done=0
-    for f in "$ARCHIVE"/pretrain-"$init"-s*/seconds.txt; do
-      if [[ -f $f ]]; then pre=$((pre + $(cat "$f"))) npre=$((npre + 1)); fi
+    local -A sum=() n=()
+    pre=0 npre=0 runs=0 timed=0 total=0 untimed=0
+    for dir in "$ARCHIVE"/*-"$init"-s*/; do
+      [[ -f $dir/metrics.json || -f $dir/log.jsonl ]] || continue
+      dir=${dir%/} kind=${dir##*/}
+      kind=${kind%-"$init"-s*} runs=$((runs + 1))
+      [[ $kind == pretrain ]] || n[$kind]=$((${n[$kind]:-0}))
+      [[ -f $dir/seconds.txt ]] || continue
+      timed=$((timed + 1))
+      if [[ $kind == pretrain ]]; then pre=$((pre + $(cat "$dir/seconds.txt"))) npre=$((npre + 1)); continue; fi
+      sum[$kind]=$((${sum[$kind]:-0} + $(cat "$dir/seconds.txt"))) n[$kind]=$((n[$kind] + 1))
     done
-    for unit in "$ARCHIVE"/unit-"$init"-s*.done; do
-      [[ -f $unit ]] || continue
-      sum=0 timed=1 done=$((done + 1))
-      while read -r dir; do
-        if [[ -f $ARCHIVE/$dir/seconds.txt ]]; then sum=$((sum + $(cat "$ARCHIVE/$dir/seconds.txt"))); else timed=0; fi
-      done <"$unit"
-      if ((timed)); then total=$((total + sum)) n=$((n + 1)); fi
+    for kind in "${!n[@]}"; do
+      if ((n[$kind])); then total=$((total + sum[$kind] / n[$kind])); else untimed=1; fi
     done
+    units=$(compgen -G "$ARCHIVE/unit-$init-s*.done" | wc -l)
     echo "| ${METHOD_NAMES[$init]} | $( ((npre)) && echo $((pre / npre / 60)) || echo –) |" \
-         "$( ((n)) && echo $((total / n / 60)) || echo –) | $done |"
+         "$( ((${#n[@]} && !untimed)) && echo $((total / 60)) || echo –) | $timed of $runs | $units |"
+    unset sum n
   done
 }
 INTRO=""
@@ -402,30 +446,41 @@ $WARMUP, the config's schedule), pretraining seeds ${PRETRAIN_SEEDS[*]}; a ResNe
 patch 4, mean pooling). Each method keeps its own views, loss and optimiser (configs/cpu_<method>.yaml); BYOL, SimCLR
 and Barlow Twins keep round one's sweep winner (crop floor 0.35, Adam lr 1e-3), the other methods sweep their
 crop floor and lr (${SWEEP[*]}, kNN AUC on the validation split), the best going on to the full budget.
-Downstream, for each pretraining run s: evaluation seeds 5s .. 5s+$((EVAL_SEEDS - 1)) (the label subset, the head, the
+Downstream, for each pretraining run s: evaluation seeds ${EVAL_SEEDS}s .. ${EVAL_SEEDS}s+$((EVAL_SEEDS - 1)) (the label subset, the head, the
 batches), the same for the random-init baseline's unit s, whose weights also follow the seed. Linear probe: logistic
 regression, L2 strength chosen on validation. Fine-tuning (Adam 1e-3, weight decay 1e-6, BatchNorm statistics
 recomputed before each validation, the best validated epoch kept, validating every ${VAL_EVERY[0.01]} / ${VAL_EVERY[0.1]} / ${VAL_EVERY[1]} epochs at
 1 / 10 / 100% and every $TRANSFER_VAL_EVERY in transfer; ${FT_EPOCHS[0.01]} epochs of batch ${FT_BATCH[0.01]} at 1%,
 ${FT_EPOCHS[0.1]} of ${FT_BATCH[0.1]} at 10%, ${FT_EPOCHS[1]} of ${FT_BATCH[1]} at 100%; transfer: $TRANSFER_EPOCHS of 128): plain; LP-FT (Kumar
 et al. 2022: the head alone on the frozen encoder for half as many epochs, Adam 2e-3, then plain fine-tuning);
-layer-wise lr decay $LAYER_DECAY per layer below the head. Random inits are fine-tuned plainly.
+layer-wise lr decay $LAYER_DECAY per layer below the head. Random inits are fine-tuned plainly. LP-FT's head epochs come
+on top of the plain schedule, as in its paper, so its comparison with plain fine-tuning includes that extra training.
 Statistics: each run's value is the mean over its $EVAL_SEEDS evaluation seeds, and runs are compared (n = number of
 pretraining runs): the evaluation seeds of one encoder share its pretraining, so pooling them would count one
 pretraining run several times. Welch's t-test on the run means; with 3 runs a side the exact Mann-Whitney test
-cannot go below p = 0.100, so Welch's p < 0.05 is the criterion, without correction for the number of comparisons.
+cannot go below p = 0.100, so Welch's p < 0.05 is the criterion, without correction for the number of comparisons
+(the report counts them). LP-FT and layer decay are compared with plain fine-tuning of the same encoders by the paired
+t-test over pretraining runs; the pooled tables pair every method's runs, so their test speaks for these encoders,
+which are nested in ${#METHODS[@]} methods, not for methods in general.
 Recipe sweep, kNN AUC on the validation split:
 ${sweeps:-$NO_SWEEP}
 
-Wall time, one core each (two copies of the script on 2 cores, OMP_NUM_THREADS=1), mean over the archived runs (a
-run resumed after an interruption counts the attempt that finished; a unit counts when every evaluation was timed):
+Wall time, one core each (two copies of the script on 2 cores, OMP_NUM_THREADS=1), from the archived runs that one
+attempt ran whole (a run resumed after an interruption is not timed); a unit's evaluations: the mean timed run of each
+kind (probe or fine-tuning variant, label fraction, transfer), summed over the kinds:
 
 $(wall_times)"
 if [[ -n $DATA || -n $TRANSFER ]]; then
   INTRO="$INTRO
 Own data: ${DATA:-PneumoniaMNIST} is the corpus and the downstream task, ${TRANSFER:-BreastMNIST} the transfer task."
 fi
-row() { echo "      - {label: \"$1\", runs: \"$ARCHIVE/$2\"}"; }
+# row LABEL NAME...: a spec row of the archived runs NAME-s<seed> for each pretraining seed (NAME may glob)
+row() {
+  local label=$1 name s runs=()
+  shift
+  for name in "$@"; do for s in "${PRETRAIN_SEEDS[@]}"; do runs+=("\"$ARCHIVE/$name-s$s\""); done; done
+  echo "      - {label: \"$label\", runs: [$(IFS=,; echo "${runs[*]}")]}"
+}
 baseline_of() { [[ $1 == mae ]] && echo random_vit || echo random; }
 table() {  # table TITLE PREFIX VARIANTS...: one row per init and variant, each method compared with its baseline
   local title=$1 prefix=$2 init v
@@ -433,12 +488,14 @@ table() {  # table TITLE PREFIX VARIANTS...: one row per init and variant, each 
   echo "  - title: \"$title\""
   echo "    metrics: [auc, acc]"
   echo "    unit: run"
+  echo "    same_training: true"
+  echo "    allow_mismatch: [head_epochs, layer_decay]  # LP-FT's and layer decay's own, against plain fine-tuning"
   echo "    runs_expected: ${#PRETRAIN_SEEDS[@]}"
   echo "    rows:"
   for init in "${INITS[@]}"; do
     for v in "$@"; do
       [[ $init == random* && $v != ft && $v != probe ]] && continue
-      row "${VNAME[$v]}, ${METHOD_NAMES[$init]}" "$v-$prefix$init-s*"
+      row "${VNAME[$v]}, ${METHOD_NAMES[$init]}" "$v-$prefix$init"
     done
   done
   local pairs=() paired=() m
@@ -466,32 +523,37 @@ table() {  # table TITLE PREFIX VARIANTS...: one row per init and variant, each 
   echo "    compare_paired: [${paired[*]}]"
 }
 declare -A VNAME=([probe]=probe [ft]=fine-tune [lpft]=LP-FT [ld]="layer decay")
-figure() {  # figure TITLE RUN-PREFIX
+figure() {  # figure TITLE RUN-PREFIX [pretrained]: one curve per init (per pretrained method)
   fraction_figure "$1" run
-  for init in "${INITS[@]}"; do row "${METHOD_NAMES[$init]}" "$2*-$init-s*"; done
+  for init in "${INITS[@]}"; do
+    [[ ${3:-} == pretrained && $init == random* ]] || row "${METHOD_NAMES[$init]}" "$2*-$init"
+  done
 }
 {
   spec_head "which method, and can fine-tuning keep the gain?"
   for f in "${FRACTIONS[@]}"; do
     table "${DATA:-PneumoniaMNIST}, ${PERCENT[$f]} of the labels: linear probe and fine-tuning (test)" "lf$f-" probe ft lpft ld
   done
-  for f in "${FRACTIONS[@]}"; do  # every method's pretraining runs together: does a variant help in general?
+  for f in "${FRACTIONS[@]}"; do  # every method's pretraining runs together: do the variants help these encoders?
     echo "  - title: \"${PERCENT[$f]} of the labels, the pretrained encoders of every method together (test)\""
     echo "    metrics: [auc, acc]"
     echo "    unit: run"
+    echo "    same_training: true"
+    echo "    allow_mismatch: [head_epochs, layer_decay]"
     echo "    rows:"
-    for v in ft lpft ld; do row "${VNAME[$v]}, every method" "$v-lf$f-[!r]*-s*"; done  # [!r]: not random init
+    for v in ft lpft ld; do row "${VNAME[$v]}, every method" "${METHODS[@]/#/$v-lf$f-}"; done
     echo "    runs_expected: $((${#METHODS[@]} * ${#PRETRAIN_SEEDS[@]}))"
     echo "    compare_paired: [[\"fine-tune, every method\", \"LP-FT, every method\"], [\"fine-tune, every method\", \"layer decay, every method\"]]"
   done
   echo "  - title: \"Transfer to ${TRANSFER:-BreastMNIST} (test)\""
   echo "    metrics: [auc, acc]"
   echo "    unit: run"
+  echo "    same_training: true"
   echo "    runs_expected: ${#PRETRAIN_SEEDS[@]}"
   echo "    rows:"
   for init in "${INITS[@]}"; do
-    row "probe, ${METHOD_NAMES[$init]}" "transfer-probe-$init-s*"
-    row "fine-tune, ${METHOD_NAMES[$init]}" "transfer-ft-$init-s*"
+    row "probe, ${METHOD_NAMES[$init]}" "transfer-probe-$init"
+    row "fine-tune, ${METHOD_NAMES[$init]}" "transfer-ft-$init"
   done
   transfer_pairs=()
   for m in "${METHODS[@]}"; do
@@ -503,10 +565,10 @@ figure() {  # figure TITLE RUN-PREFIX
   echo "figures:"
   figure "Linear probe: test AUC against the label fraction" "probe-lf"
   figure "Fine-tuning: test AUC against the label fraction" "ft-lf"
-  figure "LP-FT: test AUC against the label fraction" "lpft-lf"
-  figure "Layer-wise lr decay: test AUC against the label fraction" "ld-lf"
+  figure "LP-FT: test AUC against the label fraction" "lpft-lf" pretrained
+  figure "Layer-wise lr decay: test AUC against the label fraction" "ld-lf" pretrained
   knn_figure
-  for m in "${METHODS[@]}"; do row "${METHOD_NAMES[$m]}" "pretrain-$m-s0"; done
+  for m in "${METHODS[@]}"; do echo "      - {label: \"${METHOD_NAMES[$m]}\", runs: \"$ARCHIVE/pretrain-$m-s${PRETRAIN_SEEDS[0]}\"}"; done
 } >"$RESULTS/spec.yaml.$$"
 # copies that finish together write the report one after the other
 exec 9<"$0"

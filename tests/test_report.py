@@ -358,3 +358,63 @@ def test_compare_pairs_is_scipys_paired_t_test():
     assert metrics.compare_pairs([0.7], [0.8])["p"] is None  # one pair: no test
     with pytest.raises(ValueError):
         metrics.compare_pairs([0.7, 0.8], [0.8])
+
+
+def test_same_training_refuses_comparisons_of_runs_trained_otherwise_and_names_a_mixed_row(tmp_path):
+    """Fine-tuning with 40 epochs against 10 is not a comparison of encoders: a table with
+    same_training refuses it unless allow_mismatch names the field; a row whose own runs trained
+    differently says so under the table, with or without same_training."""
+    args = {"arch": "resnet18", "label_fraction": 0.1, "device": "cpu", "lr": 1e-3}
+    write_run(tmp_path / "a-s0", [0.80, 0.82], args={**args, "epochs": 40})
+    write_run(tmp_path / "a-s1", [0.81, 0.83], args={**args, "epochs": 40})
+    write_run(tmp_path / "b-s0", [0.85, 0.86], args={**args, "epochs": 10})
+    write_run(tmp_path / "b-s1", [0.84, 0.87], args={**args, "epochs": 40})
+    table = {"title": "T", "metrics": ["auc"], "unit": "run", "compare": [["A", "B"]],
+             "rows": [{"label": "A", "runs": str(tmp_path / "a-s*")}, {"label": "B", "runs": str(tmp_path / "b-s*")}]}
+    text = open(report.build_report({"tables": [table]}, str(tmp_path / "out"))).read()
+    assert line_of(text, "| B vs A | AUC |")  # epochs are not part of the protocol by default ...
+    assert "- B: its runs differ in" not in text
+    table["same_training"] = True  # ... they are with same_training
+    text = open(report.build_report({"tables": [table]}, str(tmp_path / "out"))).read()
+    assert "not compared: the runs differ in epochs" in line_of(text, "| B vs A |")
+    assert "- B: its runs differ in epochs (10 vs 40)" in text and "- A: its runs differ" not in text
+    table["allow_mismatch"] = ["epochs"]
+    text = open(report.build_report({"tables": [table]}, str(tmp_path / "out"))).read()
+    assert line_of(text, "| B vs A | AUC |") and "compared as the table's allow_mismatch permits" in text
+    # a logistic-regression probe trains by none of these fields: its default epochs are not compared
+    probe = {"mode": "linear_probe", "args": {**args, "probe": "logreg", "epochs": 50}}
+    assert metrics.protocol_mismatches({**probe}, {**probe, "args": {**probe["args"], "epochs": 7}},
+                                       metrics.PROTOCOL_FIELDS + metrics.TRAINING_FIELDS) == []
+
+
+def test_paired_runs_pair_by_the_checkpoints_content_where_provenance_records_it(tmp_path):
+    """The same checkpoint evaluated from two paths (runs moved) still pairs; two checkpoints that
+    share a path but not their content (a pretraining run replaced) do not."""
+    args = {"arch": "resnet18", "label_fraction": 0.1, "epochs": 5, "device": "cpu"}
+
+    def run(name, aucs, path, sha):
+        write_run(tmp_path / name, aucs, args={**args, "ckpt": path})
+        with open(tmp_path / name / "provenance.json", "w") as f:
+            json.dump({"encoder": {"file": path, "sha256": sha}}, f)
+    for i in range(3):
+        run(f"ft-{i}", [0.80 + i / 20, 0.82 + i / 20], f"old/e{i}/checkpoint.pt", f"sha{i}")
+        run(f"lpft-{i}", [0.81 + i / 20, 0.83 + i / 20], f"new/e{i}/checkpoint.pt", f"sha{i}")
+    run("lpft-9", [0.5, 0.5], "old/e0/checkpoint.pt", "another")  # e0's path, another encoder
+    spec = {"tables": [{"title": "T", "metrics": ["auc"], "unit": "run", "compare_paired": [["fine-tune", "LP-FT"]],
+                        "rows": [{"label": "fine-tune", "runs": str(tmp_path / "ft-*")},
+                                 {"label": "LP-FT", "runs": str(tmp_path / "lpft-*")}]}]}
+    text = open(report.build_report(spec, str(tmp_path / "out"))).read()
+    assert "| LP-FT vs fine-tune | AUC | 3 | +0.010 |" in text and "| 3 of 3 |" in text
+    assert "LP-FT vs fine-tune: 1 run without a partner left out" in text
+
+
+def test_the_report_counts_its_tests_and_a_mann_whitney_test_not_run_gets_no_floor_note(tmp_path):
+    spec = table_spec(tmp_path)
+    write_run(tmp_path / "c", [0.9], seed=5)  # one value: Welch and Mann-Whitney n/a
+    spec["tables"][0]["rows"].append({"label": "C", "runs": str(tmp_path / "c")})
+    spec["tables"][0]["compare"].append(["A", "C"])
+    text = open(report.build_report(spec, str(tmp_path / "out"))).read()
+    # B vs A on AUC and ACC; C vs A has no test (n/a), and no two rows share their test labels
+    assert line_of(text, "| C vs A | AUC |").endswith("| n/a | n/a |")
+    assert "the tables above make 2 tests" in text and "about 0.1 of them" in text
+    assert "C vs A: with" not in text  # no Mann-Whitney floor for a test that was not run

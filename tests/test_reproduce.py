@@ -345,14 +345,21 @@ def test_round2_copies_share_the_runs_archive_whole_units_and_report_over_pretra
     chosen_rows = [r for r in (archive / "sweep-mae.md").read_text().splitlines() if r.endswith("| yes |")]
     assert len(chosen_rows) == 1 and chosen_rows[0].startswith("| sweep-mae-crop0.35-lr4.5e-3 |")
     assert all((archive / d / "seconds.txt").read_text().strip().isdigit() for d in ("pretrain-mae-s0", "ld-lf1-mae-s1"))
-    report_md = (tmp_path / "results" / "report.md").read_text()
+    # a part of the round (one method, two pretraining seeds) reports beside the whole round's report
+    assert not (tmp_path / "results" / "report.md").exists()
+    part = tmp_path / "results" / "part-mae-s0-1"
+    report_md = (part / "report.md").read_text()
+    first_table = yaml.safe_load((part / "spec.yaml").read_text())["tables"][0]  # 1% of the labels
+    rows = {row["label"]: row["runs"] for row in first_table["rows"]}
+    assert rows["LP-FT, MAE (ViT-Tiny)"] == [str(archive / f"lpft-lf0.01-mae-s{s}") for s in (0, 1)]
     # each pretraining run is one value, its evaluation seeds' mean: 0.801 and 0.821, not four pooled seeds
     assert "| LP-FT, MAE (ViT-Tiny) | 0.811 ± 0.014 (n=2) |" in report_md
     assert "Each value is one run's mean over 2 evaluation seeds" in report_md
     assert "over the runs' means (one value per run)" in report_md
     # every method's pretraining runs together (MAE's two here), and the wall times
     assert "| layer decay, every method | 0.811 ± 0.014 (n=2) |" in report_md
-    assert "| MAE (ViT-Tiny) | 0 | 0 | 2 |" in report_md and "| random init (ViT-Tiny) | – | 0 | 2 |" in report_md
+    assert "| MAE (ViT-Tiny) | 0 | 0 | 30 of 30 | 2 |" in report_md
+    assert "| random init (ViT-Tiny) | – | 0 | 16 of 16 | 2 |" in report_md
 
     # the run directories gone (a new machine): the archived units are not run again; a unit cut short
     # runs its pretraining again (for its encoder) and the evaluations it lacks, and nothing else
@@ -385,9 +392,8 @@ def test_round2_an_archived_run_of_other_flags_runs_again_and_a_reused_pid_holds
     command = (archive / "lpft-lf0.1-byol-s0" / "command.txt").read_text()
     assert "--head-epochs 1 --head-lr 2e-3" in command and "<runs>/pretrain-byol-s0/checkpoint.pt" in command
     assert str(tmp_path) not in command  # where the runs were kept is not part of the command
-    # an evaluation archived by another protocol (here: another head lr), and the unit marked complete
+    # an evaluation archived by another protocol (here: another head lr): the unit's mark does not hide it
     (archive / "lpft-lf0.1-byol-s0" / "command.txt").write_text(command.replace("--head-lr 2e-3", "--head-lr 1e-2"))
-    (archive / "unit-byol-s0.done").unlink()
     # a claim left by a dead copy whose PID a live process (this one) now has: not held
     (tmp_path / "runs" / "claims" / "ld-lf1-byol-s0").write_text(f"{os.getpid()} 1\n")
     shutil.rmtree(archive / "ld-lf1-byol-s0")
@@ -421,3 +427,30 @@ def test_round2_archive_is_kept_by_git():
                               "results/label_efficiency/round2/runs/ft-lf1-byol-s0/metrics.json"], cwd=REPO,
                              capture_output=True, text=True)
     assert ignored.returncode == 1 and not ignored.stdout  # 1: none of them ignored
+
+
+def test_round2_a_pretraining_run_of_other_flags_runs_again_and_a_resumed_run_is_not_timed(tmp_path):
+    ran, _ = _round2(tmp_path, METHODS="byol", PRETRAIN_SEEDS="0")
+    archive, runs = tmp_path / "results" / "runs", tmp_path / "runs"
+    command = (runs / "pretrain-byol-s0" / "command.txt").read_text()
+    assert command == (archive / "pretrain-byol-s0" / "command.txt").read_text() and "--lr 1e-3" in command
+    # the pretraining run was made by another recipe (a sweep chose otherwise since): it runs again from the
+    # start, and the evaluations of its old encoder with it
+    for made in (runs, archive):
+        (made / "pretrain-byol-s0" / "command.txt").write_text(command.replace("--lr 1e-3", "--lr 9e-3"))
+    (tmp_path / "ran.log").unlink()
+    ran, outputs = _round2(tmp_path, METHODS="byol", PRETRAIN_SEEDS="0", FAKE_ENCODER="1")
+    assert "rerun   " in outputs[0] and "pretrain-byol-s0 (made with other flags" in outputs[0]
+    assert ran[0].endswith("/pretrain-byol-s0") and len(ran) == 15
+    assert (archive / "pretrain-byol-s0" / "command.txt").read_text() == command
+    # an evaluation cut short and resumed: the attempt that finished it is not its wall time
+    shutil.rmtree(archive / "ft-lf1-byol-s0")
+    (runs / "ft-lf1-byol-s0" / "metrics.json").unlink()
+    (runs / "ft-lf1-byol-s0" / "seed_0.json").write_text("{}")
+    (tmp_path / "ran.log").unlink()
+    ran, _ = _round2(tmp_path, METHODS="byol", PRETRAIN_SEEDS="0", FAKE_ENCODER="1")
+    assert [r.split("/")[-1] for r in ran] == ["ft-lf1-byol-s0"]
+    assert (archive / "ft-lf1-byol-s0" / "metrics.json").exists()
+    assert not (archive / "ft-lf1-byol-s0" / "seconds.txt").exists() and (archive / "ft-lf0.1-byol-s0" / "seconds.txt").exists()
+    report_md = (tmp_path / "results" / "part-byol-s0" / "report.md").read_text()
+    assert "| BYOL | 0 | – | 14 of 15 | 1 |" in report_md  # no unit's time while a kind (ft-lf1) has no timed run
