@@ -121,6 +121,7 @@ def test_a_bad_config_value_is_one_line_from_the_command_too(tmp_path):
     ("evaluate", ["--label-fraction", "0"], "--label-fraction must be in (0, 1], got 0.0"),
     ("evaluate", ["--shots", "0"], "--shots must be positive, got 0"),
     ("evaluate", ["--seeds", "0"], "--seeds must be positive, got 0"),
+    ("evaluate", ["--val-every", "0"], "--val-every must be positive, got 0"),
     ("finetune_beit", ["--save-every", "1"], "unrecognized arguments"),  # flags differ between scripts
     ("finetune_beit", ["--max-steps", "0"], "--max-steps must be positive, got 0"),
     ("finetune_beit", ["--balance", "0.7"], "--balance must be in (0, 0.5], got 0.7"),
