@@ -657,7 +657,8 @@ def build_report(spec, out):
     tests = [t for t in tests if any(t[2].get(k) is not None for k in ("p", "welch_p", "mwu_p"))]  # n/a: no test
     if len(tests) > 1:
         lines += [f"Multiplicity: the tables above make {len(tests)} tests (Welch's and Mann-Whitney's p of one "
-                  f"pair of rows on one metric counting as one), none corrected for the others: were no "
+                  f"pair of rows on one metric counting as one, a test of the pair on its test images as "
+                  f"another), none corrected for the others: were no "
                   f"difference real, about {0.05 * len(tests):.1f} of them would still reach p < 0.05 by chance.", ""]
     lines += ["## Figures", ""] if spec.get("figures") else []
     # one colour per row label in every figure of the report

@@ -127,14 +127,23 @@ timed() {
   COMMAND_OF[$dir]=${args//"$RUNS/"/<runs>/}  # where the runs are kept is not part of the protocol
   ((PLAN)) && return 0
   if archived_run "$dir"; then [[ $DRY_RUN == 0 ]] || echo "archived $dir"; return 0; fi
+  # made by another command (archived, or in DIR), or by one that was not recorded: run again from the start
   for file in "$ARCHIVE/$name/command.txt" "$dir/command.txt"; do
     [[ -f $file && $(cat "$file") != "${COMMAND_OF[$dir]}" ]] && other=$(cat "$file")
   done
-  if [[ -n $other ]] && { [[ $DRY_RUN == 1 ]] || claim "$name"; }; then
-    echo "rerun   $dir (made with other flags: $other)"
+  if [[ ( -f $dir/args.yaml || -f $ARCHIVE/$name/metrics.json ) && ! -f $dir/command.txt &&
+        ! -f $ARCHIVE/$name/command.txt ]]; then
+    other="a command that was not recorded"
+  fi
+  if [[ -n $other ]]; then
+    [[ $DRY_RUN == 1 ]] || claim "$name" || { echo "skip    $dir (another copy runs it)"; return 0; }
+    echo "rerun   $dir (made by: $other)"
     if [[ $DRY_RUN == 0 ]]; then
-      rm -rf "$dir"  # and the archived copy, but for a pretraining run's encoder.sha256 (same_encoder's record)
-      find "$ARCHIVE/$name" -mindepth 1 -maxdepth 1 ! -name encoder.sha256 -exec rm -rf {} + 2>/dev/null || true
+      rm -rf "$dir"  # and the archived copy, but for a pretraining run's records of its earlier encoder
+      find "$ARCHIVE/$name" -mindepth 1 -maxdepth 1 ! -name encoder.sha256 ! -name superseded.txt \
+        -exec rm -rf {} + 2>/dev/null || true
+      # the unit's archived evaluations used the encoder this pretraining made: untrusted until same_encoder
+      if [[ $name == pretrain-* ]]; then mkdir -p "$ARCHIVE/$name" && echo "$other" >"$ARCHIVE/$name/superseded.txt"; fi
     fi
   fi
   [[ $DRY_RUN == 1 ]] && { step "$@"; return 0; }
@@ -169,6 +178,13 @@ archive_run() {
   if [[ $2 -ge 0 && ! -f $to/seconds.txt ]]; then echo "$2" >"$to/seconds.txt"; fi
 }
 
+# made_here DIR: DIR was made by the command this copy would run (its own record, else the archive's)
+made_here() {
+  local file=$1/command.txt
+  [[ -f $file ]] || file=$ARCHIVE/${1##*/}/command.txt
+  [[ -f $file && $(cat "$file") == "${COMMAND_OF[$1]}" ]]
+}
+
 # archived_run DIR: an evaluation whose results are in $ARCHIVE, made by the command this copy would run.
 # A pretraining run always runs, or resumes: its checkpoint, which its evaluations need, is never archived.
 archived_run() {
@@ -192,8 +208,9 @@ EOF
 
 # same_encoder PRETRAIN-DIR EVAL-DIRS...: the archived evaluations of a unit were made with the encoder
 # its pretraining run has now (a pretraining run repeated where the first one's checkpoint is gone is
-# bit-identical on the same CPU and thread count); where it is not, they are dropped from the archive,
-# to be run again on this encoder
+# bit-identical on the same CPU and thread count); where it is not, or where the pretraining was
+# superseded (run again by another command) with no hash recorded, they are dropped from the archive, to
+# be run again on this encoder
 same_encoder() {
   local pre=$1 hash to=$ARCHIVE/${1##*/} dir
   shift
@@ -201,12 +218,14 @@ same_encoder() {
   exec 8>"$RUNS/claims/.encoder.lock"
   flock 8  # two copies must not both find a new encoder and remove what the other has just started
   hash=$(encoder_sha256 "$pre/checkpoint.pt")
-  if [[ -f $to/encoder.sha256 && $(cat "$to/encoder.sha256") != "$hash" ]]; then
+  if [[ -f $to/encoder.sha256 && $(cat "$to/encoder.sha256") != "$hash" ]] ||
+     [[ -f $to/superseded.txt && ! -f $to/encoder.sha256 ]]; then
     echo "warning: $pre's encoder differs from the one its archived evaluations used; running them again"
     for dir in "$@"; do rm -rf "${ARCHIVE:?}/${dir##*/}" "$dir"; done  # and the run directories made with it
   fi
   mkdir -p "$to"
   echo "$hash" >"$to/encoder.sha256"
+  rm -f "$to/superseded.txt"
   flock -u 8
 }
 
@@ -375,7 +394,7 @@ for pass in $([[ $DRY_RUN == 1 ]] && echo 1 || echo 1 2); do
       PLAN=0 evals=("${DIRS[@]:1}")
       # archived evaluations need no encoder, unless it was pretrained by another recipe (then it runs again)
       made=$ARCHIVE/pretrain-$name/command.txt
-      if [[ -f $made && $(cat "$made") != "${COMMAND_OF[$pre]}" ]]; then
+      if [[ -f $ARCHIVE/pretrain-$name/superseded.txt || ( -f $made && $(cat "$made") != "${COMMAND_OF[$pre]}" ) ]]; then
         [[ $DRY_RUN == 1 ]] || rm -f "$ARCHIVE/unit-$name.done"
       elif complete "$name" "${evals[@]}"; then
         continue
@@ -383,7 +402,7 @@ for pass in $([[ $DRY_RUN == 1 ]] && echo 1 || echo 1 2); do
       DIRS=()
       pretrain
       if [[ $DRY_RUN == 0 ]]; then
-        finished "$pre" || continue  # another copy pretrains it, or STOP_AT passed
+        finished "$pre" && made_here "$pre" || continue  # another copy pretrains it, or STOP_AT passed
         same_encoder "$pre" "${evals[@]}"
       fi
       evaluations "$name" ft lpft ld
@@ -409,13 +428,14 @@ NO_SWEEP="(round one's for BYOL, SimCLR and Barlow Twins; the others not run yet
 # kinds; "–" while a kind has none), how many archived runs were timed (seconds.txt: run whole by one
 # attempt) and how many units are complete
 wall_times() {
-  local init dir kind pre npre runs timed total units untimed
+  local init dir kind pre npre runs timed total units untimed s kinds
   echo "| encoder | pretraining run, min | a unit's evaluations, min | runs timed | units complete |"
   echo "|---|---|---|---|---|"
   for init in "${INITS[@]}"; do
     local -A sum=() n=()
-    pre=0 npre=0 runs=0 timed=0 total=0 untimed=0
-    for dir in "$ARCHIVE"/*-"$init"-s*/; do
+    pre=0 npre=0 runs=0 timed=0 total=0 untimed=0 units=0
+    kinds=$(( ${#FRACTIONS[@]} * ($([[ $init == random* ]] && echo 2 || echo 4)) + 2 ))  # probe + variants, transfer
+    while IFS= read -r dir; do  # the archived runs of this part's pretraining seeds
       [[ -f $dir/metrics.json || -f $dir/log.jsonl ]] || continue
       dir=${dir%/} kind=${dir##*/}
       kind=${kind%-"$init"-s*} runs=$((runs + 1))
@@ -424,13 +444,13 @@ wall_times() {
       timed=$((timed + 1))
       if [[ $kind == pretrain ]]; then pre=$((pre + $(cat "$dir/seconds.txt"))) npre=$((npre + 1)); continue; fi
       sum[$kind]=$((${sum[$kind]:-0} + $(cat "$dir/seconds.txt"))) n[$kind]=$((n[$kind] + 1))
-    done
+    done < <(for s in "${PRETRAIN_SEEDS[@]}"; do printf '%s\n' "$ARCHIVE"/*-"$init"-s"$s"; done)
     for kind in "${!n[@]}"; do
       if ((n[$kind])); then total=$((total + sum[$kind] / n[$kind])); else untimed=1; fi
     done
-    units=$(compgen -G "$ARCHIVE/unit-$init-s*.done" | wc -l)
+    for s in "${PRETRAIN_SEEDS[@]}"; do [[ ! -f $ARCHIVE/unit-$init-s$s.done ]] || units=$((units + 1)); done
     echo "| ${METHOD_NAMES[$init]} | $( ((npre)) && echo $((pre / npre / 60)) || echo –) |" \
-         "$( ((${#n[@]} && !untimed)) && echo $((total / 60)) || echo –) | $timed of $runs | $units |"
+         "$( ((${#n[@]} == kinds && !untimed)) && echo $((total / 60)) || echo –) | $timed of $runs | $units |"
     unset sum n
   done
 }

@@ -440,7 +440,7 @@ def test_round2_a_pretraining_run_of_other_flags_runs_again_and_a_resumed_run_is
         (made / "pretrain-byol-s0" / "command.txt").write_text(command.replace("--lr 1e-3", "--lr 9e-3"))
     (tmp_path / "ran.log").unlink()
     ran, outputs = _round2(tmp_path, METHODS="byol", PRETRAIN_SEEDS="0", FAKE_ENCODER="1")
-    assert "rerun   " in outputs[0] and "pretrain-byol-s0 (made with other flags" in outputs[0]
+    assert "rerun   " in outputs[0] and "pretrain-byol-s0 (made by: " in outputs[0]
     assert ran[0].endswith("/pretrain-byol-s0") and len(ran) == 15
     assert (archive / "pretrain-byol-s0" / "command.txt").read_text() == command
     # an evaluation cut short and resumed: the attempt that finished it is not its wall time
@@ -452,5 +452,37 @@ def test_round2_a_pretraining_run_of_other_flags_runs_again_and_a_resumed_run_is
     assert [r.split("/")[-1] for r in ran] == ["ft-lf1-byol-s0"]
     assert (archive / "ft-lf1-byol-s0" / "metrics.json").exists()
     assert not (archive / "ft-lf1-byol-s0" / "seconds.txt").exists() and (archive / "ft-lf0.1-byol-s0" / "seconds.txt").exists()
+    # a run directory whose command was never recorded (cut short by a copy that kept no record): run again
+    # from the start, not resumed
+    shutil.rmtree(archive / "ft-lf0.1-byol-s0")
+    for name in ("metrics.json", "command.txt"):
+        (runs / "ft-lf0.1-byol-s0" / name).unlink()
+    (runs / "ft-lf0.1-byol-s0" / "seed_0.json").write_text("{}")
+    (tmp_path / "ran.log").unlink()
+    ran, outputs = _round2(tmp_path, METHODS="byol", PRETRAIN_SEEDS="0", FAKE_ENCODER="1")
+    assert [r.split("/")[-1] for r in ran] == ["ft-lf0.1-byol-s0"]
+    assert "ft-lf0.1-byol-s0 (made by: a command that was not recorded)" in outputs[0]
+    assert (archive / "ft-lf0.1-byol-s0" / "seconds.txt").exists()
     report_md = (tmp_path / "results" / "part-byol-s0" / "report.md").read_text()
     assert "| BYOL | 0 | – | 14 of 15 | 1 |" in report_md  # no unit's time while a kind (ft-lf1) has no timed run
+
+
+def test_round2_a_superseded_pretraining_keeps_its_unit_open_until_it_has_run_again(tmp_path):
+    """Another recipe for a finished unit's pretraining, and no pretraining may start (STOP_AT): the old
+    checkpoint goes, and the unit's archived evaluations are not trusted, on this launch or the next,
+    until the pretraining has run again and its encoder been checked."""
+    _round2(tmp_path, METHODS="byol", PRETRAIN_SEEDS="0")
+    archive, runs = tmp_path / "results" / "runs", tmp_path / "runs"
+    command = (archive / "pretrain-byol-s0" / "command.txt").read_text()
+    for made in (runs, archive):
+        (made / "pretrain-byol-s0" / "command.txt").write_text(command.replace("--lr 1e-3", "--lr 9e-3"))
+    for launch in range(2):
+        (tmp_path / "ran.log").unlink(missing_ok=True)
+        ran, outputs = _round2(tmp_path, METHODS="byol", PRETRAIN_SEEDS="0", STOP_AT="0")
+        assert not ran and not (runs / "pretrain-byol-s0").exists()
+        assert (archive / "pretrain-byol-s0" / "superseded.txt").exists()
+        assert not (archive / "unit-byol-s0.done").exists() and "archived unit" not in outputs[0]
+    ran, outputs = _round2(tmp_path, METHODS="byol", PRETRAIN_SEEDS="0", FAKE_ENCODER="1")
+    assert ran[0].endswith("/pretrain-byol-s0") and len(ran) == 15  # every evaluation of the new encoder
+    assert "encoder differs from the one its archived evaluations used" in outputs[0]
+    assert not (archive / "pretrain-byol-s0" / "superseded.txt").exists() and (archive / "unit-byol-s0.done").exists()
