@@ -50,13 +50,20 @@ def method_key(name):
 
 def colours(names):
     """{series name: colour} for the names of one figure or one whole report: a method's or
-    baseline's fixed colour, then the remaining palette colours by sorted name (tab20 once they
-    run out). Pass every name of a report at once so that a name keeps its colour in all its
-    figures."""
+    baseline's fixed colour, then the remaining palette colours by sorted name (tab20's light shades
+    once they run out). Of several names of one method ("BYOL", "BYOL+"; "random init", "random init
+    (ViT-Tiny)") only the shortest keeps the fixed colour and the others take free ones, so that
+    two series of one method differ. Pass every name of a report at once so that a name keeps its
+    colour in all its figures."""
     names = list(dict.fromkeys(map(str, names)))
-    out = {n: PALETTE[METHOD_COLOURS[method_key(n)]] for n in names if method_key(n)}
-    taken = {METHOD_COLOURS[method_key(n)] for n in names if method_key(n)}
-    free = [PALETTE[i] for i in range(len(PALETTE)) if i not in taken] + list(plt.get_cmap("tab20").colors)
+    out = {}
+    for n in sorted(names, key=lambda n: (len(n), n)):
+        key = method_key(n)
+        if key and PALETTE[METHOD_COLOURS[key]] not in out.values():
+            out[n] = PALETTE[METHOD_COLOURS[key]]
+    taken = {METHOD_COLOURS[method_key(n)] for n in out}
+    # then tab20's light shades (its dark ones are tab10's)
+    free = [PALETTE[i] for i in range(len(PALETTE)) if i not in taken] + list(plt.get_cmap("tab20").colors[1::2])
     for i, n in enumerate(sorted(n for n in names if n not in out)):
         out[n] = free[i % len(free)]
     return out

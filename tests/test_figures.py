@@ -118,6 +118,13 @@ def test_a_series_keeps_its_colour_across_figures_and_methods_their_own(tmp_path
     assert one["BYOL"] == other["BYOL"] == figures.PALETTE[figures.METHOD_COLOURS["byol"]]
     assert one["random init"] == figures.PALETTE[figures.METHOD_COLOURS["random"]]
     assert len(set(one.values())) == 4
+    # two names of one method: the shortest keeps the method's colour, the other takes a free one
+    two = figures.colours(["random init (ViT-Tiny)", "BYOL+", "random init", "BYOL", "MAE (ViT-Tiny)"])
+    assert two["random init"] == figures.PALETTE[figures.METHOD_COLOURS["random"]]
+    assert two["BYOL"] == figures.PALETTE[figures.METHOD_COLOURS["byol"]]
+    assert two["MAE (ViT-Tiny)"] == figures.PALETTE[figures.METHOD_COLOURS["mae"]]
+    assert len(set(two.values())) == 5
+    assert len(set(figures.colours([f"series {i}" for i in range(20)]).values())) == 20
     # a report: every figure draws a row label in the same colour
     drawn = []
     real = figures.save
