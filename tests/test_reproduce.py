@@ -3,6 +3,7 @@ directory, and writes a spec that scripts/report.py turns into a report whose ev
 a bad argument is one line on stderr and exit 2."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -486,3 +487,20 @@ def test_round2_a_superseded_pretraining_keeps_its_unit_open_until_it_has_run_ag
     assert ran[0].endswith("/pretrain-byol-s0") and len(ran) == 15  # every evaluation of the new encoder
     assert "encoder differs from the one its archived evaluations used" in outputs[0]
     assert not (archive / "pretrain-byol-s0" / "superseded.txt").exists() and (archive / "unit-byol-s0.done").exists()
+
+
+def test_round2_fine_tunes_a_vit_at_its_own_lr_and_a_resnet_at_the_default(tmp_path):
+    # a ViT-Tiny trained from scratch at the ResNet's Adam 1e-3 ends below its own frozen features
+    result = run_script("reproduce_label_efficiency_round2.sh", "--dry-run", quick=False, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    script = open(os.path.join(REPO, "scripts", "reproduce_label_efficiency_round2.sh")).read()
+    vit_lr = re.search(r"^VIT_LR=(\S+)", script, re.M).group(1)
+    finetune = [line for line in result.stdout.splitlines() if "evaluate.py" in line and "--mode finetune" in line]
+    vit = [line for line in finetune if "vit_tiny" in line or "pretrain-mae-" in line]
+    resnet = [line for line in finetune if line not in vit]
+    assert len(vit) == 3 * (10 + 4) and len(resnet) == 6 * 3 * 10 + 3 * 4  # MAE's units and its baseline's
+    assert all(f" --lr {vit_lr} " in line for line in vit)
+    assert not [line for line in resnet if " --lr " in line]
+    probes = [line for line in result.stdout.splitlines() if "--mode linear_probe" in line]
+    assert probes and not [line for line in probes if " --lr " in line]
+    assert f"a ViT-Tiny's {vit_lr}" in (tmp_path / "results" / "spec.yaml").read_text()
