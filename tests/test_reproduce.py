@@ -294,6 +294,8 @@ flag = lambda name, default=None: argv[argv.index(name) + 1] if name in argv els
 out = flag("--out")
 with open({log!r}, "a") as f:
     f.write(out + "\\n")
+with open({log!r} + ".argv", "a") as f:
+    f.write(" ".join(argv) + "\\n")
 time.sleep(0.1)  # long enough for two copies to meet on a run
 os.makedirs(out, exist_ok=True)
 ckpt = flag("--ckpt", "")
@@ -357,8 +359,8 @@ def test_round2_copies_share_the_runs_archive_whole_units_and_report_over_pretra
     assert "| LP-FT, MAE (ViT-Tiny) | 0.811 ± 0.014 (n=2) |" in report_md
     assert "Each value is one run's mean over 2 evaluation seeds" in report_md
     assert "over the runs' means (one value per run)" in report_md
-    # every method's pretraining runs together (MAE's two here), and the wall times
-    assert "| layer decay, every method | 0.811 ± 0.014 (n=2) |" in report_md
+    # no pooled table: MAE's ViT-Tiny, fine-tuned at its own lr, is pooled with no ResNet-18; the wall times
+    assert "every ResNet-18 method" not in report_md and "| layer decay, MAE (ViT-Tiny) | 0.811 ± 0.014 (n=2) |" in report_md
     assert "| MAE (ViT-Tiny) | 0 | 0 | 30 of 30 | 2 |" in report_md
     assert "| random init (ViT-Tiny) | – | 0 | 16 of 16 | 2 |" in report_md
 
@@ -405,6 +407,25 @@ def test_round2_an_archived_run_of_other_flags_runs_again_and_a_reused_pid_holds
     assert "rerun   " in outputs[0] and "--head-lr 1e-2" in outputs[0]
     assert (archive / "lpft-lf0.1-byol-s0" / "command.txt").read_text() == command
     assert (archive / "unit-byol-s0.done").exists()
+
+
+def test_round2_run_flags_choose_how_runs_compute_and_leave_the_protocol_alone(tmp_path):
+    # a GPU's runs join a CPU's: RUN_FLAGS reach every training run, not the command an archived run is checked by
+    ran, _ = _round2(tmp_path, METHODS="byol", PRETRAIN_SEEDS="0", RUN_FLAGS="--device cpu --precision fp32")
+    argv = (tmp_path / "ran.log.argv").read_text().splitlines()
+    assert len(argv) == len(ran) == 1 + 14 + 8
+    assert all(line.endswith(" --device cpu --precision fp32") for line in argv)
+    archive = tmp_path / "results" / "runs"
+    assert not [p for p in archive.glob("*/command.txt") if "--device" in p.read_text() or "--precision" in p.read_text()]
+    (tmp_path / "ran.log").unlink()
+    ran, _ = _round2(tmp_path, METHODS="byol", PRETRAIN_SEEDS="0")  # without them: every archived run counts
+    assert ran == []
+    env = {**os.environ, "PY": sys.executable, "RUNS": str(tmp_path / "runs2"), "RESULTS": str(tmp_path / "results2")}
+    for bad in ("--lr 1", "--device gpu", "--precision"):
+        result = subprocess.run(["bash", "scripts/reproduce_label_efficiency_round2.sh", "--dry-run"], cwd=REPO,
+                                env={**env, "RUN_FLAGS": bad}, capture_output=True, text=True)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "RUN_FLAGS" in result.stderr, bad
+        assert not (tmp_path / "results2").exists()
 
 
 def test_round2_stop_at_starts_no_pretraining(tmp_path):
@@ -503,4 +524,9 @@ def test_round2_fine_tunes_a_vit_at_its_own_lr_and_a_resnet_at_the_default(tmp_p
     assert not [line for line in resnet if " --lr " in line]
     probes = [line for line in result.stdout.splitlines() if "--mode linear_probe" in line]
     assert probes and not [line for line in probes if " --lr " in line]
-    assert f"a ViT-Tiny's {vit_lr}" in (tmp_path / "results" / "spec.yaml").read_text()
+    spec = (tmp_path / "results" / "spec.yaml").read_text()
+    assert f"a ViT-Tiny's {vit_lr}" in spec
+    # the pooled tables pair the ResNet-18 methods' encoders alone: the report refuses rows of two lrs
+    pooled = [t for t in yaml.safe_load(spec)["tables"] if "ResNet-18 encoders of every method" in t["title"]]
+    assert len(pooled) == 3 and all(len(row["runs"]) == 6 * 3 for t in pooled for row in t["rows"])
+    assert not [run for t in pooled for row in t["rows"] for run in row["runs"] if "-mae-" in run]
