@@ -25,8 +25,8 @@
 # the same encoder on the same CPU and thread count; its encoder's hash is checked, and evaluations made
 # with another encoder are run again) and runs what it lacks. Finished runs are skipped and an
 # interrupted pretraining resumes from its checkpoint. Several copies may run at once (one per core):
-# each takes the next run no live copy holds ($RUNS/claims), sweep runs first, and a pretraining run
-# waits for its method's sweep. STOP_AT (seconds since 1970) stops new pretraining runs, evaluations go on.
+# each takes the next run no live copy holds ($RUNS/claims), sweep runs first, a pretraining run waits
+# for its method's sweep, and a copy with nothing to take waits while another pretrains. STOP_AT (seconds since 1970) stops new pretraining runs, evaluations go on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAPER="Label efficiency, round 2"
@@ -373,8 +373,24 @@ for m in "${METHODS[@]}"; do
   [[ $m == mae ]] && ORDER+=(random_vit)
   ORDER+=("$m")
 done
-# two passes: the second takes up the evaluations of units whose pretraining another copy ran meanwhile
-for pass in $([[ $DRY_RUN == 1 ]] && echo 1 || echo 1 2); do
+# another_pretrains: a live copy other than this one holds a pretraining run that has not finished, whose
+# unit's evaluations this copy could then share
+another_pretrains() {
+  local file pid started
+  for file in "$RUNS"/claims/pretrain-*; do
+    [[ -f $file ]] && read -r pid started <"$file" || continue
+    [[ $pid != "$$" ]] && kill -0 "$pid" 2>/dev/null && [[ -z ${started:-} || $(started_at "$pid") == "$started" ]] ||
+      continue
+    finished "$RUNS/${file##*/}" || return 0
+  done
+  return 1
+}
+# passes over the units: the second takes up the evaluations of units whose pretraining another copy ran
+# meanwhile; while another copy still pretrains, this one waits and passes again rather than end (with many
+# copies, one GPU's say, most would otherwise end before the first encoder is ready)
+pass=0
+while :; do
+  pass=$((pass + 1))
   for unit in "${ORDER[@]}"; do
     FT_LR=()
     [[ $unit == mae || $unit == random_vit ]] && FT_LR=(--lr "$VIT_LR")
@@ -424,6 +440,11 @@ for pass in $([[ $DRY_RUN == 1 ]] && echo 1 || echo 1 2); do
       complete "$name" "${evals[@]}" || true
     done
   done
+  [[ $DRY_RUN == 1 ]] && break
+  ((pass >= 2)) || continue
+  another_pretrains || break
+  echo "wait    for another copy's pretraining run"
+  sleep 10
 done
 
 # ---------------------------------------------------------------- report spec

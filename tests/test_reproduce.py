@@ -296,7 +296,8 @@ with open({log!r}, "a") as f:
     f.write(out + "\\n")
 with open({log!r} + ".argv", "a") as f:
     f.write(" ".join(argv) + "\\n")
-time.sleep(0.1)  # long enough for two copies to meet on a run
+# long enough for two copies to meet on a run
+time.sleep(float(os.environ.get("FAKE_PRETRAIN_SECONDS" if argv[0].startswith("pretrain_") else "FAKE_SECONDS", 0.1)))
 os.makedirs(out, exist_ok=True)
 ckpt = flag("--ckpt", "")
 pretrain_seed = int(ckpt.split("-s")[-1].split("/")[0]) if ckpt else 0
@@ -374,6 +375,17 @@ def test_round2_copies_share_the_runs_archive_whole_units_and_report_over_pretra
     ran, _ = _round2(tmp_path, METHODS="mae")
     assert [r.split("/")[-1] for r in ran] == ["pretrain-mae-s0", "ld-lf1-mae-s0"]
     assert (archive / "unit-mae-s0.done").exists() and "--lr 0.0045" in (archive / "sweep-mae.flags").read_text()
+
+
+def test_round2_a_copy_waits_for_another_copys_pretraining_and_shares_its_evaluations(tmp_path):
+    # without waiting, the copy that did not pretrain would end after its second pass, before the encoder exists
+    ran, outputs = _round2(tmp_path, copies=2, METHODS="byol", PRETRAIN_SEEDS="0", FAKE_SECONDS="1",
+                           FAKE_PRETRAIN_SECONDS="4")
+    assert len(ran) == len(set(ran)) == 1 + 14 + 8
+    assert sum("wait    for another copy's pretraining run" in out for out in outputs) == 1
+    evaluated = [[line for line in out.splitlines() if line.startswith("done") and "-byol-s0 " in line and
+                  "pretrain-" not in line] for out in outputs]
+    assert all(evaluated) and sum(map(len, evaluated)) == 14, outputs
 
 
 def test_round2_evaluations_of_another_encoder_are_run_again(tmp_path):
