@@ -26,7 +26,8 @@
 # with another encoder are run again) and runs what it lacks. Finished runs are skipped and an
 # interrupted pretraining resumes from its checkpoint. Several copies may run at once (one per core):
 # each takes the next run no live copy holds ($RUNS/claims), sweep runs first, a pretraining run waits
-# for its method's sweep, and a copy with nothing to take waits while another pretrains. STOP_AT (seconds since 1970) stops new pretraining runs, evaluations go on.
+# for its method's sweep, and a copy with nothing to take waits while another pretrains. STOP_AT (seconds
+# since 1970) stops new pretraining runs, evaluations go on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAPER="Label efficiency, round 2"
