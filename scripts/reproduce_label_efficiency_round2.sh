@@ -277,11 +277,15 @@ claim() {
   mkdir -p "$RUNS/claims"
   (
     flock 9
-    read -r pid started 2>/dev/null <"$RUNS/claims/$1" || true
-    if [[ -n ${pid:-} && $pid != "$$" ]] && kill -0 "$pid" 2>/dev/null &&
-       [[ -z ${started:-} || $(started_at "$pid") == "$started" ]]; then exit 1; fi
+    held_by_another "$RUNS/claims/$1" && exit 1
     echo "$$ $(started_at $$)" >"$RUNS/claims/$1"
   ) 9>"$RUNS/claims/.lock"
+}
+# held_by_another CLAIM-FILE: the claim names a live copy other than this one (its PID, with the same start)
+held_by_another() {
+  local pid="" started=""
+  read -r pid started 2>/dev/null <"$1" || true
+  [[ -n $pid && $pid != "$$" ]] && kill -0 "$pid" 2>/dev/null && [[ -z $started || $(started_at "$pid") == "$started" ]]
 }
 # started_at PID: when the process started (clock ticks since boot; empty without /proc), so that a
 # claim is not held by a later process that reuses a dead copy's PID
@@ -377,11 +381,9 @@ done
 # another_pretrains: a live copy other than this one holds a pretraining run that has not finished, whose
 # unit's evaluations this copy could then share
 another_pretrains() {
-  local file pid started
+  local file
   for file in "$RUNS"/claims/pretrain-*; do
-    [[ -f $file ]] && read -r pid started <"$file" || continue
-    [[ $pid != "$$" ]] && kill -0 "$pid" 2>/dev/null && [[ -z ${started:-} || $(started_at "$pid") == "$started" ]] ||
-      continue
+    [[ -f $file ]] && held_by_another "$file" || continue
     finished "$RUNS/${file##*/}" || return 0
   done
   return 1
@@ -595,7 +597,8 @@ figure() {  # figure TITLE RUN-PREFIX [pretrained]: one curve per init (per pret
   # fine-tuned at its own lr, has its paired rows above: pooled with them the report would refuse the lrs)
   pooled=()
   for m in "${METHODS[@]}"; do [[ $m == mae ]] || pooled+=("$m"); done
-  for f in $( ((${#pooled[@]})) && echo "${FRACTIONS[@]}"); do
+  for f in "${FRACTIONS[@]}"; do
+    ((${#pooled[@]})) || break  # MAE alone: nothing to pool
     echo "  - title: \"${PERCENT[$f]} of the labels, the pretrained ResNet-18 encoders of every method together (test)\""
     echo "    metrics: [auc, acc]"
     echo "    unit: run"
